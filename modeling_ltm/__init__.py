@@ -1,0 +1,33 @@
+"""Latent-Thought Language Models (arXiv:2502.01567) as transformers models.
+
+Importing this package registers `LTMConfig` / `LTMModel` / `LTMForCausalLM` with `AutoConfig`, `AutoModel` and
+`AutoModelForCausalLM`, and marks them for remote-code export (`auto_map` in `config.json`, code files copied by
+`save_pretrained`).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_ltm import LTMConfig
+from .inference import NonFiniteELBOError, PosteriorOutput, fit_posterior, importance_weighted_bound
+from .modeling_ltm import LTMForCausalLM, LTMModel, LTMPreTrainedModel
+
+
+AutoConfig.register("ltm", LTMConfig, exist_ok=True)
+AutoModel.register(LTMConfig, LTMModel, exist_ok=True)
+AutoModelForCausalLM.register(LTMConfig, LTMForCausalLM, exist_ok=True)
+LTMConfig.register_for_auto_class()
+LTMModel.register_for_auto_class("AutoModel")
+LTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LTMConfig",
+    "LTMForCausalLM",
+    "LTMModel",
+    "LTMPreTrainedModel",
+    "NonFiniteELBOError",
+    "PosteriorOutput",
+    "fit_posterior",
+    "importance_weighted_bound",
+]

@@ -1,0 +1,42 @@
+"""`ltm` command line: `ltm train | eval | generate | export | push`.
+
+Each subcommand lives in the module that owns its job and is imported only when called, so `ltm generate` does not
+pay for lm-eval's import and `ltm train` does not pay for the Hub client's.
+"""
+
+import importlib
+import sys
+
+
+SUBCOMMANDS = {
+    "train": ("modeling_ltm.train_cli", "main", "train an LTM with LTMTrainer (HfArgumentParser flags)"),
+    "eval": ("eval_harness.__main__", "main", "lm-evaluation-harness with model 'ltm' (lm-eval's own flags)"),
+    "generate": ("modeling_ltm.generate_cli", "main", "generate text, fitting z on each prompt"),
+    "export": ("hub_cards.cli", "export_main", "write a Hub-ready folder (weights, remote code, tokenizer, card)"),
+    "push": ("hub_cards.cli", "push_main", "upload an exported folder to the Hugging Face Hub"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: ltm <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {help_text}" for name, (_, _, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "Run `ltm <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"ltm: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = SUBCOMMANDS[name]
+    command = getattr(importlib.import_module(module_name), function_name)
+    return command(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

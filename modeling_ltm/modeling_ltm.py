@@ -1,0 +1,612 @@
+"""PyTorch Latent-Thought Language Model (LTM, arXiv:2502.01567).
+
+A pre-norm Transformer decoder in which every layer, after causal self-attention, cross-attends from the tokens to
+that layer's latent thought vectors `z_l`. The latents of a sequence are not computed by the network: they are
+fitted per sequence by posterior inference (see `inference.py` and `LTMForCausalLM.infer_latents`) or drawn from
+the prior `N(0, I)`.
+
+This file imports only torch, transformers and its siblings (relative imports), so `save_pretrained` can copy it
+next to the weights for `trust_remote_code=True` loading.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
+
+from .configuration_ltm import LTMConfig
+from .generation_ltm import LTMGenerationMixin
+from .inference import PosteriorOutput, fit_posterior, importance_weighted_bound
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class LTMModelOutput(ModelOutput):
+    """
+    Output of [`LTMModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Hidden states after the final RMSNorm.
+        past_key_values (`EncoderDecoderCache`, *optional*, returned when `use_cache=True`):
+            Self-attention keys/values of the tokens (`.self_attention_cache`) and the cross-attention keys/values
+            of the latents (`.cross_attention_cache`, computed once per sequence).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass
+class LTMCausalLMOutput(ModelOutput):
+    """
+    Output of [`LTMForCausalLM`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Mean next-token negative log-likelihood in nats per token, given the latents used (the prior mean
+            `z = 0` when `latents=None`). This is not an ELBO: it has no KL term.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Next-token logits.
+        past_key_values (`EncoderDecoderCache`, *optional*, returned when `use_cache=True`):
+            See [`LTMModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+
+
+class LTMRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class LTMRotaryEmbedding(nn.Module):
+    """Rotary position embeddings, shared by the self-attention (token positions) and the cross-attention (token
+    positions for queries, latent positions for keys)."""
+
+    def __init__(self, config: LTMConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = "default"
+        inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: LTMConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        dim = config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`position_ids` of shape `(batch, seq)` or `(1, seq)` → `cos`, `sin` of shape `(..., seq, head_dim)`."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` of shape `(batch, heads, seq, head_dim)` by `cos`/`sin` of shape `(batch or 1, seq, head_dim)`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """`(batch, kv_heads, seq, head_dim)` → `(batch, kv_heads * n_rep, seq, head_dim)`."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask[:, :, :, : key_states.shape[-2]]
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+def _attention_interface(config: LTMConfig) -> Callable:
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+class LTMMLP(nn.Module):
+    def __init__(self, config: LTMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LTMSelfAttention(nn.Module):
+    """Causal (optionally sliding-window) multi-head self-attention with grouped-query key/value heads."""
+
+    def __init__(self, config: LTMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nh, T, hd)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states = apply_rotary_pos_emb(query_states, cos, sin)
+        key_states = apply_rotary_pos_emb(key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        attn_output, _ = _attention_interface(self.config)(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=self.config.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.config.sliding_window,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+class LTMCrossAttention(nn.Module):
+    """Attention from the tokens to this layer's latent vectors `z_l` (no mask: every token sees every latent).
+
+    Queries carry the tokens' RoPE positions, keys the latents' positions (spread evenly over the context). The
+    latents' keys and values are computed once per sequence when an `EncoderDecoderCache` is given and reused at
+    every decoding step.
+    """
+
+    def __init__(self, config: LTMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.latent_dim, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.latent_dim, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project_latents(
+        self, latents: torch.Tensor, latent_position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`latents` of shape `(batch, n_latents, latent_dim)` → keys, values of shape `(batch, nkv, n_latents, hd)`."""
+        latents = latents.to(self.k_proj.weight.dtype) if not torch.is_autocast_enabled() else latents
+        kv_shape = (*latents.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(latents).view(kv_shape).transpose(1, 2)
+        value_states = self.v_proj(latents).view(kv_shape).transpose(1, 2)
+        cos, sin = latent_position_embeddings
+        return apply_rotary_pos_emb(key_states, cos, sin), value_states
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        latents: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        latent_position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: EncoderDecoderCache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states = apply_rotary_pos_emb(query_states, cos, sin)
+
+        cross_cache = past_key_values.cross_attention_cache if past_key_values is not None else None
+        if cross_cache is not None and past_key_values.is_updated.get(self.layer_idx, False):
+            key_states = cross_cache.layers[self.layer_idx].keys
+            value_states = cross_cache.layers[self.layer_idx].values
+        else:
+            key_states, value_states = self.project_latents(latents, latent_position_embeddings)
+            if cross_cache is not None:
+                key_states, value_states = cross_cache.update(key_states, value_states, self.layer_idx)
+                past_key_values.is_updated[self.layer_idx] = True
+
+        attn_output, _ = _attention_interface(self.config)(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            None,
+            dropout=self.config.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+class LTMDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: causal self-attention → cross-attention to `z_l` → SwiGLU MLP, each with a residual."""
+
+    def __init__(self, config: LTMConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LTMSelfAttention(config, layer_idx)
+        self.cross_attn = LTMCrossAttention(config, layer_idx)
+        self.mlp = LTMMLP(config)
+        self.input_layernorm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.cross_attn_layernorm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        latents: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        latent_position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, self_cache, **kwargs
+        )
+        hidden_states = residual + self.dropout(hidden_states)
+
+        residual = hidden_states
+        hidden_states = self.cross_attn(
+            self.cross_attn_layernorm(hidden_states),
+            latents,
+            position_embeddings,
+            latent_position_embeddings,
+            past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + self.dropout(hidden_states)
+
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + self.dropout(hidden_states)
+
+
+class LTMPreTrainedModel(PreTrainedModel):
+    config_class = LTMConfig
+    config: LTMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LTMDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+
+def latent_position_ids(config: LTMConfig, device: torch.device | None = None) -> torch.LongTensor:
+    """RoPE positions of one layer's latents, spread evenly over the context: shape `(n_latents_per_layer,)`.
+
+    Same rule as the paper's code: `arange(0, max_positions, max_positions // n_latents)[:n_latents]`.
+    """
+    stride = config.max_position_embeddings // config.n_latents_per_layer
+    return torch.arange(0, config.n_latents_per_layer, device=device) * stride
+
+
+def position_ids_from_attention_mask(attention_mask: torch.Tensor, past_length: int, seq_length: int):
+    """Positions that skip padding, so a left-padded row gets the positions it would have alone: `(batch, seq)`.
+
+    `attention_mask` covers the cached tokens and the new ones: shape `(batch, past_length + seq_length)`.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return position_ids[:, past_length : past_length + seq_length]
+
+
+class LTMModel(LTMPreTrainedModel):
+    """The LTM decoder without the language-model head."""
+
+    def __init__(self, config: LTMConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([LTMDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LTMRotaryEmbedding(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def check_latents(self, latents: torch.Tensor, batch_size: int) -> None:
+        """Raise `ValueError` unless `latents` has shape `(batch_size, *config.latent_shape)`."""
+        expected = (batch_size, *self.config.latent_shape)
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(
+                f"`latents` must be a tensor of shape {expected} (batch, num_hidden_layers, n_latents_per_layer, "
+                f"latent_dim), got {type(latents).__name__}. Use `model.infer_latents(...).z` or `latents=None` "
+                "for the prior mean."
+            )
+        if tuple(latents.shape) != expected:
+            raise ValueError(
+                f"`latents` has shape {tuple(latents.shape)}, expected {expected} (batch, num_hidden_layers, "
+                "n_latents_per_layer, latent_dim) for this model and batch."
+            )
+        if not latents.is_floating_point():
+            raise TypeError(f"`latents` must be a floating-point tensor, got dtype {latents.dtype}.")
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        latents: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> LTMModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids.
+            attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding. Positions skip padding, so left padding does not shift a row.
+            latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
+                The latent thought vectors `z`. `None` means the prior mean `z = 0`: `forward` never fits a
+                posterior by itself (use `LTMForCausalLM.infer_latents`). Ignored for layers whose cross-attention
+                keys/values are already in `past_key_values`.
+            past_key_values (`Cache`, *optional*):
+                An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache). An empty
+                `DynamicCache` is converted into one.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(
+                f"`input_ids` must have shape (batch, sequence_length), got {tuple(input_ids.shape)}; "
+                "add a batch dimension with `input_ids.unsqueeze(0)`."
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_length = inputs_embeds.shape[:2]
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+
+        if use_cache and (
+            past_key_values is None
+            or (not isinstance(past_key_values, EncoderDecoderCache) and past_key_values.get_seq_length() == 0)
+        ):
+            # generate() hands over an empty DynamicCache; the latents' keys/values need a cache of their own.
+            past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache())
+        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+            raise TypeError(
+                "`past_key_values` must be an `EncoderDecoderCache` (self-attention + latent cross-attention) as "
+                f"returned by this model, got {type(past_key_values).__name__}."
+            )
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length + seq_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input of {past_length + seq_length} tokens (cached {past_length} + new {seq_length}) is longer "
+                f"than max_position_embeddings={self.config.max_position_embeddings}. Truncate the input to the last "
+                f"{self.config.max_position_embeddings} tokens (e.g. tokenizer(..., truncation=True, "
+                f"max_length={self.config.max_position_embeddings}), truncation_side='left')."
+            )
+
+        cross_cached = past_key_values is not None and all(
+            past_key_values.is_updated.get(i, False) for i in range(self.config.num_hidden_layers)
+        )
+        if latents is None:
+            if not cross_cached:
+                latents = inputs_embeds.new_zeros(batch_size, *self.config.latent_shape)
+        else:
+            self.check_latents(latents, batch_size)
+
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+                position_ids = position_ids_from_attention_mask(attention_mask, past_length, seq_length)
+            else:
+                position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
+                position_ids = position_ids.unsqueeze(0)
+
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values.self_attention_cache if past_key_values is not None else None,
+            position_ids=position_ids,
+        )
+
+        hidden_states = self.dropout(inputs_embeds)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        latent_position_embeddings = self.rotary_emb(
+            hidden_states, latent_position_ids(self.config, hidden_states.device).unsqueeze(0)
+        )
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            hidden_states = decoder_layer(
+                hidden_states,
+                latents[:, layer_idx] if latents is not None else None,
+                position_embeddings,
+                latent_position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return LTMModelOutput(last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None)
+
+
+class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
+    """LTM decoder with a tied language-model head, plus posterior inference over the latents.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_ltm import LTMConfig, LTMForCausalLM
+    >>> model = LTMForCausalLM(LTMConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4))
+    >>> input_ids = torch.randint(0, 256, (2, 16))
+    >>> posterior = model.infer_latents(input_ids, num_steps=4, seed=0)
+    >>> out = model(input_ids, latents=posterior.z, labels=input_ids)  # NLL given z, nats per token
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LTMConfig):
+        super().__init__(config)
+        self.model = LTMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        latents: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> LTMCausalLMOutput:
+        r"""
+        Args:
+            latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
+                The latent thought vectors. `None` means the prior mean `z = 0`; `forward` never runs posterior
+                inference (call [`~LTMForCausalLM.infer_latents`] first).
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets, shifted inside the loss as in every transformers causal LM; `-100` is ignored. The loss is
+                the mean NLL in nats per predicted token given `latents`.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute logits for the last `logits_to_keep` positions only (0 keeps all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            latents=latents,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return LTMCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def infer_latents(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        num_steps: int | None = None,
+        lr: float | None = None,
+        **kwargs,
+    ) -> PosteriorOutput:
+        """Fit `q(z|x)` to each sequence with the fast loop (decoder frozen); see [`inference.fit_posterior`].
+
+        Returns a [`PosteriorOutput`] with `mu`, `logvar`, `z` and per-sequence `nll`, `kl`, `elbo` (nats) and
+        `num_tokens`. `num_steps` and `lr` default to `config.num_inference_steps` and `config.inference_lr`.
+        """
+        return fit_posterior(self, input_ids, attention_mask, num_steps=num_steps, lr=lr, **kwargs)
+
+    def importance_weighted_bound(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        num_samples: int = 16,
+        posterior: PosteriorOutput | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Importance-weighted lower bound on `log p(x)` per sequence, in nats, shape `(batch,)`; see
+        [`inference.importance_weighted_bound`]."""
+        return importance_weighted_bound(
+            self, input_ids, attention_mask, num_samples=num_samples, posterior=posterior, **kwargs
+        )
+
+
+__all__ = ["LTMForCausalLM", "LTMModel", "LTMPreTrainedModel", "LTMCausalLMOutput", "LTMModelOutput"]

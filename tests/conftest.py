@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny LTM (2 layers, hidden 64) built fresh per test, and paths to the shared real text."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import modeling_ltm  # noqa: F401  (registers the Auto classes)
+from modeling_ltm import LTMConfig, LTMForCausalLM
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+WIKITEXT2_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def tiny_config(**overrides) -> LTMConfig:
+    """The shape-test model: 2 layers, hidden 64, 4 heads (2 kv heads), 4 latents of width 32 per layer."""
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        n_latents_per_layer=4,
+        latent_dim=32,
+        num_inference_steps=4,
+    )
+    kwargs.update(overrides)
+    return LTMConfig(**kwargs)
+
+
+@pytest.fixture
+def config() -> LTMConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def model(config) -> LTMForCausalLM:
+    torch.manual_seed(0)
+    return LTMForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_shakespeare_path() -> Path:
+    if not TINY_SHAKESPEARE.exists():
+        pytest.skip(f"shared data not found at {TINY_SHAKESPEARE}")
+    return TINY_SHAKESPEARE

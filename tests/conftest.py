@@ -1,6 +1,12 @@
 """Shared fixtures: a tiny LTM (2 layers, hidden 64) built fresh per test, and paths to the shared real text."""
 
+import os
 from pathlib import Path
+
+# No Hub here: any stray network call must fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch

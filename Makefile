@@ -14,7 +14,6 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
@@ -24,7 +23,7 @@ LTM := $(VENV)/bin/ltm
 main: install
 	$(LTM) train --config configuration/ltm-tiny.json --output_dir $(OUTPUT_DIR)
 	$(LTM) generate $(OUTPUT_DIR) --prompt "ROMEO:" --max-new-tokens 64
-	$(LTM) export $(OUTPUT_DIR) $(OUTPUT_DIR)/hub
+	$(LTM) export $(OUTPUT_DIR) $(OUTPUT_DIR)/hub --overwrite
 
 test: install
 	$(PY) -m pytest -q

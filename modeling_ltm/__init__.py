@@ -21,11 +21,25 @@ LTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __version__ = "0.1.0"
 
+# The trainer pulls in `transformers.Trainer` (and with it datasets, pandas, scipy): imported on first use only.
+_LAZY_TRAINER_NAMES = ("LTMTrainer", "LTMTrainingArguments")
+
+
+def __getattr__(name):
+    if name in _LAZY_TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "LTMConfig",
     "LTMForCausalLM",
     "LTMModel",
     "LTMPreTrainedModel",
+    "LTMTrainer",
+    "LTMTrainingArguments",
     "NonFiniteELBOError",
     "PosteriorOutput",
     "fit_posterior",

@@ -116,19 +116,24 @@ def sequence_nll(
 
     Token `t + 1` is scored from positions `<= t` when `targets[:, t + 1] != -100` and position `t` is not padding.
     """
+    seq_length = input_ids.shape[1]
+    # Logits of the first T - 1 positions only, contiguous: slicing (B, T, V) logits afterwards would cost a copy
+    # of the largest activation forward and a zero-filled (B, T, V) gradient backward.
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         latents=latents,
         use_cache=False,
-    ).logits
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+        logits_to_keep=torch.arange(seq_length - 1, device=input_ids.device),
+    ).logits  # (B, T-1, V)
     shift_targets = targets[:, 1:]
     if attention_mask is not None:
         shift_targets = shift_targets.masked_fill(attention_mask[:, :-1] == 0, -100)
-    token_nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_targets, ignore_index=-100, reduction="none")
-    return token_nll.sum(-1), (shift_targets != -100).sum(-1)
+    token_nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), shift_targets.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    return token_nll.view(shift_targets.shape).sum(-1), (shift_targets != -100).sum(-1)
 
 
 def _row_generators(seed, generator, batch_size: int) -> list[torch.Generator] | torch.Generator | None:

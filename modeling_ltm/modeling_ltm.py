@@ -484,9 +484,11 @@ class LTMModel(LTMPreTrainedModel):
 
         hidden_states = self.dropout(inputs_embeds)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        latent_position_embeddings = self.rotary_emb(
-            hidden_states, latent_position_ids(self.config, hidden_states.device).unsqueeze(0)
-        )
+        latent_position_embeddings = None
+        if not cross_cached:  # while decoding, the latents' keys (already rotated) come from the cache
+            latent_position_embeddings = self.rotary_emb(
+                hidden_states, latent_position_ids(self.config, hidden_states.device).unsqueeze(0)
+            )
         for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(
                 hidden_states,

@@ -1,0 +1,253 @@
+"""Cost of one fast (posterior) step vs a full forward+backward, for one batch, measured in one run.
+
+Four measurements on the same batch, interleaved round-robin (so a change of machine load hits them all alike), each
+the median wall time of `--repeats` runs after `--warmup` runs:
+
+- fast step: the real code path of `fit_posterior`'s inner loop: `inference.negative_elbo` at
+  `z = mu + exp(logvar / 2) * eps`, `torch.autograd.grad(loss, [mu, logvar])`, one Adam step on `(mu, logvar)`.
+  No weight gradient is computed.
+- full step: `model(input_ids, latents=z, labels=input_ids).loss.backward()` with every weight requiring grad (what
+  the decoder's slow update costs, without the optimizer).
+- reference-style fast step: as the paper's public code does it: the same ELBO loss, but `loss.backward()` with the
+  decoder weights still requiring grad (weight gradients computed and accumulated), then the Adam step.
+- peer: `LlamaForCausalLM` of the same size (hidden, MLP width, layers, heads, vocabulary, tied embeddings), full
+  forward+backward with `labels`.
+
+    .venv/bin/python bench/fast_step.py                              # hidden 256, 4 layers, vocab 8192, 8 x 256
+    .venv/bin/python bench/fast_step.py --batch-size 4 --seq-length 128 --json runs/bench_fast_step.json
+    .venv/bin/python bench/fast_step.py --memory                     # + peak RSS, one subprocess per measurement
+
+Targets (ARCHITECTURE.md section 4): fast / full <= 0.8 and reference / fast >= 1.25.
+
+`--memory` runs each measurement alone in a fresh subprocess (build the models, run the measured step 3 times) and
+reports that process's peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`): whole-process memory,
+interpreter, torch and every model built included, so compare the rows with each other, not with parameter sizes.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_ltm import LTMConfig, LTMForCausalLM
+from modeling_ltm.inference import negative_elbo, next_token_targets
+
+
+MEASUREMENTS = ("fast", "full", "reference", "llama")
+LABELS = {
+    "fast": "LTM fast step (autograd.grad w.r.t. mu, logvar + Adam)",
+    "full": "LTM full forward+backward (weight grads)",
+    "reference": "LTM reference-style fast step (loss.backward(), weights require grad)",
+    "llama": "LlamaForCausalLM full forward+backward (peer)",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--num-kv-heads", type=int, default=None, help="default: --num-heads")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--n-latents-per-layer", type=int, default=8)
+    parser.add_argument("--latent-dim", type=int, default=None, help="default: --hidden-size")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS, one subprocess each")
+    parser.add_argument("--only", choices=MEASUREMENTS, default=None, help=argparse.SUPPRESS)  # --memory's child
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def build(args):
+    """The LTM, its same-size Llama peer, and one batch (token ids, posterior parameters, noise)."""
+    ltm_config = LTMConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        max_position_embeddings=args.seq_length,
+        n_latents_per_layer=args.n_latents_per_layer,
+        latent_dim=args.latent_dim,
+    )
+    llama_config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=ltm_config.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=ltm_config.num_key_value_heads,
+        max_position_embeddings=args.seq_length,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    ltm = LTMForCausalLM(ltm_config).train()  # dropout is 0: train mode only matters for flags, as in training
+    llama = LlamaForCausalLM(llama_config).train()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_length), generator=generator)
+    shape = (args.batch_size, *ltm_config.latent_shape)
+    batch = {
+        "input_ids": input_ids,
+        "targets": next_token_targets(input_ids, None),
+        "mu": (0.1 * torch.randn(shape, generator=generator)).requires_grad_(True),
+        "logvar": (-5.0 + 0.1 * torch.randn(shape, generator=generator)).requires_grad_(True),
+        "noise": torch.randn(shape, generator=generator),
+    }
+    return ltm, llama, batch
+
+
+def make_steps(ltm, llama, batch):
+    """One callable per measurement; each runs exactly one step on the batch."""
+    mu, logvar, noise = batch["mu"], batch["logvar"], batch["noise"]
+    input_ids, targets = batch["input_ids"], batch["targets"]
+    fast_optimizer = torch.optim.Adam([mu, logvar], lr=1e-3)  # tiny lr: the batch stays where it was
+    reference_optimizer = torch.optim.Adam([mu, logvar], lr=1e-3)
+
+    def fast():
+        loss, *_ = negative_elbo(ltm, input_ids, targets, mu, logvar, noise)
+        mu.grad, logvar.grad = torch.autograd.grad(loss, [mu, logvar])
+        fast_optimizer.step()
+
+    def full():
+        ltm.zero_grad(set_to_none=True)
+        z = (mu + torch.exp(0.5 * logvar) * noise).detach()
+        ltm(input_ids, latents=z, labels=input_ids, use_cache=False).loss.backward()
+
+    def reference():
+        # As in the paper's code: weight gradients are computed (and accumulated) at every fast step.
+        reference_optimizer.zero_grad(set_to_none=True)
+        loss, *_ = negative_elbo(ltm, input_ids, targets, mu, logvar, noise)
+        loss.backward()
+        reference_optimizer.step()
+
+    def peer():
+        llama.zero_grad(set_to_none=True)
+        llama(input_ids, labels=input_ids, use_cache=False).loss.backward()
+
+    return {"fast": fast, "full": full, "reference": reference, "llama": peer}
+
+
+def time_steps(steps, warmup: int, repeats: int) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():  # round-robin: load drift hits every measurement alike
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def measure_memory(argv) -> dict[str, float]:
+    """Peak RSS of a fresh process that builds the models and runs one measurement 3 times ("idle": none)."""
+    peaks = {}
+    for name in ("idle", *MEASUREMENTS):
+        child = [a for a in argv if a not in ("--memory",)]
+        child += ["--only", name] if name != "idle" else ["--only", "fast", "--repeats", "0", "--warmup", "0"]
+        out = subprocess.run(
+            [sys.executable, __file__, *child], capture_output=True, text=True, check=True
+        ).stdout
+        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    return peaks
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    ltm, llama, batch = build(args)
+    steps = make_steps(ltm, llama, batch)
+
+    if args.only is not None:  # a --memory child: run one measurement, report this process's peak RSS
+        for _ in range(args.warmup + args.repeats):
+            steps[args.only]()
+        print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+        return 0
+
+    load_before = os.getloadavg()
+    times = time_steps(steps, args.warmup, args.repeats)
+    load_after = os.getloadavg()
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    results = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("only", "json", "memory")},
+        "ltm_parameters": count_parameters(ltm),
+        "llama_parameters": count_parameters(llama),
+        "median_s": medians,
+        "min_s": {name: min(values) for name, values in times.items()},
+        "ratios": {
+            "fast/full": medians["fast"] / medians["full"],
+            "reference/fast": medians["reference"] / medians["fast"],
+            "full/llama": medians["full"] / medians["llama"],
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
+    }
+    if args.memory:
+        results["peak_rss_mib"] = measure_memory(argv)
+
+    print(
+        f"batch {args.batch_size} x {args.seq_length} tokens; LTM {results['ltm_parameters'] / 1e6:.2f}M parameters "
+        f"(hidden {args.hidden_size}, {args.num_layers} layers, {ltm.config.n_latents_per_layer} latents x "
+        f"{ltm.config.latent_dim} per layer), Llama {results['llama_parameters'] / 1e6:.2f}M; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"median of {args.repeats} after {args.warmup} warm-up"
+    )
+    print()
+    print("| measurement | median (ms) | min (ms) |" + (" peak RSS (MiB) |" if args.memory else ""))
+    print("|---|---:|---:|" + ("---:|" if args.memory else ""))
+    for name in MEASUREMENTS:
+        row = f"| {LABELS[name]} | {1e3 * medians[name]:.1f} | {1e3 * results['min_s'][name]:.1f} |"
+        if args.memory:
+            row += f" {results['peak_rss_mib'][name]:.0f} |"
+        print(row)
+    if args.memory:
+        print(f"| (process that builds the models and runs nothing) | | | {results['peak_rss_mib']['idle']:.0f} |")
+    print()
+    ratios = results["ratios"]
+    print(f"fast / full      = {ratios['fast/full']:.2f}  (target <= 0.8)")
+    print(f"reference / fast = {ratios['reference/fast']:.2f}  (target >= 1.25)")
+    print(f"full / llama     = {ratios['full/llama']:.2f}  (LTM full step vs the same-size Llama)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

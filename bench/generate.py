@@ -1,0 +1,177 @@
+"""Decode speed of `LTMForCausalLM.generate` (with and without cache) vs a same-size `LlamaForCausalLM.generate`.
+
+One run, one process, random weights (speed does not depend on training): for each batch size, a ~32-token prompt,
+greedy decoding of exactly `--new-tokens` tokens (`min_new_tokens = max_new_tokens`, so every model produces the same
+number of tokens). The LTM's posterior on the prompt is fitted first and timed on its own; the decode timings then
+pass the fitted `latents` to `generate`, so they measure prefill + decoding only, as Llama's do.
+
+    .venv/bin/python bench/generate.py                      # hidden 256, 4 layers, vocab 8192, batch 1 and 8
+    .venv/bin/python bench/generate.py --json runs/bench_generate.json
+
+Prints a Markdown table (for docs/benchmarks.md) with decode tokens/s = batch * new_tokens / wall time of
+`generate`, the median over `--repeats` runs (the cache-less LTM runs once at batch > 1: it is slow by design).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_ltm import LTMConfig, LTMForCausalLM
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--max-position-embeddings", type=int, default=512)
+    parser.add_argument("--n-latents-per-layer", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--num-inference-steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-cache-repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def build_models(args):
+    ltm_config = LTMConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        max_position_embeddings=args.max_position_embeddings,
+        n_latents_per_layer=args.n_latents_per_layer,
+        num_inference_steps=args.num_inference_steps,
+    )
+    llama_config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=ltm_config.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=ltm_config.num_key_value_heads,
+        max_position_embeddings=args.max_position_embeddings,
+        rms_norm_eps=ltm_config.rms_norm_eps,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    ltm = LTMForCausalLM(ltm_config).eval()
+    llama = LlamaForCausalLM(llama_config).eval()
+    return ltm, llama
+
+
+def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Median wall time in seconds of each callable over `repeats` rounds, and each one's last result.
+
+    The callables take turns within a round, so a change of machine load hits them alike."""
+    times = {name: [] for name in fns}
+    results = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ltm, llama = build_models(args)
+    decode = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    load_before = os.getloadavg()
+    results = []
+    for batch_size in args.batch_sizes:
+        prompt = torch.randint(
+            0, args.vocab_size, (batch_size, args.prompt_length), generator=torch.Generator().manual_seed(1)
+        )
+        # Warm-up (allocator, SDPA dispatch) on a short generation of each model.
+        z = ltm.infer_latents(prompt, num_steps=1, seed=0).z
+        ltm.generate(prompt, latents=z, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        llama.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+        fit_s, fitted = timed({"fit": lambda: ltm.infer_latents(prompt, seed=0)}, args.repeats)
+        z = fitted["fit"].z
+        cached_s, out = timed(
+            {
+                "ltm": lambda: ltm.generate(prompt, latents=z, **decode),
+                "llama": lambda: llama.generate(prompt, **decode),
+            },
+            args.repeats,
+        )
+        no_cache_repeats = args.no_cache_repeats if batch_size > 1 else max(args.no_cache_repeats, args.repeats)
+        no_cache_s, no_cache_out = timed(
+            {"ltm": lambda: ltm.generate(prompt, latents=z, use_cache=False, **decode)}, no_cache_repeats
+        )
+        assert out["ltm"].shape == out["llama"].shape == (batch_size, args.prompt_length + args.new_tokens)
+        assert torch.equal(out["ltm"], no_cache_out["ltm"]), "LTM greedy output differs with and without cache"
+        tokens = batch_size * args.new_tokens
+        row = {
+            "batch_size": batch_size,
+            "posterior_fit_s": fit_s["fit"],
+            "num_inference_steps": args.num_inference_steps,
+            "ltm_cache_tok_s": tokens / cached_s["ltm"],
+            "ltm_no_cache_tok_s": tokens / no_cache_s["ltm"],
+            "llama_tok_s": tokens / cached_s["llama"],
+        }
+        row["ltm_vs_llama"] = row["ltm_cache_tok_s"] / row["llama_tok_s"]
+        row["cache_speedup"] = row["ltm_cache_tok_s"] / row["ltm_no_cache_tok_s"]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    load_after = os.getloadavg()
+
+    params = {
+        "ltm": sum(p.numel() for p in ltm.parameters()),
+        "llama": sum(p.numel() for p in llama.parameters()),
+    }
+    meta = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "parameters": params,
+        "args": vars(args),
+    }
+    print()
+    print(
+        f"hidden {args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads, vocab {args.vocab_size}, "
+        f"prompt {args.prompt_length} tokens, {args.new_tokens} new tokens (greedy), LTM {params['ltm'] / 1e6:.2f}M / "
+        f"Llama {params['llama'] / 1e6:.2f}M parameters; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {meta['machine']}; load average before {load_before[0]:.2f}, after "
+        f"{load_after[0]:.2f}"
+    )
+    print()
+    print(
+        "| batch | LTM + cache (tok/s) | LTM, no cache (tok/s) | Llama + cache (tok/s) | LTM / Llama | cache speed-up "
+        "| posterior fit on the prompt (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in results:
+        print(
+            f"| {row['batch_size']} | {row['ltm_cache_tok_s']:.0f} | {row['ltm_no_cache_tok_s']:.0f} | "
+            f"{row['llama_tok_s']:.0f} | {row['ltm_vs_llama']:.2f}x | {row['cache_speedup']:.1f}x | "
+            f"{row['posterior_fit_s']:.3f} ({row['num_inference_steps']} steps) |"
+        )
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

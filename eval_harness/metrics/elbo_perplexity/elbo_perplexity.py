@@ -1,0 +1,147 @@
+"""ELBO / importance-weighted perplexity bounds of a Latent-Thought LM, as an `evaluate` metric.
+
+Mirrors `evaluate`'s `perplexity` metric (same `compute` arguments and outputs), for models whose likelihood needs
+latent thought vectors `z`: each text gets its own posterior `q(z | text)`, fitted by the fast loop, and the
+reported perplexity is `exp(-bound / tokens)` with `bound` the ELBO `-(NLL given z + KL)` or, with
+`iw_samples > 0`, the importance-weighted bound. Both are lower bounds on `log p(text)`, so the perplexities are
+upper bounds on the model's true perplexity.
+"""
+
+import hashlib
+
+import datasets
+import evaluate
+import torch
+import transformers
+
+import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
+from modeling_ltm.inference import fit_posterior, importance_weighted_bound
+
+
+_DESCRIPTION = """
+Perplexity bounds of a Latent-Thought Language Model (arXiv:2502.01567). An LTM's `log p(text)` integrates over
+latent thought vectors, so it is bounded, not computed: per text, the posterior `q(z | text)` is fitted with
+`num_inference_steps` fast steps, and `exp(-ELBO / tokens)` (or the importance-weighted bound's analogue) is
+reported with its NLL and KL parts. Texts are truncated to `max_length` tokens (default: the model's context) as in
+the `perplexity` metric.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list[str]`): texts to score.
+    model_id (`str`): path or Hub id of an LTM (model_type "ltm") with its tokenizer.
+    batch_size (`int`, defaults to 16): texts per posterior fit.
+    add_start_token (`bool`, defaults to True): prepend the BOS token (EOS when there is none) so the first token is
+        scored too.
+    device (`str`, *optional*): "cuda" or "cpu"; defaults to CUDA when available.
+    max_length (`int`, *optional*): truncate texts to this many tokens (start token included); defaults to and may
+        not exceed the model's `max_position_embeddings`.
+    num_inference_steps (`int`, *optional*): fast steps per fit; defaults to the model config's.
+    inference_lr (`float`, *optional*): fast learning rate; defaults to the model config's.
+    iw_samples (`int`, defaults to 0): > 0 reports the importance-weighted bound with that many samples.
+    seed (`int`, defaults to 0): base seed; each text's fit is seeded from it and the text's tokens.
+    trust_remote_code (`bool`, defaults to False): passed to `from_pretrained`.
+Returns:
+    perplexities (`list[float]`): per-text perplexity bound `exp(-bound / num_tokens)`.
+    mean_perplexity (`float`): mean of `perplexities` (as the `perplexity` metric reports).
+    nll_per_token (`list[float]`): per-text NLL given the fitted `z`, nats per token.
+    kl_per_token (`list[float]`): per-text `KL(q || p)`, nats per token.
+    num_tokens (`list[int]`): scored tokens per text.
+    bound (`str`): "elbo" or "importance_weighted(K=...)".
+Examples:
+    >>> metric = evaluate.load("eval_harness/metrics/elbo_perplexity")
+    >>> results = metric.compute(predictions=["To be, or not to be"], model_id="runs/ltm-tiny", num_inference_steps=16)
+"""
+
+_CITATION = """
+@inproceedings{kong2025ltm,
+  title={Latent Thought Models with Variational Bayes Inference-Time Computation},
+  author={Kong, Deqian and Zhao, Minglu and Xu, Dehong and Pang, Bo and Wang, Shu and Honig, Edouardo and Si, Zhangzhang and Li, Chuan and Xie, Jianwen and Xie, Sirui and Wu, Ying Nian},
+  booktitle={International Conference on Machine Learning},
+  year={2025}
+}
+"""
+
+
+def _text_seed(base_seed: int, tokens: list[int]) -> int:
+    digest = hashlib.sha256(f"{base_seed}|metric|{','.join(map(str, tokens))}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class ElboPerplexity(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            module_type="metric",
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features({"predictions": datasets.Value("string")}),
+            reference_urls=["https://arxiv.org/abs/2502.01567", "https://huggingface.co/docs/transformers/perplexity"],
+        )
+
+    def _compute(
+        self,
+        predictions,
+        model_id,
+        batch_size: int = 16,
+        add_start_token: bool = True,
+        device=None,
+        max_length=None,
+        num_inference_steps=None,
+        inference_lr=None,
+        iw_samples: int = 0,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        if not callable(getattr(model, "infer_latents", None)):
+            raise TypeError(f"{model_id!r} is a {type(model).__name__}, not an LTM; use the `perplexity` metric.")
+        model = model.to(device).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        context = model.config.max_position_embeddings
+        max_length = context if max_length is None else int(max_length)
+        if not 2 <= max_length <= context:
+            raise ValueError(f"`max_length` must be in [2, {context}] (the model's context), got {max_length}.")
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if add_start_token and start is None:
+            raise ValueError("`add_start_token=True` needs a BOS or EOS token in the tokenizer.")
+
+        encoded = []
+        for index, text in enumerate(predictions):
+            tokens = ([start] if add_start_token else []) + tokenizer.encode(text, add_special_tokens=False)
+            tokens = tokens[:max_length]
+            if len(tokens) < 2:
+                raise ValueError(
+                    f"Text {index} ({text[:40]!r}) has fewer than 2 tokens, so no token can be scored; drop it or use "
+                    "add_start_token=True."
+                )
+            encoded.append(tokens)
+
+        results = {"perplexities": [], "nll_per_token": [], "kl_per_token": [], "num_tokens": []}
+        for begin in range(0, len(encoded), int(batch_size)):
+            batch = encoded[begin : begin + int(batch_size)]
+            longest = max(len(t) for t in batch)
+            ids = torch.full((len(batch), longest), start if start is not None else 0, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, tokens in enumerate(batch):  # left padding; positions come from the mask
+                ids[row, longest - len(tokens) :] = torch.tensor(tokens)
+                mask[row, longest - len(tokens) :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            seeds = [_text_seed(int(seed), tokens) for tokens in batch]
+            posterior = fit_posterior(model, ids, mask, num_steps=num_inference_steps, lr=inference_lr, seed=seeds)
+            if int(iw_samples) > 0:
+                bound = importance_weighted_bound(
+                    model, ids, mask, num_samples=int(iw_samples), posterior=posterior, seed=seeds
+                )
+            else:
+                bound = posterior.elbo
+            tokens = posterior.num_tokens.float()
+            results["perplexities"] += torch.exp(-bound / tokens).tolist()
+            results["nll_per_token"] += (posterior.nll / tokens).tolist()
+            results["kl_per_token"] += (posterior.kl / tokens).tolist()
+            results["num_tokens"] += posterior.num_tokens.tolist()
+        results["mean_perplexity"] = float(sum(results["perplexities"]) / len(results["perplexities"]))
+        results["bound"] = f"importance_weighted(K={int(iw_samples)})" if int(iw_samples) > 0 else "elbo"
+        return results

@@ -1,0 +1,278 @@
+"""Model cards for exported LTMs: `huggingface_hub.ModelCard` rendered from `templates/modelcard_template.md`.
+
+The YAML header (`ModelCardData`) carries the Hub metadata and a `model-index` built from the trainer's
+`eval_results.json` and lm-evaluation-harness results JSON files; the body documents the architecture, usage, how the
+perplexity is bounded, training and limitations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "modelcard_template.md"
+
+TAGS = ["ltm", "latent-thought", "custom_code", "variational-inference"]
+
+# The snippet shown under "How to use". tests/test_hub_cards.py runs exactly this text (rendered for the exported
+# folder) in a fresh process without our package, so the card never shows code that was not run.
+USAGE_SNIPPET_TEMPLATE = """\
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)
+
+inputs = tokenizer("{prompt}", return_tensors="pt")
+torch.manual_seed(0)  # the fast loop starts from random noise
+# Fit the latent thoughts z to the prompt ({num_inference_steps} fast steps), then decode greedily given z.
+output_ids = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False, num_inference_steps={num_inference_steps})
+print(tokenizer.decode(output_ids[0], skip_special_tokens=True))
+
+# Posterior q(z|x) of the prompt; nll, kl and elbo are per-sequence sums in nats.
+posterior = model.infer_latents(inputs["input_ids"], inputs["attention_mask"])
+print("ELBO perplexity bound:", torch.exp(-posterior.elbo / posterior.num_tokens).item())"""
+
+LM_EVAL_COMMAND_TEMPLATE = (
+    "ltm eval --model ltm --model_args pretrained={repo_id},trust_remote_code=True "
+    "--tasks wikitext,lambada_openai --batch_size 8"
+)
+
+CITATION = """\
+@inproceedings{kong2025latent,
+  title     = {Latent Thought Models with Variational Bayes Inference-Time Computation},
+  author    = {Kong, Deqian and Zhao, Minglu and Xu, Dehong and Pang, Bo and Wang, Shu and Honig, Edouardo and
+               Si, Zhangzhang and Li, Chuan and Xie, Jianwen and Xie, Sirui and Wu, Ying Nian},
+  booktitle = {Proceedings of the 42nd International Conference on Machine Learning (ICML)},
+  year      = {2025},
+  eprint    = {2502.01567},
+  archivePrefix = {arXiv}
+}"""
+
+# Trainer metric key -> (metric_type, human-readable metric name). Perplexities are bounds (see the card's body).
+TRAINER_METRICS = {
+    "eval_elbo_ppl": ("perplexity", "ELBO perplexity bound exp(-ELBO/token)"),
+    "eval_iw_ppl": ("perplexity", "importance-weighted perplexity bound"),
+    "eval_nll_per_token": ("nll", "NLL given z (nats/token)"),
+    "eval_kl_per_token": ("kl", "KL to the prior (nats/token)"),
+}
+
+
+def usage_snippet(
+    repo_id: str, num_inference_steps: int, prompt: str = "ROMEO:", max_new_tokens: int = 32
+) -> str:
+    """The card's Python usage example for `repo_id` (a Hub id or a local folder)."""
+    if '"' in prompt or "\\" in prompt:
+        raise ValueError(f"usage_snippet: the prompt must not contain quotes or backslashes, got {prompt!r}.")
+    return USAGE_SNIPPET_TEMPLATE.format(
+        repo_id=repo_id, prompt=prompt, max_new_tokens=max_new_tokens, num_inference_steps=num_inference_steps
+    )
+
+
+def lm_eval_command(repo_id: str) -> str:
+    return LM_EVAL_COMMAND_TEMPLATE.format(repo_id=repo_id)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def trainer_eval_results(
+    metrics: Mapping[str, Any], dataset_name: str, dataset_type: str | None = None
+) -> list[EvalResult]:
+    """`EvalResult`s for the LTM metrics of a trainer `eval_results.json` (keys in `TRAINER_METRICS`; others are
+    skipped). `dataset_name` names the evaluation split, `dataset_type` its Hub id (defaults to the name). The fast
+    steps `eval_inference_steps` and samples `eval_iw_samples`, when recorded, go into the metric names."""
+    results = []
+    for key, (metric_type, metric_name) in TRAINER_METRICS.items():
+        value = metrics.get(key)
+        if not _finite_number(value):
+            continue
+        settings = []  # every bound depends on the fast steps T; the importance-weighted one also on K
+        if _finite_number(metrics.get("eval_inference_steps")):
+            settings.append(f"T={int(metrics['eval_inference_steps'])}")
+        if key == "eval_iw_ppl" and _finite_number(metrics.get("eval_iw_samples")):
+            settings.append(f"K={int(metrics['eval_iw_samples'])}")
+        if settings:
+            metric_name = f"{metric_name}, {', '.join(settings)}"
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name="Language modeling (bounds)",
+                dataset_type=dataset_type or dataset_name,
+                dataset_name=dataset_name,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=float(value),
+            )
+        )
+    return results
+
+
+def lm_eval_results(results_json: Mapping[str, Any]) -> list[EvalResult]:
+    """`EvalResult`s from an lm-evaluation-harness results JSON: `results` -> task -> `"metric,filter"` -> value.
+
+    Standard errors, aliases and non-numeric entries are skipped; the task's dataset path/name/split and few-shot
+    count come from the JSON's `configs` and `n-shot` sections when present.
+    """
+    if not isinstance(results_json, Mapping) or not isinstance(results_json.get("results"), Mapping):
+        raise ValueError(
+            "lm-eval results must be a dict with a 'results' section (task -> {'metric,filter': value}), as written "
+            "by `lm_eval --output_path` / `ltm eval --output_path`."
+        )
+    configs = results_json.get("configs") or {}
+    n_shot = results_json.get("n-shot") or {}
+    out = []
+    for task, metrics in results_json["results"].items():
+        if not isinstance(metrics, Mapping):
+            continue
+        config = configs.get(task) or {}
+        dataset_type = config.get("dataset_path") or task
+        for key, value in metrics.items():
+            if "," not in key or not _finite_number(value):
+                continue
+            metric, filter_name = key.split(",", 1)
+            if metric.endswith("_stderr"):
+                continue
+            num_fewshot = n_shot.get(task)
+            out.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=task,
+                    dataset_type=dataset_type,
+                    dataset_name=metrics.get("alias", task).strip(" -") or task,
+                    dataset_config=config.get("dataset_name"),
+                    dataset_split=config.get("test_split") or config.get("validation_split"),
+                    dataset_args={"num_fewshot": num_fewshot} if isinstance(num_fewshot, int) else None,
+                    metric_type=metric,
+                    metric_name=metric if filter_name == "none" else f"{metric} ({filter_name})",
+                    metric_value=float(value),
+                )
+            )
+    return out
+
+
+def load_lm_eval_results(paths: Iterable[str | Path]) -> list[EvalResult]:
+    """Read lm-eval results JSON files (a file, or a folder searched for `results*.json`)."""
+    out = []
+    for path in paths:
+        path = Path(path)
+        files = sorted(path.rglob("results*.json")) if path.is_dir() else [path]
+        if not files:
+            raise ValueError(f"No lm-eval results*.json found under {path}; pass the file lm-eval wrote.")
+        for file in files:
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"Cannot read lm-eval results {file}: {error}") from error
+            out.extend(lm_eval_results(data))
+    return out
+
+
+def _format_value(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, pipes escaped so they do not split the Markdown cell."""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|")
+
+
+def architecture_summary(config, num_parameters: int, num_parameters_non_embedding: int) -> dict[str, Any]:
+    """Rows of the card's architecture table, from an `LTMConfig` and the model's parameter counts."""
+    attention = "full causal" if config.sliding_window is None else f"causal, sliding window {config.sliding_window}"
+    return {
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "attention": attention,
+        "n_latents_per_layer": config.n_latents_per_layer,
+        "n_latents_total": config.num_hidden_layers * config.n_latents_per_layer,
+        "latent_dim": config.latent_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "vocab_size": config.vocab_size,
+        "num_parameters": f"{num_parameters:,}",
+        "num_parameters_non_embedding": f"{num_parameters_non_embedding:,}",
+        "num_inference_steps": config.num_inference_steps,
+        "inference_lr": config.inference_lr,
+        "inference_lr_min": _format_value(config.inference_lr * config.inference_lr_min_ratio),
+    }
+
+
+def build_model_card(
+    config,
+    *,
+    model_name: str,
+    repo_id: str,
+    num_parameters: int,
+    num_parameters_non_embedding: int,
+    eval_results: list[EvalResult] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    datasets: list[str] | None = None,
+    license: str = "apache-2.0",
+    language: list[str] | None = None,
+    extra_limitations: list[str] | None = None,
+) -> ModelCard:
+    """Render the model card of an LTM.
+
+    Args:
+        config: the model's `LTMConfig`.
+        model_name: the card's title and `model-index` name.
+        repo_id: where users load it from (Hub id or folder); used in the usage snippet and lm-eval command.
+        num_parameters, num_parameters_non_embedding: parameter counts (tied embeddings counted once).
+        eval_results: `EvalResult`s for `model-index` (see `trainer_eval_results`, `lm_eval_results`).
+        hyperparameters: training hyper-parameters for the card's table (name -> value).
+        datasets: Hub dataset ids (or names) the model was trained on.
+    """
+    eval_results = list(eval_results or [])
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(TAGS),
+        license=license,
+        language=language,
+        datasets=list(datasets) if datasets else None,
+        eval_results=eval_results or None,
+    )
+    eval_rows = [
+        {
+            "task": _format_value(result.task_name or result.task_type),
+            "dataset": _format_value(result.dataset_name),
+            "metric": _format_value(result.metric_name or result.metric_type),
+            "value": _format_value(result.metric_value),
+        }
+        for result in eval_results
+    ]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        arch=architecture_summary(config, num_parameters, num_parameters_non_embedding),
+        usage_snippet=usage_snippet(repo_id, config.num_inference_steps),
+        lm_eval_command=lm_eval_command(repo_id),
+        eval_rows=eval_rows,
+        hyperparameters={name: _format_value(value) for name, value in (hyperparameters or {}).items()},
+        datasets=list(datasets or []),
+        extra_limitations=list(extra_limitations or []),
+        citation=CITATION,
+    )
+
+
+__all__ = [
+    "CITATION",
+    "TAGS",
+    "TEMPLATE_PATH",
+    "USAGE_SNIPPET_TEMPLATE",
+    "build_model_card",
+    "lm_eval_command",
+    "lm_eval_results",
+    "load_lm_eval_results",
+    "trainer_eval_results",
+    "usage_snippet",
+]

@@ -1,0 +1,292 @@
+"""Export a trained LTM into a folder any transformers user can load from the Hub with `trust_remote_code=True`.
+
+The folder holds what `save_pretrained` writes for a model registered for the Auto classes (`config.json` with
+`auto_map`, `model.safetensors`, the remote-code files), a `generation_config.json` carrying the inference-step
+defaults, the tokenizer, and the model card (`README.md`). It is written into a temporary sibling folder and renamed
+into place at the end, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+from transformers.utils import logging
+
+from .card import build_model_card, load_lm_eval_results, trainer_eval_results
+
+
+logger = logging.get_logger(__name__)
+
+# What `save_pretrained` must copy next to the weights for `trust_remote_code=True` (the model's module and the
+# siblings it imports relatively).
+REMOTE_CODE_FILES = ("configuration_ltm.py", "modeling_ltm.py", "inference.py", "generation_ltm.py")
+# LTMs take no token type ids; without this, `tokenizer(...)` may return them and `generate(**inputs)` would pass
+# them on to `forward`.
+TOKENIZER_INPUT_NAMES = ["input_ids", "attention_mask"]
+# Training hyper-parameters shown on the card, in this order, when the checkpoint records them.
+CARD_HYPERPARAMETERS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+    "seed",
+    "bf16",
+    "num_inference_steps",
+    "inference_lr",
+    "inference_lr_end",
+    "eval_inference_steps",
+    "eval_iw_samples",
+)
+CHECKPOINT_DIR_PATTERN = re.compile(r"checkpoint-\d+")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"Cannot read {path}: {error}") from error
+    return data if isinstance(data, dict) else None
+
+
+def _is_checkpoint_n(checkpoint: Path) -> bool:
+    return CHECKPOINT_DIR_PATTERN.fullmatch(checkpoint.name) is not None
+
+
+def read_trainer_eval_metrics(checkpoint: str | Path) -> dict[str, Any]:
+    """The last evaluation metrics recorded for this checkpoint (`eval_*` keys), or `{}`.
+
+    A Trainer output folder has `eval_results.json` (or `all_results.json`) from `trainer.save_metrics`; a
+    `checkpoint-N` folder has only `trainer_state.json`, whose `log_history` holds the evaluations up to step N
+    (entries of the last evaluated step are merged, since metrics may be logged in several entries).
+    """
+    checkpoint = Path(checkpoint)
+    if not _is_checkpoint_n(checkpoint):
+        for name in ("eval_results.json", "all_results.json"):
+            results = _read_json(checkpoint / name)
+            if results and any(key.startswith("eval_") for key in results):
+                return {key: value for key, value in results.items() if key.startswith("eval_")}
+    state = _read_json(checkpoint / "trainer_state.json") or {}
+    evaluations = [
+        entry for entry in state.get("log_history", []) if any(key.startswith("eval_") for key in entry)
+    ]
+    if not evaluations:
+        return {}
+    last_step = evaluations[-1].get("step")
+    merged: dict[str, Any] = {}
+    for entry in evaluations:
+        if entry.get("step") == last_step:
+            merged.update({key: value for key, value in entry.items() if key.startswith("eval_")})
+    return merged
+
+
+def _load_training_args(checkpoint: Path) -> dict[str, Any]:
+    """Training arguments as a dict: `training_args.json` if present, else the Trainer's `training_args.bin`."""
+    for folder in (checkpoint, checkpoint.parent) if _is_checkpoint_n(checkpoint) else (checkpoint,):
+        as_json = _read_json(folder / "training_args.json")
+        if as_json is not None:
+            return as_json
+        pickled = folder / "training_args.bin"
+        if pickled.is_file():
+            import torch
+
+            # The Trainer pickles its arguments (a dataclass, not tensors), so weights_only=True cannot read them.
+            # This file comes from the checkpoint being exported, i.e. one the user trained and is publishing.
+            try:
+                args = torch.load(pickled, weights_only=False)
+            except Exception as error:  # unpicklable without the training code: the card just omits them
+                logger.warning(f"Could not read {pickled} ({error}); the card will not list training arguments.")
+                return {}
+            return args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
+    return {}
+
+
+def read_training_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
+    """Hyper-parameters for the card: selected training arguments, plus steps, tokens and final training loss from
+    `trainer_state.json` / `train_results.json`."""
+    checkpoint = Path(checkpoint)
+    args = _load_training_args(checkpoint)
+    hyperparameters = {name: args[name] for name in CARD_HYPERPARAMETERS if args.get(name) not in (None, {}, "")}
+    if hyperparameters.get("max_steps", 0) > 0:
+        hyperparameters.pop("num_train_epochs", None)
+    for key in ("warmup_steps", "warmup_ratio"):
+        if hyperparameters.get(key) == 0:
+            hyperparameters.pop(key)
+    state = _read_json(checkpoint / "trainer_state.json") or {}
+    if state.get("global_step"):
+        hyperparameters["trained_steps"] = state["global_step"]
+    if state.get("num_input_tokens_seen"):
+        hyperparameters["trained_tokens"] = state["num_input_tokens_seen"]
+    train_results = {} if _is_checkpoint_n(checkpoint) else (_read_json(checkpoint / "train_results.json") or {})
+    if isinstance(train_results.get("train_loss"), (int, float)):
+        hyperparameters["final_train_loss"] = train_results["train_loss"]
+    return hyperparameters
+
+
+def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None, max_length: int):
+    sources = [tokenizer] if tokenizer is not None else [checkpoint]
+    if tokenizer is None and _is_checkpoint_n(checkpoint):
+        sources.append(checkpoint.parent)  # the Trainer output folder holds the tokenizer too
+    errors = []
+    for source in sources:
+        try:
+            loaded = AutoTokenizer.from_pretrained(str(source), model_input_names=TOKENIZER_INPUT_NAMES)
+        except (OSError, ValueError, TypeError) as error:
+            errors.append(f"{source}: {error}")
+            continue
+        # So that `tokenizer(..., truncation=True)` stops at the model's context instead of a huge sentinel.
+        if loaded.model_max_length > max_length:
+            loaded.model_max_length = max_length
+            loaded.init_kwargs["model_max_length"] = max_length
+        return loaded
+    raise ValueError(
+        f"No tokenizer could be loaded from {' or '.join(str(s) for s in sources)}; pass one with "
+        f"`--tokenizer <folder or Hub id>` (`tokenizer=` in Python).\n" + "\n".join(errors)
+    )
+
+
+def hub_generation_config(model):
+    """`model.generation_config` with the LTM's inference defaults (`num_inference_steps`, `inference_lr` from the
+    config, unless already set) as custom attributes that survive `save_pretrained` / `from_pretrained`."""
+    generation_config = copy.deepcopy(model.generation_config)
+    for name in ("num_inference_steps", "inference_lr"):
+        if getattr(generation_config, name, None) is None:
+            setattr(generation_config, name, getattr(model.config, name))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(generation_config, name, None) is None and getattr(model.config, name, None) is not None:
+            setattr(generation_config, name, getattr(model.config, name))
+    # A config derived from the model config drops custom attributes when loaded back: mark it as a real one.
+    generation_config._from_model_config = False
+    return generation_config
+
+
+def export_for_hub(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    lm_eval_results: Iterable[str | Path] = (),
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    datasets: list[str] | None = None,
+    eval_dataset_name: str | None = None,
+    license: str = "apache-2.0",
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hub-ready folder for the LTM in `checkpoint`; returns the folder.
+
+    Args:
+        checkpoint: a Trainer output folder (model, tokenizer, `*_results.json`) or one of its `checkpoint-N` folders.
+        output_dir: the folder to write; must be empty or absent unless `overwrite=True`.
+        tokenizer: tokenizer folder or Hub id, when the checkpoint has none.
+        lm_eval_results: lm-eval results JSON files (or folders holding `results*.json`) for the card's
+            `model-index`.
+        repo_id: the Hub repository the folder is meant for; the card's usage snippet loads from it. Defaults to
+            the absolute path of `output_dir` (so the snippet runs locally).
+        model_name: card title and `model-index` name (defaults to the last part of `repo_id`, else the name of
+            the training run's folder).
+        datasets: Hub ids (or names) of the training data for the card's metadata.
+        eval_dataset_name: name of the split the trainer evaluated on (defaults to the first dataset or
+            "held-out split").
+        license: the weights' license identifier for the card.
+        overwrite: replace an existing non-empty `output_dir`.
+    """
+    from modeling_ltm import LTMForCausalLM  # noqa: F401  (also registers the Auto classes for auto_map)
+
+    checkpoint = Path(checkpoint).expanduser().resolve()
+    output_dir = Path(output_dir).expanduser().resolve()
+    config_dict = _read_json(checkpoint / "config.json")
+    if not checkpoint.is_dir() or config_dict is None:
+        raise ValueError(
+            f"{checkpoint} is not a model checkpoint (no config.json). Pass a Trainer output folder or one of its "
+            "checkpoint-N folders."
+        )
+    if config_dict.get("model_type") != "ltm":
+        raise ValueError(
+            f"{checkpoint} holds a model of type {config_dict.get('model_type')!r}, not 'ltm'; export needs an LTM."
+        )
+    if output_dir == checkpoint:
+        raise ValueError("The export folder must differ from the checkpoint folder; choose e.g. <checkpoint>/hub.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"{output_dir} exists and is not a folder.")
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{output_dir} is not empty; pass --overwrite (overwrite=True) to replace it.")
+
+    model = LTMForCausalLM.from_pretrained(checkpoint).eval()
+    model.generation_config = hub_generation_config(model)
+    tokenizer_object = _load_tokenizer(checkpoint, tokenizer, model.config.max_position_embeddings)
+    if len(tokenizer_object) > model.config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer_object)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)."
+        )
+
+    default_name = (repo_id or str(checkpoint.parent if _is_checkpoint_n(checkpoint) else checkpoint)).rstrip("/")
+    default_name = default_name.split("/")[-1]
+    repo_id = repo_id or str(output_dir)
+    eval_name = eval_dataset_name or (datasets[0] if datasets else "held-out split")
+    eval_metrics = read_trainer_eval_metrics(checkpoint)
+    hyperparameters = read_training_hyperparameters(checkpoint)
+    if "eval_iw_ppl" in eval_metrics and "eval_iw_samples" in hyperparameters:
+        eval_metrics.setdefault("eval_iw_samples", hyperparameters["eval_iw_samples"])  # names K in the card
+    eval_results = trainer_eval_results(eval_metrics, dataset_name=eval_name)
+    eval_results += load_lm_eval_results(lm_eval_results)
+    card = build_model_card(
+        model.config,
+        model_name=model_name or default_name,
+        repo_id=repo_id,
+        num_parameters=model.num_parameters(),
+        num_parameters_non_embedding=model.num_parameters(exclude_embeddings=True),
+        eval_results=eval_results,
+        hyperparameters=hyperparameters,
+        datasets=datasets,
+        license=license,
+    )
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        missing = [name for name in REMOTE_CODE_FILES if not (staging / name).is_file()]
+        if missing or "auto_map" not in (_read_json(staging / "config.json") or {}):
+            raise RuntimeError(
+                f"save_pretrained did not write the remote code ({', '.join(missing) or 'auto_map'} missing): "
+                "LTMForCausalLM must be registered with register_for_auto_class (done by `import modeling_ltm`)."
+            )
+        tokenizer_object.save_pretrained(staging)
+        card.save(staging / "README.md")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(f"Exported {checkpoint} to {output_dir}")
+    return output_dir
+
+
+__all__ = [
+    "REMOTE_CODE_FILES",
+    "export_for_hub",
+    "hub_generation_config",
+    "read_trainer_eval_metrics",
+    "read_training_hyperparameters",
+]

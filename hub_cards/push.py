@@ -1,0 +1,120 @@
+"""Upload an exported LTM folder to the Hugging Face Hub (`HfApi.create_repo` + `HfApi.upload_folder`).
+
+The folder is uploaded as it is: nothing is written into it (the card was saved there by the export), so a failed
+push leaves it unchanged. `model.push_to_hub(...)` (transformers' own) uploads the same weights, config, remote code
+and generation config, and keeps the card already on the Hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub import errors as hub_errors
+from huggingface_hub.utils import validate_repo_id
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+REQUIRED_FILES = ("config.json", "README.md")
+TOKEN_HELP = (
+    "set the HF_TOKEN environment variable to a token with write access (https://huggingface.co/settings/tokens), "
+    "run `hf auth login`, or pass --token (token= in Python)"
+)
+# Network-level failures of the Hub client: HfHubHTTPError and OfflineModeIsEnabled are OSErrors; the transport
+# errors of the HTTP library are exposed by huggingface_hub.errors as HTTPError.
+NETWORK_ERRORS = (OSError, getattr(hub_errors, "HTTPError", OSError))
+
+
+class HubPushError(RuntimeError):
+    """The push could not be done (no token, offline, or the Hub refused it); the message says what to do."""
+
+
+def check_export_folder(folder: str | Path) -> Path:
+    """Raise `ValueError` unless `folder` looks like an `ltm export` folder (config, weights, card)."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; create one with `ltm export <checkpoint> {folder}`.")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if not any(folder.glob("*.safetensors")):
+        missing.append("model.safetensors")
+    if missing:
+        raise ValueError(
+            f"{folder} is missing {', '.join(missing)}; it is not an exported model folder. Run "
+            f"`ltm export <checkpoint> {folder}` first."
+        )
+    return folder
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Create `repo_id` on the Hub if needed and upload `folder` to it in one commit; returns the commit URL.
+
+    Args:
+        folder: an `ltm export` folder.
+        repo_id: `"user/name"` or `"org/name"`.
+        private: create the repository as private (ignored when it exists).
+        revision: branch to push to (created from the default branch if missing); default: the main branch.
+        commit_message: defaults to "Upload LTM with ltm-hf".
+        token: a Hub token; defaults to HF_TOKEN or the one saved by `hf auth login`.
+        api: the `HfApi` client to use (tests inject one).
+
+    Raises:
+        ValueError: the folder is not an export folder, or `repo_id` is malformed.
+        HubPushError: no token, offline mode, or the Hub refused the request.
+    """
+    folder = check_export_folder(folder)
+    try:
+        validate_repo_id(repo_id)
+    except hub_errors.HFValidationError as error:
+        raise ValueError(f"Invalid repo_id {repo_id!r}: {error} Use the form 'user/name' or 'org/name'.") from error
+    token = token or get_token()
+    if not token:
+        raise HubPushError(f"No Hugging Face token found to push to {repo_id}: {TOKEN_HELP}.")
+    if constants.is_offline_mode():
+        raise HubPushError(
+            f"Cannot push to {repo_id}: HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) is set; unset it to reach the Hub."
+        )
+    if repo_id not in (folder / "README.md").read_text(encoding="utf-8"):
+        logger.warning(
+            f"The model card in {folder} does not mention {repo_id}: its usage snippet loads another path. "
+            f"Re-export with `ltm export <checkpoint> {folder} --repo-id {repo_id} --overwrite` to fix it."
+        )
+
+    api = api or HfApi()
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+        repo_id = getattr(repo_url, "repo_id", None) or repo_id
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model", token=token)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message or "Upload LTM with ltm-hf",
+            token=token,
+        )
+    except hub_errors.OfflineModeIsEnabled as error:
+        raise HubPushError(f"Cannot push to {repo_id}: offline mode is enabled ({error}); unset HF_HUB_OFFLINE.") from error
+    except NETWORK_ERRORS as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise HubPushError(
+                f"The Hub refused the token for {repo_id} (HTTP {status}): {TOKEN_HELP}, with write access to "
+                f"the namespace of {repo_id}."
+            ) from error
+        raise HubPushError(f"Pushing {folder} to {repo_id} failed: {error}") from error
+    return str(getattr(commit, "commit_url", None) or commit)
+
+
+__all__ = ["HubPushError", "check_export_folder", "push_folder"]

@@ -1,0 +1,166 @@
+"""`ltm generate`: text in, text out, with the latents fitted on each prompt (or drawn from the prior).
+
+    ltm generate runs/ltm-tiny --prompt "ROMEO:" --max-new-tokens 64
+    ltm generate runs/ltm-tiny --prompt "ROMEO:" --prompt "JULIET:" --do-sample --top-p 0.9 --seed 0
+    ltm generate runs/ltm-tiny --prompts-file prompts.txt --num-beams 4
+    ltm generate runs/ltm-tiny --unconditional --num-samples 3 --do-sample
+
+One prompt (greedy or sampling) streams its tokens to the terminal as they are decoded; several prompts (or beam
+search, or several return sequences) print each completion when the batch is done. Prompts longer than the context
+minus `--max-new-tokens` are truncated from the left, with a notice on stderr.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ltm generate",
+        description="Generate text with an LTM: fit the latent thoughts z on each prompt, then decode.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model_path", help="folder written by save_pretrained (model + tokenizer), e.g. runs/ltm-tiny")
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    prompts.add_argument("--prompts-file", type=Path, default=None, help="a file with one prompt per line")
+    prompts.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="draw z from the prior N(0, I) instead of fitting it; without prompts, start from the BOS token",
+    )
+    prompts.add_argument("--num-samples", type=int, default=1, help="with --unconditional and no prompt: samples")
+    decoding = parser.add_argument_group("decoding (transformers generate)")
+    decoding.add_argument("--max-new-tokens", type=int, default=64)
+    decoding.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
+    decoding.add_argument("--temperature", type=float, default=None)
+    decoding.add_argument("--top-k", type=int, default=None)
+    decoding.add_argument("--top-p", type=float, default=None)
+    decoding.add_argument("--num-beams", type=int, default=1)
+    decoding.add_argument("--num-return-sequences", type=int, default=1)
+    decoding.add_argument("--repetition-penalty", type=float, default=None)
+    decoding.add_argument("--stop-string", action="append", default=None, help="stop when this text is produced")
+    decoding.add_argument("--seed", type=int, default=None, help="seeds sampling and the latents' noise")
+    latents = parser.add_argument_group("latent thoughts")
+    latents.add_argument("--num-inference-steps", type=int, default=None, help="fast steps (default: the model's)")
+    latents.add_argument("--inference-lr", type=float, default=None, help="fast learning rate (default: the model's)")
+    latents.add_argument("--latent-temperature", type=float, default=None, help="std of prior samples")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
+    parser.add_argument(
+        "--no-stream", action="store_true", help="print the completion at the end even for a single prompt"
+    )
+    return parser
+
+
+def read_prompts(args, parser) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            parser.error(f"--prompts-file {args.prompts_file} does not exist.")
+        prompts += [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts and not args.unconditional:
+        parser.error("give --prompt (repeatable) or --prompts-file, or --unconditional to sample without a prompt.")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompts = read_prompts(args, parser)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
+    if args.num_samples < 1:
+        parser.error(f"--num-samples must be >= 1, got {args.num_samples}.")
+    model_path = Path(args.model_path)
+    if not (model_path / "config.json").is_file():
+        parser.error(f"{model_path} is not a saved model folder (no config.json); train one with `ltm train`.")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
+
+    import modeling_ltm  # noqa: F401  (registers "ltm" with the Auto classes)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as error:
+        parser.error(f"no tokenizer could be loaded from {model_path} ({error}); save one next to the model.")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    context = model.config.max_position_embeddings
+    if args.max_new_tokens >= context:
+        parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the context is {context}.")
+
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if args.seed is not None:
+        set_seed(args.seed)
+
+    generate_kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        num_beams=args.num_beams,
+        num_return_sequences=args.num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id,
+        num_inference_steps=args.num_inference_steps,
+        inference_lr=args.inference_lr,
+        latent_temperature=args.latent_temperature,
+        inference_seed=args.seed,
+    )
+    optional = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "stop_strings": args.stop_string,
+    }
+    generate_kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if args.stop_string:
+        generate_kwargs["tokenizer"] = tokenizer
+    if args.unconditional:
+        generate_kwargs["latents"] = "prior"
+
+    if prompts:
+        max_prompt_tokens = context - args.max_new_tokens
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens)
+        lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+        if max(lengths) > max_prompt_tokens:
+            print(
+                f"ltm generate: prompts longer than {max_prompt_tokens} tokens (context {context} - "
+                f"{args.max_new_tokens} new) keep their last {max_prompt_tokens} tokens.",
+                file=sys.stderr,
+            )
+        inputs = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+    else:
+        if bos_token_id is None:
+            parser.error("the tokenizer has no BOS/EOS token to start unconditional generation from; give --prompt.")
+        inputs = {"input_ids": torch.full((args.num_samples, 1), bos_token_id, dtype=torch.long, device=device)}
+        generate_kwargs["bos_token_id"] = bos_token_id
+
+    batch_size = inputs["input_ids"].shape[0]
+    stream = batch_size == 1 and args.num_beams == 1 and args.num_return_sequences == 1 and not args.no_stream
+    try:
+        if stream:
+            streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+            model.generate(**inputs, streamer=streamer, **generate_kwargs)
+            return 0
+        outputs = model.generate(**inputs, **generate_kwargs)
+    except ValueError as error:
+        print(f"ltm generate: error: {error}", file=sys.stderr)
+        return 2
+
+    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+    per_prompt = len(texts) // batch_size
+    for i, text in enumerate(texts):
+        label = f"prompt {i // per_prompt + 1}" if prompts else f"sample {i // per_prompt + 1}"
+        if per_prompt > 1:
+            label += f", sequence {i % per_prompt + 1}"
+        print(f"=== {label} ===\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

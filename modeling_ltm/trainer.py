@@ -1,0 +1,386 @@
+"""`LTMTrainer`: the LTM's dual-rate update inside `transformers.Trainer`.
+
+Each micro-batch of a training step runs
+
+1. **fast learning** - `fit_posterior` fits `q(z|x) = N(mu, diag(exp(logvar)))` to every sequence with `T` Adam steps on
+   `(mu, logvar)` only, on the *unwrapped* model (`accelerator.unwrap_model`): no weight gradient, no DDP hook, no
+   graph kept across steps;
+2. **slow learning** - exactly one forward/backward of the *wrapped* model, `model(input_ids, attention_mask,
+   latents=z, labels=labels)`, whose loss is `-log p(x|z)` in nats per token (no KL: the KL does not depend on the
+   decoder weights).
+
+Everything else is `Trainer`'s: gradient accumulation, clipping, mixed precision, LR schedules, logging,
+checkpointing, callbacks, `report_to`, DDP. Besides Trainer's `loss` (the NLL given `z`), every logging step reports,
+token-weighted over all processes and over the steps since the previous log:
+
+- `nll_per_token`: `-log p(x|z)` at the fitted posterior's sample, nats per token;
+- `kl_per_token`: `KL(q || p)`, nats per token;
+- `elbo_ppl`: `exp((nll + kl) / tokens)`, the training batches' ELBO perplexity bound;
+- `elbo_gain`: how much the fast loop raised the ELBO, nats per token;
+- `inference_lr`: the fast learning rate used at the last step (see `LTMTrainingArguments.inference_lr_end`).
+
+`trainer.evaluate()` reports `eval_nll_per_token`, `eval_kl_per_token`, `eval_elbo_ppl` (= `exp(-ELBO / tokens)`) and,
+with `eval_iw_samples > 0`, `eval_iw_ppl` (importance-weighted bound), token-weighted over the whole eval set.
+`evaluate(inference_steps=T)` overrides the number of fast steps, to plot the bound against inference-time compute.
+
+Random draws of the posterior (initial `logvar` noise and `eps`) come from per-sequence generators seeded from
+`(args.seed, global step, position of the sequence in the global batch)`, so they do not depend on how the global
+batch is split into processes and accumulation steps, and a resumed run redraws exactly what the uninterrupted run
+drew (no generator state needs checkpointing).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.data.data_collator import default_data_collator
+from transformers.utils import logging
+
+from .inference import fit_posterior, importance_weighted_bound
+
+
+logger = logging.get_logger(__name__)
+
+# Streams of the per-sequence seeds: training draws and evaluation draws never share a seed.
+_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+# Columns of the per-sequence statistics tensors: nll, kl, num_tokens, elbo gain (train) / iw log p(x) (eval).
+_NLL, _KL, _TOKENS, _EXTRA = range(4)
+
+
+@dataclass
+class LTMTrainingArguments(TrainingArguments):
+    """[`~transformers.TrainingArguments`] plus the fast-learning (posterior inference) knobs of an LTM.
+
+    Every field has a `help` string, so `HfArgumentParser(LTMTrainingArguments)` gives a command line for free.
+    Fields left at `None` fall back to the model's config (`config.num_inference_steps`, `config.inference_lr`).
+    """
+
+    num_inference_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fast (posterior) Adam steps T per training batch. Default: the model config's "
+            "`num_inference_steps` (16 for LTM-S/M in the paper)."
+        },
+    )
+    inference_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fast learning rate at the first training step (inside the T fast steps it decays by cosine to "
+            "`inference_lr * config.inference_lr_min_ratio`). Default: the model config's `inference_lr` (0.3)."
+        },
+    )
+    inference_lr_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fast learning rate at the last training step: the fast lr moves linearly from `inference_lr` to "
+            "this value over `max_steps` (the paper's code goes 0.3 -> 0.34). None keeps it constant."
+        },
+    )
+    eval_inference_steps: int | None = field(
+        default=None,
+        metadata={"help": "Fast steps T used by evaluation. Default: `num_inference_steps`."},
+    )
+    eval_iw_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Samples K of the importance-weighted bound reported as `eval_iw_ppl` (0 = do not compute it; "
+            "each sample costs one forward pass)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_inference_steps", "eval_inference_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"`{name}` must be an integer >= 0 or None (use the model config), got {value!r}.")
+        for name in ("inference_lr", "inference_lr_end"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"`{name}` (a fast learning rate) must be > 0 or None, got {value!r}.")
+        value = self.eval_iw_samples
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"`eval_iw_samples` must be an integer >= 0 (0 turns the importance-weighted bound off), got {value!r}."
+            )
+
+
+class _CausalLMLabels:
+    """Wraps a data collator so every batch has `labels`: `input_ids` with padding set to -100 when absent.
+
+    With explicit labels, `Trainer` counts the predicted tokens of the whole accumulated batch (`num_items_in_batch`)
+    and the loss can be normalised per token across accumulation steps and processes.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if batch.get("labels") is None and "input_ids" in batch:
+            labels = batch["input_ids"].clone()
+            if batch.get("attention_mask") is not None:
+                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+            batch["labels"] = labels
+        return batch
+
+
+def _row_seeds(base_seed: int, stream: int, step: int, first_row: int, num_rows: int) -> list[int]:
+    """One well-mixed 64-bit seed per sequence, a function of `(base_seed, stream, step, global row index)` only."""
+    return [
+        int(np.random.SeedSequence([base_seed, stream, step, row]).generate_state(1, dtype=np.uint64)[0])
+        for row in range(first_row, first_row + num_rows)
+    ]
+
+
+class LTMTrainer(Trainer):
+    """[`~transformers.Trainer`] for [`LTMForCausalLM`]: posterior fitting (fast learning) before each decoder update.
+
+    Use it exactly like `Trainer`; pass [`LTMTrainingArguments`] for the fast-learning knobs (a plain
+    `TrainingArguments` works too, with the model config's defaults). Datasets need an `input_ids` column
+    (fixed-length blocks, or padded batches with `attention_mask`); `labels` default to `input_ids` with padding
+    ignored.
+
+    Example:
+
+    ```python
+    >>> from modeling_ltm import LTMConfig, LTMForCausalLM, LTMTrainer, LTMTrainingArguments
+    >>> args = LTMTrainingArguments("runs/ltm", max_steps=100, num_inference_steps=8, eval_iw_samples=8)
+    >>> trainer = LTMTrainer(model=LTMForCausalLM(config), args=args, train_dataset=train, eval_dataset=dev)
+    >>> trainer.train()
+    >>> trainer.evaluate(inference_steps=32)["eval_elbo_ppl"]  # the bound with more inference-time compute
+    ```
+    """
+
+    # The loss handed to `Trainer` is already normalised by the predicted tokens of the whole accumulated batch
+    # (`num_items_in_batch`, summed over processes), so gradient accumulation 2 x B equals 1 x 2B exactly.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args=None, data_collator=None, *trainer_args, **trainer_kwargs):
+        if model is not None and not hasattr(getattr(model, "config", None), "latent_shape"):
+            raise TypeError(
+                f"LTMTrainer trains a latent-thought model (LTMForCausalLM), got {type(model).__name__}. "
+                "Use transformers.Trainer for an ordinary causal LM."
+            )
+        super().__init__(model, args, data_collator, *trainer_args, **trainer_kwargs)
+        # Passes `num_items_in_batch` to the model's loss (see `loss_is_scaled_for_ga`).
+        self.model_accepts_loss_kwargs = True
+        self.data_collator = _CausalLMLabels(self.data_collator or default_data_collator)
+        self._train_sums = None  # (4,) float64: nll, kl, tokens, elbo gain since the last log, this process
+        self._last_inference_lr = None
+        self._micro_step_of = (-1, 0)  # (global step, micro-steps taken in it)
+        self._eval_overrides = {}
+        self._eval_stats = []
+        self._eval_batches_seen = 0
+
+    # ---- fast-learning settings --------------------------------------------------------------------------------
+
+    def _model_config(self):
+        return self.accelerator.unwrap_model(self.model).config
+
+    @property
+    def num_inference_steps(self) -> int:
+        """Fast steps `T` per training batch (`args.num_inference_steps`, else the model config's)."""
+        steps = getattr(self.args, "num_inference_steps", None)
+        return self._model_config().num_inference_steps if steps is None else steps
+
+    @property
+    def eval_inference_steps(self) -> int:
+        """Fast steps used by evaluation (the `evaluate(inference_steps=...)` override, else the arguments')."""
+        steps = self._eval_overrides.get("inference_steps")
+        if steps is None:
+            steps = getattr(self.args, "eval_inference_steps", None)
+        return self.num_inference_steps if steps is None else steps
+
+    @property
+    def eval_iw_samples(self) -> int:
+        samples = self._eval_overrides.get("iw_samples")
+        return getattr(self.args, "eval_iw_samples", 0) if samples is None else samples
+
+    def inference_lr_at(self, step: int) -> float:
+        """The fast learning rate at optimizer step `step`: linear from `inference_lr` (step 0) to `inference_lr_end`
+        (step `max_steps - 1`), constant when `inference_lr_end` is None, as in the paper's code."""
+        start = getattr(self.args, "inference_lr", None)
+        start = self._model_config().inference_lr if start is None else start
+        end = getattr(self.args, "inference_lr_end", None)
+        max_steps = self.state.max_steps or 0
+        if end is None or max_steps <= 1:
+            return start
+        fraction = min(max(step, 0) / (max_steps - 1), 1.0)
+        return start + fraction * (end - start)
+
+    # ---- training ----------------------------------------------------------------------------------------------
+
+    def _global_rows(self, micro_step: int, batch_size: int) -> int:
+        """Index of this process's first row in the global batch of the current step (accelerate hands batch `k` of
+        an accumulation window to process `k % num_processes`)."""
+        return (micro_step * self.accelerator.num_processes + self.accelerator.process_index) * batch_size
+
+    def _next_micro_step(self) -> int:
+        step, taken = self._micro_step_of
+        if step != self.state.global_step:
+            step, taken = self.state.global_step, 0
+        self._micro_step_of = (step, taken + 1)
+        return taken
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Fit the batch's posterior with the decoder frozen, then return `-log p(x|z)` per token from one forward
+        of the wrapped `model` with the fitted `z`.
+
+        The loss is divided by `num_items_in_batch` (the predicted tokens of the whole accumulated batch over all
+        processes) when Trainer gives it, else it is this batch's mean divided by the accumulation steps.
+        """
+        input_ids, attention_mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+        step = self.state.global_step
+        first_row = self._global_rows(self._next_micro_step(), self.args.per_device_train_batch_size)
+        lr = self.inference_lr_at(step)
+        posterior = fit_posterior(
+            self.accelerator.unwrap_model(model),
+            input_ids,
+            attention_mask,
+            labels=labels,
+            num_steps=self.num_inference_steps,
+            lr=lr,
+            seed=_row_seeds(self.args.seed, _TRAIN_STREAM, step, first_row, input_ids.shape[0]),
+        )
+        self._record_train_stats(posterior, lr)
+
+        outputs = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            latents=posterior.z,
+            labels=labels,
+            use_cache=False,
+            **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}),
+        )
+        loss = outputs.loss
+        if num_items_in_batch is None:
+            loss = loss / self.current_gradient_accumulation_steps
+        elif self.args.average_tokens_across_devices:
+            # `num_items_in_batch` counts every process's tokens and DDP averages gradients over processes.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_train_stats(self, posterior, lr: float) -> None:
+        gain = posterior.elbo_trace[-1] - posterior.elbo_trace[0]
+        sums = torch.stack(
+            [posterior.nll.sum(), posterior.kl.sum(), posterior.num_tokens.sum(), gain.sum()]
+        ).to(torch.float64)
+        self._train_sums = sums if self._train_sums is None else self._train_sums + sums
+        self._last_inference_lr = lr
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the fast-learning metrics to Trainer's training logs (those with `loss`), summed over processes and
+        over the steps since the previous log, then clear them."""
+        if "loss" in logs and self._train_sums is not None:
+            # Plain `gather`, not `gather_for_metrics`: these are sums, nothing was padded to even out batches.
+            sums = self.accelerator.gather(self._train_sums.unsqueeze(0)).sum(0).tolist()
+            self._train_sums = None
+            tokens = max(sums[_TOKENS], 1.0)
+            logs["nll_per_token"] = sums[_NLL] / tokens
+            logs["kl_per_token"] = sums[_KL] / tokens
+            logs["elbo_ppl"] = float(np.exp((sums[_NLL] + sums[_KL]) / tokens))
+            logs["elbo_gain"] = sums[_EXTRA] / tokens
+            logs["inference_lr"] = self._last_inference_lr
+        super().log(logs, start_time)
+
+    # ---- evaluation --------------------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        eval_dataset=None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+        inference_steps: int | None = None,
+        iw_samples: int | None = None,
+    ) -> dict[str, float]:
+        """[`Trainer.evaluate`] with the LTM's bounds (see the module docstring), and two overrides for this call:
+
+        Args:
+            inference_steps (`int`, *optional*): fast steps T for the eval posteriors (default
+                `args.eval_inference_steps`, else `num_inference_steps`). 0 scores the initial posterior.
+            iw_samples (`int`, *optional*): samples K of the importance-weighted bound (default
+                `args.eval_iw_samples`; 0 turns it off).
+
+        Returns `eval_loss` (= `eval_nll_per_token`), `eval_nll_per_token`, `eval_kl_per_token`, `eval_elbo_ppl`,
+        `eval_inference_steps`, and `eval_iw_ppl` when K > 0 (each prefixed with `metric_key_prefix`).
+        """
+        for name, value in (("inference_steps", inference_steps), ("iw_samples", iw_samples)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"`{name}` must be an integer >= 0 or None, got {value!r}.")
+        if inference_steps is None and iw_samples is None:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        previous = self._eval_overrides
+        self._eval_overrides = {**previous, "inference_steps": inference_steps, "iw_samples": iw_samples}
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_overrides = previous
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Trainer's loop; afterwards the per-sequence statistics gathered by `prediction_step` become metrics."""
+        self._eval_stats, self._eval_batches_seen = [], 0
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )
+        if self._eval_stats:
+            stats = torch.cat(self._eval_stats).sum(0).tolist()
+            self._eval_stats = []
+            tokens = max(stats[_TOKENS], 1.0)
+            nll, kl = stats[_NLL] / tokens, stats[_KL] / tokens
+            metrics = {
+                "loss": nll,
+                "nll_per_token": nll,
+                "kl_per_token": kl,
+                "elbo_ppl": float(np.exp(nll + kl)),
+                "inference_steps": self.eval_inference_steps,
+            }
+            if self.eval_iw_samples > 0:
+                metrics["iw_ppl"] = float(np.exp(-stats[_EXTRA] / tokens))
+                metrics["iw_samples"] = self.eval_iw_samples
+            output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Fit each eval sequence's posterior with `eval_inference_steps` fast steps (with gradients: `fit_posterior`
+        re-enables them under Trainer's `no_grad`), record its NLL, KL and token count (gathered over processes),
+        and return the batch's NLL per token (plus the logits given `z` unless `prediction_loss_only`)."""
+        inputs = self._prepare_inputs(inputs)
+        input_ids, attention_mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+        bare_model = self.accelerator.unwrap_model(model)
+        batch_size = input_ids.shape[0]
+        first_row = (self._eval_batches_seen * self.accelerator.num_processes + self.accelerator.process_index)
+        seeds = _row_seeds(self.args.seed, _EVAL_STREAM, 0, first_row * self.args.per_device_eval_batch_size,
+                           batch_size)
+        self._eval_batches_seen += 1
+        posterior = fit_posterior(
+            bare_model,
+            input_ids,
+            attention_mask,
+            labels=labels,
+            num_steps=self.eval_inference_steps,
+            lr=self.inference_lr_at(self.state.global_step),
+            seed=seeds,
+        )
+        extra = torch.zeros_like(posterior.nll)
+        if self.eval_iw_samples > 0:
+            extra = importance_weighted_bound(
+                bare_model, input_ids, attention_mask, labels=labels, num_samples=self.eval_iw_samples,
+                posterior=posterior, seed=seeds,
+            )
+        stats = torch.stack([posterior.nll, posterior.kl, posterior.num_tokens.to(posterior.nll.dtype), extra], -1)
+        self._eval_stats.append(self.accelerator.gather_for_metrics(stats.to(torch.float64)).cpu())
+        loss = (posterior.nll.sum() / posterior.num_tokens.sum().clamp(min=1)).detach()
+        if prediction_loss_only:
+            return loss, None, None
+        with torch.no_grad():
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, latents=posterior.z, use_cache=False
+            ).logits
+        return loss, logits.detach(), labels
+
+
+__all__ = ["LTMTrainer", "LTMTrainingArguments"]

@@ -1,0 +1,74 @@
+"""Train a tiny LTM with LTMTrainer for a few steps; run by tests/test_ddp.py under `torchrun --nproc_per_node 2`
+(gloo, CPU) and imported by it for the single-process reference run.
+
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUTPUT_DIR --per-device-batch 2 --accumulation 2
+
+Each rank writes its final decoder weights to `OUTPUT_DIR/rank{rank}.pt`; rank 0 also writes `log_history.json`.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import TINY_SHAKESPEARE, tiny_config  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from modeling_ltm import LTMForCausalLM, LTMTrainer, LTMTrainingArguments  # noqa: E402
+
+
+BLOCK_SIZE, NUM_BLOCKS = 32, 48
+
+
+def run_training(output_dir: str, per_device_batch: int, accumulation: int, max_steps: int = 3) -> LTMTrainer:
+    """Same model, data order and seeds whatever the process layout: only the split of the global batch changes."""
+    ids = torch.tensor(list(TINY_SHAKESPEARE.read_bytes()[: BLOCK_SIZE * NUM_BLOCKS])).view(NUM_BLOCKS, BLOCK_SIZE)
+    torch.manual_seed(0)
+    model = LTMForCausalLM(tiny_config(vocab_size=256))
+    args = LTMTrainingArguments(
+        output_dir=output_dir,
+        use_cpu=True,
+        # gloo only when launched as several processes: a backend without a process group breaks a plain run.
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        seed=0,
+        num_inference_steps=2,
+        max_steps=max_steps,
+        per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=accumulation,
+        train_sampling_strategy="sequential",
+    )
+    trainer = LTMTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids.tolist()}))
+    trainer.train()
+    return trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--per-device-batch", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=3)
+    cli = parser.parse_args()
+    trainer = run_training(cli.output_dir, cli.per_device_batch, cli.accumulation, cli.max_steps)
+    rank = int(os.environ.get("RANK", 0))
+    torch.save(trainer.accelerator.unwrap_model(trainer.model).state_dict(), Path(cli.output_dir) / f"rank{rank}.pt")
+    if rank == 0:
+        (Path(cli.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+    trainer.end()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""LTMConfig: validation of every field (ValueError naming it), derived defaults, dict/JSON round trips."""
+
+import pytest
+from conftest import tiny_config
+
+from modeling_ltm import LTMConfig
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(hidden_size=66, num_attention_heads=4), "hidden_size"),  # not divisible by the heads
+        (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),  # does not divide the heads
+        (dict(hidden_size=12, num_attention_heads=4, num_key_value_heads=4), "head dimension"),  # head_dim 3 is odd
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(hidden_size=-64), "hidden_size"),
+        (dict(intermediate_size=0), "intermediate_size"),
+        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(num_attention_heads=0), "num_attention_heads"),
+        (dict(num_key_value_heads=0), "num_key_value_heads"),
+        (dict(max_position_embeddings=0), "max_position_embeddings"),
+        (dict(n_latents_per_layer=0), "n_latents_per_layer"),
+        (dict(latent_dim=0), "latent_dim"),
+        (dict(hidden_size=64.0), "hidden_size"),  # a float where an int is needed
+        (dict(num_hidden_layers=True), "num_hidden_layers"),  # a bool is not a count
+        (dict(dropout=-0.1), "dropout"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(num_inference_steps=-1), "num_inference_steps"),
+        (dict(num_inference_steps=2.5), "num_inference_steps"),
+        (dict(inference_lr=0.0), "inference_lr"),
+        (dict(inference_lr=-0.3), "inference_lr"),
+        (dict(inference_lr_min_ratio=0.0), "inference_lr_min_ratio"),
+        (dict(inference_lr_min_ratio=1.5), "inference_lr_min_ratio"),
+        (dict(n_latents_per_layer=65, max_position_embeddings=64), "n_latents_per_layer"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+        (dict(initializer_range=-0.02), "initializer_range"),
+        (dict(posterior_init_logvar_noise=-0.1), "posterior_init_logvar_noise"),
+    ],
+)
+def test_invalid_value_raises_value_error_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_error_message_gives_the_values_and_the_fix():
+    with pytest.raises(ValueError) as excinfo:
+        tiny_config(hidden_size=66, num_attention_heads=4)
+    message = str(excinfo.value)
+    assert "66" in message and "4" in message and "multiple" in message
+
+
+def test_edge_values_are_accepted():
+    config = tiny_config(
+        dropout=0.0,
+        num_inference_steps=0,
+        inference_lr_min_ratio=1.0,
+        n_latents_per_layer=64,
+        sliding_window=1,
+        initializer_range=0.0,
+    )
+    assert config.num_inference_steps == 0 and config.sliding_window == 1
+
+
+def test_derived_defaults():
+    config = LTMConfig(hidden_size=96, num_attention_heads=6, num_hidden_layers=3, n_latents_per_layer=2)
+    assert config.num_key_value_heads == 6  # defaults to the query heads (no grouping)
+    assert config.latent_dim == 96  # defaults to the hidden size
+    assert config.intermediate_size == 256  # 8/3 * 96 = 256, already a multiple of 64
+    assert config.intermediate_size % 64 == 0
+    assert LTMConfig(hidden_size=64, num_attention_heads=4).intermediate_size == 192  # 170 rounded up to 192
+    assert config.head_dim == 16
+    assert config.latent_shape == (3, 2, 96)
+    # Explicit values win over the derived ones.
+    explicit = LTMConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, latent_dim=8, intermediate_size=100)
+    assert (explicit.num_key_value_heads, explicit.latent_dim, explicit.intermediate_size) == (2, 8, 100)
+
+
+def test_paper_defaults():
+    config = LTMConfig()
+    assert config.model_type == "ltm"
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (12, 768, 50257)
+    assert config.max_position_embeddings == 1024 and config.sliding_window is None
+    assert (config.num_inference_steps, config.inference_lr, config.inference_lr_min_ratio) == (16, 0.3, 0.1)
+    assert (config.posterior_init_logvar, config.posterior_init_logvar_noise, config.posterior_fixed_noise) == (
+        -5.0,
+        0.1,
+        True,
+    )
+    assert config.tie_word_embeddings is True
+
+
+def test_to_dict_from_dict_round_trip():
+    config = tiny_config(sliding_window=16, dropout=0.1, inference_lr=0.05, posterior_fixed_noise=False)
+    as_dict = config.to_dict()
+    assert as_dict["model_type"] == "ltm"
+    restored = LTMConfig.from_dict(as_dict)
+    assert restored.to_dict() == as_dict
+    for name in ("sliding_window", "latent_dim", "intermediate_size", "num_key_value_heads", "posterior_fixed_noise"):
+        assert getattr(restored, name) == getattr(config, name)
+
+
+def test_save_pretrained_round_trip_and_auto_config(tmp_path):
+    from transformers import AutoConfig
+
+    config = tiny_config(sliding_window=8)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, LTMConfig)
+    loaded_dict, config_dict = loaded.to_dict(), config.to_dict()
+    loaded_dict.pop("_name_or_path"), config_dict.pop("_name_or_path")
+    assert loaded_dict == config_dict
+
+
+def test_from_dict_validates():
+    as_dict = tiny_config().to_dict()
+    as_dict["num_key_value_heads"] = 3
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        LTMConfig.from_dict(as_dict)

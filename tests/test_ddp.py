@@ -1,0 +1,56 @@
+"""LTMTrainer under DDP: 2 CPU processes (torchrun, gloo) end with identical decoder weights, equal to a
+single-process run with the same global batch. The fast loop runs on the unwrapped module, so DDP sees exactly one
+forward/backward per micro-step (`ddp_find_unused_parameters=False`; a second armed forward would raise)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_config
+
+from ddp_worker import run_training
+
+from modeling_ltm import LTMForCausalLM
+
+
+WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # 2 processes x 2 sequences x 2 accumulation steps = a global batch of 8 per optimizer step.
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "ddp"),
+               "--per-device-batch", "2", "--accumulation", "2", "--max-steps", "3"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), f"{name} differs between ranks"
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run_training(str(tmp_path / "single"), per_device_batch=8, accumulation=1)
+    finally:
+        torch.set_num_threads(threads)
+    reference = single.model.state_dict()
+    torch.manual_seed(0)
+    initial = LTMForCausalLM(tiny_config(vocab_size=256)).state_dict()
+    assert not torch.equal(rank0["model.embed_tokens.weight"], initial["model.embed_tokens.weight"]), "no step taken"
+    for name, value in rank0.items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5, msg=f"{name}: DDP vs 1 process")
+
+    ddp_logs = [e for e in json.loads((tmp_path / "ddp" / "log_history.json").read_text()) if "loss" in e]
+    single_logs = [e for e in single.state.log_history if "loss" in e]
+    assert len(ddp_logs) == len(single_logs) == 3
+    for ddp_entry, single_entry in zip(ddp_logs, single_logs):
+        for key in ("loss", "nll_per_token", "kl_per_token", "elbo_gain"):
+            assert ddp_entry[key] == pytest.approx(single_entry[key], rel=1e-4), key

@@ -1,0 +1,345 @@
+"""lm-eval model "ltm", its CLI, the local tasks and the `evaluate` metric, on a tiny LTM with a real BPE tokenizer."""
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_SHAKESPEARE, tiny_config
+
+import eval_harness
+import lm_eval
+from eval_harness import LTMLM
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
+from modeling_ltm import LTMForCausalLM
+
+
+STEPS = 2  # fast steps per posterior fit: enough to exercise the loop, cheap on 2 CPU cores
+
+WIKITEXT_SAMPLE = """ = Robert Boulter = 
+ Robert Boulter is an English film , television and theatre actor . He had a guest @-@ starring role in 2000 .
+ = = Career = = 
+ In 2006 , Boulter starred alongside Whishaw in the play Citizenship .
+ = Du Fu = 
+ Du Fu was a prominent Chinese poet of the Tang dynasty .
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny LTM (context 64 tokens) and a byte-level BPE tokenizer trained on 8 KB of Tiny Shakespeare."""
+    if not TINY_SHAKESPEARE.exists():
+        pytest.skip(f"shared data not found at {TINY_SHAKESPEARE}")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("ltm-eval")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([TINY_SHAKESPEARE.read_text()[:8000]], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = tiny_config(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    LTMForCausalLM(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint):
+    return LTMLM(pretrained=str(checkpoint), num_inference_steps=STEPS, batch_size=4, device="cpu")
+
+
+def request(kind, *args):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def finite_metrics(results, task):
+    values = {k: v for k, v in results["results"][task].items() if "," in k and "stderr" not in k}
+    assert values, results["results"][task]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in values.values()), values
+    return values
+
+
+# --------------------------------------------------------------------------------------- lm-eval end to end
+
+
+@pytest.mark.slow
+def test_simple_evaluate_runs_every_local_task(checkpoint, tmp_path):
+    wikitext = tmp_path / "wiki.raw"
+    wikitext.write_text(WIKITEXT_SAMPLE)
+    task_manager = TaskManager(
+        include_path=str(eval_harness.TASKS_DIR), include_defaults=False, metadata={"wikitext_path": str(wikitext)}
+    )
+    results = lm_eval.simple_evaluate(
+        model="ltm",
+        model_args={"pretrained": str(checkpoint), "num_inference_steps": STEPS, "batch_size": "4", "device": "cpu"},
+        tasks=["wikitext2_local", "lambada_local", "arithmetic_local"],
+        limit=3,
+        num_fewshot=2,
+        task_manager=task_manager,
+        bootstrap_iters=0,
+    )
+    assert set(finite_metrics(results, "wikitext2_local")) == {
+        "word_perplexity,none",
+        "byte_perplexity,none",
+        "bits_per_byte,none",
+    }
+    assert set(finite_metrics(results, "lambada_local")) == {"perplexity,none", "acc,none"}
+    assert set(finite_metrics(results, "arithmetic_local")) == {"exact_match,first-integer"}
+    assert results["results"]["wikitext2_local"]["sample_len"] == 2  # two articles in the sample file
+    config = results["config"]
+    assert config["ltm_rolling_bound"] == "elbo" and config["ltm_rolling_kl_per_token"] > 0
+    assert math.isclose(
+        config["ltm_rolling_neg_bound_per_token"],
+        config["ltm_rolling_nll_per_token"] + config["ltm_rolling_kl_per_token"],
+        rel_tol=1e-6,
+    )
+
+
+@pytest.mark.slow
+def test_cli_writes_results_json(checkpoint, tmp_path):
+    output = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "eval_harness",
+        "--model", "ltm",
+        "--model_args", f"pretrained={checkpoint},num_inference_steps={STEPS}",
+        "--tasks", "arithmetic_local",
+        "--include_path", "eval_harness/tasks",
+        "--num_fewshot", "1",
+        "--limit", "2",
+        "--batch_size", "2",
+        "--output_path", str(output),
+        "--log_samples",
+    ]  # fmt: skip
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result_files = list(output.rglob("results_*.json"))
+    assert len(result_files) == 1, list(output.rglob("*"))
+    results = json.loads(result_files[0].read_text())
+    assert math.isfinite(results["results"]["arithmetic_local"]["exact_match,first-integer"])
+    assert results["config"]["model"] == "ltm"
+    assert list(output.rglob("samples_arithmetic_local_*.jsonl"))
+
+
+def test_ltm_eval_dispatches_to_lm_eval_cli(capsys):
+    from modeling_ltm.cli import main
+
+    assert main(["eval", "run", "--help"]) == 0
+    assert "--include_path" in capsys.readouterr().out
+
+
+def test_double_import_does_not_reregister():
+    import lm_eval.api.registry as registry
+
+    importlib.reload(importlib.import_module("eval_harness.lm"))
+    assert registry.get_model("ltm").__name__ == "LTMLM"
+    assert registry.get_model("hf").__name__ == "HFLM"  # built-in names still resolve
+
+
+# ---------------------------------------------------------------------------------------------- loglikelihood
+
+
+def capture_forward_calls(model):
+    """Record `(input_ids, latents)` of every forward call of `model`."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        latents = kwargs.get("latents")
+        calls.append((kwargs["input_ids"].clone(), None if latents is None else latents.detach().clone()))
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_latents_never_see_the_continuation(lm):
+    context = "ROMEO: But soft, what light"
+    runs = []
+    for continuation in (" is that?", " through yonder window breaks?"):
+        calls, handle = capture_forward_calls(lm.model)
+        try:
+            lm.loglikelihood([request("loglikelihood", context, continuation)], disable_tqdm=True)
+        finally:
+            handle.remove()
+        runs.append(calls)
+    (*fit_a, score_a), (*fit_b, score_b) = runs
+    assert len(fit_a) == len(fit_b) == STEPS + 1  # the fast loop, then its final evaluation
+    context_ids = torch.tensor([lm.tok_encode(context)])
+    for (ids_a, _), (ids_b, _) in zip(fit_a, fit_b, strict=True):
+        assert torch.equal(ids_a, context_ids) and torch.equal(ids_b, context_ids)
+    torch.testing.assert_close(score_a[1], score_b[1], rtol=0, atol=0)
+    assert score_a[1].abs().sum() > 0
+
+
+def loglikelihood_requests():
+    contexts = ["ROMEO:", "JULIET: O Romeo, Romeo!", "First Citizen: Before we proceed any further, hear me"]
+    continuations = [" speak.", " wherefore art thou", " Romeo?", " and"]
+    return [request("loglikelihood", c, x) for c in contexts for x in continuations]
+
+
+def test_loglikelihood_is_deterministic_and_independent_of_batch_size(checkpoint, lm):
+    requests = loglikelihood_requests()
+    reference = lm.loglikelihood(requests, disable_tqdm=True)
+    assert lm.loglikelihood(requests, disable_tqdm=True) == reference
+    single = LTMLM(pretrained=str(checkpoint), num_inference_steps=STEPS, batch_size=1, device="cpu")
+    eight = LTMLM(pretrained=str(checkpoint), num_inference_steps=STEPS, batch_size="8", device="cpu")
+    for other in (single, eight):
+        results = other.loglikelihood(requests, disable_tqdm=True)
+        assert [greedy for _, greedy in results] == [greedy for _, greedy in reference]
+        torch.testing.assert_close(
+            torch.tensor([lp for lp, _ in results]), torch.tensor([lp for lp, _ in reference]), rtol=1e-4, atol=1e-4
+        )
+    assert all(math.isfinite(lp) and lp < 0 for lp, _ in reference)
+
+
+def test_loglikelihood_equals_scoring_with_the_context_posterior(lm):
+    context, continuation = "JULIET: O Romeo, Romeo!", " wherefore art thou"
+    (logprob, _), = lm.loglikelihood([request("loglikelihood", context, continuation)], disable_tqdm=True)
+    context_ids, continuation_ids = lm._encode_pair(context, continuation)
+    z = lm.fit_context_latents([context_ids])
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([context_ids + continuation_ids[:-1]]), latents=z).logits
+    expected = torch.log_softmax(logits[0, -len(continuation_ids) :], -1).gather(-1, torch.tensor(continuation_ids)[:, None])
+    assert logprob == pytest.approx(float(expected.sum()), abs=1e-4)
+
+
+def test_empty_context_uses_the_prior_mean(lm):
+    calls, handle = capture_forward_calls(lm.model)
+    try:
+        ((logprob, _),) = lm.loglikelihood([request("loglikelihood", "", "ROMEO: speak")], disable_tqdm=True)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # no posterior fit: nothing to fit on
+    assert calls[0][0][0, 0].item() == lm.prefix_token_id
+    assert torch.count_nonzero(calls[0][1]) == 0
+    assert math.isfinite(logprob)
+
+
+def test_long_context_is_left_truncated(lm):
+    long_context = "ROMEO: " + "speak, " * 200
+    ((logprob, _),) = lm.loglikelihood([request("loglikelihood", long_context, " again")], disable_tqdm=True)
+    assert math.isfinite(logprob)
+
+
+def test_bad_inputs_get_clear_errors(checkpoint, lm):
+    with pytest.raises(ValueError, match="empty continuation"):
+        lm.loglikelihood([request("loglikelihood", "ROMEO:", "")], disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"Unknown model_args.*\['max_length'\].*Valid model_args: pretrained"):
+        LTMLM(pretrained=str(checkpoint), max_length=32)
+    with pytest.raises(ValueError, match="batch_size='auto' is not supported"):
+        LTMLM(pretrained=str(checkpoint), batch_size="auto")
+    with pytest.raises(ValueError, match="`iw_samples` must be an integer >= 0"):
+        LTMLM(pretrained=str(checkpoint), iw_samples=-1)
+    with pytest.raises(ValueError, match="continuation of 70 tokens is longer than the model's context"):
+        lm._loglikelihood_tokens([(None, [1], [5] * 70)], disable_tqdm=True)
+
+
+# ------------------------------------------------------------------------------------- loglikelihood_rolling
+
+
+def test_rolling_is_the_elbo_of_infer_latents(lm):
+    text = "ROMEO: But soft, what light"
+    (window,) = lm.rolling_windows(text)
+    (bound,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", text)], disable_tqdm=True)
+    posterior = lm.model.infer_latents(
+        torch.tensor([window[0] + window[1]]), num_steps=STEPS, seed=[lm.window_seed(window)]
+    )
+    assert bound == pytest.approx(-float(posterior.nll + posterior.kl), rel=1e-5)
+    assert posterior.kl.item() > 0 and posterior.num_tokens.item() == len(lm.tok_encode(text))
+
+
+def test_rolling_windows_score_every_token_once_and_sum(lm):
+    text = " ".join(["Now is the winter of our discontent made glorious summer by this sun of York;"] * 6)
+    windows = lm.rolling_windows(text)
+    assert len(windows) > 1
+    assert [t for _, predicted in windows for t in predicted] == lm.tok_encode(text)
+    assert all(len(c) + len(p) <= lm.max_length for c, p in windows)
+    whole, empty = lm.loglikelihood_rolling(
+        [request("loglikelihood_rolling", text), request("loglikelihood_rolling", "")], disable_tqdm=True
+    )
+    assert empty == 0.0 and math.isfinite(whole) and whole < 0
+
+
+def test_rolling_importance_weighted_bound(checkpoint):
+    lm_iw = LTMLM(pretrained=str(checkpoint), num_inference_steps=STEPS, iw_samples=4, device="cpu")
+    (bound,) = lm_iw.loglikelihood_rolling([request("loglikelihood_rolling", "ROMEO: But soft")], disable_tqdm=True)
+    assert math.isfinite(bound) and bound < 0
+    assert lm_iw.get_model_info()["ltm_rolling_bound"] == "importance_weighted(K=4)"
+
+
+# --------------------------------------------------------------------------------------------- generate_until
+
+
+def test_generate_until_stops_at_until(lm):
+    requests = [
+        request("generate_until", "ROMEO:", {"until": ["\n", "e"], "max_gen_toks": 6}),
+        request("generate_until", "", {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}),
+    ]
+    outputs = lm.generate_until(requests, disable_tqdm=True)
+    assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+    assert "\n" not in outputs[0] and "e" not in outputs[0]
+    with pytest.raises(ValueError, match="max_gen_toks=64 leaves no room"):
+        lm.generate_until([request("generate_until", "ROMEO:", {"until": ["\n"], "max_gen_toks": 64})])
+
+
+# ------------------------------------------------------------------------------------------------- tasks, metric
+
+
+def test_task_data_is_configurable_and_deterministic(tmp_path, monkeypatch):
+    sys.path.insert(0, str(eval_harness.TASKS_DIR))
+    try:
+        import arithmetic_local
+        import lambada_local
+        import wikitext_local
+    finally:
+        sys.path.remove(str(eval_harness.TASKS_DIR))
+    wikitext = tmp_path / "wiki.raw"
+    wikitext.write_text(WIKITEXT_SAMPLE)
+    monkeypatch.setenv("LTM_EVAL_WIKITEXT", str(wikitext))
+    pages = wikitext_local.load_documents(version=1.0)["test"]["page"]
+    assert len(pages) == 2 and pages[1].startswith(" = Du Fu = ")
+    monkeypatch.setenv("LTM_EVAL_WIKITEXT", str(tmp_path / "missing.raw"))
+    with pytest.raises(FileNotFoundError, match="LTM_EVAL_WIKITEXT"):
+        wikitext_local.load_documents()
+
+    items = tmp_path / "items.jsonl"
+    assert lambada_local.main(["--source", str(TINY_SHAKESPEARE), "--output", str(items)]) == 0
+    texts = [json.loads(line)["text"] for line in items.read_text().splitlines()]
+    assert texts == lambada_local.load_items()["test"]["text"] == lambada_local.load_items(lambada_path=str(items))["test"]["text"]
+    for text in texts:
+        *prefix, target = text.split(" ")
+        assert target.isalpha() and target.lower() in " ".join(prefix).lower()
+
+    problems = arithmetic_local.load_problems()
+    assert problems["test"][:3] == arithmetic_local.load_problems()["test"][:3]
+    assert not set(problems["test"]["question"][:20]) & set(problems["train"]["question"])
+    for row in problems["test"]:
+        a, op, b = row["question"].removeprefix("What is ").rstrip("?").split(" ")
+        assert int(row["answer"]) == (int(a) + int(b) if op == "plus" else int(a) - int(b))
+
+
+def test_evaluate_metric_loads_and_computes(checkpoint):
+    import evaluate
+
+    metric = evaluate.load(str(eval_harness.METRICS_DIR / "elbo_perplexity"))
+    texts = ["ROMEO: But soft, what light", "JULIET: O Romeo, Romeo! wherefore art thou Romeo?"]
+    results = metric.compute(predictions=texts, model_id=str(checkpoint), num_inference_steps=STEPS, batch_size=2)
+    assert results["bound"] == "elbo" and len(results["perplexities"]) == 2
+    for ppl, nll, kl in zip(results["perplexities"], results["nll_per_token"], results["kl_per_token"], strict=True):
+        assert ppl == pytest.approx(math.exp(nll + kl), rel=1e-4) and kl > 0
+    alone = metric.compute(predictions=texts[1:], model_id=str(checkpoint), num_inference_steps=STEPS)
+    assert alone["perplexities"][0] == pytest.approx(results["perplexities"][1], rel=1e-4)

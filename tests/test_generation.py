@@ -1,0 +1,421 @@
+"""`LTMForCausalLM.generate`: latents settled on the prompt, then transformers' own decoding; caches; pipeline; CLI."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import GenerationConfig, pipeline
+from transformers.generation.streamers import BaseStreamer
+
+import modeling_ltm.generation_ltm as generation_ltm
+from modeling_ltm import LTMForCausalLM
+from modeling_ltm.generate_cli import main as generate_main
+from modeling_ltm.modeling_ltm import LTMCrossAttention
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Decoding a tiny model is a chain of tiny ops: a second thread only adds synchronisation (and, on a shared
+    2-core machine, waits of milliseconds per attention call)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# A larger init than the default 0.02 so greedy decoding of a random model does not repeat one token: equality
+# tests then compare varied sequences.
+SPREAD_INIT = 0.3
+
+
+def make_model(**overrides) -> LTMForCausalLM:
+    torch.manual_seed(0)
+    return LTMForCausalLM(tiny_config(initializer_range=SPREAD_INIT, **overrides)).eval()
+
+
+def random_prompt(length: int, batch: int = 1, seed: int = 0, vocab: int = 128) -> torch.LongTensor:
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(prompts: list[torch.LongTensor], pad_id: int = 0) -> tuple[torch.LongTensor, torch.LongTensor]:
+    width = max(p.shape[1] for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - prompt.shape[1] :] = prompt[0]
+        attention_mask[row, width - prompt.shape[1] :] = 1
+    return input_ids, attention_mask
+
+
+class ForwardRecorder:
+    """Records the `latents` kwarg of every forward call of `model` (a hook: `generate` inspects `forward`'s
+    signature, so `forward` itself must stay untouched)."""
+
+    def __init__(self, model):
+        self.latents = []
+        model.register_forward_pre_hook(lambda module, args, kwargs: self.latents.append(kwargs.get("latents")), with_kwargs=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A byte-level BPE (300 tokens) trained on the first 20 KB of tiny_shakespeare."""
+    from conftest import TINY_SHAKESPEARE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not TINY_SHAKESPEARE.exists():
+        pytest.skip(f"shared data not found at {TINY_SHAKESPEARE}")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([TINY_SHAKESPEARE.read_text()[:20_000]], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
+
+
+@pytest.fixture
+def text_model(tokenizer) -> LTMForCausalLM:
+    """A tiny LTM whose vocabulary matches the `tokenizer` fixture."""
+    return make_model(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# --- caches ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+@pytest.mark.parametrize("prompt_length", [5, 20])
+def test_greedy_with_cache_equals_without_cache(sliding_window, prompt_length):
+    model = make_model(sliding_window=sliding_window)
+    prompt = random_prompt(prompt_length)
+    kwargs = dict(max_new_tokens=24, do_sample=False, inference_seed=0)
+    with_cache = model.generate(prompt, **kwargs)
+    without_cache = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (1, prompt_length + 24)
+    assert torch.equal(with_cache, without_cache)
+    assert len(set(with_cache[0, prompt_length:].tolist())) > 3  # a varied continuation, not one repeated token
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_left_padded_batch_equals_each_prompt_alone(use_cache, sliding_window):
+    model = make_model(sliding_window=sliding_window)
+    prompts = [random_prompt(6, seed=1), random_prompt(13, seed=2)]
+    input_ids, attention_mask = left_pad(prompts)
+    kwargs = dict(max_new_tokens=16, do_sample=False, inference_seed=3, use_cache=use_cache, pad_token_id=0)
+    batch = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt, **kwargs)
+        assert torch.equal(batch[row, input_ids.shape[1] :], alone[0, prompt.shape[1] :])
+
+
+def count_projections(monkeypatch) -> list[int]:
+    calls = []
+    original = LTMCrossAttention.project_latents
+
+    def project_latents(self, latents, latent_position_embeddings):
+        calls.append(latents.shape[0])
+        return original(self, latents, latent_position_embeddings)
+
+    monkeypatch.setattr(LTMCrossAttention, "project_latents", project_latents)
+    return calls
+
+
+@pytest.mark.parametrize("decoding", [dict(), dict(num_beams=3), dict(do_sample=True, num_return_sequences=2)])
+def test_cross_attention_keys_values_projected_once_per_sequence(monkeypatch, decoding):
+    model = make_model()
+    prompt = random_prompt(7, batch=2)
+    latents = model.infer_latents(prompt, seed=0).z  # fitted beforehand: only decoding is counted
+    calls = count_projections(monkeypatch)
+    model.generate(prompt, latents=latents, max_new_tokens=10, min_new_tokens=10, **decoding)
+    # One projection per layer, on the prefill, for the whole (expanded) batch; never again while decoding.
+    expanded = 2 * max(decoding.get("num_beams", 1), decoding.get("num_return_sequences", 1))
+    assert calls == [expanded] * model.config.num_hidden_layers
+    calls.clear()
+    model.generate(prompt, latents=latents, max_new_tokens=10, min_new_tokens=10, use_cache=False)
+    assert len(calls) == 10 * model.config.num_hidden_layers  # without a cache: every step, every layer
+
+
+# --- how the latents are chosen ------------------------------------------------------------------------------------
+
+
+def test_posterior_is_fitted_on_the_prompt():
+    model = make_model()
+    prompt = random_prompt(9, batch=2)
+    recorder = ForwardRecorder(model)
+    model.generate(prompt, max_new_tokens=3, num_inference_steps=5, inference_lr=0.2, inference_seed=4)
+    used = recorder.latents[-1]
+    expected = model.infer_latents(prompt, num_steps=5, lr=0.2, seed=[4, 4]).z
+    assert used.abs().max() > 0.1  # moved away from the prior mean
+    torch.testing.assert_close(used, expected)
+
+
+def test_given_latents_and_posterior_are_used_as_given():
+    model = make_model()
+    prompt = random_prompt(9, batch=2)
+    posterior = model.infer_latents(prompt, seed=0)
+    recorder = ForwardRecorder(model)
+    model.generate(prompt, latents=posterior, max_new_tokens=2)
+    assert torch.equal(recorder.latents[0], posterior.z)
+    latents = torch.randn(2, *model.config.latent_shape)
+    model.generate(prompt, latents=latents, max_new_tokens=2)
+    assert torch.equal(recorder.latents[-1], latents)
+
+
+@pytest.mark.parametrize("num_beams, num_return_sequences", [(1, 3), (4, 1), (4, 2)])
+def test_latents_expanded_for_beams_and_return_sequences(num_beams, num_return_sequences):
+    model = make_model()
+    prompt = random_prompt(6, batch=2)
+    latents = torch.randn(2, *model.config.latent_shape)
+    recorder = ForwardRecorder(model)
+    out = model.generate(
+        prompt,
+        latents=latents,
+        max_new_tokens=4,
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        do_sample=num_beams == 1,
+    )
+    assert out.shape[0] == 2 * num_return_sequences
+    expand = max(num_beams, num_return_sequences)
+    for seen in recorder.latents:
+        assert torch.equal(seen, latents.repeat_interleave(expand, dim=0))
+
+
+def test_beam_search_matches_with_and_without_cache():
+    model = make_model()
+    prompt = random_prompt(8, batch=2)
+    kwargs = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, inference_seed=0)
+    assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_unconditional_generation_from_the_prior():
+    model = make_model(bos_token_id=1)
+    recorder = ForwardRecorder(model)
+    out = model.generate(max_new_tokens=6, do_sample=True, inference_seed=0)  # no prompt: BOS + z ~ N(0, I)
+    assert out.shape == (1, 7) and out[0, 0].item() == 1
+    prior = recorder.latents[0]
+    expected = torch.randn(model.config.latent_shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(prior[0], expected)
+
+    empty = model.generate(torch.zeros(3, 0, dtype=torch.long), max_new_tokens=4, do_sample=True)
+    assert empty.shape == (3, 5)
+    assert not torch.equal(recorder.latents[-1][0], recorder.latents[-1][1])  # one prior draw per row
+
+    prompt = random_prompt(5)
+    model.generate(prompt, latents="prior", latent_temperature=0.5, inference_seed=0, max_new_tokens=2)
+    torch.testing.assert_close(recorder.latents[-1][0], 0.5 * expected)
+    cold = model.generate(prompt, latents="prior", latent_temperature=0.0, max_new_tokens=6)
+    assert torch.equal(cold, model.generate(prompt, latents=torch.zeros(1, *model.config.latent_shape), max_new_tokens=6))
+
+
+def test_fixed_seed_gives_the_same_sample():
+    model = make_model()
+    prompt = random_prompt(6, batch=2)
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.3)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(model.generate(prompt, **kwargs))
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(124)
+    assert not torch.equal(runs[0], model.generate(prompt, **kwargs))
+
+
+def test_generation_config_defaults_for_inference(monkeypatch, tmp_path):
+    model = make_model()
+    seen = []
+    original = generation_ltm.fit_posterior
+
+    def fit_posterior(model, input_ids, attention_mask=None, **kwargs):
+        seen.append((kwargs["num_steps"], kwargs["lr"]))
+        return original(model, input_ids, attention_mask, **kwargs)
+
+    monkeypatch.setattr(generation_ltm, "fit_posterior", fit_posterior)
+    prompt = random_prompt(5)
+    model.generate(prompt, max_new_tokens=2)
+    assert seen[-1] == (model.config.num_inference_steps, model.config.inference_lr)  # model config last
+
+    model.set_inference_defaults(num_inference_steps=2, inference_lr=0.05, latent_temperature=0.7)
+    model.save_pretrained(tmp_path)
+    loaded = LTMForCausalLM.from_pretrained(tmp_path).generation_config  # kept in generation_config.json
+    assert (loaded.num_inference_steps, loaded.inference_lr, loaded.latent_temperature) == (2, 0.05, 0.7)
+    model.generate(prompt, max_new_tokens=2)
+    assert seen[-1] == (2, 0.05)  # generation_config next
+    model.generate(prompt, max_new_tokens=2, generation_config=GenerationConfig(num_inference_steps=1, max_new_tokens=2))
+    assert seen[-1] == (1, 0.05)  # an explicit generation_config first, then model.generation_config
+    model.generate(prompt, max_new_tokens=2, num_inference_steps=3, inference_lr=0.1)
+    assert seen[-1] == (3, 0.1)  # generate() arguments first
+
+
+# --- transformers features -----------------------------------------------------------------------------------------
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_stop_strings_and_max_new_tokens(text_model, tokenizer):
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    streamer = CollectingStreamer()
+    out = text_model.generate(**prompt, max_new_tokens=7, min_new_tokens=7, streamer=streamer, inference_seed=0)
+    assert out.shape[1] == prompt.input_ids.shape[1] + 7
+    assert streamer.ended and sum(streamer.chunks[1:], []) == out[0, prompt.input_ids.shape[1] :].tolist()
+
+    free = text_model.generate(**prompt, max_new_tokens=20, min_new_tokens=20, inference_seed=0)
+    new_tokens = free[0, prompt.input_ids.shape[1] :].tolist()
+    stop = next(text for text in map(tokenizer.decode, new_tokens[8:]) if text.strip() and text.isascii())
+    stopped = text_model.generate(
+        **prompt, max_new_tokens=20, stop_strings=[stop], tokenizer=tokenizer, inference_seed=0
+    )
+    assert stopped.shape[1] < free.shape[1] and torch.equal(stopped[0], free[0, : stopped.shape[1]])
+    assert stop in tokenizer.decode(stopped[0, prompt.input_ids.shape[1] :])
+
+
+def test_text_generation_pipeline(text_model, tokenizer, monkeypatch):
+    steps = []
+    original = generation_ltm.fit_posterior
+
+    def fit_posterior(*args, **kwargs):
+        steps.append(kwargs["num_steps"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generation_ltm, "fit_posterior", fit_posterior)
+    generator = pipeline("text-generation", model=text_model, tokenizer=tokenizer)
+    outputs = generator(
+        ["ROMEO:", "Shall I compare thee"], max_new_tokens=6, num_inference_steps=2, inference_seed=0, batch_size=2
+    )
+    assert steps == [2]  # one fit for the (left-padded) batch of two prompts
+    assert outputs[0][0]["generated_text"].startswith("ROMEO:")
+    assert outputs[1][0]["generated_text"].startswith("Shall I compare thee")
+    sampled = generator("ROMEO:", max_new_tokens=4, do_sample=True, num_return_sequences=2, return_full_text=False)
+    assert len(sampled) == 2
+    unconditional = generator("", max_new_tokens=4, do_sample=True)  # empty prompt: z from the prior, from BOS
+    assert len(steps) == 2 and isinstance(unconditional[0]["generated_text"], str)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_fitting(monkeypatch):
+    """Fails the test if posterior fitting starts: length errors must come before any work."""
+
+    def fit_posterior(*args, **kwargs):
+        raise AssertionError("fit_posterior ran before the input was validated")
+
+    monkeypatch.setattr(generation_ltm, "fit_posterior", fit_posterior)
+
+
+def test_prompt_longer_than_context_is_rejected(no_fitting):
+    model = make_model()
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        model.generate(random_prompt(65), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("lengths", [dict(max_new_tokens=60), dict(max_length=65)])
+def test_new_tokens_beyond_context_are_rejected_before_any_work(no_fitting, lengths):
+    model = make_model()
+    with pytest.raises(ValueError, match="exceeds the model's context, max_position_embeddings=64"):
+        model.generate(random_prompt(10), **lengths)
+    model.generate(random_prompt(10), latents="prior", max_new_tokens=54)  # exactly fills the context
+
+
+def test_latents_of_the_wrong_shape_are_rejected():
+    model = make_model()
+    prompt = random_prompt(5, batch=2)
+    with pytest.raises(ValueError, match=r"expected \(2, 2, 4, 32\)"):
+        model.generate(prompt, latents=torch.zeros(3, *model.config.latent_shape), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"expected \(2, 2, 4, 32\)"):
+        model.generate(prompt, latents=torch.zeros(2, 2, 4, 16), max_new_tokens=2)
+    with pytest.raises(ValueError, match='"prior"'):
+        model.generate(prompt, latents="posterior", max_new_tokens=2)
+    with pytest.raises(ValueError, match="one per row"):
+        model.generate(prompt, inference_seed=[1, 2, 3], max_new_tokens=2)
+
+
+def test_other_bad_inputs():
+    model = make_model()
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model.generate(torch.arange(5), max_new_tokens=2)
+    with pytest.raises(ValueError, match="bos_token_id"):
+        model.generate(max_new_tokens=2)
+    with pytest.raises(ValueError, match="needs token ids"):
+        model.generate(inputs_embeds=torch.randn(1, 4, 64), max_new_tokens=2)
+    embeds = model.generate(inputs_embeds=torch.randn(1, 4, 64), latents="prior", max_new_tokens=2)
+    assert embeds.shape == (1, 2)
+
+
+# --- ltm generate --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_model(text_model, tokenizer, tmp_path):
+    text_model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_cli_streams_one_prompt(saved_model, capsys):
+    assert generate_main([str(saved_model), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:") and "===" not in out
+
+
+def test_cli_prints_each_completion(saved_model, tmp_path, capsys):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("JULIET:\n\nShall I\n")
+    argv = [str(saved_model), "--prompt", "ROMEO:", "--prompts-file", str(prompts_file), "--max-new-tokens", "4"]
+    argv += ["--do-sample", "--temperature", "0.8", "--top-k", "10", "--top-p", "0.9", "--repetition-penalty", "1.2"]
+    argv += ["--seed", "1", "--num-inference-steps", "2", "--inference-lr", "0.1"]
+    assert generate_main(argv) == 0
+    out = capsys.readouterr().out
+    for i, prompt in enumerate(["ROMEO:", "JULIET:", "Shall I"], start=1):
+        assert f"=== prompt {i} ===\n{prompt}" in out
+
+    argv = [str(saved_model), "--prompt", "ROMEO:", "--num-beams", "2", "--num-return-sequences", "2"]
+    assert generate_main(argv + ["--max-new-tokens", "3"]) == 0
+    assert "=== prompt 1, sequence 2 ===" in capsys.readouterr().out
+
+
+def test_cli_unconditional_and_errors(saved_model, capsys):
+    argv = [str(saved_model), "--unconditional", "--num-samples", "2", "--do-sample", "--max-new-tokens", "3"]
+    assert generate_main(argv) == 0
+    assert "=== sample 2 ===" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        generate_main([str(saved_model)])  # no prompt
+    with pytest.raises(SystemExit):
+        generate_main([str(saved_model), "--prompt", "x", "--max-new-tokens", "64"])  # no room for the prompt
+    with pytest.raises(SystemExit):
+        generate_main([str(saved_model / "missing"), "--prompt", "x"])
+    long_prompt = "ROMEO: " * 100
+    assert generate_main([str(saved_model), "--prompt", long_prompt, "--max-new-tokens", "4", "--no-stream"]) == 0
+    assert "keep their last 60 tokens" in capsys.readouterr().err
+
+
+def test_cli_is_dispatched_by_ltm(saved_model, capsys):
+    from modeling_ltm.cli import main as ltm_main
+
+    assert ltm_main(["generate", str(saved_model), "--prompt", "ROMEO:", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")

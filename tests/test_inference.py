@@ -1,0 +1,294 @@
+"""Posterior inference (the fast loop) and the bounds on log p(x): gradients, decoder isolation, KL, ELBO ascent,
+importance weighting, padding, seeding, errors, precision and grad modes."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from modeling_ltm import LTMForCausalLM, NonFiniteELBOError, fit_posterior, importance_weighted_bound
+from modeling_ltm.inference import gaussian_kl, gaussian_log_prob, negative_elbo, next_token_targets
+
+
+def random_ids(config, batch_size, seq_length, seed=0):
+    return torch.randint(0, config.vocab_size, (batch_size, seq_length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def sensitive_model():
+    """A tiny model whose logits depend strongly on `z` (larger init), so the likelihood term moves visibly."""
+    torch.manual_seed(0)
+    return LTMForCausalLM(tiny_config(initializer_range=0.1)).eval()
+
+
+def posterior_params(config, batch_size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, *config.latent_shape)
+    mu = (0.5 * torch.randn(shape, generator=generator)).requires_grad_(True)
+    logvar = (-1.0 + 0.1 * torch.randn(shape, generator=generator)).requires_grad_(True)
+    noise = torch.randn(shape, generator=generator)
+    return mu, logvar, noise
+
+
+def test_fast_gradient_equals_full_backward(sensitive_model):
+    model, config = sensitive_model, sensitive_model.config
+    input_ids = random_ids(config, 3, 16)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0
+    targets = next_token_targets(input_ids, attention_mask)
+    mu, logvar, noise = posterior_params(config, 3)
+
+    # The fast loop's path: autograd.grad w.r.t. (mu, logvar) only.
+    loss, *_ = negative_elbo(model, input_ids, targets, mu, logvar, noise, attention_mask)
+    fast_grad_mu, fast_grad_logvar = torch.autograd.grad(loss, [mu, logvar])
+    assert all(p.grad is None for p in model.parameters())
+
+    # The plain path: a full backward with every weight requiring grad.
+    assert all(p.requires_grad for p in model.parameters())
+    loss, *_ = negative_elbo(model, input_ids, targets, mu, logvar, noise, attention_mask)
+    loss.backward()
+    assert model.model.layers[0].cross_attn.k_proj.weight.grad is not None
+    torch.testing.assert_close(fast_grad_mu, mu.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast_grad_logvar, logvar.grad, atol=1e-6, rtol=1e-5)
+    assert fast_grad_mu.abs().max() > 0 and fast_grad_logvar.abs().max() > 0
+
+
+def test_infer_latents_leaves_decoder_grads_alone(model):
+    config = model.config
+    params = dict(model.named_parameters())
+    preset_name = "model.layers.0.mlp.up_proj.weight"
+    preset = torch.randn_like(params[preset_name])
+    params[preset_name].grad = preset.clone()
+    model.infer_latents(random_ids(config, 2, 12), num_steps=3, seed=0)
+    for name, param in params.items():
+        if name == preset_name:
+            assert torch.equal(param.grad, preset), name  # a pre-set grad stays bit-identical
+        else:
+            assert param.grad is None, name  # None stays None
+        assert param.requires_grad, name  # never toggled
+
+
+def test_no_graph_survives(model):
+    posterior = model.infer_latents(random_ids(model.config, 2, 12), num_steps=3, seed=0)
+    for name in ("mu", "logvar", "z", "nll", "kl", "elbo", "num_tokens", "elbo_trace"):
+        tensor = getattr(posterior, name)
+        assert tensor.grad_fn is None and not tensor.requires_grad, name
+    bound = model.importance_weighted_bound(random_ids(model.config, 2, 12), num_samples=2, seed=0, num_steps=1)
+    assert bound.grad_fn is None and not bound.requires_grad
+
+
+def test_kl_closed_form_matches_monte_carlo():
+    generator = torch.Generator().manual_seed(0)
+    mu = torch.randn(3, 6, generator=generator)
+    logvar = torch.randn(3, 6, generator=generator) * 0.5
+    closed_form = gaussian_kl(mu, logvar)
+    num_samples = 200_000
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(num_samples, 3, 6, generator=generator)  # (S, B, D)
+    log_q = gaussian_log_prob(z.reshape(-1, 6), mu.repeat(num_samples, 1), logvar.repeat(num_samples, 1))
+    log_p = gaussian_log_prob(z.reshape(-1, 6))
+    monte_carlo = (log_q - log_p).reshape(num_samples, 3).double().mean(0)
+    torch.testing.assert_close(monte_carlo.float(), closed_form, atol=0.05, rtol=0.02)
+    # And torch's own closed form agrees.
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    torch.testing.assert_close(torch.distributions.kl_divergence(q, p).sum(-1), closed_form)
+
+
+def test_elbo_rises_over_the_fast_steps(sensitive_model):
+    model = sensitive_model
+    input_ids = random_ids(model.config, 4, 32)
+    posterior = model.infer_latents(input_ids, num_steps=8, seed=0)
+    prior_fit = model.infer_latents(input_ids, num_steps=0, seed=0)
+    assert posterior.elbo_trace.shape == (9, 4)
+    assert (posterior.elbo_trace[-1] > posterior.elbo_trace[0]).all()
+    assert (posterior.elbo_gain > 0).all()
+    torch.testing.assert_close(posterior.elbo, posterior.elbo_trace[-1])
+    # Not only the KL falls: the likelihood term improves too (by several nats per sequence on this model).
+    assert (posterior.nll < prior_fit.nll - 1.0).all()
+    assert (posterior.kl < prior_fit.kl).all()
+
+
+def test_importance_weighted_bound_is_at_least_the_elbo(sensitive_model):
+    model = sensitive_model
+    input_ids = random_ids(model.config, 3, 16)
+    posterior = model.infer_latents(input_ids, num_steps=4, seed=0)
+    bounds, single_sample_elbos = [], []
+    for seed in range(4):
+        bounds.append(model.importance_weighted_bound(input_ids, num_samples=32, posterior=posterior, seed=seed))
+        # Single-sample ELBO estimates -log p(x|z_k) - KL with z_k ~ q, from the same posterior.
+        targets = next_token_targets(input_ids, None)
+        z = posterior.sample(torch.Generator().manual_seed(100 + seed))
+        nll, _ = negative_elbo(model, input_ids, targets, z, torch.full_like(z, -80.0), torch.zeros_like(z))[1:3]
+        single_sample_elbos.append(-(nll + posterior.kl))
+    bound = torch.stack(bounds).mean(0)
+    assert bound.shape == (3,)
+    assert torch.isfinite(bound).all()
+    assert (bound >= posterior.elbo).all()
+    assert (bound >= torch.stack(single_sample_elbos).mean(0)).all()
+    # A bound on log p(x) of a 128-token vocabulary: never above 0 nats.
+    assert (bound <= 0).all()
+
+
+def test_importance_weighted_bound_fits_its_own_posterior(model):
+    input_ids = random_ids(model.config, 2, 10)
+    bound = importance_weighted_bound(model, input_ids, num_samples=4, seed=0, num_steps=2)
+    again = model.importance_weighted_bound(input_ids, num_samples=4, seed=0, num_steps=2)
+    assert bound.shape == (2,)
+    assert torch.equal(bound, again)
+    with pytest.raises(ValueError, match="num_samples"):
+        model.importance_weighted_bound(input_ids, num_samples=0)
+
+
+def _padded_batch(rows, side):
+    width = max(row.shape[1] for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - row.shape[1], width) if side == "left" else slice(0, row.shape[1])
+        input_ids[i, span], attention_mask[i, span] = row[0], 1
+    return input_ids, attention_mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_row_alone(sensitive_model, side):
+    model = sensitive_model
+    rows = [random_ids(model.config, 1, n, seed=n) for n in (14, 9, 4)]
+    seeds = [11, 22, 33]
+    input_ids, attention_mask = _padded_batch(rows, side)
+    batched = model.infer_latents(input_ids, attention_mask, num_steps=4, seed=seeds)
+    for i, row in enumerate(rows):
+        alone = model.infer_latents(row, num_steps=4, seed=[seeds[i]])
+        for name in ("mu", "logvar", "z"):
+            torch.testing.assert_close(getattr(batched, name)[i], getattr(alone, name)[0], atol=1e-4, rtol=1e-4)
+        for name in ("nll", "kl", "elbo"):
+            torch.testing.assert_close(getattr(batched, name)[i], getattr(alone, name)[0], atol=1e-3, rtol=1e-5)
+        assert batched.num_tokens[i] == alone.num_tokens[0] == row.shape[1] - 1
+    bound = model.importance_weighted_bound(input_ids, attention_mask, num_samples=3, posterior=batched, seed=seeds)
+    for i, row in enumerate(rows):
+        alone = model.importance_weighted_bound(
+            row, num_samples=3, posterior=batched.index_select(torch.tensor([i])), seed=[seeds[i]]
+        )
+        torch.testing.assert_close(bound[i], alone[0], atol=1e-3, rtol=1e-5)
+
+
+def test_seeding(model):
+    input_ids = random_ids(model.config, 2, 10)
+    first = model.infer_latents(input_ids, num_steps=3, seed=7)
+    second = model.infer_latents(input_ids, num_steps=3, seed=7)
+    other = model.infer_latents(input_ids, num_steps=3, seed=8)
+    for name in ("mu", "logvar", "z", "elbo"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    assert not torch.equal(first.logvar, other.logvar)
+    assert not torch.equal(first.z, other.z)
+    with_generator = model.infer_latents(input_ids, num_steps=3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(with_generator.z, first.z)
+
+
+def test_bad_input(model):
+    config = model.config
+    with pytest.raises(ValueError, match="empty sequence"):
+        model.infer_latents(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.infer_latents(random_ids(config, 1, config.max_position_embeddings + 1))
+    with pytest.raises(ValueError, match=r"\(batch, sequence_length\)"):
+        model.infer_latents(random_ids(config, 1, 8)[0])
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.infer_latents(random_ids(config, 2, 8), torch.ones(2, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="per-sequence seeds"):
+        model.infer_latents(random_ids(config, 2, 8), seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="num_steps"):
+        model.infer_latents(random_ids(config, 2, 8), num_steps=-1)
+    with pytest.raises(ValueError, match="lr"):
+        model.infer_latents(random_ids(config, 2, 8), lr=0.0)
+
+
+def test_exploding_fast_lr_raises_and_leaves_weights_untouched(model):
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    # One Adam step moves mu by ~lr: with lr = 1e30 the KL (mu^2) overflows float32 at the second step.
+    with pytest.raises(NonFiniteELBOError, match=r"step 2/4.*[Ll]ower the fast learning rate"):
+        model.infer_latents(random_ids(model.config, 2, 8), num_steps=4, lr=1e30, seed=0)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_nan_weight_raises_at_the_first_step(model):
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteELBOError, match="step 1/"):
+        model.infer_latents(random_ids(model.config, 2, 8), num_steps=2, seed=0)
+    with pytest.raises(NonFiniteELBOError, match="after 0 fast steps"):
+        model.infer_latents(random_ids(model.config, 2, 8), num_steps=0, seed=0)
+
+
+def test_zero_steps_is_the_initial_posterior(model):
+    config = model.config
+    posterior = model.infer_latents(random_ids(config, 2, 8), num_steps=0, seed=0)
+    assert posterior.elbo_trace.shape == (1, 2)
+    assert torch.equal(posterior.mu, torch.zeros(2, *config.latent_shape))
+    assert (posterior.logvar - config.posterior_init_logvar).abs().max() < 1.0
+    assert torch.isfinite(posterior.elbo).all()
+
+
+def test_fresh_noise_per_step(model):
+    input_ids = random_ids(model.config, 2, 8)
+    fresh = model.infer_latents(input_ids, num_steps=3, seed=0, fixed_noise=False)
+    fixed = model.infer_latents(input_ids, num_steps=3, seed=0, fixed_noise=True)
+    assert torch.isfinite(fresh.elbo).all()
+    assert fresh.elbo_trace.shape == (4, 2)
+    assert not torch.equal(fresh.z, fixed.z)
+    again = model.infer_latents(input_ids, num_steps=3, seed=0, fixed_noise=False)
+    assert torch.equal(fresh.z, again.z)
+
+
+def test_works_under_no_grad(model):
+    input_ids = random_ids(model.config, 2, 8)
+    expected = model.infer_latents(input_ids, num_steps=3, seed=0)
+    with torch.no_grad():
+        posterior = model.infer_latents(input_ids, num_steps=3, seed=0)
+        bound = model.importance_weighted_bound(input_ids, num_samples=2, posterior=posterior, seed=0)
+    assert torch.equal(posterior.mu, expected.mu) and torch.equal(posterior.elbo, expected.elbo)
+    assert torch.isfinite(bound).all()
+    assert not torch.is_grad_enabled() or True  # the context manager restored itself
+    assert torch.is_grad_enabled()
+
+
+def test_works_under_bf16_autocast(model):
+    input_ids = random_ids(model.config, 2, 8)
+    expected = model.infer_latents(input_ids, num_steps=3, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        posterior = model.infer_latents(input_ids, num_steps=3, seed=0)
+        bound = model.importance_weighted_bound(input_ids, num_samples=2, posterior=posterior, seed=0)
+    assert posterior.mu.dtype == torch.float32  # the variational parameters stay in float32
+    assert posterior.elbo.dtype == torch.float32
+    assert torch.isfinite(posterior.elbo).all() and torch.isfinite(bound).all()
+    torch.testing.assert_close(posterior.elbo, expected.elbo, atol=2.0, rtol=0.02)
+
+
+def test_bf16_model(model):
+    input_ids = random_ids(model.config, 2, 8)
+    bf16_model = LTMForCausalLM(model.config)
+    bf16_model.load_state_dict(model.state_dict())
+    bf16_model = bf16_model.to(torch.bfloat16).eval()
+    posterior = bf16_model.infer_latents(input_ids, num_steps=3, seed=0)
+    assert posterior.mu.dtype == torch.float32 and posterior.nll.dtype == torch.float32
+    expected = model.infer_latents(input_ids, num_steps=3, seed=0)
+    torch.testing.assert_close(posterior.elbo, expected.elbo, atol=2.0, rtol=0.02)
+
+
+def test_posterior_output_helpers(model):
+    posterior = model.infer_latents(random_ids(model.config, 3, 8), num_steps=2, seed=0)
+    picked = posterior.index_select(torch.tensor([2, 2, 0]))
+    assert torch.equal(picked.mu[0], posterior.mu[2]) and torch.equal(picked.mu[2], posterior.mu[0])
+    assert picked.elbo_trace.shape == (3, 3)
+    assert torch.equal(picked.elbo_trace[:, 1], posterior.elbo_trace[:, 2])
+    sample = posterior.sample(torch.Generator().manual_seed(0))
+    assert sample.shape == posterior.mu.shape
+    assert torch.equal(sample, posterior.sample(torch.Generator().manual_seed(0)))
+
+
+def test_labels_exclude_tokens_from_the_likelihood(model):
+    input_ids = random_ids(model.config, 1, 10)
+    labels = input_ids.clone()
+    labels[0, 5:] = -100
+    posterior = fit_posterior(model, input_ids, labels=labels, num_steps=1, seed=0)
+    assert posterior.num_tokens.tolist() == [4]

@@ -1,0 +1,108 @@
+"""Presets in configuration/: every `ltm-*.json` round-trips through LTMConfig and builds on the meta device with
+the parameter counts of configuration/README.md's table; every training recipe parses as LTMTrainingArguments."""
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+from conftest import REPO_ROOT
+from modeling_ltm import LTMConfig, LTMForCausalLM
+
+
+CONFIG_DIR = REPO_ROOT / "configuration"
+PRESETS = sorted(CONFIG_DIR.glob("ltm-*.json"))
+RECIPES = sorted((CONFIG_DIR / "recipes").glob("ltm-*.json"))
+PAPER_PRESETS = {"ltm-s.json": 38e6, "ltm-m.json": 51e6, "ltm-l.json": 76e6}  # the paper's reported sizes
+
+
+def _count(cell: str) -> int:
+    return int(cell.strip().strip("*").replace(",", ""))
+
+
+def readme_table() -> dict[str, dict[str, int]]:
+    """Rows of the parameter table in configuration/README.md: preset file -> total / non-embedding counts."""
+    text = (CONFIG_DIR / "README.md").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    total_col, non_embedding_col = header.index("parameters (total)"), header.index("non-embedding")
+    table = {}
+    for line in lines:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        match = re.fullmatch(r"`(ltm-[\w-]+\.json)`", cells[0])
+        if match:
+            table[match.group(1)] = {"total": _count(cells[total_col]), "non_embedding": _count(cells[non_embedding_col])}
+    return table
+
+
+def test_paper_presets_exist_and_have_a_table_row():
+    names = {path.name for path in PRESETS}
+    assert set(PAPER_PRESETS) <= names
+    assert set(PAPER_PRESETS) <= set(readme_table())
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda path: path.name)
+def test_preset_round_trips_and_builds_on_meta(path):
+    preset = json.loads(path.read_text())
+    config = LTMConfig.from_dict(preset)
+    for key, value in preset.items():
+        assert getattr(config, key) == value, key
+    assert LTMConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+    with torch.device("meta"):
+        model = LTMForCausalLM(config)
+    total, non_embedding = model.num_parameters(), model.num_parameters(exclude_embeddings=True)
+    assert total - non_embedding == config.vocab_size * config.hidden_size  # tied embeddings counted once
+
+    row = readme_table().get(path.name)
+    if path.name in PAPER_PRESETS:
+        assert row is not None, f"{path.name} has no row in configuration/README.md"
+        assert abs(total - PAPER_PRESETS[path.name]) / PAPER_PRESETS[path.name] < 0.01  # within the paper's rounding
+    if row is not None:
+        assert row == {"total": total, "non_embedding": non_embedding}, (
+            f"configuration/README.md's row for {path.name} is stale: the model has {total:,} parameters "
+            f"({non_embedding:,} non-embedding)"
+        )
+
+
+def test_paper_presets_follow_the_paper():
+    configs = {name: LTMConfig.from_json_file(CONFIG_DIR / name) for name in PAPER_PRESETS}
+    for config in configs.values():
+        assert (config.vocab_size, config.max_position_embeddings, config.sliding_window) == (50257, 1024, 256)
+        assert config.inference_lr == 0.3 and config.inference_lr_min_ratio == 0.1
+    total_latents = {name: c.num_hidden_layers * c.n_latents_per_layer for name, c in configs.items()}
+    assert total_latents == {"ltm-s.json": 24, "ltm-m.json": 24, "ltm-l.json": 96}
+    steps = {name: c.num_inference_steps for name, c in configs.items()}
+    assert steps == {"ltm-s.json": 16, "ltm-m.json": 16, "ltm-l.json": 64}
+
+
+def test_every_preset_has_a_recipe_matching_its_inference_steps():
+    recipes = {path.name for path in RECIPES}
+    assert set(PAPER_PRESETS) <= recipes
+    for name in PAPER_PRESETS:
+        recipe = json.loads((CONFIG_DIR / "recipes" / name).read_text())
+        assert recipe["num_inference_steps"] == LTMConfig.from_json_file(CONFIG_DIR / name).num_inference_steps
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.name)
+def test_recipe_parses_as_ltm_training_arguments(path, tmp_path):
+    trainer = pytest.importorskip("modeling_ltm.trainer")
+    recipe = json.loads(path.read_text())
+    recipe["output_dir"] = str(tmp_path)
+    if recipe.get("bf16") and not torch.cuda.is_available():
+        recipe["bf16"] = False  # the recipes target GPUs; TrainingArguments refuses bf16 on this CPU
+    paper_recipe = path.name in PAPER_PRESETS
+    # Other recipes (ltm-tiny) may carry the training CLI's data options next to the training arguments.
+    parser = HfArgumentParser(trainer.LTMTrainingArguments)
+    (args,) = parser.parse_dict(recipe, allow_extra_keys=not paper_recipe)
+    if not paper_recipe:
+        return
+    # The paper's slow-learning optimiser: AdamW lr 4e-4, betas (0.9, 0.95), weight decay 0.1, clip 1.0, cosine
+    # schedule with warm-up down to lr / 10.
+    assert (args.learning_rate, args.adam_beta1, args.adam_beta2) == (4e-4, 0.9, 0.95)
+    assert (args.weight_decay, args.max_grad_norm) == (0.1, 1.0)
+    assert args.lr_scheduler_type.value == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert args.warmup_steps > 0
+    assert args.inference_lr == 0.3

@@ -1,0 +1,157 @@
+"""Remote code: a saved folder loads with `trust_remote_code=True` on a machine where `modeling_ltm` is not installed.
+
+The package is installed editable into the venv, so a plain subprocess could still import it and would hide an
+absolute import of our own package in the copied code files. The child process below first removes every way of
+importing `modeling_ltm` (the editable-install finder on `sys.meta_path`, `sys.path` entries holding the package),
+checks `importlib.util.find_spec("modeling_ltm") is None`, and only then imports transformers, with a fresh
+`HF_MODULES_CACHE`.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_config
+from safetensors.torch import load_file, save_file
+
+from modeling_ltm import LTMForCausalLM
+
+
+CODE_FILES = ("configuration_ltm.py", "modeling_ltm.py", "inference.py", "generation_ltm.py")
+OUR_PACKAGES = ("modeling_ltm", "eval_harness", "hub_cards")
+
+CHILD = textwrap.dedent(
+    """
+    import importlib.util, os, sys
+
+    OUR_PACKAGES = {our_packages!r}
+
+    def provides_ours(finder):
+        try:
+            return any(finder.find_spec(name, None) is not None for name in OUR_PACKAGES)
+        except Exception:
+            return False
+
+    # A clean machine: no editable-install finder, no path entry holding our packages.
+    sys.meta_path[:] = [f for f in sys.meta_path if not provides_ours(f)]
+    sys.path[:] = [
+        p for p in sys.path
+        if not any(os.path.exists(os.path.join(p or os.getcwd(), name)) for name in OUR_PACKAGES)
+    ]
+    sys.path_importer_cache.clear()
+    for name in OUR_PACKAGES:
+        assert importlib.util.find_spec(name) is None, f"{{name}} is still importable"
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    folder, tensors_in, tensors_out = sys.argv[1:4]
+    inputs = load_file(tensors_in)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    assert type(model).__name__ == "LTMForCausalLM"
+    logits = model(inputs["input_ids"], latents=inputs["latents"]).logits
+    posterior = model.infer_latents(inputs["input_ids"], num_steps=2, seed=[0, 1])
+    assert not any(name.split(".")[0] in OUR_PACKAGES for name in sys.modules), "our package got imported"
+    save_file({{"logits": logits.contiguous(), "mu": posterior.mu.contiguous()}}, tensors_out)
+    """
+).format(our_packages=OUR_PACKAGES)
+
+
+def run_clean_child(folder, tmp_path, tensors_in):
+    """Load `folder` in a fresh interpreter where our packages are not importable; return (process, outputs)."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    tensors_out = tmp_path / "child_outputs.safetensors"
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    process = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tensors_in), str(tensors_out)],
+        cwd=tmp_path,  # not the repository: its root holds the packages
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    outputs = load_file(tensors_out) if process.returncode == 0 else None
+    return process, outputs
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = LTMForCausalLM(tiny_config(sliding_window=8)).eval()
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(2, *model.config.latent_shape, generator=torch.Generator().manual_seed(1))
+    tensors_in = tmp_path / "inputs.safetensors"
+    save_file({"input_ids": input_ids, "latents": latents}, tensors_in)
+    return model, folder, tensors_in
+
+
+def test_save_pretrained_writes_code_files_and_auto_map(saved):
+    _, folder, _ = saved
+    for name in CODE_FILES:
+        assert (folder / name).is_file(), name
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_ltm.LTMConfig"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_ltm.LTMForCausalLM"
+    # The copies are the package's own files, unchanged.
+    for name in CODE_FILES:
+        assert (folder / name).read_text() == (REPO_ROOT / "modeling_ltm" / name).read_text(), name
+
+
+def test_code_files_import_only_torch_transformers_and_siblings():
+    import ast
+
+    allowed_roots = {"torch", "transformers", "math", "collections", "dataclasses", "typing", "functools", "inspect"}
+    for name in CODE_FILES:
+        tree = ast.parse((REPO_ROOT / "modeling_ltm" / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    assert node.module and "." not in node.module, f"{name}: only flat `from .x import y` is copied"
+                    continue
+                assert node.level == 0, f"{name}: `from ..x` breaks remote code"
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed_roots, f"{name} imports {roots - allowed_roots}: not available to remote code"
+
+
+@pytest.mark.slow
+def test_remote_code_loads_without_the_package(saved, tmp_path):
+    model, folder, tensors_in = saved
+    process, outputs = run_clean_child(folder, tmp_path, tensors_in)
+    assert process.returncode == 0, process.stderr[-4000:]
+    inputs = load_file(tensors_in)
+    expected = model(inputs["input_ids"], latents=inputs["latents"]).logits
+    assert torch.equal(outputs["logits"], expected)
+    posterior = model.infer_latents(inputs["input_ids"], num_steps=2, seed=[0, 1])
+    torch.testing.assert_close(outputs["mu"], posterior.mu)
+    assert (tmp_path / "hf_modules" / "transformers_modules").is_dir()  # the code came from the temporary cache
+
+
+@pytest.mark.slow
+def test_the_clean_child_catches_an_absolute_import_of_our_package(saved, tmp_path):
+    """The isolation is real: code that imports `modeling_ltm` absolutely (works here) fails in the child."""
+    _, folder, tensors_in = saved
+    inference = folder / "inference.py"
+    inference.write_text("import modeling_ltm  # noqa\n" + inference.read_text())
+    process, _ = run_clean_child(folder, tmp_path, tensors_in)
+    assert process.returncode != 0
+    assert re.search(r"No module named 'modeling_ltm'|packages that were not found.*modeling_ltm", process.stderr)

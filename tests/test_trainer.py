@@ -1,0 +1,219 @@
+"""LTMTrainer: the dual-rate step inside transformers.Trainer (training, logging, evaluation bounds, accumulation,
+bf16 autocast, resume). Real text: Tiny Shakespeare as raw bytes (vocab 256), so the tests need no tokenizer."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+from datasets import Dataset
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
+
+from modeling_ltm import LTMForCausalLM, LTMTrainer, LTMTrainingArguments
+from modeling_ltm.trainer import _CausalLMLabels
+
+
+FAST_LOG_KEYS = ("nll_per_token", "kl_per_token", "elbo_ppl", "elbo_gain", "inference_lr")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread, and many times faster when other jobs share the cores (a second
+    OpenMP thread that is descheduled stalls every small op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def byte_blocks(path, block_size: int, num_blocks: int, offset_blocks: int = 0) -> Dataset:
+    """`num_blocks` consecutive `block_size`-byte blocks of the file as an `input_ids` dataset (token = byte)."""
+    start = offset_blocks * block_size
+    data = path.read_bytes()[start : start + num_blocks * block_size]
+    ids = torch.tensor(list(data)).view(num_blocks, block_size)
+    return Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+def heldout_blocks(path, block_size: int, num_blocks: int) -> Dataset:
+    """The last `num_blocks` blocks of the file: text the training blocks (from the start) never reach."""
+    total = len(path.read_bytes()) // block_size
+    return byte_blocks(path, block_size, num_blocks, offset_blocks=total - num_blocks)
+
+
+def byte_model(seed: int = 0, **overrides) -> LTMForCausalLM:
+    torch.manual_seed(seed)
+    return LTMForCausalLM(tiny_config(vocab_size=256, **overrides))
+
+
+def make_args(output_dir, **overrides) -> LTMTrainingArguments:
+    kwargs = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        seed=0,
+        num_inference_steps=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+    )
+    kwargs.update(overrides)
+    return LTMTrainingArguments(**kwargs)
+
+
+def train_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_training_lowers_heldout_elbo_perplexity_and_logs_fast_metrics(tmp_path, tiny_shakespeare_path):
+    model = byte_model()
+    args = make_args(
+        tmp_path, max_steps=30, per_device_train_batch_size=8, num_inference_steps=4, inference_lr_end=0.4
+    )
+    trainer = LTMTrainer(
+        model=model,
+        args=args,
+        train_dataset=byte_blocks(tiny_shakespeare_path, 64, 240),
+        eval_dataset=heldout_blocks(tiny_shakespeare_path, 64, 16),
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_elbo_ppl"] < 0.5 * before["eval_elbo_ppl"], (before, after)
+    assert after["eval_nll_per_token"] < before["eval_nll_per_token"]
+
+    logs = train_logs(trainer)
+    assert len(logs) == 30
+    for entry in logs:
+        assert all(math.isfinite(entry[key]) for key in FAST_LOG_KEYS), entry
+        # The decoder's loss is the NLL given z, not the ELBO; the KL is logged beside it.
+        assert entry["loss"] == pytest.approx(entry["nll_per_token"], rel=1e-4)
+        assert entry["kl_per_token"] > 0
+        assert entry["elbo_ppl"] == pytest.approx(math.exp(entry["nll_per_token"] + entry["kl_per_token"]), rel=1e-6)
+    # The fast loop raises the ELBO of the batch it fits.
+    assert sum(entry["elbo_gain"] for entry in logs) > 0
+    # Fast lr: linear from the config's 0.3 at the first step to inference_lr_end at the last.
+    assert logs[0]["inference_lr"] == pytest.approx(0.3)
+    assert logs[-1]["inference_lr"] == pytest.approx(0.4)
+
+
+def test_evaluate_reports_bounds_and_follows_inference_steps(tmp_path, tiny_shakespeare_path):
+    trainer = LTMTrainer(
+        model=byte_model(),
+        args=make_args(tmp_path, eval_inference_steps=8, eval_iw_samples=8),
+        eval_dataset=heldout_blocks(tiny_shakespeare_path, 32, 8),
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_inference_steps"] == 8
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll_per_token"])
+    elbo_ppl = math.exp(metrics["eval_nll_per_token"] + metrics["eval_kl_per_token"])
+    assert metrics["eval_elbo_ppl"] == pytest.approx(elbo_ppl)
+    # The importance-weighted bound is tighter than the ELBO.
+    assert metrics["eval_iw_ppl"] <= metrics["eval_elbo_ppl"]
+
+    again = trainer.evaluate()  # eval draws are seeded: the same model gives the same numbers
+    assert again["eval_elbo_ppl"] == pytest.approx(metrics["eval_elbo_ppl"], rel=1e-6)
+
+    no_inference = trainer.evaluate(inference_steps=0, iw_samples=0)
+    assert no_inference["eval_inference_steps"] == 0 and "eval_iw_ppl" not in no_inference
+    # More inference-time computation gives a tighter bound.
+    assert metrics["eval_elbo_ppl"] < no_inference["eval_elbo_ppl"]
+    assert trainer.evaluate()["eval_inference_steps"] == 8  # the override lasted one call
+
+    with pytest.raises(ValueError, match="inference_steps"):
+        trainer.evaluate(inference_steps=-1)
+
+
+def test_gradient_accumulation_two_by_b_equals_one_by_two_b(tmp_path, tiny_shakespeare_path):
+    dataset = byte_blocks(tiny_shakespeare_path, 32, 48)
+    weights = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        trainer = LTMTrainer(
+            model=byte_model(),
+            args=make_args(
+                tmp_path / f"b{batch_size}",
+                max_steps=3,
+                per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=accumulation,
+                train_sampling_strategy="sequential",
+            ),
+            train_dataset=dataset,
+        )
+        trainer.train()
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        losses = [entry["loss"] for entry in train_logs(trainer)]
+        if batch_size == 8:
+            reference_losses = losses
+    assert losses == pytest.approx(reference_losses, rel=1e-4)
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_covers_fast_loop_and_decoder_step(tmp_path, tiny_shakespeare_path):
+    model = byte_model()
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    trainer = LTMTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=2, bf16=True),
+        train_dataset=byte_blocks(tiny_shakespeare_path, 32, 16),
+    )
+    trainer.train()
+    # Per step: 2 fast steps + the posterior's final scoring + the decoder step, all under bf16 autocast.
+    assert len(dtypes) == 2 * (2 + 1 + 1)
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(math.isfinite(entry["loss"]) for entry in train_logs(trainer))
+    assert next(trainer.model.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+
+
+def test_resume_from_checkpoint_continues_with_the_same_losses(tmp_path, tiny_shakespeare_path):
+    dataset = byte_blocks(tiny_shakespeare_path, 32, 64)
+    args = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    full = LTMTrainer(model=byte_model(), args=make_args(tmp_path / "full", **args), train_dataset=dataset)
+    full.train()
+    # Other initial weights: the checkpoint's must replace them.
+    resumed = LTMTrainer(model=byte_model(seed=1), args=make_args(tmp_path / "resumed", **args), train_dataset=dataset)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+
+    keys = ("loss", "nll_per_token", "kl_per_token", "elbo_gain", "inference_lr")
+    expected = [[entry[k] for k in keys] for entry in train_logs(full) if entry["step"] > 3]
+    got = [[entry[k] for k in keys] for entry in train_logs(resumed) if entry["step"] > 3]
+    assert len(got) == 3
+    assert got == [pytest.approx(row, rel=1e-5) for row in expected]
+
+
+def test_missing_labels_default_to_input_ids_without_padding():
+    collator = _CausalLMLabels(lambda features: {k: torch.tensor([f[k] for f in features]) for k in features[0]})
+    batch = collator([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 0]}])
+    assert batch["labels"].tolist() == [[5, 6, -100]]
+    given = collator([{"input_ids": [5, 6], "labels": [-100, 6]}])
+    assert given["labels"].tolist() == [[-100, 6]]
+
+
+def test_training_arguments_parse_from_the_command_line(tmp_path):
+    (args,) = HfArgumentParser(LTMTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--num_inference_steps", "8", "--inference_lr", "0.3",
+         "--inference_lr_end", "0.34", "--eval_inference_steps", "16", "--eval_iw_samples", "4", "--use_cpu"]
+    )
+    assert (args.num_inference_steps, args.inference_lr, args.inference_lr_end) == (8, 0.3, 0.34)
+    assert (args.eval_inference_steps, args.eval_iw_samples) == (16, 4)
+    assert LTMTrainingArguments(str(tmp_path)).num_inference_steps is None  # None = the model config's
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_inference_steps", -1), ("inference_lr", 0.0), ("inference_lr_end", -0.3), ("eval_iw_samples", -2)],
+)
+def test_invalid_training_arguments_name_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        LTMTrainingArguments(str(tmp_path), **{field: value})
+
+
+def test_trainer_rejects_a_model_without_latents(tmp_path):
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(TypeError, match="transformers.Trainer"):
+        LTMTrainer(model=llama, args=make_args(tmp_path))

@@ -8,8 +8,10 @@ pass the fitted `latents` to `generate`, so they measure prefill + decoding only
     .venv/bin/python bench/generate.py                      # hidden 256, 4 layers, vocab 8192, batch 1 and 8
     .venv/bin/python bench/generate.py --json runs/bench_generate.json
 
-Prints a Markdown table (for docs/benchmarks.md) with decode tokens/s = batch * new_tokens / wall time of
-`generate`, the median over `--repeats` runs (the cache-less LTM runs once at batch > 1: it is slow by design).
+Prints a Markdown table (for docs/benchmarks.md) with decode tokens/s = batch * new_tokens / time of `generate`,
+the median over `--repeats` rounds (the cache-less LTM runs once at batch > 1: it is slow by design), by two clocks:
+`cpu` (this process's CPU time: with `--threads 1`, the cost of the code, which other processes sharing the cores
+do not inflate) and `wall`.
 """
 
 import argparse
@@ -40,7 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-inference-steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-cache-repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads; 1 makes the cpu clock the code's own cost on a shared machine (0: torch's choice)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -72,18 +79,23 @@ def build_models(args):
     return ltm, llama
 
 
-def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Median wall time in seconds of each callable over `repeats` rounds, and each one's last result.
+def timed(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
+    """Median wall time and median CPU time (this process, all its threads) in seconds of each callable over
+    `repeats` rounds, and each one's last result.
 
-    The callables take turns within a round, so a change of machine load hits them alike."""
-    times = {name: [] for name in fns}
+    The callables take turns within a round, so a change of machine load hits them alike. With one torch thread the
+    CPU time is the time the code actually ran, which other processes sharing the cores do not inflate."""
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     results = {}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, results
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+    median = statistics.median
+    return {n: median(t) for n, t in wall.items()}, {n: median(t) for n, t in cpu.items()}, results
 
 
 def main(argv=None) -> int:
@@ -103,9 +115,10 @@ def main(argv=None) -> int:
         ltm.generate(prompt, latents=z, max_new_tokens=8, do_sample=False, pad_token_id=0)
         llama.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
 
-        fit_s, fitted = timed({"fit": lambda: ltm.infer_latents(prompt, seed=0)}, args.repeats)
+        load = os.getloadavg()[0]
+        fit_wall, fit_cpu, fitted = timed({"fit": lambda: ltm.infer_latents(prompt, seed=0)}, args.repeats)
         z = fitted["fit"].z
-        cached_s, out = timed(
+        wall, cpu, out = timed(
             {
                 "ltm": lambda: ltm.generate(prompt, latents=z, **decode),
                 "llama": lambda: llama.generate(prompt, **decode),
@@ -113,22 +126,23 @@ def main(argv=None) -> int:
             args.repeats,
         )
         no_cache_repeats = args.no_cache_repeats if batch_size > 1 else max(args.no_cache_repeats, args.repeats)
-        no_cache_s, no_cache_out = timed(
+        no_cache_wall, no_cache_cpu, no_cache_out = timed(
             {"ltm": lambda: ltm.generate(prompt, latents=z, use_cache=False, **decode)}, no_cache_repeats
         )
         assert out["ltm"].shape == out["llama"].shape == (batch_size, args.prompt_length + args.new_tokens)
         assert torch.equal(out["ltm"], no_cache_out["ltm"]), "LTM greedy output differs with and without cache"
         tokens = batch_size * args.new_tokens
-        row = {
-            "batch_size": batch_size,
-            "posterior_fit_s": fit_s["fit"],
-            "num_inference_steps": args.num_inference_steps,
-            "ltm_cache_tok_s": tokens / cached_s["ltm"],
-            "ltm_no_cache_tok_s": tokens / no_cache_s["ltm"],
-            "llama_tok_s": tokens / cached_s["llama"],
-        }
-        row["ltm_vs_llama"] = row["ltm_cache_tok_s"] / row["llama_tok_s"]
-        row["cache_speedup"] = row["ltm_cache_tok_s"] / row["ltm_no_cache_tok_s"]
+        row = {"batch_size": batch_size, "num_inference_steps": args.num_inference_steps, "load_average_1min": load}
+        for clock, fit_s, times, no_cache_s in (
+            ("cpu", fit_cpu, cpu, no_cache_cpu),
+            ("wall", fit_wall, wall, no_cache_wall),
+        ):
+            row[f"{clock}_posterior_fit_s"] = fit_s["fit"]
+            row[f"{clock}_ltm_cache_tok_s"] = tokens / times["ltm"]
+            row[f"{clock}_ltm_no_cache_tok_s"] = tokens / no_cache_s["ltm"]
+            row[f"{clock}_llama_tok_s"] = tokens / times["llama"]
+            row[f"{clock}_ltm_vs_llama"] = times["llama"] / times["ltm"]
+            row[f"{clock}_cache_speedup"] = no_cache_s["ltm"] / times["ltm"]
         results.append(row)
         print(json.dumps(row), flush=True)
     load_after = os.getloadavg()
@@ -156,16 +170,19 @@ def main(argv=None) -> int:
     )
     print()
     print(
-        "| batch | LTM + cache (tok/s) | LTM, no cache (tok/s) | Llama + cache (tok/s) | LTM / Llama | cache speed-up "
-        "| posterior fit on the prompt (s) |"
+        "| batch | clock | LTM + cache (tok/s) | LTM, no cache (tok/s) | Llama + cache (tok/s) | LTM / Llama "
+        "| LTM cache speed-up | posterior fit on the prompt (s) | load avg |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in results:
-        print(
-            f"| {row['batch_size']} | {row['ltm_cache_tok_s']:.0f} | {row['ltm_no_cache_tok_s']:.0f} | "
-            f"{row['llama_tok_s']:.0f} | {row['ltm_vs_llama']:.2f}x | {row['cache_speedup']:.1f}x | "
-            f"{row['posterior_fit_s']:.3f} ({row['num_inference_steps']} steps) |"
-        )
+        for clock in ("cpu", "wall"):
+            print(
+                f"| {row['batch_size']} | {clock} | {row[f'{clock}_ltm_cache_tok_s']:.1f} | "
+                f"{row[f'{clock}_ltm_no_cache_tok_s']:.1f} | {row[f'{clock}_llama_tok_s']:.1f} | "
+                f"{row[f'{clock}_ltm_vs_llama']:.2f}x | {row[f'{clock}_cache_speedup']:.1f}x | "
+                f"{row[f'{clock}_posterior_fit_s']:.2f} ({row['num_inference_steps']} steps) | "
+                f"{row['load_average_1min']:.1f} |"
+            )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -32,7 +32,9 @@ model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True
 inputs = tokenizer("{prompt}", return_tensors="pt")
 torch.manual_seed(0)  # the fast loop starts from random noise
 # Fit the latent thoughts z to the prompt ({num_inference_steps} fast steps), then decode greedily given z.
-output_ids = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False, num_inference_steps={num_inference_steps})
+output_ids = model.generate(
+    **inputs, max_new_tokens={max_new_tokens}, do_sample=False, num_inference_steps={num_inference_steps}
+)
 print(tokenizer.decode(output_ids[0], skip_special_tokens=True))
 
 # Posterior q(z|x) of the prompt; nll, kl and elbo are per-sequence sums in nats.
@@ -40,7 +42,7 @@ posterior = model.infer_latents(inputs["input_ids"], inputs["attention_mask"])
 print("ELBO perplexity bound:", torch.exp(-posterior.elbo / posterior.num_tokens).item())"""
 
 LM_EVAL_COMMAND_TEMPLATE = (
-    "ltm eval --model ltm --model_args pretrained={repo_id},trust_remote_code=True "
+    "ltm eval --model ltm --model_args pretrained={repo_id} "
     "--tasks wikitext,lambada_openai --batch_size 8"
 )
 
@@ -159,20 +161,25 @@ def lm_eval_results(results_json: Mapping[str, Any]) -> list[EvalResult]:
 
 
 def load_lm_eval_results(paths: Iterable[str | Path]) -> list[EvalResult]:
-    """Read lm-eval results JSON files (a file, or a folder searched for `results*.json`)."""
-    out = []
-    for path in paths:
-        path = Path(path)
-        files = sorted(path.rglob("results*.json")) if path.is_dir() else [path]
-        if not files:
+    """Read lm-eval results JSON files: files, or folders searched for the `results*.json` lm-eval writes under
+    `--output_path`. When several runs report the same task and metric, the newest file wins."""
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ValueError(f"lm-eval results {path} do not exist; pass the file (or folder) `--output_path` wrote.")
+        found = sorted(path.rglob("results*.json"), key=lambda f: f.stat().st_mtime) if path.is_dir() else [path]
+        if not found:
             raise ValueError(f"No lm-eval results*.json found under {path}; pass the file lm-eval wrote.")
-        for file in files:
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as error:
-                raise ValueError(f"Cannot read lm-eval results {file}: {error}") from error
-            out.extend(lm_eval_results(data))
-    return out
+        files.extend(found)
+    latest: dict[tuple, EvalResult] = {}
+    for file in files:
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"Cannot read lm-eval results {file}: {error}") from error
+        for result in lm_eval_results(data):
+            latest[(result.task_name, result.metric_type, result.metric_name)] = result
+    return list(latest.values())
 
 
 def _format_value(value: Any) -> str:

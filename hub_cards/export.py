@@ -13,12 +13,14 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
 from transformers.utils import logging
+
+from modeling_ltm import LTMForCausalLM  # importing the package registers the classes for `auto_map`
 
 from .card import build_model_card, load_lm_eval_results, trainer_eval_results
 
@@ -209,8 +211,6 @@ def export_for_hub(
         license: the weights' license identifier for the card.
         overwrite: replace an existing non-empty `output_dir`.
     """
-    from modeling_ltm import LTMForCausalLM  # noqa: F401  (also registers the Auto classes for auto_map)
-
     checkpoint = Path(checkpoint).expanduser().resolve()
     output_dir = Path(output_dir).expanduser().resolve()
     config_dict = _read_json(checkpoint / "config.json")
@@ -223,8 +223,11 @@ def export_for_hub(
         raise ValueError(
             f"{checkpoint} holds a model of type {config_dict.get('model_type')!r}, not 'ltm'; export needs an LTM."
         )
-    if output_dir == checkpoint:
-        raise ValueError("The export folder must differ from the checkpoint folder; choose e.g. <checkpoint>/hub.")
+    if output_dir == checkpoint or output_dir in checkpoint.parents:
+        raise ValueError(
+            f"The export folder {output_dir} would contain (and with --overwrite delete) the checkpoint; choose a "
+            "new folder, e.g. <checkpoint>/hub."
+        )
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"{output_dir} exists and is not a folder.")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:

@@ -105,7 +105,9 @@ def push_folder(
             token=token,
         )
     except hub_errors.OfflineModeIsEnabled as error:
-        raise HubPushError(f"Cannot push to {repo_id}: offline mode is enabled ({error}); unset HF_HUB_OFFLINE.") from error
+        raise HubPushError(
+            f"Cannot push to {repo_id}: offline mode is enabled ({error}); unset HF_HUB_OFFLINE."
+        ) from error
     except NETWORK_ERRORS as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
         if status in (401, 403):
@@ -113,7 +115,10 @@ def push_folder(
                 f"The Hub refused the token for {repo_id} (HTTP {status}): {TOKEN_HELP}, with write access to "
                 f"the namespace of {repo_id}."
             ) from error
-        raise HubPushError(f"Pushing {folder} to {repo_id} failed: {error}") from error
+        raise HubPushError(
+            f"Pushing {folder} to {repo_id} failed: {error}. Check the network connection (or a proxy via "
+            "HTTPS_PROXY) and that the token may write to that repository."
+        ) from error
     return str(getattr(commit, "commit_url", None) or commit)
 
 

@@ -4,6 +4,8 @@ This file imports only `transformers` so that `save_pretrained` can copy it next
 `trust_remote_code=True` loading.
 """
 
+import math
+
 from transformers.configuration_utils import PreTrainedConfig
 
 
@@ -165,6 +167,23 @@ class LTMConfig(PreTrainedConfig):
             )
         if self.sliding_window is not None:
             positive_int("sliding_window")
+        for name in (
+            "rope_theta",
+            "rms_norm_eps",
+            "dropout",
+            "initializer_range",
+            "inference_lr",
+            "inference_lr_min_ratio",
+            "posterior_init_logvar",
+            "posterior_init_logvar_noise",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"LTMConfig.{name} must be a finite number, got {value!r}.")
+        if not isinstance(self.posterior_fixed_noise, bool):
+            raise ValueError(
+                f"LTMConfig.posterior_fixed_noise must be True or False, got {self.posterior_fixed_noise!r}."
+            )
         if not self.rope_theta > 0:
             raise ValueError(f"LTMConfig.rope_theta must be > 0, got {self.rope_theta!r}.")
         if not self.rms_norm_eps > 0:
@@ -174,7 +193,9 @@ class LTMConfig(PreTrainedConfig):
         if not self.initializer_range >= 0:
             raise ValueError(f"LTMConfig.initializer_range must be >= 0, got {self.initializer_range!r}.")
         if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
-            raise ValueError(f"LTMConfig.num_inference_steps must be an integer >= 0, got {self.num_inference_steps!r}.")
+            raise ValueError(
+                f"LTMConfig.num_inference_steps must be an integer >= 0, got {self.num_inference_steps!r}."
+            )
         if self.num_inference_steps < 0:
             raise ValueError(f"LTMConfig.num_inference_steps must be >= 0, got {self.num_inference_steps!r}.")
         if not self.inference_lr > 0:

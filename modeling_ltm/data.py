@@ -230,20 +230,36 @@ def holdout_split(dataset: Dataset, text_column: str = "text", fraction: float =
     if candidates:
         offset = min(candidates, key=lambda i: abs(i - (cut - seen)))
     head, tail = text[:offset], text[offset:]
-    other_columns = {c: [dataset[row][c]] for c in dataset.column_names if c != text_column}
-
-    def single_row(piece: str) -> Dataset:
-        return Dataset.from_dict({text_column: [piece], **other_columns}, features=dataset.features)
-
-    train_parts = ([dataset.select(range(row))] if row > 0 else []) + ([single_row(head)] if head else [])
-    validation_parts = ([single_row(tail)] if tail else []) + (
-        [dataset.select(range(row + 1, len(dataset)))] if row + 1 < len(dataset) else []
-    )
-    if not train_parts or not validation_parts:
+    if (row == 0 and not head) or (row == len(dataset) - 1 and not tail):
         raise ValueError(f"Holding out {fraction:.0%} of the text left an empty split; use a larger corpus.")
-    return DatasetDict(
-        train=datasets.concatenate_datasets(train_parts), validation=datasets.concatenate_datasets(validation_parts)
-    )
+
+    def select_part(batch, indices, train: bool):
+        out = {name: [] for name in batch}
+        for i, index in enumerate(indices):
+            if index == row:
+                piece = head if train else tail
+                if not piece:
+                    continue
+            elif (index < row) != train:
+                continue
+            else:
+                piece = batch[text_column][i]
+            for name in batch:
+                out[name].append(piece if name == text_column else batch[name][i])
+        return out
+
+    # A `map` (not an in-memory concatenation) keeps file-backed datasets file-backed, so later maps are cached.
+    def part(train: bool) -> Dataset:
+        return dataset.map(
+            select_part,
+            batched=True,
+            with_indices=True,
+            fn_kwargs={"train": train},
+            new_fingerprint=hashlib.sha256(f"{dataset._fingerprint}|holdout|{cut}|{train}".encode()).hexdigest()[:16],
+            desc="Holding out the validation split",
+        )
+
+    return DatasetDict(train=part(True), validation=part(False))
 
 
 def load_text_dataset(
@@ -292,10 +308,11 @@ def load_text_dataset(
                 raw = datasets.load_dataset(
                     str(specs[0]), dataset_config, data_files=data_files, cache_dir=cache_dir, **load_kwargs
                 )
-            except FileNotFoundError as error:
+            except (FileNotFoundError, ConnectionError) as error:  # unknown name, or the Hub unreachable / offline
                 raise ValueError(
                     f"--dataset {specs[0]!r} is neither an existing local file/directory nor a loadable dataset "
-                    f"({error}). Pass text files, a directory of .txt files, or a `datasets.load_dataset` name."
+                    f"({type(error).__name__}: {error}). Pass text files, a directory of .txt files, or a "
+                    "`datasets.load_dataset` name (with network access to the Hub, or already in the datasets cache)."
                 ) from error
     if isinstance(raw, Dataset):
         raw = DatasetDict(train=raw)

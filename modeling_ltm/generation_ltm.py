@@ -136,6 +136,7 @@ class LTMGenerationMixin(GenerationMixin):
                 )
 
         def setting(value, name, fallback):
+            """A generate() argument, else the generation config's attribute, else `fallback`."""
             if value is not None:
                 return value
             value = getattr(generation_defaults, name, None)
@@ -143,12 +144,12 @@ class LTMGenerationMixin(GenerationMixin):
                 value = getattr(self.generation_config, name, None)
             return fallback if value is None else value
 
+        if isinstance(latents, str) and latents != "prior":
+            raise ValueError(f'`latents` must be a tensor, a PosteriorOutput, "prior" or None; got {latents!r}.')
         seed = inference_seed
         if seed is None and inference_generator is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        if isinstance(latents, str) and latents != "prior":
-            raise ValueError(f'`latents` must be a tensor, a PosteriorOutput, "prior" or None; got {latents!r}.')
-        if latents == "prior" or (latents is None and prompt is None and "inputs_embeds" not in kwargs):
+        if isinstance(latents, str) or (latents is None and prompt is None and "inputs_embeds" not in kwargs):
             temperature = setting(latent_temperature, "latent_temperature", 1.0)
             latents = self._sample_prior_latents(batch_size, temperature, seed, inference_generator)
         elif latents is None:
@@ -176,6 +177,7 @@ class LTMGenerationMixin(GenerationMixin):
             if hasattr(latents, "z") and hasattr(latents, "mu"):  # a PosteriorOutput (duck-typed for remote code)
                 latents = latents.z
             self.model.check_latents(latents, batch_size)  # raises naming the expected shape
+            latents = latents.to(self.device)
         return super().generate(inputs, generation_config, *args, latents=latents, **kwargs)
 
     def set_inference_defaults(

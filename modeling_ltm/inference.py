@@ -231,7 +231,8 @@ def fit_posterior(
     The decoder is frozen: gradients are taken with `torch.autograd.grad` with respect to `(mu, logvar)` only, so no
     weight gradient is computed, no decoder `.grad` changes, and no graph survives the call. Call it on the bare
     model (`accelerator.unwrap_model(model)` under DDP/FSDP). It runs with gradients enabled even inside
-    `torch.no_grad()` (as `generate()` and evaluation loops are), and honours an enclosing autocast.
+    `torch.no_grad()` or `torch.inference_mode()` (as `generate()` and evaluation loops are), and honours an
+    enclosing autocast.
 
     Args:
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids.
@@ -262,6 +263,21 @@ def fit_posterior(
     init_logvar = config.posterior_init_logvar if init_logvar is None else init_logvar
     init_logvar_noise = config.posterior_init_logvar_noise if init_logvar_noise is None else init_logvar_noise
     fixed_noise = config.posterior_fixed_noise if fixed_noise is None else fixed_noise
+    if not 0.0 < lr_min_ratio <= 1.0:
+        raise ValueError(f"`lr_min_ratio` must be in (0, 1], got {lr_min_ratio!r}.")
+    if not init_logvar_noise >= 0:
+        raise ValueError(f"`init_logvar_noise` must be >= 0, got {init_logvar_noise!r}.")
+    if torch.is_inference_mode_enabled():
+        # `torch.inference_mode()` forbids autograd even under `enable_grad()`: leave it for the fast loop, with
+        # copies of the inputs that are ordinary tensors (inference tensors cannot be saved for backward).
+        with torch.inference_mode(False):
+            input_ids, attention_mask, labels = (
+                None if t is None else t.clone() for t in (input_ids, attention_mask, labels)
+            )
+            return fit_posterior(
+                model, input_ids, attention_mask, labels, num_steps, lr, lr_min_ratio, init_logvar,
+                init_logvar_noise, fixed_noise, seed, generator,
+            )  # fmt: skip
 
     batch_size = input_ids.shape[0]
     shape = (batch_size, *config.latent_shape)

@@ -68,6 +68,8 @@ class LTMCausalLMOutput(ModelOutput):
 
 
 class LTMRMSNorm(nn.Module):
+    """Root-mean-square layer norm over the last dimension, computed in float32, with a learned scale."""
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -157,6 +159,8 @@ def _attention_interface(config: LTMConfig) -> Callable:
 
 
 class LTMMLP(nn.Module):
+    """SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`, `(..., hidden_size)` → `(..., hidden_size)`."""
+
     def __init__(self, config: LTMConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -240,8 +244,14 @@ class LTMCrossAttention(nn.Module):
     def project_latents(
         self, latents: torch.Tensor, latent_position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`latents` of shape `(batch, n_latents, latent_dim)` → keys, values of shape `(batch, nkv, n_latents, hd)`."""
-        latents = latents.to(self.k_proj.weight.dtype) if not torch.is_autocast_enabled() else latents
+        """`latents` of shape `(batch, n_latents, latent_dim)` → keys, values of shape `(batch, nkv, n_latents, hd)`.
+
+        Latents are cast to the projection's dtype, so a bf16 model accepts the float32 latents that posterior
+        inference returns (gradients still flow back to them in float32); an enclosing autocast applies on top.
+        """
+        weight_dtype = self.k_proj.weight.dtype
+        if weight_dtype.is_floating_point and latents.dtype != weight_dtype:
+            latents = latents.to(weight_dtype)
         kv_shape = (*latents.shape[:-1], -1, self.head_dim)
         key_states = self.k_proj(latents).view(kv_shape).transpose(1, 2)
         value_states = self.v_proj(latents).view(kv_shape).transpose(1, 2)
@@ -333,6 +343,10 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
 
 
 class LTMPreTrainedModel(PreTrainedModel):
+    """Holds the flags shared by the LTM models; weights are initialised by `PreTrainedModel._init_weights` (normal
+    with `config.initializer_range` for linear and embedding weights, ones for RMSNorm scales, RoPE tables rebuilt),
+    which leaves weights loaded by `from_pretrained` untouched."""
+
     config_class = LTMConfig
     config: LTMConfig
     base_model_prefix = "model"
@@ -412,16 +426,33 @@ class LTMModel(LTMPreTrainedModel):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Token ids.
+                Token ids. Exactly one of `input_ids` and `inputs_embeds` is given.
             attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
-                1 for real tokens, 0 for padding. Positions skip padding, so left padding does not shift a row.
-            latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
-                The latent thought vectors `z`. `None` means the prior mean `z = 0`: `forward` never fits a
-                posterior by itself (use `LTMForCausalLM.infer_latents`). Ignored for layers whose cross-attention
-                keys/values are already in `past_key_values`.
+                1 for real tokens, 0 for padding (left or right). Positions skip padding, so left padding does not
+                shift a row.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                RoPE positions of the tokens. Defaults to `past_length + arange(sequence_length)`, or to positions
+                counted over the real tokens of `attention_mask` when it has padding.
             past_key_values (`Cache`, *optional*):
-                An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache). An empty
-                `DynamicCache` is converted into one.
+                An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache) as returned by a
+                previous call. An empty `DynamicCache` (what `generate()` creates) is converted into one.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Token embeddings, instead of `input_ids`.
+            latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
+                The latent thought vectors `z`, any floating dtype (cast to the weights' dtype). `None` means the
+                prior mean `z = 0`: `forward` never fits a posterior by itself (use `LTMForCausalLM.infer_latents`).
+                Ignored for layers whose cross-attention keys/values are already in `past_key_values`.
+            use_cache (`bool`, *optional*):
+                Return the caches for further decoding. Defaults to `config.use_cache`; off while training with
+                gradient checkpointing.
+
+        Returns:
+            [`LTMModelOutput`] with `last_hidden_state` of shape `(batch_size, sequence_length, hidden_size)`.
+
+        Raises:
+            ValueError: 1-D `input_ids`, both or neither of `input_ids`/`inputs_embeds`, latents of the wrong shape,
+                or more than `max_position_embeddings` tokens (cached + new).
+            TypeError: `latents` not a floating-point tensor, or a cache that is not an `EncoderDecoderCache`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -553,6 +584,9 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         **kwargs,
     ) -> LTMCausalLMOutput:
         r"""
+        `input_ids`, `attention_mask`, `position_ids`, `past_key_values`, `inputs_embeds` and `use_cache` are as in
+        [`LTMModel.forward`].
+
         Args:
             latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
                 The latent thought vectors. `None` means the prior mean `z = 0`; `forward` never runs posterior
@@ -561,7 +595,12 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
                 Targets, shifted inside the loss as in every transformers causal LM; `-100` is ignored. The loss is
                 the mean NLL in nats per predicted token given `latents`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
-                Compute logits for the last `logits_to_keep` positions only (0 keeps all).
+                An `int` computes logits for the last `logits_to_keep` positions only (0 keeps all); a 1-D tensor
+                lists the sequence positions to keep.
+
+        Returns:
+            [`LTMCausalLMOutput`] with `logits` of shape `(batch_size, kept_positions, vocab_size)`, `loss` when
+            `labels` is given, `past_key_values` when caching.
         """
         outputs = self.model(
             input_ids=input_ids,

@@ -118,6 +118,10 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenizing and packing (datasets.map num_proc)."}
     )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "datasets' cache for loaded and tokenized data (default: ~/.cache/huggingface/datasets)."},
+    )
     corpus_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache of the embedded corpus (default $LTM_HF_CACHE or ~/.cache/ltm-hf)."}
     )
@@ -351,6 +355,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
             text_column=data_args.text_column,
             validation_fraction=data_args.validation_split_percentage / 100.0,
             data_files=data_args.data_files,
+            cache_dir=data_args.cache_dir,
             corpus_cache_dir=data_args.corpus_cache_dir,
         )
         text_column = data_args.text_column if data_args.dataset is not None else "text"

@@ -2,8 +2,8 @@
 
 Each micro-batch of a training step runs
 
-1. **fast learning** - `fit_posterior` fits `q(z|x) = N(mu, diag(exp(logvar)))` to every sequence with `T` Adam steps on
-   `(mu, logvar)` only, on the *unwrapped* model (`accelerator.unwrap_model`): no weight gradient, no DDP hook, no
+1. **fast learning** - `fit_posterior` fits `q(z|x) = N(mu, diag(exp(logvar)))` to every sequence with `T` Adam steps
+   on `(mu, logvar)` only, on the *unwrapped* model (`accelerator.unwrap_model`): no weight gradient, no DDP hook, no
    graph kept across steps;
 2. **slow learning** - exactly one forward/backward of the *wrapped* model, `model(input_ids, attention_mask,
    latents=z, labels=labels)`, whose loss is `-log p(x|z)` in nats per token (no KL: the KL does not depend on the
@@ -54,6 +54,8 @@ class LTMTrainingArguments(TrainingArguments):
 
     Every field has a `help` string, so `HfArgumentParser(LTMTrainingArguments)` gives a command line for free.
     Fields left at `None` fall back to the model's config (`config.num_inference_steps`, `config.inference_lr`).
+    One inherited default changes: `ddp_find_unused_parameters` is False unless set (every weight takes part in the
+    decoder step, and the fast loop never goes through the DDP wrapper).
     """
 
     num_inference_steps: int | None = field(
@@ -90,6 +92,10 @@ class LTMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.ddp_find_unused_parameters is None:
+            # Trainer's default (True for a model without gradient checkpointing) costs an extra traversal of the
+            # graph every step; the one wrapped forward of each micro-step uses every decoder weight.
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
         for name in ("num_inference_steps", "eval_inference_steps"):
             value = getattr(self, name)
@@ -102,7 +108,8 @@ class LTMTrainingArguments(TrainingArguments):
         value = self.eval_iw_samples
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(
-                f"`eval_iw_samples` must be an integer >= 0 (0 turns the importance-weighted bound off), got {value!r}."
+                "`eval_iw_samples` must be an integer >= 0 (0 turns the importance-weighted bound off), "
+                f"got {value!r}."
             )
 
 
@@ -124,6 +131,16 @@ class _CausalLMLabels:
                 labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
             batch["labels"] = labels
         return batch
+
+
+def _unpack(inputs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`(input_ids, attention_mask, labels)` of a batch, with a clear error when there are no token ids."""
+    if inputs.get("input_ids") is None:
+        raise ValueError(
+            f"LTMTrainer needs batches with `input_ids` (fit the posterior to token ids), got keys {sorted(inputs)}. "
+            "Tokenize the dataset into an `input_ids` column (e.g. `modeling_ltm.data`)."
+        )
+    return inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
 
 
 def _row_seeds(base_seed: int, stream: int, step: int, first_row: int, num_rows: int) -> list[int]:
@@ -212,10 +229,11 @@ class LTMTrainer(Trainer):
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    def _global_rows(self, micro_step: int, batch_size: int) -> int:
-        """Index of this process's first row in the global batch of the current step (accelerate hands batch `k` of
-        an accumulation window to process `k % num_processes`)."""
-        return (micro_step * self.accelerator.num_processes + self.accelerator.process_index) * batch_size
+    def _first_global_row(self, batch_index: int, batch_size: int) -> int:
+        """Index of this process's first row among all processes' rows: accelerate hands the `k`-th batch of the
+        global stream to process `k % num_processes`, so this process's `batch_index`-th batch is the global
+        `batch_index * num_processes + process_index`-th."""
+        return (batch_index * self.accelerator.num_processes + self.accelerator.process_index) * batch_size
 
     def _next_micro_step(self) -> int:
         step, taken = self._micro_step_of
@@ -231,9 +249,10 @@ class LTMTrainer(Trainer):
         The loss is divided by `num_items_in_batch` (the predicted tokens of the whole accumulated batch over all
         processes) when Trainer gives it, else it is this batch's mean divided by the accumulation steps.
         """
-        input_ids, attention_mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+        input_ids, attention_mask, labels = _unpack(inputs)
         step = self.state.global_step
-        first_row = self._global_rows(self._next_micro_step(), self.args.per_device_train_batch_size)
+        batch_size = getattr(self, "_train_batch_size", None) or self.args.per_device_train_batch_size
+        first_row = self._first_global_row(self._next_micro_step(), batch_size)
         lr = self.inference_lr_at(step)
         posterior = fit_posterior(
             self.accelerator.unwrap_model(model),
@@ -264,9 +283,8 @@ class LTMTrainer(Trainer):
 
     def _record_train_stats(self, posterior, lr: float) -> None:
         gain = posterior.elbo_trace[-1] - posterior.elbo_trace[0]
-        sums = torch.stack(
-            [posterior.nll.sum(), posterior.kl.sum(), posterior.num_tokens.sum(), gain.sum()]
-        ).to(torch.float64)
+        sums = torch.stack([posterior.nll.sum(), posterior.kl.sum(), posterior.num_tokens.sum(), gain.sum()])
+        sums = sums.to(torch.float64)
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         self._last_inference_lr = lr
 
@@ -318,12 +336,16 @@ class LTMTrainer(Trainer):
         finally:
             self._eval_overrides = previous
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         """Trainer's loop; afterwards the per-sequence statistics gathered by `prediction_step` become metrics."""
         self._eval_stats, self._eval_batches_seen = [], 0
         output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
+            dataloader,
+            description,
+            prediction_loss_only=prediction_loss_only,
+            ignore_keys=ignore_keys,
             metric_key_prefix=metric_key_prefix,
         )
         if self._eval_stats:
@@ -349,12 +371,11 @@ class LTMTrainer(Trainer):
         re-enables them under Trainer's `no_grad`), record its NLL, KL and token count (gathered over processes),
         and return the batch's NLL per token (plus the logits given `z` unless `prediction_loss_only`)."""
         inputs = self._prepare_inputs(inputs)
-        input_ids, attention_mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+        input_ids, attention_mask, labels = _unpack(inputs)
         bare_model = self.accelerator.unwrap_model(model)
-        batch_size = input_ids.shape[0]
-        first_row = (self._eval_batches_seen * self.accelerator.num_processes + self.accelerator.process_index)
-        seeds = _row_seeds(self.args.seed, _EVAL_STREAM, 0, first_row * self.args.per_device_eval_batch_size,
-                           batch_size)
+        first_row = self._first_global_row(self._eval_batches_seen, self.args.eval_batch_size)
+        # Eval draws depend on the sequence's place in the eval set only: the same model gets the same numbers.
+        seeds = _row_seeds(self.args.seed, _EVAL_STREAM, 0, first_row, input_ids.shape[0])
         self._eval_batches_seen += 1
         posterior = fit_posterior(
             bare_model,
@@ -368,8 +389,13 @@ class LTMTrainer(Trainer):
         extra = torch.zeros_like(posterior.nll)
         if self.eval_iw_samples > 0:
             extra = importance_weighted_bound(
-                bare_model, input_ids, attention_mask, labels=labels, num_samples=self.eval_iw_samples,
-                posterior=posterior, seed=seeds,
+                bare_model,
+                input_ids,
+                attention_mask,
+                labels=labels,
+                num_samples=self.eval_iw_samples,
+                posterior=posterior,
+                seed=seeds,
             )
         stats = torch.stack([posterior.nll, posterior.kl, posterior.num_tokens.to(posterior.nll.dtype), extra], -1)
         self._eval_stats.append(self.accelerator.gather_for_metrics(stats.to(torch.float64)).cpu())

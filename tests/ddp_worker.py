@@ -36,12 +36,14 @@ def run_training(output_dir: str, per_device_batch: int, accumulation: int, max_
         use_cpu=True,
         # gloo only when launched as several processes: a backend without a process group breaks a plain run.
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        ddp_find_unused_parameters=False,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
         logging_steps=1,
-        learning_rate=3e-3,
+        # Plain SGD without clipping: the weights then show any error in the gradient's scale (Adam would hide it).
+        optim="sgd",
+        learning_rate=0.1,
+        max_grad_norm=0.0,
         lr_scheduler_type="constant",
         seed=0,
         num_inference_steps=2,

@@ -38,6 +38,11 @@ from modeling_ltm import LTMConfig
         (dict(rms_norm_eps=0.0), "rms_norm_eps"),
         (dict(initializer_range=-0.02), "initializer_range"),
         (dict(posterior_init_logvar_noise=-0.1), "posterior_init_logvar_noise"),
+        (dict(inference_lr="0.3"), "inference_lr"),  # a string from a hand-edited JSON
+        (dict(dropout=None), "dropout"),
+        (dict(posterior_init_logvar=float("nan")), "posterior_init_logvar"),
+        (dict(rope_theta=float("inf")), "rope_theta"),
+        (dict(posterior_fixed_noise="yes"), "posterior_fixed_noise"),
     ],
 )
 def test_invalid_value_raises_value_error_naming_the_field(overrides, field):
@@ -74,7 +79,9 @@ def test_derived_defaults():
     assert config.head_dim == 16
     assert config.latent_shape == (3, 2, 96)
     # Explicit values win over the derived ones.
-    explicit = LTMConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, latent_dim=8, intermediate_size=100)
+    explicit = LTMConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, latent_dim=8, intermediate_size=100
+    )
     assert (explicit.num_key_value_heads, explicit.latent_dim, explicit.intermediate_size) == (2, 8, 100)
 
 

@@ -1,6 +1,7 @@
-"""LTMTrainer under DDP: 2 CPU processes (torchrun, gloo) end with identical decoder weights, equal to a
-single-process run with the same global batch. The fast loop runs on the unwrapped module, so DDP sees exactly one
-forward/backward per micro-step (`ddp_find_unused_parameters=False`; a second armed forward would raise)."""
+"""LTMTrainer under DDP: 2 CPU processes (torchrun, gloo) end with identical decoder weights, equal to a single-process
+run with the same global batch. The fast loop runs on the unwrapped module, so DDP sees exactly one forward/backward
+per micro-step, as its reducer expects (with LTMTrainingArguments' default `ddp_find_unused_parameters=False`).
+Also: the fast loop on an FSDP2-sharded model (raw torch, CPU) gives the single-process gradient."""
 
 import json
 import os
@@ -18,6 +19,7 @@ from modeling_ltm import LTMForCausalLM
 
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+FSDP2_WORKER = Path(__file__).resolve().parent / "fsdp2_worker.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
@@ -54,3 +56,13 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_
     for ddp_entry, single_entry in zip(ddp_logs, single_logs):
         for key in ("loss", "nll_per_token", "kl_per_token", "elbo_gain"):
             assert ddp_entry[key] == pytest.approx(single_entry[key], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_fast_loop_on_fsdp2_sharded_model_gives_the_single_process_gradient():
+    """FSDP2 through raw torch (accelerate's FSDP needs GPUs): see tests/fsdp2_worker.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(FSDP2_WORKER)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count("FSDP2 fast loop OK") == 2

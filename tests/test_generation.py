@@ -52,7 +52,10 @@ class ForwardRecorder:
 
     def __init__(self, model):
         self.latents = []
-        model.register_forward_pre_hook(lambda module, args, kwargs: self.latents.append(kwargs.get("latents")), with_kwargs=True)
+        model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        self.latents.append(kwargs.get("latents"))
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +223,8 @@ def test_unconditional_generation_from_the_prior():
     model.generate(prompt, latents="prior", latent_temperature=0.5, inference_seed=0, max_new_tokens=2)
     torch.testing.assert_close(recorder.latents[-1][0], 0.5 * expected)
     cold = model.generate(prompt, latents="prior", latent_temperature=0.0, max_new_tokens=6)
-    assert torch.equal(cold, model.generate(prompt, latents=torch.zeros(1, *model.config.latent_shape), max_new_tokens=6))
+    zeros = torch.zeros(1, *model.config.latent_shape)
+    assert torch.equal(cold, model.generate(prompt, latents=zeros, max_new_tokens=6))
 
 
 def test_fixed_seed_gives_the_same_sample():
@@ -256,7 +260,7 @@ def test_generation_config_defaults_for_inference(monkeypatch, tmp_path):
     assert (loaded.num_inference_steps, loaded.inference_lr, loaded.latent_temperature) == (2, 0.05, 0.7)
     model.generate(prompt, max_new_tokens=2)
     assert seen[-1] == (2, 0.05)  # generation_config next
-    model.generate(prompt, max_new_tokens=2, generation_config=GenerationConfig(num_inference_steps=1, max_new_tokens=2))
+    model.generate(prompt, generation_config=GenerationConfig(num_inference_steps=1, max_new_tokens=2))
     assert seen[-1] == (1, 0.05)  # an explicit generation_config first, then model.generation_config
     model.generate(prompt, max_new_tokens=2, num_inference_steps=3, inference_lr=0.1)
     assert seen[-1] == (3, 0.1)  # generate() arguments first
@@ -313,6 +317,62 @@ def test_text_generation_pipeline(text_model, tokenizer, monkeypatch):
     assert len(sampled) == 2
     unconditional = generator("", max_new_tokens=4, do_sample=True)  # empty prompt: z from the prior, from BOS
     assert len(steps) == 2 and isinstance(unconditional[0]["generated_text"], str)
+
+
+REMOTE_CHILD = """
+import importlib.util, sys
+import torch
+from safetensors.torch import load_file, save_file
+
+def provides_ours(finder):
+    try:
+        return finder.find_spec("modeling_ltm", None) is not None
+    except Exception:
+        return False
+
+sys.meta_path[:] = [f for f in sys.meta_path if not provides_ours(f)]  # as on a machine without our package
+assert importlib.util.find_spec("modeling_ltm") is None
+from transformers import AutoModelForCausalLM
+
+folder, tensors_in, tensors_out = sys.argv[1:4]
+inputs = load_file(tensors_in)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules.")
+fitted = model.generate(inputs["input_ids"], max_new_tokens=6, inference_seed=0)  # num_inference_steps: saved default
+beams = model.generate(inputs["input_ids"], latents=inputs["latents"], max_new_tokens=6, num_beams=2)
+save_file({"fitted": fitted.contiguous(), "beams": beams.contiguous()}, tensors_out)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter importing transformers: ~10-25 s on 2 shared cores
+def test_generate_with_remote_code(tmp_path):
+    """The copied generation_ltm.py works where `modeling_ltm` is not installed, and gives the same tokens."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    model = make_model()
+    model.set_inference_defaults(num_inference_steps=2)
+    model.save_pretrained(tmp_path / "model")
+    input_ids = random_prompt(6, batch=2)
+    latents = torch.randn(2, *model.config.latent_shape)
+    save_file({"input_ids": input_ids, "latents": latents}, tmp_path / "inputs.safetensors")
+    (tmp_path / "child.py").write_text(REMOTE_CHILD)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(
+        [sys.executable, "child.py", str(tmp_path / "model"), "inputs.safetensors", "outputs.safetensors"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    outputs = load_file(tmp_path / "outputs.safetensors")
+    assert torch.equal(outputs["fitted"], model.generate(input_ids, max_new_tokens=6, inference_seed=0))
+    assert torch.equal(outputs["beams"], model.generate(input_ids, latents=latents, max_new_tokens=6, num_beams=2))
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

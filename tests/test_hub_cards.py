@@ -17,7 +17,14 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFas
 
 from conftest import REPO_ROOT, TINY_SHAKESPEARE, tiny_config
 from hub_cards import HubPushError, export_for_hub, push_folder
-from hub_cards.card import CITATION, lm_eval_command, lm_eval_results, trainer_eval_results, usage_snippet
+from hub_cards.card import (
+    CITATION,
+    lm_eval_command,
+    lm_eval_results,
+    load_lm_eval_results,
+    trainer_eval_results,
+    usage_snippet,
+)
 from hub_cards.cli import export_main, push_main
 from hub_cards.export import REMOTE_CODE_FILES
 from modeling_ltm import LTMForCausalLM
@@ -220,6 +227,8 @@ def test_export_errors_are_clear_and_leave_nothing_behind(run_dir, exported, tmp
         export_for_hub(tmp_path, tmp_path / "out")
     with pytest.raises(ValueError, match="--overwrite"):
         export_for_hub(run_dir, exported)
+    with pytest.raises(ValueError, match="would contain"):
+        export_for_hub(run_dir, run_dir.parent, overwrite=True)
     no_tokenizer = tmp_path / "no-tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -255,6 +264,26 @@ def test_card_metadata_validates_and_matches_the_inputs(exported):
         "wikitext-2-raw-v1",
         "test",
     )
+
+
+def test_lm_eval_results_folder_keeps_the_newest_run(tmp_path):
+    run = tmp_path / "lm_eval" / "ltm-tiny"
+    run.mkdir(parents=True)
+    old, new = json.loads(json.dumps(LM_EVAL_RESULTS)), json.loads(json.dumps(LM_EVAL_RESULTS))
+    new["results"]["wikitext"]["word_perplexity,none"] = 44.0
+    (run / "results_2025-01-01.json").write_text(json.dumps(old))
+    (run / "results_2025-01-02.json").write_text(json.dumps(new))
+    os.utime(run / "results_2025-01-01.json", (1, 1))
+    results = load_lm_eval_results([tmp_path / "lm_eval"])
+    assert len(results) == 3
+    assert next(r.metric_value for r in results if r.metric_type == "word_perplexity") == 44.0
+    with pytest.raises(ValueError, match="'results' section"):
+        lm_eval_results({"wikitext": {}})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No lm-eval results"):
+        load_lm_eval_results([tmp_path / "empty"])
+    with pytest.raises(ValueError, match="do not exist"):
+        load_lm_eval_results([tmp_path / "missing.json"])
 
 
 def test_card_body_has_usage_architecture_bounds_and_citation(exported):
@@ -367,5 +396,7 @@ def test_transformers_push_to_hub_uploads_the_same_files(exported, online, monke
     export_files = _snapshot(exported)
     model_files = {"config.json", "generation_config.json", "model.safetensors", "README.md", *REMOTE_CODE_FILES}
     assert set(api.uploaded) == model_files
-    for name in model_files:
+    for name in model_files - set(REMOTE_CODE_FILES):
         assert api.uploaded[name] == export_files[name], name
+    for name in REMOTE_CODE_FILES:  # both copy the package's source (compared to it: it may change mid-run here)
+        assert api.uploaded[name] == (REPO_ROOT / "modeling_ltm" / name).read_bytes(), name

@@ -199,6 +199,10 @@ def test_bad_input(model):
         model.infer_latents(random_ids(config, 2, 8), num_steps=-1)
     with pytest.raises(ValueError, match="lr"):
         model.infer_latents(random_ids(config, 2, 8), lr=0.0)
+    with pytest.raises(ValueError, match="lr_min_ratio"):
+        model.infer_latents(random_ids(config, 2, 8), lr_min_ratio=0.0)
+    with pytest.raises(ValueError, match="init_logvar_noise"):
+        model.infer_latents(random_ids(config, 2, 8), init_logvar_noise=-1.0)
 
 
 def test_exploding_fast_lr_raises_and_leaves_weights_untouched(model):
@@ -248,8 +252,18 @@ def test_works_under_no_grad(model):
         bound = model.importance_weighted_bound(input_ids, num_samples=2, posterior=posterior, seed=0)
     assert torch.equal(posterior.mu, expected.mu) and torch.equal(posterior.elbo, expected.elbo)
     assert torch.isfinite(bound).all()
-    assert not torch.is_grad_enabled() or True  # the context manager restored itself
     assert torch.is_grad_enabled()
+
+
+def test_works_under_inference_mode(model):
+    input_ids = random_ids(model.config, 2, 8)
+    expected = model.infer_latents(input_ids, num_steps=3, seed=0)
+    with torch.inference_mode():
+        inference_ids = input_ids.clone()  # an inference tensor, as pipelines and eval loops may hand over
+        posterior = model.infer_latents(inference_ids, torch.ones_like(inference_ids), num_steps=3, seed=0)
+        bound = model.importance_weighted_bound(inference_ids, num_samples=2, seed=0, num_steps=1)
+    assert torch.equal(posterior.mu, expected.mu) and torch.equal(posterior.elbo, expected.elbo)
+    assert torch.isfinite(bound).all()
 
 
 def test_works_under_bf16_autocast(model):

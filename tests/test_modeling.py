@@ -53,6 +53,14 @@ def test_tied_embeddings_survive_save_and_load(model, tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
+def test_resize_token_embeddings_keeps_the_tie(model):
+    new_size = model.config.vocab_size + 72
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    assert model.config.vocab_size == new_size
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model(torch.randint(0, new_size, (1, 5))).logits.shape == (1, 5, new_size)
+
+
 def test_untied_embeddings(config):
     model = LTMForCausalLM(tiny_config(tie_word_embeddings=False))
     assert model.lm_head.weight is not model.model.embed_tokens.weight
@@ -294,3 +302,20 @@ def test_foreign_cache_raises_type_error(model, config):
     cache.update(torch.zeros(1, 2, 3, config.head_dim), torch.zeros(1, 2, 3, config.head_dim), 0)
     with pytest.raises(TypeError, match="EncoderDecoderCache"):
         model(input_ids, past_key_values=cache)
+
+
+@pytest.mark.parametrize("obj_name", ["LTMConfig", "LTMForCausalLM"])
+def test_docstring_examples_run(obj_name):
+    """The `>>>` examples in the public docstrings run and print what they claim (Markdown fences stripped)."""
+    import doctest
+
+    import modeling_ltm
+
+    obj = getattr(modeling_ltm, obj_name)
+    text = obj.__doc__.replace("```python", "").replace("```", "")
+    test = doctest.DocTestParser().get_doctest(text, {}, obj_name, None, 0)
+    assert test.examples, f"{obj_name} has no example"
+    torch.manual_seed(0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.failures == 0

@@ -33,7 +33,8 @@ def readme_table() -> dict[str, dict[str, int]]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         match = re.fullmatch(r"`(ltm-[\w-]+\.json)`", cells[0])
         if match:
-            table[match.group(1)] = {"total": _count(cells[total_col]), "non_embedding": _count(cells[non_embedding_col])}
+            counts = {"total": _count(cells[total_col]), "non_embedding": _count(cells[non_embedding_col])}
+            table[match.group(1)] = counts
     return table
 
 

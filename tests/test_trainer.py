@@ -139,6 +139,10 @@ def test_gradient_accumulation_two_by_b_equals_one_by_two_b(tmp_path, tiny_shake
                 per_device_train_batch_size=batch_size,
                 gradient_accumulation_steps=accumulation,
                 train_sampling_strategy="sequential",
+                # Plain SGD without clipping: the weights then show any error in the gradient's scale.
+                optim="sgd",
+                learning_rate=0.1,
+                max_grad_norm=0.0,
             ),
             train_dataset=dataset,
         )
@@ -200,7 +204,9 @@ def test_training_arguments_parse_from_the_command_line(tmp_path):
     )
     assert (args.num_inference_steps, args.inference_lr, args.inference_lr_end) == (8, 0.3, 0.34)
     assert (args.eval_inference_steps, args.eval_iw_samples) == (16, 4)
-    assert LTMTrainingArguments(str(tmp_path)).num_inference_steps is None  # None = the model config's
+    defaults = LTMTrainingArguments(str(tmp_path))
+    assert defaults.num_inference_steps is None  # None = the model config's
+    assert defaults.ddp_find_unused_parameters is False  # every weight is used by the one wrapped forward
 
 
 @pytest.mark.parametrize(

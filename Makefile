@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 LTM := $(VENV)/bin/ltm
 
 main: install
-	$(LTM) train --config configuration/ltm-tiny.json --output_dir $(OUTPUT_DIR)
+	$(LTM) train --config configuration/ltm-tiny.json --recipe configuration/recipes/ltm-tiny.json --output_dir $(OUTPUT_DIR)
 	$(LTM) generate $(OUTPUT_DIR) --prompt "ROMEO:" --max-new-tokens 64
 	$(LTM) export $(OUTPUT_DIR) $(OUTPUT_DIR)/hub --overwrite
 

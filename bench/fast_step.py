@@ -20,7 +20,7 @@ the median wall time of `--repeats` runs after `--warmup` runs:
 Targets (ARCHITECTURE.md section 4): fast / full <= 0.8 and reference / fast >= 1.25.
 
 `--memory` runs each measurement alone in a fresh subprocess (build the models, run the measured step 3 times) and
-reports that process's peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`): whole-process memory,
+reports that process's peak resident set size (`VmHWM` on Linux, else `ru_maxrss`): whole-process memory,
 interpreter, torch and every model built included, so compare the rows with each other, not with parameter sizes.
 """
 
@@ -159,7 +159,18 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process in MiB.
+
+    Linux: `VmHWM` of /proc/self/status (`ru_maxrss` would not do: Linux carries it across `execve`, so a child
+    would report its parent's peak). Elsewhere: `ru_maxrss` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
@@ -170,8 +181,8 @@ def measure_memory(argv) -> dict[str, float]:
     for name in ("idle", *MEASUREMENTS):
         child = [a for a in argv if a not in ("--memory",)]
         # Later flags win: 3 runs of the measurement, or none at all for "idle".
-        child += ["--only", name, "--warmup", "0", "--repeats", "3" if name != "idle" else "0"]
-        child += ["--only", "fast"] if name == "idle" else []
+        only, runs = ("fast", "0") if name == "idle" else (name, "3")
+        child += ["--only", only, "--warmup", "0", "--repeats", runs]
         out = subprocess.run(
             [sys.executable, __file__, *child], capture_output=True, text=True, check=True
         ).stdout
@@ -229,32 +240,35 @@ def main(argv=None) -> int:
             "loadavg_after": load_after,
         },
     }
-    if args.memory:
-        results["peak_rss_mib"] = measure_memory(argv)
-
     print(
         f"batch {args.batch_size} x {args.seq_length} tokens; LTM {results['ltm_parameters'] / 1e6:.2f}M parameters "
         f"(hidden {args.hidden_size}, {args.num_layers} layers, {ltm.config.n_latents_per_layer} latents x "
         f"{ltm.config.latent_dim} per layer), Llama {results['llama_parameters'] / 1e6:.2f}M; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
         f"median of {args.repeats} after {args.warmup} warm-up"
     )
     print()
-    print("| measurement | median (ms) | min (ms) |" + (" peak RSS (MiB) |" if args.memory else ""))
-    print("|---|---:|---:|" + ("---:|" if args.memory else ""))
+    print("| measurement | median (ms) | min (ms) |")
+    print("|---|---:|---:|")
     for name in MEASUREMENTS:
-        row = f"| {LABELS[name]} | {1e3 * medians[name]:.1f} | {1e3 * results['min_s'][name]:.1f} |"
-        if args.memory:
-            row += f" {results['peak_rss_mib'][name]:.0f} |"
-        print(row)
-    if args.memory:
-        print(f"| (process that builds the models and runs nothing) | | | {results['peak_rss_mib']['idle']:.0f} |")
+        print(f"| {LABELS[name]} | {1e3 * medians[name]:.1f} | {1e3 * results['min_s'][name]:.1f} |")
     print()
     ratios, paired = results["ratios"], results["paired_ratios"]
     print("ratio of medians (median of per-round ratios)")
     print(f"fast / full      = {ratios['fast/full']:.2f} ({paired['fast/full']:.2f})  target <= 0.8")
     print(f"reference / fast = {ratios['reference/fast']:.2f} ({paired['reference/fast']:.2f})  target >= 1.25")
-    print(f"full / llama     = {ratios['full/llama']:.2f} ({paired['full/llama']:.2f})  LTM full step vs same-size Llama")
+    print(f"full / llama     = {ratios['full/llama']:.2f} ({paired['full/llama']:.2f})  LTM full vs same-size Llama")
+    sys.stdout.flush()
+
+    if args.memory:
+        results["peak_rss_mib"] = peaks = measure_memory(argv)
+        print()
+        print("| process (fresh, builds both models, runs 3 steps of ...) | peak RSS (MiB) |")
+        print("|---|---:|")
+        print(f"| nothing (baseline) | {peaks['idle']:.0f} |")
+        for name in MEASUREMENTS:
+            print(f"| {LABELS[name]} | {peaks[name]:.0f} |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -61,6 +61,9 @@ def build_models(args):
         max_position_embeddings=args.max_position_embeddings,
         n_latents_per_layer=args.n_latents_per_layer,
         num_inference_steps=args.num_inference_steps,
+        # Llama's special tokens, so both models pay for the same EOS stopping checks and logits processors.
+        bos_token_id=1,
+        eos_token_id=2,
     )
     llama_config = LlamaConfig(
         vocab_size=args.vocab_size,
@@ -72,6 +75,8 @@ def build_models(args):
         max_position_embeddings=args.max_position_embeddings,
         rms_norm_eps=ltm_config.rms_norm_eps,
         tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     ltm = LTMForCausalLM(ltm_config).eval()

@@ -213,9 +213,12 @@ class LTMLM(TemplateLM):
             if num_inference_steps is None
             else _as_int("num_inference_steps", num_inference_steps, 0)
         )
-        self.inference_lr = self.config.inference_lr if inference_lr is None else float(inference_lr)
+        try:
+            self.inference_lr = self.config.inference_lr if inference_lr is None else float(inference_lr)
+        except (TypeError, ValueError):
+            self.inference_lr = float("nan")
         if not self.inference_lr > 0:
-            raise ValueError(f"`inference_lr` must be > 0, got {inference_lr!r}.")
+            raise ValueError(f"`inference_lr` must be a number > 0, got {inference_lr!r}.")
         self.rolling_totals = {"nll": 0.0, "kl": 0.0, "bound": 0.0, "tokens": 0}
 
     # ---------------------------------------------------------------------------------------------------- basics

@@ -66,6 +66,12 @@ TRAINER_METRICS = {
 }
 
 
+# Metrics lm-eval computes from `loglikelihood_rolling`, i.e. from a bound on log p(text) for an LTM.
+ROLLING_METRICS = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+# `dataset_path` values of lm-eval tasks that read local files rather than a Hub dataset.
+LOCAL_DATASET_BUILDERS = {"json", "text", "csv", "parquet", "arrow"}
+
+
 def usage_snippet(
     repo_id: str, num_inference_steps: int, prompt: str = "ROMEO:", max_new_tokens: int = 32
 ) -> str:
@@ -121,7 +127,9 @@ def lm_eval_results(results_json: Mapping[str, Any]) -> list[EvalResult]:
     """`EvalResult`s from an lm-evaluation-harness results JSON: `results` -> task -> `"metric,filter"` -> value.
 
     Standard errors, aliases and non-numeric entries are skipped; the task's dataset path/name/split and few-shot
-    count come from the JSON's `configs` and `n-shot` sections when present.
+    count come from the JSON's `configs` and `n-shot` sections when present. For runs of model "ltm", the perplexity
+    metrics name the bound they come from (ELBO or importance-weighted, and `T`), and the run's KL per token is
+    added when a single task used rolling log-likelihoods.
     """
     if not isinstance(results_json, Mapping) or not isinstance(results_json.get("results"), Mapping):
         raise ValueError(
@@ -130,33 +138,61 @@ def lm_eval_results(results_json: Mapping[str, Any]) -> list[EvalResult]:
         )
     configs = results_json.get("configs") or {}
     n_shot = results_json.get("n-shot") or {}
-    out = []
+    run = results_json.get("config") or {}
+    # Model "ltm" of eval_harness records which bound its rolling log-likelihoods are, and with how many fast steps.
+    bound = run.get("ltm_rolling_bound")
+    if bound and _finite_number(run.get("ltm_num_inference_steps")):
+        bound = f"{bound} bound, T={int(run['ltm_num_inference_steps'])}"
+    out, rolling_tasks = [], []
     for task, metrics in results_json["results"].items():
         if not isinstance(metrics, Mapping):
             continue
         config = configs.get(task) or {}
-        dataset_type = config.get("dataset_path") or task
+        dataset_type = config.get("dataset_path")
+        if not dataset_type or dataset_type in LOCAL_DATASET_BUILDERS:
+            dataset_type = task  # a local file, not a Hub dataset
+        num_fewshot = n_shot.get(task)
         for key, value in metrics.items():
             if "," not in key or not _finite_number(value):
                 continue
             metric, filter_name = key.split(",", 1)
             if metric.endswith("_stderr"):
                 continue
-            num_fewshot = n_shot.get(task)
+            notes = [] if filter_name == "none" else [filter_name]
+            if bound and metric in ROLLING_METRICS:
+                notes.append(bound)
+                rolling_tasks.append(task)
             out.append(
                 EvalResult(
                     task_type="text-generation",
                     task_name=task,
                     dataset_type=dataset_type,
                     dataset_name=metrics.get("alias", task).strip(" -") or task,
-                    dataset_config=config.get("dataset_name"),
-                    dataset_split=config.get("test_split") or config.get("validation_split"),
+                    dataset_config=config.get("dataset_name") or None,
+                    dataset_split=config.get("test_split") or config.get("validation_split") or None,
                     dataset_args={"num_fewshot": num_fewshot} if isinstance(num_fewshot, int) else None,
                     metric_type=metric,
-                    metric_name=metric if filter_name == "none" else f"{metric} ({filter_name})",
+                    metric_name=f"{metric} ({', '.join(notes)})" if notes else metric,
                     metric_value=float(value),
                 )
             )
+    # The KL part of the bound is recorded once per run: attribute it only when one task used rolling windows.
+    if len(set(rolling_tasks)) == 1 and _finite_number(run.get("ltm_rolling_kl_per_token")):
+        template = next(result for result in out if result.task_name == rolling_tasks[0])
+        out.append(
+            EvalResult(
+                task_type=template.task_type,
+                task_name=template.task_name,
+                dataset_type=template.dataset_type,
+                dataset_name=template.dataset_name,
+                dataset_config=template.dataset_config,
+                dataset_split=template.dataset_split,
+                dataset_args=template.dataset_args,
+                metric_type="kl",
+                metric_name=f"KL to the prior (nats/token), {bound}",
+                metric_value=float(run["ltm_rolling_kl_per_token"]),
+            )
+        )
     return out
 
 

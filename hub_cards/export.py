@@ -135,9 +135,10 @@ def read_training_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
     state = _read_json(checkpoint / "trainer_state.json") or {}
     if state.get("global_step"):
         hyperparameters["trained_steps"] = state["global_step"]
-    if state.get("num_input_tokens_seen"):
-        hyperparameters["trained_tokens"] = state["num_input_tokens_seen"]
     train_results = {} if _is_checkpoint_n(checkpoint) else (_read_json(checkpoint / "train_results.json") or {})
+    trained_tokens = state.get("num_input_tokens_seen") or train_results.get("train_tokens")  # `ltm train` logs it
+    if trained_tokens:
+        hyperparameters["trained_tokens"] = trained_tokens
     if isinstance(train_results.get("train_loss"), (int, float)):
         hyperparameters["final_train_loss"] = train_results["train_loss"]
     return hyperparameters

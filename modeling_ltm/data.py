@@ -294,8 +294,11 @@ def load_text_dataset(
             raise ValueError("--dataset was given without a value; name text files, a directory or a dataset.")
         local_files = _local_text_files([str(s) for s in specs]) if data_files is None else None
         if local_files is not None:
-            if dataset_config is not None:
-                raise ValueError("--dataset_config applies to `load_dataset` sources, not to local text files.")
+            if dataset_config is not None or text_column != "text":
+                raise ValueError(
+                    "--dataset_config and --text_column apply to `load_dataset` sources; local text files are read "
+                    f"into the column 'text' (got dataset_config={dataset_config!r}, text_column={text_column!r})."
+                )
             raw = datasets.load_dataset("text", data_files=local_files, sample_by="document", cache_dir=cache_dir)
             text_column = "text"
         elif len(specs) > 1:

@@ -34,6 +34,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
     Trainer,
+    TrainerCallback,
     set_seed,
 )
 
@@ -125,11 +126,39 @@ class DataArguments:
     corpus_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache of the embedded corpus (default $LTM_HF_CACHE or ~/.cache/ltm-hf)."}
     )
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training after this many minutes of wall time even if max_steps is not reached (the LR "
+            "schedule is still planned for max_steps). Keeps the main job inside its time budget on a slow machine."
+        },
+    )
     sample_prompt: str | None = field(
         default=None,
         metadata={"help": "Prompt of the sample generated at the end. Default: the first 16 held-out tokens."},
     )
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of that sample (0 = no sample)."})
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stops training once `max_minutes` of wall time have passed since training began (checked after each step)."""
+
+    def __init__(self, max_minutes: float):
+        self.max_seconds = 60.0 * max_minutes
+        self.start = None
+        self.stopped_at_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None and time.time() - self.start > self.max_seconds and not control.should_training_stop:
+            control.should_training_stop = True
+            self.stopped_at_step = state.global_step
+            print(
+                f"\nltm train: time budget of {self.max_seconds / 60:.1f} min reached: stopping at step "
+                f"{state.global_step} of {state.max_steps}"
+            )
 
 
 class TrainCLIError(ValueError):
@@ -336,6 +365,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
         )
     if data_args.max_eval_blocks is not None and data_args.max_eval_blocks < 1:
         raise TrainCLIError(f"--max_eval_blocks must be >= 1, got {data_args.max_eval_blocks}.")
+    if data_args.max_train_minutes is not None and not data_args.max_train_minutes > 0:
+        raise TrainCLIError(f"--max_train_minutes must be > 0, got {data_args.max_train_minutes}.")
     config, model = _load_preset_or_model(model_args.config)
     continued = model is not None
     if continued and model_args.baseline is not None:
@@ -401,6 +432,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
         data_collator=ltm_data.collate_blocks,
         processing_class=tokenizer,
     )
+    time_budget = None
+    if data_args.max_train_minutes is not None:
+        time_budget = TimeBudgetCallback(data_args.max_train_minutes)
+        trainer.add_callback(time_budget)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_metrics = dict(train_result.metrics)
     tokens = training_tokens(trainer, block_size)
@@ -411,6 +446,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
         train_blocks=len(train_blocks),
         block_size=block_size,
         num_parameters=num_params,
+        stopped_by_time_budget=bool(time_budget and time_budget.stopped_at_step is not None),
     )
     trainer.save_model()
     trainer.save_metrics("train", train_metrics)
@@ -441,6 +477,7 @@ def _print_summary(trainer, tokenizer, model_args, data_args, train_metrics, eva
     lines.append(
         f"trained      {trainer.state.global_step} steps, {train_metrics['train_tokens']:,} tokens in "
         f"{train_metrics['train_runtime']:.0f} s ({train_metrics['train_tokens_per_second']:,.0f} training tokens/s)"
+        + (" [stopped by --max_train_minutes]" if train_metrics.get("stopped_by_time_budget") else "")
     )
     held_out = f"{eval_metrics['eval_blocks']} held-out blocks ({eval_metrics['eval_tokens']:,} predicted tokens)"
     if is_ltm:

@@ -123,13 +123,16 @@ def test_simple_evaluate_runs_every_local_task(checkpoint, tmp_path):
 @pytest.mark.slow
 def test_cli_writes_results_json(checkpoint, tmp_path):
     output = tmp_path / "out"
+    wikitext = tmp_path / "wiki.raw"
+    wikitext.write_text(WIKITEXT_SAMPLE)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "eval_harness",
         "--model", "ltm",
         "--model_args", f"pretrained={checkpoint},num_inference_steps={STEPS}",
-        "--tasks", "arithmetic_local",
+        "--tasks", "wikitext2_local,lambada_local,arithmetic_local",
         "--include_path", "eval_harness/tasks",
+        "--metadata", json.dumps({"wikitext_path": str(wikitext)}),
         "--num_fewshot", "1",
         "--limit", "2",
         "--batch_size", "2",
@@ -141,9 +144,11 @@ def test_cli_writes_results_json(checkpoint, tmp_path):
     result_files = list(output.rglob("results_*.json"))
     assert len(result_files) == 1, list(output.rglob("*"))
     results = json.loads(result_files[0].read_text())
-    assert math.isfinite(results["results"]["arithmetic_local"]["exact_match,first-integer"])
-    assert results["config"]["model"] == "ltm"
-    assert list(output.rglob("samples_arithmetic_local_*.jsonl"))
+    finite_metrics(results, "wikitext2_local")
+    finite_metrics(results, "lambada_local")
+    finite_metrics(results, "arithmetic_local")
+    assert results["config"]["model"] == "ltm" and results["config"]["ltm_rolling_bound"] == "elbo"
+    assert len(list(output.rglob("samples_*.jsonl"))) == 3
 
 
 def test_ltm_eval_dispatches_to_lm_eval_cli(capsys):

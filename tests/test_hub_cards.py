@@ -56,6 +56,13 @@ LM_EVAL_RESULTS = {
         }
     },
     "n-shot": {"wikitext": 0, "lambada_openai": 0},
+    # What eval_harness's model "ltm" records about its rolling bound.
+    "config": {
+        "model": "ltm",
+        "ltm_num_inference_steps": 4,
+        "ltm_rolling_bound": "elbo",
+        "ltm_rolling_kl_per_token": 0.75,
+    },
 }
 DATASET = "karpathy/tiny_shakespeare"
 PROMPT_IDS = [[5, 17, 33, 2, 9, 41, 7, 12]]
@@ -252,7 +259,8 @@ def test_card_metadata_validates_and_matches_the_inputs(exported):
     assert data.datasets == [DATASET]
 
     expected = trainer_eval_results(TRAINER_METRICS, dataset_name=DATASET) + lm_eval_results(LM_EVAL_RESULTS)
-    assert len(expected) == 4 + 3  # 4 LTM metrics (eval_loss skipped), 3 lm-eval metrics (stderr, alias skipped)
+    # 4 LTM metrics (eval_loss skipped), 3 lm-eval metrics (stderr, alias skipped) and the rolling bound's KL.
+    assert len(expected) == 4 + 3 + 1
 
     def key(result):
         return (result.task_name, result.dataset_name, result.metric_type, result.metric_name, result.metric_value)
@@ -264,6 +272,11 @@ def test_card_metadata_validates_and_matches_the_inputs(exported):
         "wikitext-2-raw-v1",
         "test",
     )
+    assert wikitext.metric_name == "word_perplexity (elbo bound, T=4)"  # says which bound
+    kl = [r for r in data.eval_results if r.task_name == "wikitext" and r.metric_type == "kl"]
+    assert [r.metric_value for r in kl] == [0.75]
+    elbo = next(r for r in data.eval_results if r.metric_type == "perplexity" and "ELBO" in r.metric_name)
+    assert elbo.metric_name.endswith("T=4")
 
 
 def test_lm_eval_results_folder_keeps_the_newest_run(tmp_path):
@@ -275,7 +288,7 @@ def test_lm_eval_results_folder_keeps_the_newest_run(tmp_path):
     (run / "results_2025-01-02.json").write_text(json.dumps(new))
     os.utime(run / "results_2025-01-01.json", (1, 1))
     results = load_lm_eval_results([tmp_path / "lm_eval"])
-    assert len(results) == 3
+    assert len(results) == 4
     assert next(r.metric_value for r in results if r.metric_type == "word_perplexity") == 44.0
     with pytest.raises(ValueError, match="'results' section"):
         lm_eval_results({"wikitext": {}})

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_ltm import LTMForCausalLM, data
@@ -29,6 +30,15 @@ FAST_FLAGS = [
     "--disable_tqdm", "true", "--eval_inference_steps", "2", "--eval_iw_samples", "2", "--max_eval_blocks", "2",
     "--sample_max_new_tokens", "4", "--dataloader_num_workers", "0",
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny matrices: one thread is faster, and far faster when other processes share the cores (OpenMP barriers)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -84,6 +94,16 @@ def test_ltm_train_continues_from_a_trained_folder_with_its_tokenizer(setup):
     assert AutoTokenizer.from_pretrained(second).get_vocab() == AutoTokenizer.from_pretrained(first).get_vocab()
 
 
+def test_max_train_minutes_stops_training_early(setup):
+    out = setup[2] / "budget"
+    code = _train(setup, "--output_dir", str(out), "--max_steps", "1000", "--max_train_minutes", "0.0001",
+                  "--sample_max_new_tokens", "0")  # fmt: skip
+    assert code == 0
+    train_results = json.loads((out / "train_results.json").read_text())
+    assert train_results["stopped_by_time_budget"] is True
+    assert train_results["train_tokens"] == 1 * 4 * 32  # stopped after the first step
+
+
 def test_baseline_llama_trains_the_peer_on_the_same_blocks(setup):
     out = setup[2] / "llama"
     assert _train(setup, "--baseline", "llama", "--output_dir", str(out)) == 0
@@ -132,10 +152,11 @@ def test_repository_tiny_preset_and_recipe_parse():
         (["--config", "{preset}", "--dataset", "{tmp}/missing.txt", "{tmp}/other.txt"], "--dataset"),
         (["--config", "{tmp}/no-such-model"], "--config"),
         (["--config", "{preset}", "--recipe", "{tmp}/bad-recipe.json"], "unknown flags ['not_a_flag']"),
-        (["--config", "{preset}", "--dataset", "{corpus}", "--text_column", "content"], "--text_column 'content'"),
+        (["--config", "{preset}", "--dataset", "{corpus}", "--text_column", "content"], "text_column='content'"),
         (["--config", "{preset}", "--dataset", "{corpus}", "--vocab_size", "100"], "--vocab_size"),
         (["--config", "{preset}", "--dataset", "{corpus}", "--tokenizer", "{tmp}/none"], "--tokenizer"),
         (["--config", "{preset}", "--num_inference_steps", "-1"], "num_inference_steps"),
+        (["--config", "{preset}", "--max_train_minutes", "0"], "--max_train_minutes"),
     ],
 )
 def test_bad_input_gives_a_clear_error(setup, capsys, argv, message):

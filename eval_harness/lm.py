@@ -261,7 +261,8 @@ class LTMLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
         """Token ids of `string`, without special tokens unless `add_special_tokens=True` (the conditioning prefix
         token is added explicitly where lm-eval needs one)."""
-        encoding = self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+        # verbose=False: long documents are split into windows later; the "longer than the model" warning is noise.
+        encoding = self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens), verbose=False)
         return encoding[-left_truncate_len:] if left_truncate_len else encoding
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:

@@ -42,7 +42,8 @@ class PosteriorOutput:
         logvar (`torch.FloatTensor`, same shape as `mu`):
             Posterior log-variances.
         z (`torch.FloatTensor`, same shape as `mu`):
-            The reparameterised sample `mu + exp(logvar / 2) * eps` at the final parameters, with the loop's `eps`.
+            A sample `mu + exp(logvar / 2) * eps` from the fitted posterior, with a fresh `eps` (not the one the fast
+            loop optimised against), so `nll` and `elbo` below are unbiased single-sample estimates.
         nll (`torch.FloatTensor` of shape `(batch,)`):
             `-log p(x|z)` in nats, summed over each sequence's predicted tokens, at `z`.
         kl (`torch.FloatTensor` of shape `(batch,)`):
@@ -314,7 +315,9 @@ def fit_posterior(
             elbo_trace.append(-(nll + kl).detach())
 
     with torch.no_grad():
-        if num_steps > 0 and not fixed_noise:
+        if num_steps > 0:
+            # Score the fitted q at a fresh draw: the loop's own `eps` is the one point it optimised against, so an
+            # estimate there is optimistically biased; a fresh draw makes `elbo` an unbiased single-sample estimate.
             noise = _standard_normal(shape, generators, device)
         _, nll, kl, num_tokens = negative_elbo(
             model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids

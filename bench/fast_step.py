@@ -183,9 +183,7 @@ def measure_memory(argv) -> dict[str, float]:
         # Later flags win: 3 runs of the measurement, or none at all for "idle".
         only, runs = ("fast", "0") if name == "idle" else (name, "3")
         child += ["--only", only, "--warmup", "0", "--repeats", runs]
-        out = subprocess.run(
-            [sys.executable, __file__, *child], capture_output=True, text=True, check=True
-        ).stdout
+        out = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True, check=True).stdout
         peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
     return peaks
 

@@ -42,7 +42,9 @@ MODELS = ("llama", "ltm-T8", "ltm-T16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     p.add_argument("--train-tokens", type=int, default=1_000_000, help="training tokens per model")
     p.add_argument("--hidden", type=int, default=64)
@@ -162,13 +164,23 @@ def run_model(args, name: str) -> dict:
         training_args = LTMTrainingArguments(
             **common, num_inference_steps=steps, eval_inference_steps=steps, eval_iw_samples=args.iw_samples
         )
-        trainer = LTMTrainer(model=model, args=training_args, train_dataset=blocks["train"],
-                             eval_dataset=blocks["validation"], data_collator=collate_blocks)
+        trainer = LTMTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=blocks["train"],
+            eval_dataset=blocks["validation"],
+            data_collator=collate_blocks,
+        )
     else:
         model = LlamaForCausalLM(llama_peer_config(config))
         training_args = TrainingArguments(**common)
-        trainer = Trainer(model=model, args=training_args, train_dataset=blocks["train"],
-                          eval_dataset=blocks["validation"], data_collator=collate_blocks)
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=blocks["train"],
+            eval_dataset=blocks["validation"],
+            data_collator=collate_blocks,
+        )
 
     result = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "max_steps": max_steps}
     train_metrics = trainer.train().metrics
@@ -188,8 +200,9 @@ def run_model(args, name: str) -> dict:
         for eval_steps in [int(s) for s in args.eval_steps.split(",") if s.strip()]:
             metrics = held_out if eval_steps == steps else trainer.evaluate(inference_steps=eval_steps, iw_samples=0)
             result["sweep"].append({"inference_steps": eval_steps, **_ltm_metrics(metrics, iw=False)})
-        wiki = trainer.evaluate(blocks["wikitext"], inference_steps=steps, iw_samples=args.iw_samples,
-                                metric_key_prefix="eval")
+        wiki = trainer.evaluate(
+            blocks["wikitext"], inference_steps=steps, iw_samples=args.iw_samples, metric_key_prefix="eval"
+        )
         result["wikitext"] = _ltm_metrics(wiki)
     else:
         result["held_out"] = {"perplexity": math.exp(trainer.evaluate()["eval_loss"])}
@@ -232,12 +245,16 @@ def markdown(results: list[dict], meta: dict) -> str:
         r = by_name.get(name)
         if r is None:
             continue
-        common = (f"| {name} | {r['parameters'] / 1e6:.3f}M | {r['train_tokens']:,} | {r['train_tokens_per_second']:,.0f} "
-                  f"| {r['train_seconds']:.0f} ")
+        common = (
+            f"| {name} | {r['parameters'] / 1e6:.3f}M | {r['train_tokens']:,} | {r['train_tokens_per_second']:,.0f} "
+            f"| {r['train_seconds']:.0f} "
+        )
         h, w = r["held_out"], r["wikitext"]
         if name == "llama":
-            lines.append(common + f"| {math.log(h['perplexity']):.3f} | - | {h['perplexity']:.2f} (exact) | - "
-                                  f"| {w['perplexity']:.2f} (exact) |")
+            lines.append(
+                common + f"| {math.log(h['perplexity']):.3f} | - | {h['perplexity']:.2f} (exact) | - "
+                f"| {w['perplexity']:.2f} (exact) |"
+            )
         else:
             lines.append(
                 common + f"| {h['nll_per_token']:.3f} | {h['kl_per_token']:.3f} | {h['elbo_ppl']:.2f} "
@@ -247,9 +264,13 @@ def markdown(results: list[dict], meta: dict) -> str:
     sweeps = [by_name[n] for n in MODELS if n in by_name and "sweep" in by_name[n]]
     if sweeps:
         steps = [s["inference_steps"] for s in sweeps[0]["sweep"]]
-        lines += ["", "Held-out ELBO perplexity bound vs eval inference steps (NLL + KL nats/token in brackets):", "",
-                  "| model | " + " | ".join(f"T_eval = {s}" for s in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
+        lines += [
+            "",
+            "Held-out ELBO perplexity bound vs eval inference steps (NLL + KL nats/token in brackets):",
+            "",
+            "| model | " + " | ".join(f"T_eval = {s}" for s in steps) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
         for r in sweeps:
             cells = [f"{s['elbo_ppl']:.2f} ({s['nll_per_token']:.3f} + {s['kl_per_token']:.3f})" for s in r["sweep"]]
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
@@ -293,10 +314,9 @@ def main(argv=None) -> int:
                 print(f"[{time.time() - wall_start:6.0f} s] {name} {status}", flush=True)
         time.sleep(2)
 
+    import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer
-
-    import torch
 
     blocks = load_from_disk(workdir / "data")
     results = [json.loads((workdir / f"{m}.json").read_text()) for m in models if m not in failed]
@@ -319,8 +339,10 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results, "markdown": table}, indent=1))
     print(table)
-    print(f"\nwall {meta['wall_seconds']:.0f} s; load average before {load_before}, after {meta['load_average_after']}; "
-          f"torch {meta['torch']}; results in {out}")
+    print(
+        f"\nwall {meta['wall_seconds']:.0f} s; load average before {load_before}, after {meta['load_average_after']}; "
+        f"torch {meta['torch']}; results in {out}"
+    )
     return 1 if failed else 0
 
 

@@ -8,7 +8,7 @@
 
 from pathlib import Path
 
-from .lm import MODEL_ARGS, LTMLM, content_seed
+from .lm import LTMLM, MODEL_ARGS, content_seed
 
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"

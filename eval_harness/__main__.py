@@ -7,8 +7,9 @@ Every flag is lm-eval's (`--model ltm --model_args pretrained=PATH --tasks ... -
 
 import sys
 
-import eval_harness  # noqa: F401  (registers model "ltm")
 from lm_eval.__main__ import cli_evaluate
+
+import eval_harness  # noqa: F401  (registers model "ltm")
 
 
 def main(argv: list[str] | None = None) -> int:

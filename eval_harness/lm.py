@@ -24,17 +24,16 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (registers lm-eval's built-in names, so "hf" etc. still resolve)
 import torch
 import torch.nn.functional as F
 import transformers
-from tqdm import tqdm
-
-import lm_eval.models  # noqa: F401  (registers lm-eval's built-in names, so "hf" etc. still resolve)
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.models.utils_hf import stop_sequences_criteria
+from tqdm import tqdm
 
 import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
 from modeling_ltm.inference import fit_posterior, importance_weighted_bound
@@ -73,7 +72,10 @@ def _register(cls: type) -> type:
     existing = model_registry.get("ltm", None)
     if existing is None:
         return register_model("ltm")(cls)
-    if isinstance(existing, type) and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__):
+    if isinstance(existing, type) and (existing.__module__, existing.__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    ):
         return cls
     raise ValueError(f"lm-eval model name 'ltm' is already registered to {existing!r}; cannot register {cls!r}.")
 
@@ -116,7 +118,9 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         return "auto" if dtype is None else dtype
     resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"`dtype` must be 'auto' or a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}.")
+        raise ValueError(
+            f"`dtype` must be 'auto' or a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}."
+        )
     return resolved
 
 
@@ -201,7 +205,9 @@ class LTMLM(TemplateLM):
             self.tokenizer = tokenizer
         else:
             source = tokenizer if tokenizer is not None else pretrained
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(source), trust_remote_code=trust_remote_code
+            )
         if self.tokenizer.eos_token_id is None and self.tokenizer.bos_token_id is None:
             raise ValueError(
                 "The tokenizer has neither an EOS nor a BOS token; model 'ltm' needs one as the end-of-text token "
@@ -306,8 +312,8 @@ class LTMLM(TemplateLM):
     def fit_context_latents(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Latents `z` for each context: `(len(contexts), num_hidden_layers, n_latents_per_layer, latent_dim)`.
 
-        Contexts are fitted together (left-padded, masked), each with its own content seed; `z` is the fitted
-        sample `mu + sigma * eps` (the point the fast loop optimised, as `generate()` uses). A context of fewer than
+        Contexts are fitted together (left-padded, masked), each with its own content seed; `z` is
+        `PosteriorOutput.z`, a fresh draw from the fitted posterior (as `generate()` uses). A context of fewer than
         2 tokens has no token to predict, hence no evidence about `z`: it gets the prior mean `z = 0`.
         """
         latents = torch.zeros(len(contexts), *self.config.latent_shape, device=self.device)
@@ -340,10 +346,10 @@ class LTMLM(TemplateLM):
     def _split_request(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[list[int], list[int]]:
         """`(model input, visible context)` for one request, left-truncated to the model's length as HFLM does:
 
-            CTX      CONT
-            0 1 2 3|4 5 6 7 8 9
-            input:   the last `max_length` tokens of `(ctx + cont)[:-1]`
-            context: the part of the input before the continuation (what `z` is fitted on)
+        CTX      CONT
+        0 1 2 3|4 5 6 7 8 9
+        input:   the last `max_length` tokens of `(ctx + cont)[:-1]`
+        context: the part of the input before the continuation (what `z` is fitted on)
         """
         if not continuation_enc:
             raise ValueError("A loglikelihood continuation tokenized to zero tokens; there is nothing to score.")
@@ -479,7 +485,13 @@ class LTMLM(TemplateLM):
             )
             if self.iw_samples > 0:
                 bound = importance_weighted_bound(
-                    self.model, ids, mask, labels=label_ids, num_samples=self.iw_samples, posterior=posterior, seed=seeds
+                    self.model,
+                    ids,
+                    mask,
+                    labels=label_ids,
+                    num_samples=self.iw_samples,
+                    posterior=posterior,
+                    seed=seeds,
                 )
             else:
                 bound = posterior.elbo
@@ -532,7 +544,10 @@ class LTMLM(TemplateLM):
                     f"max_gen_toks={max_gen_toks} leaves no room for the context in the model's {self.max_length} "
                     "tokens; lower max_gen_toks (task generation_kwargs or --gen_kwargs max_gen_toks=...)."
                 )
-            encoded = [self.tok_encode(context, left_truncate_len=max_context) or [self.prefix_token_id] for context in contexts]
+            encoded = [
+                self.tok_encode(context, left_truncate_len=max_context) or [self.prefix_token_id]
+                for context in contexts
+            ]
             latents = self.fit_context_latents(encoded)
             ids, mask = self._left_pad(encoded, self.eot_token_id)
             with torch.no_grad():

@@ -42,8 +42,7 @@ posterior = model.infer_latents(inputs["input_ids"], inputs["attention_mask"])
 print("ELBO perplexity bound:", torch.exp(-posterior.elbo / posterior.num_tokens).item())"""
 
 LM_EVAL_COMMAND_TEMPLATE = (
-    "ltm eval --model ltm --model_args pretrained={repo_id} "
-    "--tasks wikitext,lambada_openai --batch_size 8"
+    "ltm eval --model ltm --model_args pretrained={repo_id} --tasks wikitext,lambada_openai --batch_size 8"
 )
 
 CITATION = """\
@@ -72,9 +71,7 @@ ROLLING_METRICS = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
 LOCAL_DATASET_BUILDERS = {"json", "text", "csv", "parquet", "arrow"}
 
 
-def usage_snippet(
-    repo_id: str, num_inference_steps: int, prompt: str = "ROMEO:", max_new_tokens: int = 32
-) -> str:
+def usage_snippet(repo_id: str, num_inference_steps: int, prompt: str = "ROMEO:", max_new_tokens: int = 32) -> str:
     """The card's Python usage example for `repo_id` (a Hub id or a local folder)."""
     if '"' in prompt or "\\" in prompt:
         raise ValueError(f"usage_snippet: the prompt must not contain quotes or backslashes, got {prompt!r}.")

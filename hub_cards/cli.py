@@ -24,9 +24,7 @@ def _export_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="lm-eval results JSON (or a folder with results*.json) for the card; repeatable",
     )
-    parser.add_argument(
-        "--repo-id", help="Hub repository the folder is for (the card's usage snippet loads from it)"
-    )
+    parser.add_argument("--repo-id", help="Hub repository the folder is for (the card's usage snippet loads from it)")
     parser.add_argument("--model-name", help="card title (default: last part of --repo-id)")
     parser.add_argument(
         "--dataset", action="append", dest="datasets", metavar="ID", help="training dataset Hub id; repeatable"

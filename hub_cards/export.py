@@ -87,9 +87,7 @@ def read_trainer_eval_metrics(checkpoint: str | Path) -> dict[str, Any]:
             if results and any(key.startswith("eval_") for key in results):
                 return {key: value for key, value in results.items() if key.startswith("eval_")}
     state = _read_json(checkpoint / "trainer_state.json") or {}
-    evaluations = [
-        entry for entry in state.get("log_history", []) if any(key.startswith("eval_") for key in entry)
-    ]
+    evaluations = [entry for entry in state.get("log_history", []) if any(key.startswith("eval_") for key in entry)]
     if not evaluations:
         return {}
     last_step = evaluations[-1].get("step")

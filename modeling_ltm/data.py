@@ -203,7 +203,9 @@ def _local_text_files(spec: Sequence[str]) -> list[str] | None:
     return files
 
 
-def holdout_split(dataset: Dataset, text_column: str = "text", fraction: float = DEFAULT_VALIDATION_FRACTION) -> DatasetDict:
+def holdout_split(
+    dataset: Dataset, text_column: str = "text", fraction: float = DEFAULT_VALIDATION_FRACTION
+) -> DatasetDict:
     """Split `dataset` into the first `1 - fraction` of its characters (`train`) and the rest (`validation`).
 
     Deterministic: rows keep their order; the row that straddles the cut is split at the line break nearest to it
@@ -451,7 +453,9 @@ def tokenize_and_pack(
         num_proc=num_proc,
         remove_columns=dataset.column_names,
         load_from_cache_file=load_from_cache_file,
-        new_fingerprint=hashlib.sha256(f"{dataset._fingerprint}|tok|{tokenizer_hash}|{text_column}".encode()).hexdigest()[:16],
+        new_fingerprint=hashlib.sha256(
+            f"{dataset._fingerprint}|tok|{tokenizer_hash}|{text_column}".encode()
+        ).hexdigest()[:16],
         desc="Tokenizing",
     )
     return tokenized.map(

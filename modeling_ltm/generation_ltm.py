@@ -15,7 +15,6 @@ Imports only torch, transformers and siblings (copied next to the weights for `t
 """
 
 import torch
-
 from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.utils import logging
 
@@ -52,9 +51,9 @@ class LTMGenerationMixin(GenerationMixin):
 
         - `latents=None` (default) and a non-empty prompt: the posterior `q(z | prompt)` is fitted with
           `num_inference_steps` fast Adam steps at `inference_lr` (see [`inference.fit_posterior`]); decoding uses
-          its sample `z = mu + sigma * eps` (the point the fast loop optimised). Padding in `attention_mask` is
-          honoured, and each row is fitted with its own seed, so a row of a left-padded batch gets the latents it
-          would get alone.
+          its sample `z = mu + sigma * eps` (`PosteriorOutput.z`, a fresh draw from the fitted posterior). Padding
+          in `attention_mask` is honoured, and each row is fitted with its own seed, so a row of a left-padded batch
+          gets the latents it would get alone.
         - `latents="prior"`, or no prompt at all (`inputs=None`, or an empty prompt of shape `(batch, 0)`):
           `z ~ N(0, latent_temperature^2 I)`, i.e. unconditional generation. With no prompt, decoding starts from
           `bos_token_id`.

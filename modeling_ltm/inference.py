@@ -371,9 +371,7 @@ def importance_weighted_bound(
         noise = _standard_normal(posterior.mu.shape, generators, posterior.mu.device)
         z = posterior.mu + torch.exp(0.5 * posterior.logvar) * noise
         nll, _ = sequence_nll(model, input_ids, z, targets, attention_mask, position_ids)
-        log_weights.append(
-            -nll.float() + gaussian_log_prob(z) - gaussian_log_prob(z, posterior.mu, posterior.logvar)
-        )
+        log_weights.append(-nll.float() + gaussian_log_prob(z) - gaussian_log_prob(z, posterior.mu, posterior.logvar))
     return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(num_samples)
 
 

@@ -106,15 +106,21 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     block_size: int | None = field(
         default=None,
-        metadata={"help": "Tokens per training sequence (packed block). Default: the model's max_position_embeddings."},
+        metadata={
+            "help": "Tokens per training sequence (packed block). Default: the model's max_position_embeddings."
+        },
     )
     validation_split_percentage: float = field(
         default=10.0,
-        metadata={"help": "Percent of the characters held out (the end of the corpus) when it has no validation split."},
+        metadata={
+            "help": "Percent of the characters held out (the end of the corpus) when it has no validation split."
+        },
     )
     max_eval_blocks: int | None = field(
         default=None,
-        metadata={"help": "Evaluate on the first N held-out blocks only (evaluation runs the fast loop: it is costly)."},
+        metadata={
+            "help": "Evaluate on the first N held-out blocks only (evaluation runs the fast loop: it is costly)."
+        },
     )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenizing and packing (datasets.map num_proc)."}
@@ -257,7 +263,9 @@ def _load_preset_or_model(config: str | None):
         except json.JSONDecodeError as error:
             raise TrainCLIError(f"--config {config!r} is not valid JSON: {error}") from error
         if preset.get("model_type", "ltm") != "ltm":
-            raise TrainCLIError(f"--config {config!r} has model_type {preset['model_type']!r}; an LTM preset is needed.")
+            raise TrainCLIError(
+                f"--config {config!r} has model_type {preset['model_type']!r}; an LTM preset is needed."
+            )
         preset.pop("model_type", None)
         try:
             return LTMConfig(**preset), None
@@ -394,7 +402,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
         _sync_config_with_tokenizer(config, tokenizer, continued)
         blocks = {
             split: ltm_data.tokenize_and_pack(
-                raw[split], tokenizer, block_size, text_column=text_column, num_proc=data_args.preprocessing_num_workers
+                raw[split],
+                tokenizer,
+                block_size,
+                text_column=text_column,
+                num_proc=data_args.preprocessing_num_workers,
             )
             for split in ("train", "validation")
         }
@@ -467,8 +479,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
     return {"train": train_metrics, "eval": eval_metrics, "sample": sample}
 
 
-def _print_summary(trainer, tokenizer, model_args, data_args, train_metrics, eval_metrics, eval_blocks, source,
-                   wall_start) -> str | None:
+def _print_summary(
+    trainer, tokenizer, model_args, data_args, train_metrics, eval_metrics, eval_blocks, source, wall_start
+) -> str | None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     is_ltm = model_args.baseline is None
     lines = ["", "=" * 100, "ltm train: summary", "-" * 100]
@@ -510,11 +523,12 @@ def _print_summary(trainer, tokenizer, model_args, data_args, train_metrics, eva
         if is_ltm and not _ltm_generate_available():
             lines.append("sample       unavailable: LTMForCausalLM.generate is not implemented in this version")
         else:
-            sample = generate_sample(
-                model, tokenizer, prompt_ids, data_args.sample_max_new_tokens, trainer.args.seed
+            sample = generate_sample(model, tokenizer, prompt_ids, data_args.sample_max_new_tokens, trainer.args.seed)
+            lines.append(
+                "sample       (prompt: first tokens of the held-out text; z fitted on the prompt)"
+                if is_ltm and data_args.sample_prompt is None
+                else "sample"
             )
-            lines.append("sample       (prompt: first tokens of the held-out text; z fitted on the prompt)" if is_ltm
-                         and data_args.sample_prompt is None else "sample")
             lines.extend("  | " + line for line in sample.splitlines() or [""])
     lines.append(f"saved to     {trainer.args.output_dir} (model, tokenizer, train_results.json, eval_results.json)")
     lines.append(f"wall time    {time.time() - wall_start:.0f} s")

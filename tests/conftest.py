@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+
 # No Hub here: any stray network call must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -54,3 +55,13 @@ def tiny_shakespeare_path() -> Path:
     if not TINY_SHAKESPEARE.exists():
         pytest.skip(f"shared data not found at {TINY_SHAKESPEARE}")
     return TINY_SHAKESPEARE
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Every model in the suite is tiny: a second intra-op thread only adds synchronisation, and on a shared 2-core
+    machine a descheduled OpenMP thread stalls each small op (tests ran ~10x slower under load). Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

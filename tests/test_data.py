@@ -64,7 +64,9 @@ def test_trained_tokenizer_round_trips_through_save_pretrained(tokenizer, tmp_pa
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert reloaded(text, add_special_tokens=False).input_ids == ids
     assert (reloaded.eos_token_id, reloaded.pad_token_id, len(reloaded)) == (
-        tokenizer.eos_token_id, tokenizer.pad_token_id, 300
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        300,
     )
 
 
@@ -190,7 +192,9 @@ def test_embedded_corpus_offline_without_cache_names_dataset_flag(tmp_path, monk
 
 
 def test_embedded_corpus_download_verify_extract_then_reuse_offline(tmp_path, monkeypatch, shakespeare_slice):
-    texts = {f"play_{i:02d}": shakespeare_slice[i * 400 : (i + 1) * 400] for i in range(data.EMBEDDED_CORPUS_NUM_FILES)}
+    texts = {
+        f"play_{i:02d}": shakespeare_slice[i * 400 : (i + 1) * 400] for i in range(data.EMBEDDED_CORPUS_NUM_FILES)
+    }
     fake = tmp_path / "fake.tar.gz"
     monkeypatch.setattr(data, "EMBEDDED_CORPUS_SHA256", _fake_archive(fake, texts))
     downloads = []
@@ -213,7 +217,9 @@ def test_embedded_corpus_download_verify_extract_then_reuse_offline(tmp_path, mo
     assert data.embedded_corpus_files(cache) == files
     monkeypatch.setenv("LTM_HF_CACHE", str(cache))
     raw = data.load_text_dataset(None, cache_dir=str(tmp_path / "hf"))
-    assert "".join(list(raw["train"]["text"]) + list(raw["validation"]["text"])) == "".join(texts[k] for k in sorted(texts))
+    assert "".join(list(raw["train"]["text"]) + list(raw["validation"]["text"])) == "".join(
+        texts[k] for k in sorted(texts)
+    )
 
     files[0].write_text("tampered")  # a corrupt text is detected and re-extracted from the cached archive
     assert data.embedded_corpus_files(cache)[0].read_text() == texts["play_00"]

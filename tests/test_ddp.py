@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config
-
 from ddp_worker import run_training
 
 from modeling_ltm import LTMForCausalLM
@@ -27,8 +26,20 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # 2 processes x 2 sequences x 2 accumulation steps = a global batch of 8 per optimizer step.
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "ddp"),
-               "--per-device-batch", "2", "--accumulation", "2", "--max-steps", "3"]
+    command = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(tmp_path / "ddp"),
+        "--per-device-batch",
+        "2",
+        "--accumulation",
+        "2",
+        "--max-steps",
+        "3",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 

@@ -7,15 +7,15 @@ import os
 import subprocess
 import sys
 
+import lm_eval
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_SHAKESPEARE, tiny_config
-
-import eval_harness
-import lm_eval
-from eval_harness import LTMLM
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
+
+import eval_harness
+from eval_harness import LTMLM
 from modeling_ltm import LTMForCausalLM
 
 
@@ -28,16 +28,6 @@ WIKITEXT_SAMPLE = """ = Robert Boulter =
  = Du Fu = 
  Du Fu was a prominent Chinese poet of the Tang dynasty .
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine their spinning threads slow
-    these tests down tenfold; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -222,12 +212,14 @@ def test_loglikelihood_is_deterministic_and_independent_of_batch_size(checkpoint
 
 def test_loglikelihood_equals_scoring_with_the_context_posterior(lm):
     context, continuation = "JULIET: O Romeo, Romeo!", " wherefore art thou"
-    (logprob, _), = lm.loglikelihood([request("loglikelihood", context, continuation)], disable_tqdm=True)
+    ((logprob, _),) = lm.loglikelihood([request("loglikelihood", context, continuation)], disable_tqdm=True)
     context_ids, continuation_ids = lm._encode_pair(context, continuation)
     z = lm.fit_context_latents([context_ids])
     with torch.no_grad():
         logits = lm.model(torch.tensor([context_ids + continuation_ids[:-1]]), latents=z).logits
-    expected = torch.log_softmax(logits[0, -len(continuation_ids) :], -1).gather(-1, torch.tensor(continuation_ids)[:, None])
+    expected = torch.log_softmax(logits[0, -len(continuation_ids) :], -1).gather(
+        -1, torch.tensor(continuation_ids)[:, None]
+    )
     assert logprob == pytest.approx(float(expected.sum()), abs=1e-4)
 
 
@@ -333,7 +325,11 @@ def test_task_data_is_configurable_and_deterministic(tmp_path, monkeypatch):
     items = tmp_path / "items.jsonl"
     assert lambada_local.main(["--source", str(TINY_SHAKESPEARE), "--output", str(items)]) == 0
     texts = [json.loads(line)["text"] for line in items.read_text().splitlines()]
-    assert texts == lambada_local.load_items()["test"]["text"] == lambada_local.load_items(lambada_path=str(items))["test"]["text"]
+    assert (
+        texts
+        == lambada_local.load_items()["test"]["text"]
+        == lambada_local.load_items(lambada_path=str(items))["test"]["text"]
+    )
     for text in texts:
         *prefix, target = text.split(" ")
         assert target.isalpha() and target.lower() in " ".join(prefix).lower()

@@ -12,16 +12,6 @@ from modeling_ltm.generate_cli import main as generate_main
 from modeling_ltm.modeling_ltm import LTMCrossAttention
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Decoding a tiny model is a chain of tiny ops: a second thread only adds synchronisation (and, on a shared
-    2-core machine, waits of milliseconds per attention call)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # A larger init than the default 0.02 so greedy decoding of a random model does not repeat one token: equality
 # tests then compare varied sequences.
 SPREAD_INIT = 0.3

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REPO_ROOT, TINY_SHAKESPEARE, tiny_config
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, TrainingArguments
 
-from conftest import REPO_ROOT, TINY_SHAKESPEARE, tiny_config
 from hub_cards import HubPushError, export_for_hub, push_folder
 from hub_cards.card import (
     CITATION,
@@ -399,9 +399,9 @@ def test_transformers_push_to_hub_uploads_the_same_files(exported, online, monke
     already on the Hub (the one `ltm push` uploaded)."""
     api = RecordingHfApi()
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: api.create_repo(repo_id, **kw))
-    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: api.create_commit(
-        repo_id, operations, **kw
-    ))
+    monkeypatch.setattr(
+        HfApi, "create_commit", lambda self, repo_id, operations, **kw: api.create_commit(repo_id, operations, **kw)
+    )
     load_card = ModelCard.load
     monkeypatch.setattr(ModelCard, "load", classmethod(lambda cls, repo_id, **kw: load_card(exported / "README.md")))
     model = LTMForCausalLM.from_pretrained(exported)

@@ -9,16 +9,6 @@ from modeling_ltm import LTMForCausalLM, NonFiniteELBOError, fit_posterior, impo
 from modeling_ltm.inference import gaussian_kl, gaussian_log_prob, negative_elbo, next_token_targets
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine two OpenMP threads mostly wait on each
-    other (10x slower here under load): run these tests on one thread, then restore the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_ids(config, batch_size, seq_length, seed=0):
     return torch.randint(0, config.vocab_size, (batch_size, seq_length), generator=torch.Generator().manual_seed(seed))
 

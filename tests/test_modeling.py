@@ -11,16 +11,6 @@ from transformers.cache_utils import EncoderDecoderCache
 from modeling_ltm import LTMForCausalLM, LTMModel
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine two OpenMP threads mostly wait on each
-    other (10x slower here under load): run these tests on one thread, then restore the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_latents(config, batch_size, seed=0):
     return torch.randn(batch_size, *config.latent_shape, generator=torch.Generator().manual_seed(seed))
 

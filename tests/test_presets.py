@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from transformers import HfArgumentParser
 
-from conftest import REPO_ROOT
 from modeling_ltm import LTMConfig, LTMForCausalLM
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_ltm import LTMForCausalLM, data
@@ -32,15 +31,6 @@ FAST_FLAGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny matrices: one thread is faster, and far faster when other processes share the cores (OpenMP barriers)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def setup(tmp_path, tiny_shakespeare_path):
     """A tiny preset JSON and a 30k-character slice of Tiny Shakespeare, as files."""
@@ -61,8 +51,17 @@ def _train(setup, *extra):
 def test_ltm_train_writes_model_tokenizer_and_results(setup, capsys):
     out = setup[2] / "run"
     assert _train(setup, "--output_dir", str(out)) == 0
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_results.json",
-                 "eval_results.json", "training_args.json", "trainer_state.json", "modeling_ltm.py"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "train_results.json",
+        "eval_results.json",
+        "training_args.json",
+        "trainer_state.json",
+        "modeling_ltm.py",
+    ):
         assert (out / name).is_file(), name
     train_results = json.loads((out / "train_results.json").read_text())
     eval_results = json.loads((out / "eval_results.json").read_text())
@@ -88,8 +87,22 @@ def test_ltm_train_continues_from_a_trained_folder_with_its_tokenizer(setup):
     assert _train(setup, "--output_dir", str(first), "--max_steps", "1", "--sample_max_new_tokens", "0") == 0
     preset, corpus, tmp_path = setup
     second = tmp_path / "second"
-    argv = ["train", "--config", str(first), "--dataset", str(corpus), "--cache_dir", str(tmp_path / "hf"),
-            *FAST_FLAGS, "--max_steps", "1", "--sample_max_new_tokens", "0", "--output_dir", str(second)]
+    argv = [
+        "train",
+        "--config",
+        str(first),
+        "--dataset",
+        str(corpus),
+        "--cache_dir",
+        str(tmp_path / "hf"),
+        *FAST_FLAGS,
+        "--max_steps",
+        "1",
+        "--sample_max_new_tokens",
+        "0",
+        "--output_dir",
+        str(second),
+    ]
     assert ltm_main(argv) == 0
     assert AutoTokenizer.from_pretrained(second).get_vocab() == AutoTokenizer.from_pretrained(first).get_vocab()
 
@@ -109,8 +122,14 @@ def test_baseline_llama_trains_the_peer_on_the_same_blocks(setup):
     assert _train(setup, "--baseline", "llama", "--output_dir", str(out)) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama"
-    for key, value in (("hidden_size", 32), ("num_hidden_layers", 2), ("num_attention_heads", 2),
-                       ("num_key_value_heads", 1), ("vocab_size", 300), ("tie_word_embeddings", True)):
+    for key, value in (
+        ("hidden_size", 32),
+        ("num_hidden_layers", 2),
+        ("num_attention_heads", 2),
+        ("num_key_value_heads", 1),
+        ("vocab_size", 300),
+        ("tie_word_embeddings", True),
+    ):
         assert config[key] == value, key
     eval_results = json.loads((out / "eval_results.json").read_text())
     assert eval_results["eval_perplexity"] == pytest.approx(2.718281828 ** eval_results["eval_loss"], rel=1e-6)

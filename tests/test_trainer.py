@@ -16,16 +16,6 @@ from modeling_ltm.trainer import _CausalLMLabels
 FAST_LOG_KEYS = ("nll_per_token", "kl_per_token", "elbo_ppl", "elbo_gain", "inference_lr")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and many times faster when other jobs share the cores (a second
-    OpenMP thread that is descheduled stalls every small op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def byte_blocks(path, block_size: int, num_blocks: int, offset_blocks: int = 0) -> Dataset:
     """`num_blocks` consecutive `block_size`-byte blocks of the file as an `input_ids` dataset (token = byte)."""
     start = offset_blocks * block_size
@@ -199,8 +189,21 @@ def test_missing_labels_default_to_input_ids_without_padding():
 
 def test_training_arguments_parse_from_the_command_line(tmp_path):
     (args,) = HfArgumentParser(LTMTrainingArguments).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--num_inference_steps", "8", "--inference_lr", "0.3",
-         "--inference_lr_end", "0.34", "--eval_inference_steps", "16", "--eval_iw_samples", "4", "--use_cpu"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--num_inference_steps",
+            "8",
+            "--inference_lr",
+            "0.3",
+            "--inference_lr_end",
+            "0.34",
+            "--eval_inference_steps",
+            "16",
+            "--eval_iw_samples",
+            "4",
+            "--use_cpu",
+        ]
     )
     assert (args.num_inference_steps, args.inference_lr, args.inference_lr_end) == (8, 0.3, 0.34)
     assert (args.eval_inference_steps, args.eval_iw_samples) == (16, 4)
@@ -219,7 +222,8 @@ def test_invalid_training_arguments_name_the_field(tmp_path, field, value):
 
 
 def test_trainer_rejects_a_model_without_latents(tmp_path):
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(TypeError, match="transformers.Trainer"):
         LTMTrainer(model=llama, args=make_args(tmp_path))

@@ -305,7 +305,7 @@ def test_generate_until_stops_at_until(lm):
 # ------------------------------------------------------------------------------------------------- tasks, metric
 
 
-def test_task_data_is_configurable_and_deterministic(tmp_path, monkeypatch):
+def test_task_data_is_configurable_and_deterministic(tmp_path, monkeypatch, tiny_shakespeare_path):
     sys.path.insert(0, str(eval_harness.TASKS_DIR))
     try:
         import arithmetic_local
@@ -323,7 +323,7 @@ def test_task_data_is_configurable_and_deterministic(tmp_path, monkeypatch):
         wikitext_local.load_documents()
 
     items = tmp_path / "items.jsonl"
-    assert lambada_local.main(["--source", str(TINY_SHAKESPEARE), "--output", str(items)]) == 0
+    assert lambada_local.main(["--source", str(tiny_shakespeare_path), "--output", str(items)]) == 0
     texts = [json.loads(line)["text"] for line in items.read_text().splitlines()]
     assert (
         texts

@@ -39,6 +39,19 @@ def tiny_config(**overrides) -> LTMConfig:
     return LTMConfig(**kwargs)
 
 
+def small_tokenizer(num_chars: int, vocab_size: int):
+    """The project's byte-level BPE (`modeling_ltm.data.train_tokenizer`) trained on the first `num_chars` characters
+    of Tiny Shakespeare; skips the test when the shared data is absent."""
+    from datasets import Dataset
+
+    from modeling_ltm.data import train_tokenizer
+
+    if not TINY_SHAKESPEARE.exists():
+        pytest.skip(f"shared data not found at {TINY_SHAKESPEARE}")
+    text = TINY_SHAKESPEARE.read_text()[:num_chars]
+    return train_tokenizer(Dataset.from_dict({"text": [text]}), vocab_size=vocab_size)
+
+
 @pytest.fixture
 def config() -> LTMConfig:
     return tiny_config()

@@ -10,7 +10,7 @@ import sys
 import lm_eval
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_SHAKESPEARE, tiny_config
+from conftest import REPO_ROOT, small_tokenizer, tiny_config
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
@@ -33,23 +33,8 @@ WIKITEXT_SAMPLE = """ = Robert Boulter =
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A saved tiny LTM (context 64 tokens) and a byte-level BPE tokenizer trained on 8 KB of Tiny Shakespeare."""
-    if not TINY_SHAKESPEARE.exists():
-        pytest.skip(f"shared data not found at {TINY_SHAKESPEARE}")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     path = tmp_path_factory.mktemp("ltm-eval")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([TINY_SHAKESPEARE.read_text()[:8000]], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer = small_tokenizer(num_chars=8000, vocab_size=320)
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
     config = tiny_config(

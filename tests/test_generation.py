@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import small_tokenizer, tiny_config
 from transformers import GenerationConfig, pipeline
 from transformers.generation.streamers import BaseStreamer
 
@@ -49,31 +49,11 @@ class ForwardRecorder:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer():
     """A byte-level BPE (300 tokens) trained on the first 20 KB of tiny_shakespeare."""
-    from conftest import TINY_SHAKESPEARE
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if not TINY_SHAKESPEARE.exists():
-        pytest.skip(f"shared data not found at {TINY_SHAKESPEARE}")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator([TINY_SHAKESPEARE.read_text()[:20_000]], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-    )
+    tokenizer = small_tokenizer(num_chars=20_000, vocab_size=300)
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 @pytest.fixture

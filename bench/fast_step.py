@@ -36,10 +36,11 @@ import time
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from modeling_ltm import LTMConfig, LTMForCausalLM
 from modeling_ltm.inference import negative_elbo, next_token_targets
+from modeling_ltm.train_cli import llama_peer_config
 
 
 MEASUREMENTS = ("fast", "full", "reference", "llama")
@@ -83,17 +84,7 @@ def build(args):
         n_latents_per_layer=args.n_latents_per_layer,
         latent_dim=args.latent_dim,
     )
-    llama_config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=ltm_config.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=ltm_config.num_key_value_heads,
-        max_position_embeddings=args.seq_length,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
+    llama_config = llama_peer_config(ltm_config)
     torch.manual_seed(0)
     ltm = LTMForCausalLM(ltm_config).train()  # dropout is 0: train mode only matters for flags, as in training
     llama = LlamaForCausalLM(llama_config).train()

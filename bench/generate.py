@@ -23,9 +23,10 @@ import time
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from modeling_ltm import LTMConfig, LTMForCausalLM
+from modeling_ltm.train_cli import llama_peer_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,19 +66,7 @@ def build_models(args):
         bos_token_id=1,
         eos_token_id=2,
     )
-    llama_config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=ltm_config.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=ltm_config.num_key_value_heads,
-        max_position_embeddings=args.max_position_embeddings,
-        rms_norm_eps=ltm_config.rms_norm_eps,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    llama_config = llama_peer_config(ltm_config)
     torch.manual_seed(0)
     ltm = LTMForCausalLM(ltm_config).eval()
     llama = LlamaForCausalLM(llama_config).eval()

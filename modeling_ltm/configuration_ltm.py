@@ -78,7 +78,7 @@ class LTMConfig(PreTrainedConfig):
     """
 
     model_type = "ltm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 50257
     hidden_size: int = 768

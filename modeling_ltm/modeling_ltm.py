@@ -9,15 +9,15 @@ This file imports only torch, transformers and its siblings (relative imports), 
 next to the weights for `trust_remote_code=True` loading.
 """
 
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
@@ -29,41 +29,35 @@ from .inference import PosteriorOutput, fit_posterior, importance_weighted_bound
 logger = logging.get_logger(__name__)
 
 
-@dataclass
-class LTMModelOutput(ModelOutput):
+# transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
+# `past_key_values` to `cache`. The installed version's own output class says which name it expects, so the same file
+# runs (and is exported as remote code) on both sides of the rename.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
+
+# `LTMModel` returns transformers' own output classes: `last_hidden_state`, the cache (`EncoderDecoderCache`: the
+# tokens' self-attention keys/values and the latents' cross-attention keys/values, computed once per sequence) under
+# `CACHE_NAME`, and `hidden_states` / `attentions` / `cross_attentions` when asked for.
+LTMModelOutput = BaseModelOutputWithPastAndCrossAttentions
+LTMCausalLMOutput = CausalLMOutputWithCrossAttentions
+
+
+def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache passed to `forward`, under its current name `cache` or its pre-5.24 name `past_key_values`.
+
+    `past_key_values=` is what `generate()` passes on transformers < 5.24; on newer versions it is deprecated, and
+    a `FutureWarning` says so.
     """
-    Output of [`LTMModel`].
-
-    Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
-            Hidden states after the final RMSNorm.
-        past_key_values (`EncoderDecoderCache`, *optional*, returned when `use_cache=True`):
-            Self-attention keys/values of the tokens (`.self_attention_cache`) and the cross-attention keys/values
-            of the latents (`.cross_attention_cache`, computed once per sequence).
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-
-
-@dataclass
-class LTMCausalLMOutput(ModelOutput):
-    """
-    Output of [`LTMForCausalLM`].
-
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
-            Mean next-token negative log-likelihood in nats per token, given the latents used (the prior mean
-            `z = 0` when `latents=None`). This is not an ELBO: it has no KL term.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-            Next-token logits.
-        past_key_values (`EncoderDecoderCache`, *optional*, returned when `use_cache=True`):
-            See [`LTMModelOutput`].
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Got both `cache` and `past_key_values`; pass the cache once, as `cache=`.")
+    if CACHE_NAME == "cache":
+        warnings.warn(
+            "`past_key_values` is deprecated since transformers 5.24; pass the cache as `cache=`.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return past_key_values
 
 
 class LTMRMSNorm(nn.Module):
@@ -192,7 +186,7 @@ class LTMSelfAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         input_shape = hidden_states.shape[:-1]
@@ -203,8 +197,8 @@ class LTMSelfAttention(nn.Module):
         cos, sin = position_embeddings
         query_states = apply_rotary_pos_emb(query_states, cos, sin)
         key_states = apply_rotary_pos_emb(key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
         attn_output, _ = _attention_interface(self.config)(
             self,
             query_states,
@@ -263,7 +257,7 @@ class LTMCrossAttention(nn.Module):
         latents: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         latent_position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        past_key_values: EncoderDecoderCache | None = None,
+        cache: EncoderDecoderCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         input_shape = hidden_states.shape[:-1]
@@ -271,15 +265,15 @@ class LTMCrossAttention(nn.Module):
         cos, sin = position_embeddings
         query_states = apply_rotary_pos_emb(query_states, cos, sin)
 
-        cross_cache = past_key_values.cross_attention_cache if past_key_values is not None else None
-        if cross_cache is not None and past_key_values.is_updated.get(self.layer_idx, False):
+        cross_cache = cache.cross_attention_cache if cache is not None else None
+        if cross_cache is not None and cache.is_updated.get(self.layer_idx, False):
             key_states = cross_cache.layers[self.layer_idx].keys
             value_states = cross_cache.layers[self.layer_idx].values
         else:
             key_states, value_states = self.project_latents(latents, latent_position_embeddings)
             if cross_cache is not None:
                 key_states, value_states = cross_cache.update(key_states, value_states, self.layer_idx)
-                past_key_values.is_updated[self.layer_idx] = True
+                cache.is_updated[self.layer_idx] = True
 
         attn_output, _ = _attention_interface(self.config)(
             self,
@@ -315,10 +309,10 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         latent_position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: EncoderDecoderCache | None = None,
+        cache: EncoderDecoderCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        self_cache = past_key_values.self_attention_cache if past_key_values is not None else None
+        self_cache = cache.self_attention_cache if cache is not None else None
         residual = hidden_states
         hidden_states = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, self_cache, **kwargs
@@ -331,7 +325,7 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
             latents,
             position_embeddings,
             latent_position_embeddings,
-            past_key_values,
+            cache,
             **kwargs,
         )
         hidden_states = residual + self.dropout(hidden_states)
@@ -351,7 +345,7 @@ class LTMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LTMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
 
@@ -416,10 +410,11 @@ class LTMModel(LTMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         latents: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LTMModelOutput:
         r"""
@@ -432,7 +427,7 @@ class LTMModel(LTMPreTrainedModel):
             position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 RoPE positions of the tokens. Defaults to `past_length + arange(sequence_length)`, or to positions
                 counted over the real tokens of `attention_mask` when it has padding.
-            past_key_values (`Cache`, *optional*):
+            cache (`Cache`, *optional*):
                 An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache) as returned by a
                 previous call. An empty `DynamicCache` (what `generate()` creates) is converted into one.
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
@@ -440,19 +435,24 @@ class LTMModel(LTMPreTrainedModel):
             latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
                 The latent thought vectors `z`, any floating dtype (cast to the weights' dtype). `None` means the
                 prior mean `z = 0`: `forward` never fits a posterior by itself (use `LTMForCausalLM.infer_latents`).
-                Ignored for layers whose cross-attention keys/values are already in `past_key_values`.
+                Ignored for layers whose cross-attention keys/values are already in `cache`.
             use_cache (`bool`, *optional*):
                 Return the caches for further decoding. Defaults to `config.use_cache`; off while training with
                 gradient checkpointing.
+            past_key_values (`Cache`, *optional*):
+                The name of `cache` before transformers 5.24 (what `generate()` passes there); deprecated after.
 
         Returns:
-            [`LTMModelOutput`] with `last_hidden_state` of shape `(batch_size, sequence_length, hidden_size)`.
+            [`LTMModelOutput`] (transformers' `BaseModelOutputWithPastAndCrossAttentions`) with `last_hidden_state` of
+            shape `(batch_size, sequence_length, hidden_size)` and, when caching, the `EncoderDecoderCache` under
+            `CACHE_NAME` (`cache`, or `past_key_values` before transformers 5.24).
 
         Raises:
             ValueError: 1-D `input_ids`, both or neither of `input_ids`/`inputs_embeds`, latents of the wrong shape,
                 or more than `max_position_embeddings` tokens (cached + new).
             TypeError: `latents` not a floating-point tensor, or a cache that is not an `EncoderDecoderCache`.
         """
+        cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None and input_ids.dim() != 2:
@@ -468,17 +468,17 @@ class LTMModel(LTMPreTrainedModel):
             use_cache = False
 
         if use_cache and (
-            past_key_values is None
-            or (not isinstance(past_key_values, EncoderDecoderCache) and past_key_values.get_seq_length() == 0)
+            cache is None
+            or (not isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0)
         ):
             # generate() hands over an empty DynamicCache; the latents' keys/values need a cache of their own.
-            past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache())
-        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache())
+        if cache is not None and not isinstance(cache, EncoderDecoderCache):
             raise TypeError(
-                "`past_key_values` must be an `EncoderDecoderCache` (self-attention + latent cross-attention) as "
-                f"returned by this model, got {type(past_key_values).__name__}."
+                "`cache` must be an `EncoderDecoderCache` (self-attention + latent cross-attention) as "
+                f"returned by this model, got {type(cache).__name__}."
             )
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if past_length + seq_length > self.config.max_position_embeddings:
             raise ValueError(
                 f"Input of {past_length + seq_length} tokens (cached {past_length} + new {seq_length}) is longer "
@@ -487,8 +487,8 @@ class LTMModel(LTMPreTrainedModel):
                 f"max_length={self.config.max_position_embeddings}), truncation_side='left')."
             )
 
-        cross_cached = past_key_values is not None and all(
-            past_key_values.is_updated.get(i, False) for i in range(self.config.num_hidden_layers)
+        cross_cached = cache is not None and all(
+            cache.is_updated.get(i, False) for i in range(self.config.num_hidden_layers)
         )
         if latents is None:
             if not cross_cached:
@@ -504,13 +504,9 @@ class LTMModel(LTMPreTrainedModel):
                 position_ids = position_ids.unsqueeze(0)
 
         mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        causal_mask = mask_function(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values.self_attention_cache if past_key_values is not None else None,
-            position_ids=position_ids,
-        )
+        # The cache goes by position: its keyword is `past_key_values` before transformers 5.24 and `cache` after.
+        self_cache = cache.self_attention_cache if cache is not None else None
+        causal_mask = mask_function(self.config, inputs_embeds, attention_mask, self_cache, position_ids)
 
         hidden_states = self.dropout(inputs_embeds)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -526,11 +522,11 @@ class LTMModel(LTMPreTrainedModel):
                 position_embeddings,
                 latent_position_embeddings,
                 attention_mask=causal_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return LTMModelOutput(last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None)
+        return LTMModelOutput(last_hidden_state=hidden_states, **{CACHE_NAME: cache if use_cache else None})
 
 
 class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
@@ -574,16 +570,17 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         latents: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LTMCausalLMOutput:
         r"""
-        `input_ids`, `attention_mask`, `position_ids`, `past_key_values`, `inputs_embeds` and `use_cache` are as in
+        `input_ids`, `attention_mask`, `position_ids`, `cache`, `inputs_embeds` and `use_cache` are as in
         [`LTMModel.forward`].
 
         Args:
@@ -599,13 +596,13 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
 
         Returns:
             [`LTMCausalLMOutput`] with `logits` of shape `(batch_size, kept_positions, vocab_size)`, `loss` when
-            `labels` is given, `past_key_values` when caching.
+            `labels` is given, `cache` when caching.
         """
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             latents=latents,
             use_cache=use_cache,
@@ -617,7 +614,7 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return LTMCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return LTMCausalLMOutput(loss=loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
 
     def infer_latents(
         self,
@@ -649,4 +646,4 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         )
 
 
-__all__ = ["LTMForCausalLM", "LTMModel", "LTMPreTrainedModel", "LTMCausalLMOutput", "LTMModelOutput"]
+__all__ = ["CACHE_NAME", "LTMForCausalLM", "LTMModel", "LTMPreTrainedModel", "LTMCausalLMOutput", "LTMModelOutput"]

@@ -9,6 +9,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from transformers.cache_utils import EncoderDecoderCache
 
 from modeling_ltm import LTMForCausalLM, LTMModel
+from modeling_ltm.modeling_ltm import CACHE_NAME
 
 
 def random_latents(config, batch_size, seed=0):
@@ -37,9 +38,10 @@ def test_output_shapes(model, config):
     out = model(input_ids, latents=random_latents(config, 3), labels=input_ids)
     assert out.logits.shape == (3, 10, config.vocab_size)
     assert out.loss.shape == ()
-    assert isinstance(out.past_key_values, EncoderDecoderCache)
-    assert out.past_key_values.get_seq_length() == 10
-    assert model(input_ids, use_cache=False).past_key_values is None
+    cache = getattr(out, CACHE_NAME)
+    assert isinstance(cache, EncoderDecoderCache)
+    assert cache.get_seq_length() == 10
+    assert getattr(model(input_ids, use_cache=False), CACHE_NAME) is None
     assert model(input_ids, logits_to_keep=1).logits.shape == (3, 1, config.vocab_size)
     hidden = model.model(input_ids).last_hidden_state
     assert hidden.shape == (3, 10, config.hidden_size)
@@ -204,7 +206,7 @@ def test_gradient_checkpointing_training_step(config):
         losses.append(out.loss.detach())
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     torch.testing.assert_close(losses[0], losses[1])
-    assert checkpointed(input_ids, latents=latents).past_key_values is None  # no cache while checkpointing
+    assert getattr(checkpointed(input_ids, latents=latents), CACHE_NAME) is None  # no cache while checkpointing
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
     # One optimizer step actually moves the weights.
@@ -256,14 +258,33 @@ def test_incremental_decoding_with_cache_equals_full_forward(model, sliding_wind
     latents = random_latents(config, 2)
     full = model(input_ids, latents=latents).logits
     out = model(input_ids[:, :6], latents=latents, use_cache=True)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_NAME)
     assert all(cache.is_updated.get(i, False) for i in range(config.num_hidden_layers))
     steps = [out.logits]
     for t in range(6, 12):  # past the sliding window: the cache must drop exactly the tokens the mask hides
         # Latents are read from the cross-attention cache: passing none must not fall back to z = 0.
-        out = model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids[:, t : t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_accepted_under_both_names_of_the_transformers_5_24_rename(model, config):
+    """`cache=` is the name from transformers 5.24 on; `past_key_values=` (the older name, which `generate()` passes
+    on 5.23) gives the same logits, with a FutureWarning only where it is deprecated. Both at once is an error."""
+    input_ids = random_ids(config, 1, 8)
+    latents = random_latents(config, 1)
+    expected = model(input_ids, latents=latents).logits[:, 4:]
+    for name in ("cache", "past_key_values"):
+        prefix = model(input_ids[:, :4], latents=latents, use_cache=True)
+        if name == "past_key_values" and CACHE_NAME == "cache":
+            with pytest.warns(FutureWarning, match="past_key_values"):
+                out = model(input_ids[:, 4:], past_key_values=getattr(prefix, CACHE_NAME), use_cache=True)
+        else:
+            out = model(input_ids[:, 4:], **{name: getattr(prefix, CACHE_NAME)}, use_cache=True)
+        torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    prefix = getattr(model(input_ids[:, :4], latents=latents, use_cache=True), CACHE_NAME)
+    with pytest.raises(ValueError, match="both"):
+        model(input_ids[:, 4:], cache=prefix, past_key_values=prefix)
 
 
 def test_latents_of_wrong_shape_raise_value_error_with_expected_shape(model, config):
@@ -301,7 +322,7 @@ def test_foreign_cache_raises_type_error(model, config):
     cache = DynamicCache(config=config)
     cache.update(torch.zeros(1, 2, 3, config.head_dim), torch.zeros(1, 2, 3, config.head_dim), 0)
     with pytest.raises(TypeError, match="EncoderDecoderCache"):
-        model(input_ids, past_key_values=cache)
+        model(input_ids, cache=cache)
 
 
 @pytest.mark.parametrize("obj_name", ["LTMConfig", "LTMForCausalLM"])

@@ -1,21 +1,34 @@
 # Two commands do all the set-up on a fresh machine:
-#   make main   - install, train the tiny LTM on the embedded corpus, evaluate, generate, export a Hub-ready folder
-#   make test   - install, run the test suite (what .ci/run calls)
+#   make main   - install (from the lock), train the tiny LTM on the embedded corpus, evaluate, generate, export a
+#                 Hub-ready folder
+#   make test   - install (from the lock), run the test suite (what .ci/run calls, with `make test-latest` after it)
+# Other targets:
+#   make test-latest - the drift canary: the suite on the newest releases that pyproject.toml allows (fresh venv)
+#   make lock        - refresh constraints.txt from the newest releases (then run `make test` on it and commit)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LATEST_VENV ?= .venv-latest
+LOCK ?= constraints.txt
 OUTPUT_DIR ?= runs/ltm-tiny
-# The CPU wheel of torch; installed first so the project's `torch>=2.4` pulls no CUDA build.
-TORCH_SPEC ?= torch==2.13.0
+EXTRAS := test,bench,peft
+# torch: the CPU wheel, installed first and held at the lock's version in every venv (also the canary's), so pip never
+# pulls a CUDA build (several GB of nvidia-* wheels) onto a CPU machine. Override for a GPU machine, e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= $(shell grep -i '^torch==' $(LOCK))
+# The lowest transformers that pyproject.toml declares; the remote-code tests load the exported model under it too.
+MIN_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
+SHOW_VERSIONS = -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|safetensors|datasets|evaluate|huggingface.hub|accelerate|lm.eval|peft)=='
 
-.PHONY: install main test bench clean
+.PHONY: install main test test-latest lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c $(LOCK) $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/transformers-min "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
 LTM := $(VENV)/bin/ltm
@@ -26,7 +39,26 @@ main: install
 	$(LTM) export $(OUTPUT_DIR) $(OUTPUT_DIR)/hub --overwrite
 
 test: install
-	$(PY) -m pytest -q
+	@echo "== pytest on the lock ($(LOCK)) =="; $(PY) $(SHOW_VERSIONS)
+	LTM_TRANSFORMERS_MIN_SITE=$(CURDIR)/$(VENV)/transformers-min $(PY) -m pytest -q
+
+# A fresh venv every time, so it really holds today's newest releases.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	grep -i '^torch==' $(LOCK) > $(LATEST_VENV)/torch-constraint.txt
+	$(LATEST_VENV)/bin/python -m pip install --quiet -c $(LATEST_VENV)/torch-constraint.txt $(TORCH_SPEC)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+		-c $(LATEST_VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --no-deps --target $(LATEST_VENV)/transformers-min \
+		"transformers==$(MIN_TRANSFORMERS)"
+	@echo "== pytest on the newest releases ==";  $(LATEST_VENV)/bin/python $(SHOW_VERSIONS)
+	LTM_TRANSFORMERS_MIN_SITE=$(CURDIR)/$(LATEST_VENV)/transformers-min $(LATEST_VENV)/bin/python -m pytest -q
+
+# Refresh the lock from the canary's venv (the newest releases); torch keeps the CPU build's plain version.
+lock: test-latest
+	{ echo "# Exact versions the suite last passed with (make test-latest, then make lock). Refresh: make lock"; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > $(LOCK)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST_VENV) runs

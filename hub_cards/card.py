@@ -15,6 +15,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from modeling_ltm.configuration_ltm import MIN_TRANSFORMERS_VERSION
+
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "modelcard_template.md"
 
@@ -23,6 +25,7 @@ TAGS = ["ltm", "latent-thought", "custom_code", "variational-inference"]
 # The snippet shown under "How to use". tests/test_hub_cards.py runs exactly this text (rendered for the exported
 # folder) in a fresh process without our package, so the card never shows code that was not run.
 USAGE_SNIPPET_TEMPLATE = """\
+# Needs transformers >= {min_transformers}: pip install "transformers>={min_transformers}" torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,7 +79,11 @@ def usage_snippet(repo_id: str, num_inference_steps: int, prompt: str = "ROMEO:"
     if '"' in prompt or "\\" in prompt:
         raise ValueError(f"usage_snippet: the prompt must not contain quotes or backslashes, got {prompt!r}.")
     return USAGE_SNIPPET_TEMPLATE.format(
-        repo_id=repo_id, prompt=prompt, max_new_tokens=max_new_tokens, num_inference_steps=num_inference_steps
+        repo_id=repo_id,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        num_inference_steps=num_inference_steps,
+        min_transformers=MIN_TRANSFORMERS_VERSION,
     )
 
 

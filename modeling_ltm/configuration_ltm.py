@@ -9,6 +9,12 @@ import math
 from transformers.configuration_utils import PreTrainedConfig
 
 
+# The oldest transformers release this configuration and the model code run on: the lower bound of pyproject.toml's
+# range (a test keeps the two equal). `save_pretrained` writes it to config.json as `transformers_version`, so a Hub
+# user of the remote code knows the release it needs.
+MIN_TRANSFORMERS_VERSION = "5.23.0"
+
+
 class LTMConfig(PreTrainedConfig):
     r"""
     Configuration of an [`LTMForCausalLM`]: a pre-norm Transformer decoder (RMSNorm, RoPE, SwiGLU, tied embeddings)
@@ -116,6 +122,13 @@ class LTMConfig(PreTrainedConfig):
         self._validate_ltm_fields()
         super().__post_init__(**kwargs)
 
+    def to_dict(self) -> dict:
+        """transformers' `to_dict`, with `transformers_version` set to the minimum the model code needs
+        (`MIN_TRANSFORMERS_VERSION`) rather than the release that happened to write the file."""
+        output = super().to_dict()
+        output["transformers_version"] = MIN_TRANSFORMERS_VERSION
+        return output
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -210,4 +223,4 @@ class LTMConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["LTMConfig"]
+__all__ = ["LTMConfig", "MIN_TRANSFORMERS_VERSION"]

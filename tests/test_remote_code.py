@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from conftest import REPO_ROOT, tiny_config
 from safetensors.torch import load_file, save_file
 
 from modeling_ltm import LTMForCausalLM
+from modeling_ltm.configuration_ltm import MIN_TRANSFORMERS_VERSION
 
 
 CODE_FILES = ("configuration_ltm.py", "modeling_ltm.py", "inference.py", "generation_ltm.py")
@@ -48,24 +50,59 @@ CHILD = textwrap.dedent(
         assert importlib.util.find_spec(name) is None, f"{{name}} is still importable"
 
     import torch
+    import transformers
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    folder, tensors_in, tensors_out = sys.argv[1:4]
+    folder, tensors_in, tensors_out, expected_version = sys.argv[1:5]
+    assert transformers.__version__ == expected_version, (transformers.__version__, expected_version)
     inputs = load_file(tensors_in)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
     assert type(model).__name__ == "LTMForCausalLM"
     logits = model(inputs["input_ids"], latents=inputs["latents"]).logits
     posterior = model.infer_latents(inputs["input_ids"], num_steps=2, seed=[0, 1])
+    greedy = model.generate(inputs["input_ids"], latents=inputs["latents"], max_new_tokens=8, do_sample=False)
     assert not any(name.split(".")[0] in OUR_PACKAGES for name in sys.modules), "our package got imported"
-    save_file({{"logits": logits.contiguous(), "mu": posterior.mu.contiguous()}}, tensors_out)
+    save_file(
+        {{"logits": logits.contiguous(), "mu": posterior.mu.contiguous(), "greedy": greedy.contiguous()}}, tensors_out
+    )
     """
 ).format(our_packages=OUR_PACKAGES)
 
 
-def run_clean_child(folder, tmp_path, tensors_in):
-    """Load `folder` in a fresh interpreter where our packages are not importable; return (process, outputs)."""
+# The transformers builds the exported code must load under: the installed one (the lock's, or the newest release in
+# CI's drift canary) and the lowest that pyproject.toml declares, which `make test` puts in a folder of its own
+# (`pip install --no-deps --target`) and names in LTM_TRANSFORMERS_MIN_SITE.
+TRANSFORMERS_BUILDS = ["installed", "lowest"]
+
+
+def lowest_declared_transformers() -> str:
+    """The lower bound of `transformers>=X` in pyproject.toml."""
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    return re.search(r'"transformers>=([0-9.]+)', pyproject).group(1)
+
+
+def transformers_build(build: str) -> tuple[str, str]:
+    """`(extra PYTHONPATH, expected transformers.__version__)` of a build in TRANSFORMERS_BUILDS."""
+    import transformers
+
+    if build == "installed":
+        return "", transformers.__version__
+    site = os.environ.get("LTM_TRANSFORMERS_MIN_SITE")
+    if not site:
+        pytest.skip("the lowest declared transformers is prepared by `make test` (LTM_TRANSFORMERS_MIN_SITE unset)")
+    version = lowest_declared_transformers()
+    assert (Path(site) / f"transformers-{version}.dist-info").is_dir(), (
+        f"{site} does not hold transformers {version}: rerun `make test`, which installs it there"
+    )
+    return site, version
+
+
+def run_clean_child(folder, tmp_path, tensors_in, build="installed"):
+    """Load `folder` in a fresh interpreter where our packages are not importable, under the transformers `build`;
+    return (process, outputs)."""
+    site, version = transformers_build(build)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     tensors_out = tmp_path / "child_outputs.safetensors"
@@ -73,11 +110,11 @@ def run_clean_child(folder, tmp_path, tensors_in):
         **os.environ,
         "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": "",
+        "PYTHONPATH": site,
         "OMP_NUM_THREADS": "1",
     }
     process = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tensors_in), str(tensors_out)],
+        [sys.executable, str(script), str(folder), str(tensors_in), str(tensors_out), version],
         cwd=tmp_path,  # not the repository: its root holds the packages
         env=env,
         capture_output=True,
@@ -105,7 +142,10 @@ def test_save_pretrained_writes_code_files_and_auto_map(saved):
     _, folder, _ = saved
     for name in CODE_FILES:
         assert (folder / name).is_file(), name
-    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    config_json = json.loads((folder / "config.json").read_text())
+    # config.json states the lowest transformers the remote code runs on: pyproject's lower bound.
+    assert config_json["transformers_version"] == MIN_TRANSFORMERS_VERSION == lowest_declared_transformers()
+    auto_map = config_json["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_ltm.LTMConfig"
     assert auto_map["AutoModelForCausalLM"] == "modeling_ltm.LTMForCausalLM"
     # The copies are the package's own files, unchanged.
@@ -115,8 +155,6 @@ def test_save_pretrained_writes_code_files_and_auto_map(saved):
 
 def test_code_files_import_only_torch_transformers_and_siblings():
     import ast
-
-    import sys
 
     allowed_roots = {"torch", "transformers"} | set(sys.stdlib_module_names)
     for name in CODE_FILES:
@@ -136,15 +174,20 @@ def test_code_files_import_only_torch_transformers_and_siblings():
 
 
 @pytest.mark.slow
-def test_remote_code_loads_without_the_package(saved, tmp_path):
+@pytest.mark.parametrize("build", TRANSFORMERS_BUILDS)
+def test_remote_code_loads_without_the_package(saved, tmp_path, build):
+    """Logits, posterior and greedy generation of the remote code equal the package's, under the installed and the
+    lowest declared transformers (both sides of 5.24's `past_key_values` -> `cache` rename)."""
     model, folder, tensors_in = saved
-    process, outputs = run_clean_child(folder, tmp_path, tensors_in)
+    process, outputs = run_clean_child(folder, tmp_path, tensors_in, build)
     assert process.returncode == 0, process.stderr[-4000:]
     inputs = load_file(tensors_in)
     expected = model(inputs["input_ids"], latents=inputs["latents"]).logits
     assert torch.equal(outputs["logits"], expected)
     posterior = model.infer_latents(inputs["input_ids"], num_steps=2, seed=[0, 1])
     torch.testing.assert_close(outputs["mu"], posterior.mu)
+    greedy = model.generate(inputs["input_ids"], latents=inputs["latents"], max_new_tokens=8, do_sample=False)
+    assert torch.equal(outputs["greedy"], greedy)
     assert (tmp_path / "hf_modules" / "transformers_modules").is_dir()  # the code came from the temporary cache
 
 

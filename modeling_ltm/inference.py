@@ -546,16 +546,24 @@ def importance_weighted_bound(
         posterior = fit_posterior(
             model, input_ids, attention_mask, labels=labels, seed=seed, generator=generator, **fit_kwargs
         )
+    return _importance_sample(model, input_ids, attention_mask, labels, num_samples, posterior, seed, generator)[0]
+
+
+def _importance_sample(model, input_ids, attention_mask, labels, num_samples, posterior, seed, generator):
+    """`(iw_bound, mean_nll)`, both `(batch,)`: the importance-weighted bound from `num_samples` draws `z_k ~ q`, and
+    the mean of `-log p(x|z_k)` over those same draws (a `K`-sample estimate of `E_q[-log p(x|z)]`)."""
     generators = _row_generators(None if generator is not None else _next_seed(seed), generator, input_ids.shape[0])
     targets = next_token_targets(input_ids, attention_mask, labels)
     position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    log_weights = []
+    log_weights, nlls = [], []
     for _ in range(num_samples):
         noise = _standard_normal(posterior.mu.shape, generators, posterior.mu.device)
         z = posterior.mu + torch.exp(0.5 * posterior.logvar) * noise
         nll, _ = sequence_nll(model, input_ids, z, targets, attention_mask, position_ids)
+        nlls.append(nll.float())
         log_weights.append(-nll.float() + gaussian_log_prob(z) - gaussian_log_prob(z, posterior.mu, posterior.logvar))
-    return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(num_samples)
+    bound = torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(num_samples)
+    return bound, torch.stack(nlls).mean(0)
 
 
 def _next_seed(seed):
@@ -572,10 +580,12 @@ class PosteriorEvaluation:
     """Per-sequence numbers of [`evaluate_posterior`], all in nats summed over each sequence's predicted tokens.
 
     Args:
-        nll (`torch.FloatTensor` of shape `(batch,)`): `-log p(x|z)` at one fresh draw `z ~ q` of the evaluation fit.
+        nll (`torch.FloatTensor` of shape `(batch,)`): an estimate of `E_q[-log p(x|z)]` under the evaluation fit:
+            `-log p(x|z)` at one fresh draw `z ~ q`, or the mean over the `iw_samples` importance draws when those
+            are taken.
         kl (`torch.FloatTensor` of shape `(batch,)`): `KL(q || p)` of the evaluation fit (closed form).
-        elbo (`torch.FloatTensor` of shape `(batch,)`): `-(nll + kl)`, a single-sample ELBO, a lower bound on
-            `log p(x)` in expectation.
+        elbo (`torch.FloatTensor` of shape `(batch,)`): `-(nll + kl)`, an unbiased estimate of the ELBO, a lower
+            bound on `log p(x)` in expectation.
         num_tokens (`torch.LongTensor` of shape `(batch,)`): predicted tokens per sequence.
         settings ([`PosteriorFitSettings`]): the evaluation fit's settings.
         posterior ([`PosteriorOutput`]): the evaluation fit itself (`mu`, `logvar`, `z`, `elbo_trace`).
@@ -635,7 +645,8 @@ def evaluate_posterior(
 
     1. Fit `q(z|x)` with the evaluation settings (`settings`, default `PosteriorFitSettings.evaluation(config)`:
        start at the prior, `eps` redrawn every step) and score it at a fresh draw: `nll`, `kl`, `elbo = -(nll + kl)`.
-    2. With `iw_samples = K > 0`, the importance-weighted bound `log 1/K sum_k p(x|z_k) p(z_k) / q(z_k)` from that fit.
+    2. With `iw_samples = K > 0`, the importance-weighted bound `log 1/K sum_k p(x|z_k) p(z_k) / q(z_k)` from that
+       fit; `nll` (and so `elbo`) then averages `-log p(x|z_k)` over the same K draws instead of one.
     3. With `reconstruction`, the paper's reconstruction NLL (see [`reconstruction_nll`]): a separate fit with the
        training fast loop (`reconstruction_settings`, default `PosteriorFitSettings.training(config)`, fixed `eps`)
        scored at its own `eps`, no KL. Not a bound.
@@ -661,9 +672,12 @@ def evaluate_posterior(
         posterior=posterior,
     )
     if iw_samples > 0:
-        result.iw = importance_weighted_bound(
-            model, input_ids, attention_mask, labels=labels, num_samples=iw_samples, posterior=posterior, seed=seed
-        ).float()
+        with torch.no_grad():
+            result.iw, result.nll = _importance_sample(
+                model, input_ids, attention_mask, labels, iw_samples, posterior, seed, None
+            )
+        # The ELBO's likelihood term from the K draws rather than one: a lower-variance estimate of the same ELBO.
+        result.elbo = -(result.nll + result.kl)
         result.iw_samples = iw_samples
     if reconstruction:
         recon_settings = _resolve_settings(model.config, reconstruction_settings, fixed_noise=True)

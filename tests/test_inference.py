@@ -376,10 +376,13 @@ def test_evaluate_posterior_is_the_evaluation_fit_with_its_bounds(sensitive_mode
     result = evaluate_posterior(model, input_ids, iw_samples=4, reconstruction=True, seed=seeds)
     assert result.settings == PosteriorFitSettings.evaluation(model.config)
     posterior = fit_posterior(model, input_ids, settings=result.settings, seed=seeds)
-    for name in ("nll", "kl", "elbo", "num_tokens"):
-        assert torch.equal(getattr(result, name), getattr(posterior, name)), name
+    for name in ("mu", "logvar", "kl", "num_tokens"):
+        assert torch.equal(getattr(result.posterior, name), getattr(posterior, name)), name
     iw = importance_weighted_bound(model, input_ids, num_samples=4, posterior=posterior, seed=seeds)
     assert torch.equal(result.iw, iw) and result.iw_samples == 4
+    # With importance draws, the ELBO's NLL term averages over them: the same ELBO, estimated with less variance.
+    torch.testing.assert_close(result.elbo, -(result.nll + result.kl))
+    assert not torch.equal(result.nll, posterior.nll)
     summary = result.summary()
     tokens = float(result.num_tokens.sum())
     assert summary["elbo_ppl"] == pytest.approx(math.exp(-float(result.elbo.sum()) / tokens), rel=1e-6)
@@ -388,6 +391,8 @@ def test_evaluate_posterior_is_the_evaluation_fit_with_its_bounds(sensitive_mode
         math.exp(float(result.reconstruction_nll.sum()) / tokens), rel=1e-6
     )
     plain = evaluate_posterior(model, input_ids, seed=seeds)
+    for name in ("nll", "kl", "elbo", "num_tokens"):
+        assert torch.equal(getattr(plain, name), getattr(posterior, name)), name
     assert plain.iw is None and plain.reconstruction_nll is None and set(plain.summary()) == {
         "nll_per_token",
         "kl_per_token",

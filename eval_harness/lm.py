@@ -4,13 +4,18 @@ An LTM's likelihood of a text depends on its latent thought vectors `z`, which a
 fitted per sequence by posterior inference (the fast loop, `modeling_ltm.inference.fit_posterior`). The three
 request types are answered as follows:
 
+Every fit uses the model's *evaluation* settings (`PosteriorFitSettings.evaluation(config)`: start at the prior, `eps`
+redrawn every step, `config.eval_inference_steps` steps at `config.eval_inference_lr`), not the training fast loop's;
+`num_inference_steps` / `inference_lr` override its steps and learning rate.
+
 - `loglikelihood(context, continuation)`: `z` is fitted on the **context only**, then the continuation is scored
   given `(context, z)` with one forward pass over context + continuation. The continuation never influences `z`,
   so multiple-choice answers are compared under the same thought vectors. The result is a plug-in estimate of
   `log p(continuation | context)`, not a bound.
 - `loglikelihood_rolling(text)`: a lower bound on `log p(text)`, the ELBO `-(NLL given z + KL(q || p))` (or the
-  importance-weighted bound with `iw_samples > 0`) of each rolling window, summed over windows. Never the
-  conditional NLL without its KL.
+  importance-weighted bound with `iw_samples > 0`) of each rolling window, summed over windows
+  (`modeling_ltm.inference.evaluate_posterior`). Never the conditional NLL without its KL, and never the paper's
+  reconstruction perplexity.
 - `generate_until(context, gen_kwargs)`: `z` is fitted on the context, then `model.generate(latents=z, ...)`
   decodes with lm-eval's stop sequences and `max_gen_toks`.
 
@@ -36,7 +41,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 from tqdm import tqdm
 
 import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
-from modeling_ltm.inference import fit_posterior, importance_weighted_bound
+from modeling_ltm.inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
 
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -132,8 +137,8 @@ class LTMLM(TemplateLM):
         pretrained (`str` or `LTMForCausalLM`): a local folder / Hub id, or a model instance.
         tokenizer (`str` or tokenizer, *optional*): defaults to the tokenizer saved with `pretrained`.
         num_inference_steps (`int`, *optional*): fast steps `T` of every posterior fit (context, window or prompt).
-            Defaults to `config.num_inference_steps`.
-        inference_lr (`float`, *optional*): fast learning rate. Defaults to `config.inference_lr`.
+            Defaults to `config.eval_inference_steps` (the evaluation fit; see `PosteriorFitSettings.evaluation`).
+        inference_lr (`float`, *optional*): fast learning rate. Defaults to `config.eval_inference_lr`.
         iw_samples (`int`, defaults to 0): `loglikelihood_rolling` reports the importance-weighted bound with this
             many samples of `q(z|x)` when > 0, else the ELBO.
         batch_size (`int` or `str`, defaults to 1): sequences per posterior fit / forward pass (the CLI passes a
@@ -214,17 +219,15 @@ class LTMLM(TemplateLM):
                 "(the conditioning prefix of empty contexts and rolling windows). Set `tokenizer.eos_token`."
             )
 
-        self.num_inference_steps = (
-            self.config.num_inference_steps
-            if num_inference_steps is None
-            else _as_int("num_inference_steps", num_inference_steps, 0)
-        )
+        steps = None if num_inference_steps is None else _as_int("num_inference_steps", num_inference_steps, 0)
         try:
-            self.inference_lr = self.config.inference_lr if inference_lr is None else float(inference_lr)
+            lr = None if inference_lr is None else float(inference_lr)
         except (TypeError, ValueError):
-            self.inference_lr = float("nan")
-        if not self.inference_lr > 0:
+            lr = float("nan")
+        if lr is not None and not lr > 0:
             raise ValueError(f"`inference_lr` must be a number > 0, got {inference_lr!r}.")
+        self.fit_settings = PosteriorFitSettings.evaluation(self.config, num_steps=steps, lr=lr)
+        self.num_inference_steps, self.inference_lr = self.fit_settings.num_steps, self.fit_settings.lr
         self.rolling_totals = {"nll": 0.0, "kl": 0.0, "bound": 0.0, "tokens": 0}
 
     # ---------------------------------------------------------------------------------------------------- basics
@@ -282,6 +285,7 @@ class LTMLM(TemplateLM):
             "model_dtype": str(self.model.dtype),
             "ltm_num_inference_steps": self.num_inference_steps,
             "ltm_inference_lr": self.inference_lr,
+            "ltm_fit_settings": self.fit_settings.describe(),
             "ltm_seed": self.seed,
             "ltm_rolling_bound": f"importance_weighted(K={self.iw_samples})" if self.iw_samples else "elbo",
         }
@@ -324,8 +328,7 @@ class LTMLM(TemplateLM):
                 self.model,
                 ids,
                 mask,
-                num_steps=self.num_inference_steps,
-                lr=self.inference_lr,
+                settings=self.fit_settings,
                 seed=[content_seed(self.seed, contexts[i], "context") for i in rows],
             )
             latents[rows] = posterior.z.to(latents.dtype)
@@ -451,10 +454,10 @@ class LTMLM(TemplateLM):
             IW_w   = log 1/K sum_k p(x_w | c_w, z_k) p(z_k) / q(z_k),  z_k ~ q   (iw_samples = K > 0)
 
         The sum over windows bounds `sum_w log p(x_w | c_w)`, lm-eval's rolling log-likelihood (each window's
-        latents are independent draws from the prior: the model never sees more than one window). The ELBO uses the
-        fast loop's single sample at its final parameters, so it equals `-(nll + kl)` of
-        `model.infer_latents(window, num_steps, lr, seed=[self.window_seed(window)])`. The NLL and KL totals are
-        kept in `self.rolling_totals` and reported by `get_model_info()`.
+        latents are independent draws from the prior: the model never sees more than one window). Both come from
+        `evaluate_posterior(model, window, settings=self.fit_settings, seed=[self.window_seed(window)])` (the
+        evaluation fit; the ELBO is a single draw from the fitted posterior). The NLL and KL totals are kept in
+        `self.rolling_totals` and reported by `get_model_info()`.
         """
         windows, owners = [], []
         for index, request in enumerate(requests):
@@ -474,33 +477,22 @@ class LTMLM(TemplateLM):
             ids, mask = self._left_pad(sequences, self.eot_token_id)
             label_ids, _ = self._left_pad(labels, -100)
             seeds = [self.window_seed(windows[i]) for i in batch]
-            posterior = fit_posterior(
+            result = evaluate_posterior(
                 self.model,
                 ids,
                 mask,
                 labels=label_ids,
-                num_steps=self.num_inference_steps,
-                lr=self.inference_lr,
+                settings=self.fit_settings,
+                iw_samples=self.iw_samples,
                 seed=seeds,
             )
-            if self.iw_samples > 0:
-                bound = importance_weighted_bound(
-                    self.model,
-                    ids,
-                    mask,
-                    labels=label_ids,
-                    num_samples=self.iw_samples,
-                    posterior=posterior,
-                    seed=seeds,
-                )
-            else:
-                bound = posterior.elbo
+            bound = result.iw if self.iw_samples > 0 else result.elbo
             for row, i in enumerate(batch):
                 bounds[i] = float(bound[row])
-            self.rolling_totals["nll"] += float(posterior.nll.sum())
-            self.rolling_totals["kl"] += float(posterior.kl.sum())
+            self.rolling_totals["nll"] += float(result.nll.sum())
+            self.rolling_totals["kl"] += float(result.kl.sum())
             self.rolling_totals["bound"] += float(bound.sum())
-            self.rolling_totals["tokens"] += int(posterior.num_tokens.sum())
+            self.rolling_totals["tokens"] += int(result.num_tokens.sum())
 
         totals = [0.0] * len(requests)
         for i, owner in enumerate(owners):

@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from modeling_ltm.configuration_ltm import MIN_TRANSFORMERS_VERSION
+from modeling_ltm.inference import RECONSTRUCTION_CAVEAT, PosteriorFitSettings
 
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "modelcard_template.md"
@@ -40,9 +41,9 @@ output_ids = model.generate(
 )
 print(tokenizer.decode(output_ids[0], skip_special_tokens=True))
 
-# Posterior q(z|x) of the prompt; nll, kl and elbo are per-sequence sums in nats.
-posterior = model.infer_latents(inputs["input_ids"], inputs["attention_mask"])
-print("ELBO perplexity bound:", torch.exp(-posterior.elbo / posterior.num_tokens).item())"""
+# A bound on log p(prompt): the evaluation fit (start at the prior, eps redrawn every step), then ELBO = -(NLL + KL).
+bounds = model.evaluate_posterior(inputs["input_ids"], inputs["attention_mask"])
+print("ELBO perplexity bound:", bounds.summary()["elbo_ppl"])"""
 
 LM_EVAL_COMMAND_TEMPLATE = (
     "ltm eval --model ltm --model_args pretrained={repo_id} --tasks wikitext,lambada_openai --batch_size 8"
@@ -59,12 +60,17 @@ CITATION = """\
   archivePrefix = {arXiv}
 }"""
 
-# Trainer metric key -> (metric_type, human-readable metric name). Perplexities are bounds (see the card's body).
+# Trainer metric key -> (metric_type, human-readable metric name). Perplexities are bounds (see the card's body); the
+# reconstruction perplexity is not, and is never typed "perplexity".
 TRAINER_METRICS = {
     "eval_elbo_ppl": ("perplexity", "ELBO perplexity bound exp(-ELBO/token)"),
     "eval_iw_ppl": ("perplexity", "importance-weighted perplexity bound"),
     "eval_nll_per_token": ("nll", "NLL given z (nats/token)"),
     "eval_kl_per_token": ("kl", "KL to the prior (nats/token)"),
+    "eval_reconstruction_ppl": (
+        "reconstruction_perplexity",
+        f"reconstruction perplexity exp(NLL(x|z)/N), z fitted on x, no KL: {RECONSTRUCTION_CAVEAT}",
+    ),
 }
 
 
@@ -99,16 +105,29 @@ def trainer_eval_results(
     metrics: Mapping[str, Any], dataset_name: str, dataset_type: str | None = None
 ) -> list[EvalResult]:
     """`EvalResult`s for the LTM metrics of a trainer `eval_results.json` (keys in `TRAINER_METRICS`; others are
-    skipped). `dataset_name` names the evaluation split, `dataset_type` its Hub id (defaults to the name). The fast
-    steps `eval_inference_steps` and samples `eval_iw_samples`, when recorded, go into the metric names."""
+    skipped). `dataset_name` names the evaluation split, `dataset_type` its Hub id (defaults to the name). The fit
+    settings, when recorded, go into the metric names: the evaluation fit's (`eval_inference_steps`,
+    `eval_inference_lr`, `eval_posterior_init_logvar`, `eval_posterior_fixed_noise`) for the bounds and their parts,
+    samples `eval_iw_samples` for the importance-weighted bound, and the training fit's
+    (`eval_reconstruction_inference_steps`, ...) for the reconstruction perplexity."""
     results = []
     for key, (metric_type, metric_name) in TRAINER_METRICS.items():
         value = metrics.get(key)
         if not _finite_number(value):
             continue
-        settings = []  # every bound depends on the fast steps T; the importance-weighted one also on K
-        if _finite_number(metrics.get("eval_inference_steps")):
-            settings.append(f"T={int(metrics['eval_inference_steps'])}")
+        prefix = "eval_reconstruction_" if key == "eval_reconstruction_ppl" else "eval_"
+        settings = []  # every number depends on its fit (T, lr, start); the importance-weighted bound also on K
+        if _finite_number(metrics.get(f"{prefix}inference_steps")):
+            settings.append(f"T={int(metrics[f'{prefix}inference_steps'])}")
+        if _finite_number(metrics.get(f"{prefix}inference_lr")):
+            settings.append(f"lr={metrics[f'{prefix}inference_lr']:g}")
+        init_logvar = metrics.get(f"{prefix}posterior_init_logvar", metrics.get(f"{prefix}init_logvar"))
+        if _finite_number(init_logvar):
+            settings.append("start at the prior" if init_logvar == 0 else f"start logvar={init_logvar:g}")
+        if key == "eval_reconstruction_ppl":
+            settings.append("one fixed eps")
+        elif isinstance(metrics.get("eval_posterior_fixed_noise"), bool):
+            settings.append("one fixed eps" if metrics["eval_posterior_fixed_noise"] else "eps redrawn")
         if key == "eval_iw_ppl" and _finite_number(metrics.get("eval_iw_samples")):
             settings.append(f"K={int(metrics['eval_iw_samples'])}")
         if settings:
@@ -248,6 +267,8 @@ def architecture_summary(config, num_parameters: int, num_parameters_non_embeddi
         "num_inference_steps": config.num_inference_steps,
         "inference_lr": config.inference_lr,
         "inference_lr_min": _format_value(config.inference_lr * config.inference_lr_min_ratio),
+        "training_fit": PosteriorFitSettings.training(config).describe(),
+        "evaluation_fit": PosteriorFitSettings.evaluation(config).describe(),
     }
 
 
@@ -308,6 +329,7 @@ def build_model_card(
         datasets=list(datasets or []),
         extra_limitations=list(extra_limitations or []),
         citation=CITATION,
+        reconstruction_caveat=RECONSTRUCTION_CAVEAT,
     )
 
 

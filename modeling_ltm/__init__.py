@@ -8,7 +8,15 @@ Importing this package registers `LTMConfig` / `LTMModel` / `LTMForCausalLM` wit
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_ltm import LTMConfig
-from .inference import NonFiniteELBOError, PosteriorOutput, fit_posterior, importance_weighted_bound
+from .inference import (
+    NonFiniteELBOError,
+    PosteriorEvaluation,
+    PosteriorFitSettings,
+    PosteriorOutput,
+    evaluate_posterior,
+    fit_posterior,
+    importance_weighted_bound,
+)
 from .modeling_ltm import LTMForCausalLM, LTMModel, LTMPreTrainedModel
 
 
@@ -41,7 +49,10 @@ __all__ = [
     "LTMTrainer",
     "LTMTrainingArguments",
     "NonFiniteELBOError",
+    "PosteriorEvaluation",
+    "PosteriorFitSettings",
     "PosteriorOutput",
+    "evaluate_posterior",
     "fit_posterior",
     "importance_weighted_bound",
 ]

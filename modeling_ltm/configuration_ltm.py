@@ -69,6 +69,26 @@ class LTMConfig(PreTrainedConfig):
         posterior_fixed_noise (`bool`, *optional*, defaults to `True`):
             Draw the reparameterisation noise `eps` once and keep it for all fast steps (as the paper's code does);
             `False` draws a new `eps` at every step.
+
+            The six fields above are the *training* fast loop (`PosteriorFitSettings.training`), also used by
+            `generate()` and `infer_latents()` by default, and by the reconstruction perplexity. The `eval_*` fields
+            below are the *evaluation* fit (`PosteriorFitSettings.evaluation`) behind every reported bound
+            (`LTMTrainer.evaluate`, lm-eval model `ltm`, the `elbo_perplexity` metric, `ltm train`'s summary, model
+            cards): it starts at the prior and redraws `eps` at every step, which gives a far tighter bound per fast
+            step than the training loop's start at `logvar = -5` (see docs/evaluation.md for the measurements).
+        eval_inference_steps (`int`, *optional*, defaults to 32):
+            Fast steps `T` of the evaluation fit.
+        eval_inference_lr (`float`, *optional*, defaults to 0.1):
+            Fast learning rate of the evaluation fit, cosine-decayed within its steps.
+        eval_inference_lr_min_ratio (`float`, *optional*, defaults to 0.1):
+            Floor of that cosine decay as a fraction of `eval_inference_lr`.
+        eval_posterior_init_logvar (`float`, *optional*, defaults to 0.0):
+            Initial `logvar` of the evaluation fit (`mu` starts at 0): 0 starts at the prior, `q = p(z)`, whose KL
+            is 0.
+        eval_posterior_init_logvar_noise (`float`, *optional*, defaults to 0.0):
+            Standard deviation of the jitter added to that initial `logvar`.
+        eval_posterior_fixed_noise (`bool`, *optional*, defaults to `False`):
+            Keep one `eps` for all evaluation fast steps (`True`) or draw a new one at every step (`False`).
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether `forward` returns key/value caches for generation.
 
@@ -107,6 +127,12 @@ class LTMConfig(PreTrainedConfig):
     posterior_init_logvar: float = -5.0
     posterior_init_logvar_noise: float = 0.1
     posterior_fixed_noise: bool = True
+    eval_inference_steps: int = 32
+    eval_inference_lr: float = 0.1
+    eval_inference_lr_min_ratio: float = 0.1
+    eval_posterior_init_logvar: float = 0.0
+    eval_posterior_init_logvar_noise: float = 0.0
+    eval_posterior_fixed_noise: bool = False
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -189,14 +215,17 @@ class LTMConfig(PreTrainedConfig):
             "inference_lr_min_ratio",
             "posterior_init_logvar",
             "posterior_init_logvar_noise",
+            "eval_inference_lr",
+            "eval_inference_lr_min_ratio",
+            "eval_posterior_init_logvar",
+            "eval_posterior_init_logvar_noise",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"LTMConfig.{name} must be a finite number, got {value!r}.")
-        if not isinstance(self.posterior_fixed_noise, bool):
-            raise ValueError(
-                f"LTMConfig.posterior_fixed_noise must be True or False, got {self.posterior_fixed_noise!r}."
-            )
+        for name in ("posterior_fixed_noise", "eval_posterior_fixed_noise"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LTMConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if not self.rope_theta > 0:
             raise ValueError(f"LTMConfig.rope_theta must be > 0, got {self.rope_theta!r}.")
         if not self.rms_norm_eps > 0:
@@ -205,22 +234,22 @@ class LTMConfig(PreTrainedConfig):
             raise ValueError(f"LTMConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         if not self.initializer_range >= 0:
             raise ValueError(f"LTMConfig.initializer_range must be >= 0, got {self.initializer_range!r}.")
-        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
-            raise ValueError(
-                f"LTMConfig.num_inference_steps must be an integer >= 0, got {self.num_inference_steps!r}."
-            )
-        if self.num_inference_steps < 0:
-            raise ValueError(f"LTMConfig.num_inference_steps must be >= 0, got {self.num_inference_steps!r}.")
-        if not self.inference_lr > 0:
-            raise ValueError(f"LTMConfig.inference_lr must be > 0, got {self.inference_lr!r}.")
-        if not 0.0 < self.inference_lr_min_ratio <= 1.0:
-            raise ValueError(
-                f"LTMConfig.inference_lr_min_ratio must be in (0, 1], got {self.inference_lr_min_ratio!r}."
-            )
-        if not self.posterior_init_logvar_noise >= 0:
-            raise ValueError(
-                f"LTMConfig.posterior_init_logvar_noise must be >= 0, got {self.posterior_init_logvar_noise!r}."
-            )
+        for prefix in ("", "eval_"):
+            steps_name = "eval_inference_steps" if prefix else "num_inference_steps"
+            steps = getattr(self, steps_name)
+            if isinstance(steps, bool) or not isinstance(steps, int):
+                raise ValueError(f"LTMConfig.{steps_name} must be an integer >= 0, got {steps!r}.")
+            if steps < 0:
+                raise ValueError(f"LTMConfig.{steps_name} must be >= 0, got {steps!r}.")
+            lr = getattr(self, f"{prefix}inference_lr")
+            if not lr > 0:
+                raise ValueError(f"LTMConfig.{prefix}inference_lr must be > 0, got {lr!r}.")
+            ratio = getattr(self, f"{prefix}inference_lr_min_ratio")
+            if not 0.0 < ratio <= 1.0:
+                raise ValueError(f"LTMConfig.{prefix}inference_lr_min_ratio must be in (0, 1], got {ratio!r}.")
+            noise = getattr(self, f"{prefix}posterior_init_logvar_noise")
+            if not noise >= 0:
+                raise ValueError(f"LTMConfig.{prefix}posterior_init_logvar_noise must be >= 0, got {noise!r}.")
 
 
 __all__ = ["LTMConfig", "MIN_TRANSFORMERS_VERSION"]

@@ -9,12 +9,19 @@ For each sequence `x` the variational posterior is `q(z|x) = N(mu, diag(exp(logv
 The fast loop runs `T` Adam steps on `(mu, logvar)` only, with the decoder frozen: gradients come from
 `torch.autograd.grad(loss, [mu, logvar])`, so no weight gradient is computed and no decoder `.grad` is touched.
 
+Two sets of fast-loop settings (`PosteriorFitSettings`): the *training* fast loop (the config's
+`num_inference_steps`, `inference_lr`, `posterior_*` fields; the paper's, starting at `logvar = -5` with one fixed
+`eps`) and the *evaluation* fit (the config's `eval_*` fields; starting at the prior with `eps` redrawn every step),
+which gives a much tighter bound per fast step. `evaluate_posterior` is the one definition of every reported number:
+the ELBO and importance-weighted bounds under the evaluation fit, and the paper's reconstruction NLL (not a bound).
+
 Units: every `nll`, `kl`, `elbo` here is in nats, summed over one sequence's predicted tokens (all tokens but the
 first real one, which is conditioned upon) unless a name says `per_token`.
 
 This file imports only torch and transformers, so `save_pretrained` can copy it for `trust_remote_code=True`.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,6 +87,102 @@ class PosteriorOutput:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
         fields["elbo_trace"] = fields["elbo_trace"][:, index]
         return PosteriorOutput(**{k: (v if k == "elbo_trace" else v[index]) for k, v in fields.items()})
+
+
+@dataclass(frozen=True)
+class PosteriorFitSettings:
+    """How one posterior fit runs: `num_steps` Adam steps on `(mu, logvar)` from `mu = 0`,
+    `logvar = init_logvar + init_logvar_noise * N(0, 1)`, learning rate cosine-decayed from `lr` to
+    `lr * lr_min_ratio`, with one `eps` for all steps (`fixed_noise=True`) or a new one at every step.
+
+    Two named sets come from an [`LTMConfig`]:
+
+    - [`PosteriorFitSettings.training`]: the training fast loop (`num_inference_steps`, `inference_lr`,
+      `inference_lr_min_ratio`, `posterior_init_logvar`, `posterior_init_logvar_noise`, `posterior_fixed_noise`).
+      In the paper's presets: 16 steps, lr 0.3 -> 0.03, `logvar = -5 + 0.1 * N(0, 1)`, fixed `eps`.
+    - [`PosteriorFitSettings.evaluation`]: the fit behind every reported bound (the config's `eval_*` fields).
+      Defaults: start at the prior (`mu = 0`, `logvar = 0`, no jitter, so the initial KL is 0), `eps` redrawn at
+      every step, 32 steps at lr 0.1 -> 0.01, chosen from the measurements in docs/evaluation.md.
+
+    Example:
+
+    ```python
+    >>> settings = PosteriorFitSettings.evaluation(model.config, num_steps=64)
+    >>> result = evaluate_posterior(model, input_ids, settings=settings, iw_samples=16, seed=0)
+    ```
+    """
+
+    num_steps: int
+    lr: float
+    lr_min_ratio: float = 0.1
+    init_logvar: float = 0.0
+    init_logvar_noise: float = 0.0
+    fixed_noise: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 0:
+            raise ValueError(f"`num_steps` must be an integer >= 0, got {self.num_steps!r}.")
+        for name in ("lr", "lr_min_ratio", "init_logvar", "init_logvar_noise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        if not self.lr > 0:
+            raise ValueError(f"`lr` (the fast learning rate) must be > 0, got {self.lr!r}.")
+        if not 0.0 < self.lr_min_ratio <= 1.0:
+            raise ValueError(f"`lr_min_ratio` must be in (0, 1], got {self.lr_min_ratio!r}.")
+        if not self.init_logvar_noise >= 0:
+            raise ValueError(f"`init_logvar_noise` must be >= 0, got {self.init_logvar_noise!r}.")
+        if not isinstance(self.fixed_noise, bool):
+            raise ValueError(f"`fixed_noise` must be True or False, got {self.fixed_noise!r}.")
+
+    @classmethod
+    def training(cls, config, **overrides) -> "PosteriorFitSettings":
+        """The training fast loop's settings from `config`; `overrides` that are not None replace fields."""
+        base = cls(
+            num_steps=config.num_inference_steps,
+            lr=config.inference_lr,
+            lr_min_ratio=config.inference_lr_min_ratio,
+            init_logvar=config.posterior_init_logvar,
+            init_logvar_noise=config.posterior_init_logvar_noise,
+            fixed_noise=config.posterior_fixed_noise,
+        )
+        return base.replace(**overrides)
+
+    @classmethod
+    def evaluation(cls, config, **overrides) -> "PosteriorFitSettings":
+        """The evaluation fit's settings from `config` (its `eval_*` fields; the class defaults for a config saved
+        before they existed); `overrides` that are not None replace fields."""
+        default = cls(num_steps=32, lr=0.1)
+        base = cls(
+            num_steps=getattr(config, "eval_inference_steps", default.num_steps),
+            lr=getattr(config, "eval_inference_lr", default.lr),
+            lr_min_ratio=getattr(config, "eval_inference_lr_min_ratio", default.lr_min_ratio),
+            init_logvar=getattr(config, "eval_posterior_init_logvar", default.init_logvar),
+            init_logvar_noise=getattr(config, "eval_posterior_init_logvar_noise", default.init_logvar_noise),
+            fixed_noise=getattr(config, "eval_posterior_fixed_noise", default.fixed_noise),
+        )
+        return base.replace(**overrides)
+
+    def replace(self, **changes) -> "PosteriorFitSettings":
+        """A copy with the fields in `changes` that are not None replaced (unknown names raise `TypeError`)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"PosteriorFitSettings has no field(s) {unknown}.")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """One line for summaries and cards, e.g. `T=32, lr 0.1 -> 0.01 (cosine), start mu=0 logvar=0 (the prior),
+        eps redrawn every step`."""
+        start = f"start mu=0 logvar={self.init_logvar:g}"
+        if self.init_logvar_noise:
+            start += f"+{self.init_logvar_noise:g}*N(0,1)"
+        elif self.init_logvar == 0:
+            start += " (the prior)"
+        noise = "one fixed eps" if self.fixed_noise else "eps redrawn every step"
+        return f"T={self.num_steps}, lr {self.lr:g} -> {self.lr * self.lr_min_ratio:g} (cosine), {start}, {noise}"
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -213,6 +316,77 @@ def _check_inputs(model, input_ids, attention_mask) -> None:
         )
 
 
+def _resolve_settings(config, settings, **overrides) -> PosteriorFitSettings:
+    """`settings` (default: the training fast loop's) with the keyword arguments that are not None applied."""
+    if settings is None:
+        settings = PosteriorFitSettings.training(config)
+    elif not isinstance(settings, PosteriorFitSettings):
+        raise TypeError(
+            f"`settings` must be a PosteriorFitSettings (e.g. PosteriorFitSettings.evaluation(model.config)), got "
+            f"{type(settings).__name__}."
+        )
+    return settings.replace(**overrides)
+
+
+@dataclass
+class _FastLoopState:
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    noise: torch.Tensor  # the eps of the last fast step (the only one with `fixed_noise`)
+    elbo_trace: list
+    targets: torch.Tensor
+    position_ids: torch.Tensor | None
+    generators: object
+
+
+def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, generator) -> _FastLoopState:
+    """The fast loop itself: `settings.num_steps` Adam steps on `(mu, logvar)`, gradients w.r.t. those only."""
+    config = model.config
+    batch_size = input_ids.shape[0]
+    shape = (batch_size, *config.latent_shape)
+    device = input_ids.device
+    generators = _row_generators(seed, generator, batch_size)
+    targets = next_token_targets(input_ids, attention_mask, labels)
+    position_ids = None
+    if attention_mask is not None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    num_steps, lr = settings.num_steps, settings.lr
+    mu = torch.zeros(shape, device=device, dtype=torch.float32, requires_grad=True)
+    logvar_init = settings.init_logvar + settings.init_logvar_noise * _standard_normal(shape, generators, device)
+    logvar = logvar_init.detach().requires_grad_(True)
+    noise = _standard_normal(shape, generators, device)
+    optimizer = torch.optim.Adam([mu, logvar], lr=lr)
+    elbo_trace = []
+
+    with torch.enable_grad():
+        for step in range(num_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_fast_lr(step, num_steps, lr, settings.lr_min_ratio)
+            if step > 0 and not settings.fixed_noise:
+                noise = _standard_normal(shape, generators, device)
+            loss, nll, kl, num_tokens = negative_elbo(
+                model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
+            )
+            if not torch.isfinite(loss):
+                raise NonFiniteELBOError(
+                    f"The ELBO became non-finite at fast step {step + 1}/{num_steps} (lr={lr}). Lower the fast "
+                    "learning rate (`inference_lr` / `lr`), or check the model's weights and inputs for NaN/inf."
+                )
+            mu.grad, logvar.grad = torch.autograd.grad(loss, [mu, logvar])
+            optimizer.step()
+            elbo_trace.append(-(nll + kl).detach())
+    return _FastLoopState(mu.detach(), logvar.detach(), noise, elbo_trace, targets, position_ids, generators)
+
+
+def _without_inference_mode(function, model, input_ids, attention_mask, labels, *args):
+    """Run `function` outside `torch.inference_mode()`, which forbids autograd even under `enable_grad()`, with
+    copies of the inputs that are ordinary tensors (inference tensors cannot be saved for backward)."""
+    with torch.inference_mode(False):
+        input_ids, attention_mask, labels = (None if t is None else t.clone() for t in (input_ids, attention_mask, labels))
+        return function(model, input_ids, attention_mask, labels, *args)
+
+
 def fit_posterior(
     model: "LTMForCausalLM",
     input_ids: torch.LongTensor,
@@ -226,6 +400,7 @@ def fit_posterior(
     fixed_noise: bool | None = None,
     seed: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    settings: PosteriorFitSettings | None = None,
 ) -> PosteriorOutput:
     """Fit `q(z|x) = N(mu, diag(exp(logvar)))` to each sequence by `num_steps` Adam steps on `(mu, logvar)`.
 
@@ -242,98 +417,106 @@ def fit_posterior(
             per sequence.
         labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*): unshifted targets; `-100` excludes a token
             from the likelihood. Defaults to `input_ids` with padding excluded.
+        settings ([`PosteriorFitSettings`], *optional*): the fit's settings; defaults to the training fast loop's,
+            `PosteriorFitSettings.training(model.config)`. Pass `PosteriorFitSettings.evaluation(model.config)` for
+            the evaluation fit. The keyword arguments below, when not None, override single fields of it:
         num_steps, lr, lr_min_ratio: fast steps `T`, fast learning rate, and the floor of its cosine decay as a
-            fraction of `lr`. Default to the config's `num_inference_steps`, `inference_lr`, `inference_lr_min_ratio`.
+            fraction of `lr`.
         init_logvar, init_logvar_noise: `logvar` starts at `init_logvar + init_logvar_noise * N(0, 1)`, `mu` at 0.
         fixed_noise: keep one `eps` for all steps (the paper's code) or redraw it every step.
         seed: an int seeds one generator for the batch; a sequence of ints (one per row) seeds each row on its own,
             so a row's result does not depend on the batch it is in. `generator` may be given instead.
 
+    Returns a [`PosteriorOutput`] whose `nll`, `kl`, `elbo` are scored at a fresh draw `z ~ q` (an unbiased
+    single-sample ELBO estimate).
+
     Raises:
         NonFiniteELBOError: if the ELBO becomes NaN/inf at some step (lower `lr`).
     """
-    config = model.config
     _check_inputs(model, input_ids, attention_mask)
-    num_steps = config.num_inference_steps if num_steps is None else num_steps
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"`num_steps` must be an integer >= 0, got {num_steps!r}.")
-    lr = config.inference_lr if lr is None else lr
-    if not lr > 0:
-        raise ValueError(f"`lr` (the fast learning rate) must be > 0, got {lr!r}.")
-    lr_min_ratio = config.inference_lr_min_ratio if lr_min_ratio is None else lr_min_ratio
-    init_logvar = config.posterior_init_logvar if init_logvar is None else init_logvar
-    init_logvar_noise = config.posterior_init_logvar_noise if init_logvar_noise is None else init_logvar_noise
-    fixed_noise = config.posterior_fixed_noise if fixed_noise is None else fixed_noise
-    if not 0.0 < lr_min_ratio <= 1.0:
-        raise ValueError(f"`lr_min_ratio` must be in (0, 1], got {lr_min_ratio!r}.")
-    if not init_logvar_noise >= 0:
-        raise ValueError(f"`init_logvar_noise` must be >= 0, got {init_logvar_noise!r}.")
+    settings = _resolve_settings(
+        model.config,
+        settings,
+        num_steps=num_steps,
+        lr=lr,
+        lr_min_ratio=lr_min_ratio,
+        init_logvar=init_logvar,
+        init_logvar_noise=init_logvar_noise,
+        fixed_noise=fixed_noise,
+    )
     if torch.is_inference_mode_enabled():
-        # `torch.inference_mode()` forbids autograd even under `enable_grad()`: leave it for the fast loop, with
-        # copies of the inputs that are ordinary tensors (inference tensors cannot be saved for backward).
-        with torch.inference_mode(False):
-            input_ids, attention_mask, labels = (
-                None if t is None else t.clone() for t in (input_ids, attention_mask, labels)
-            )
-            return fit_posterior(
-                model, input_ids, attention_mask, labels, num_steps, lr, lr_min_ratio, init_logvar,
-                init_logvar_noise, fixed_noise, seed, generator,
-            )  # fmt: skip
+        return _without_inference_mode(_fit, model, input_ids, attention_mask, labels, settings, seed, generator)
+    return _fit(model, input_ids, attention_mask, labels, settings, seed, generator)
 
-    batch_size = input_ids.shape[0]
-    shape = (batch_size, *config.latent_shape)
-    device = input_ids.device
-    generators = _row_generators(seed, generator, batch_size)
-    targets = next_token_targets(input_ids, attention_mask, labels)
-    position_ids = None
-    if attention_mask is not None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    mu = torch.zeros(shape, device=device, dtype=torch.float32, requires_grad=True)
-    logvar_init = init_logvar + init_logvar_noise * _standard_normal(shape, generators, device)
-    logvar = logvar_init.detach().requires_grad_(True)
-    noise = _standard_normal(shape, generators, device)
-    optimizer = torch.optim.Adam([mu, logvar], lr=lr)
-    elbo_trace = []
-
-    with torch.enable_grad():
-        for step in range(num_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_fast_lr(step, num_steps, lr, lr_min_ratio)
-            if step > 0 and not fixed_noise:
-                noise = _standard_normal(shape, generators, device)
-            loss, nll, kl, num_tokens = negative_elbo(
-                model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
-            )
-            if not torch.isfinite(loss):
-                raise NonFiniteELBOError(
-                    f"The ELBO became non-finite at fast step {step + 1}/{num_steps} (lr={lr}). Lower the fast "
-                    "learning rate (`inference_lr` / `lr`), or check the model's weights and inputs for NaN/inf."
-                )
-            mu.grad, logvar.grad = torch.autograd.grad(loss, [mu, logvar])
-            optimizer.step()
-            elbo_trace.append(-(nll + kl).detach())
-
+def _fit(model, input_ids, attention_mask, labels, settings, seed, generator) -> PosteriorOutput:
+    state = _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, generator)
+    mu, logvar, noise = state.mu, state.logvar, state.noise
     with torch.no_grad():
-        if num_steps > 0:
+        if settings.num_steps > 0:
             # Score the fitted q at a fresh draw: the loop's own `eps` is the one point it optimised against, so an
             # estimate there is optimistically biased; a fresh draw makes `elbo` an unbiased single-sample estimate.
-            noise = _standard_normal(shape, generators, device)
+            noise = _standard_normal(mu.shape, state.generators, mu.device)
         _, nll, kl, num_tokens = negative_elbo(
-            model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
+            model, input_ids, state.targets, mu, logvar, noise, attention_mask, state.position_ids
         )
         if not bool(torch.isfinite(nll).all() and torch.isfinite(kl).all()):
             raise NonFiniteELBOError(
-                f"The ELBO is non-finite after {num_steps} fast steps (lr={lr}). Lower the fast learning rate "
-                "(`inference_lr` / `lr`), or check the model's weights and inputs for NaN/inf."
+                f"The ELBO is non-finite after {settings.num_steps} fast steps (lr={settings.lr}). Lower the fast "
+                "learning rate (`inference_lr` / `lr`), or check the model's weights and inputs for NaN/inf."
             )
-        mu, logvar = mu.detach(), logvar.detach()
         z = mu + torch.exp(0.5 * logvar) * noise
     elbo = -(nll + kl)
-    elbo_trace.append(elbo)
     return PosteriorOutput(
-        mu=mu, logvar=logvar, z=z, nll=nll, kl=kl, elbo=elbo, num_tokens=num_tokens, elbo_trace=torch.stack(elbo_trace)
+        mu=mu,
+        logvar=logvar,
+        z=z,
+        nll=nll,
+        kl=kl,
+        elbo=elbo,
+        num_tokens=num_tokens,
+        elbo_trace=torch.stack([*state.elbo_trace, elbo]),
     )
+
+
+def reconstruction_nll(
+    model: "LTMForCausalLM",
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.LongTensor | None = None,
+    settings: PosteriorFitSettings | None = None,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's reported quantity: `-log p(x|z)` with `z` fitted on the very tokens `x` it scores.
+
+    The fit is the training fast loop (`settings`, default `PosteriorFitSettings.training(model.config)`) with one
+    fixed `eps` for all steps (forced), and the NLL is scored at `z = mu + sigma * eps` with that same `eps`; no KL.
+    `exp(nll.sum() / num_tokens.sum())` is the *reconstruction perplexity*: not a bound on perplexity; not
+    comparable with an autoregressive model's perplexity.
+
+    Returns `(nll, num_tokens)`, both of shape `(batch,)`, `nll` in nats summed over each sequence's predicted tokens.
+    """
+    _check_inputs(model, input_ids, attention_mask)
+    settings = _resolve_settings(model.config, settings, fixed_noise=True)
+    if torch.is_inference_mode_enabled():
+        return _without_inference_mode(
+            _reconstruction_nll, model, input_ids, attention_mask, labels, settings, seed, generator
+        )
+    return _reconstruction_nll(model, input_ids, attention_mask, labels, settings, seed, generator)
+
+
+def _reconstruction_nll(model, input_ids, attention_mask, labels, settings, seed, generator):
+    state = _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, generator)
+    with torch.no_grad():
+        z = state.mu + torch.exp(0.5 * state.logvar) * state.noise
+        nll, num_tokens = sequence_nll(model, input_ids, z, state.targets, attention_mask, state.position_ids)
+    if not bool(torch.isfinite(nll).all()):
+        raise NonFiniteELBOError(
+            f"The reconstruction NLL is non-finite after {settings.num_steps} fast steps (lr={settings.lr}); check "
+            "the model's weights and inputs for NaN/inf."
+        )
+    return nll.float(), num_tokens
 
 
 @torch.no_grad()
@@ -363,16 +546,24 @@ def importance_weighted_bound(
         posterior = fit_posterior(
             model, input_ids, attention_mask, labels=labels, seed=seed, generator=generator, **fit_kwargs
         )
+    return _importance_sample(model, input_ids, attention_mask, labels, num_samples, posterior, seed, generator)[0]
+
+
+def _importance_sample(model, input_ids, attention_mask, labels, num_samples, posterior, seed, generator):
+    """`(iw_bound, mean_nll)`, both `(batch,)`: the importance-weighted bound from `num_samples` draws `z_k ~ q`, and
+    the mean of `-log p(x|z_k)` over those same draws (a `K`-sample estimate of `E_q[-log p(x|z)]`)."""
     generators = _row_generators(None if generator is not None else _next_seed(seed), generator, input_ids.shape[0])
     targets = next_token_targets(input_ids, attention_mask, labels)
     position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    log_weights = []
+    log_weights, nlls = [], []
     for _ in range(num_samples):
         noise = _standard_normal(posterior.mu.shape, generators, posterior.mu.device)
         z = posterior.mu + torch.exp(0.5 * posterior.logvar) * noise
         nll, _ = sequence_nll(model, input_ids, z, targets, attention_mask, position_ids)
+        nlls.append(nll.float())
         log_weights.append(-nll.float() + gaussian_log_prob(z) - gaussian_log_prob(z, posterior.mu, posterior.logvar))
-    return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(num_samples)
+    bound = torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(num_samples)
+    return bound, torch.stack(nlls).mean(0)
 
 
 def _next_seed(seed):
@@ -384,14 +575,132 @@ def _next_seed(seed):
     return [int(s) + 1_000_003 for s in seed]
 
 
+@dataclass
+class PosteriorEvaluation:
+    """Per-sequence numbers of [`evaluate_posterior`], all in nats summed over each sequence's predicted tokens.
+
+    Args:
+        nll (`torch.FloatTensor` of shape `(batch,)`): an estimate of `E_q[-log p(x|z)]` under the evaluation fit:
+            `-log p(x|z)` at one fresh draw `z ~ q`, or the mean over the `iw_samples` importance draws when those
+            are taken.
+        kl (`torch.FloatTensor` of shape `(batch,)`): `KL(q || p)` of the evaluation fit (closed form).
+        elbo (`torch.FloatTensor` of shape `(batch,)`): `-(nll + kl)`, an unbiased estimate of the ELBO, a lower
+            bound on `log p(x)` in expectation.
+        num_tokens (`torch.LongTensor` of shape `(batch,)`): predicted tokens per sequence.
+        settings ([`PosteriorFitSettings`]): the evaluation fit's settings.
+        posterior ([`PosteriorOutput`]): the evaluation fit itself (`mu`, `logvar`, `z`, `elbo_trace`).
+        iw (`torch.FloatTensor` of shape `(batch,)`, *optional*): the importance-weighted bound on `log p(x)` with
+            `iw_samples` draws from the evaluation fit (when `iw_samples > 0`).
+        iw_samples (`int`): `K` of `iw` (0 when not computed).
+        reconstruction_nll (`torch.FloatTensor` of shape `(batch,)`, *optional*): `-log p(x|z)` with `z` fitted on
+            `x` by `reconstruction_settings` and scored at the fit's own fixed `eps`, no KL (when `reconstruction`):
+            the paper's protocol. Not a bound on `-log p(x)`.
+        reconstruction_settings ([`PosteriorFitSettings`], *optional*): the training fast loop's settings it used.
+    """
+
+    nll: torch.Tensor
+    kl: torch.Tensor
+    elbo: torch.Tensor
+    num_tokens: torch.Tensor
+    settings: PosteriorFitSettings
+    posterior: PosteriorOutput
+    iw: torch.Tensor | None = None
+    iw_samples: int = 0
+    reconstruction_nll: torch.Tensor | None = None
+    reconstruction_settings: PosteriorFitSettings | None = None
+
+    def summary(self) -> dict:
+        """Token-weighted figures over the batch: `nll_per_token`, `kl_per_token` (nats), `elbo_ppl` =
+        `exp(-sum elbo / sum tokens)` (an upper bound on perplexity), `iw_ppl` (tighter, when computed) and
+        `reconstruction_ppl` (when computed: not a bound on perplexity; not comparable with an autoregressive
+        model's perplexity)."""
+        tokens = float(self.num_tokens.sum().clamp(min=1))
+        out = {
+            "nll_per_token": float(self.nll.sum()) / tokens,
+            "kl_per_token": float(self.kl.sum()) / tokens,
+            "elbo_ppl": math.exp(-float(self.elbo.sum()) / tokens),
+        }
+        if self.iw is not None:
+            out["iw_ppl"] = math.exp(-float(self.iw.sum()) / tokens)
+        if self.reconstruction_nll is not None:
+            out["reconstruction_ppl"] = math.exp(float(self.reconstruction_nll.sum()) / tokens)
+        return out
+
+
+RECONSTRUCTION_CAVEAT = "not a bound on perplexity; not comparable with an autoregressive model's perplexity"
+
+
+def evaluate_posterior(
+    model: "LTMForCausalLM",
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.LongTensor | None = None,
+    settings: PosteriorFitSettings | None = None,
+    iw_samples: int = 0,
+    reconstruction: bool = False,
+    reconstruction_settings: PosteriorFitSettings | None = None,
+    seed: int | Sequence[int] | None = None,
+) -> PosteriorEvaluation:
+    """Every number an LTM reports about `log p(x)`, from one definition.
+
+    1. Fit `q(z|x)` with the evaluation settings (`settings`, default `PosteriorFitSettings.evaluation(config)`:
+       start at the prior, `eps` redrawn every step) and score it at a fresh draw: `nll`, `kl`, `elbo = -(nll + kl)`.
+    2. With `iw_samples = K > 0`, the importance-weighted bound `log 1/K sum_k p(x|z_k) p(z_k) / q(z_k)` from that
+       fit; `nll` (and so `elbo`) then averages `-log p(x|z_k)` over the same K draws instead of one.
+    3. With `reconstruction`, the paper's reconstruction NLL (see [`reconstruction_nll`]): a separate fit with the
+       training fast loop (`reconstruction_settings`, default `PosteriorFitSettings.training(config)`, fixed `eps`)
+       scored at its own `eps`, no KL. Not a bound.
+
+    Args:
+        input_ids, attention_mask, labels: as [`fit_posterior`] (`labels` = -100 excludes a token from every term).
+        seed: an int, or one int per row (results then do not depend on batching). Both fits start from it; the
+            importance samples draw from seeds derived from it.
+
+    Returns a [`PosteriorEvaluation`] (per-sequence tensors in nats; `.summary()` for per-token figures).
+    """
+    if isinstance(iw_samples, bool) or not isinstance(iw_samples, int) or iw_samples < 0:
+        raise ValueError(f"`iw_samples` must be an integer >= 0 (0 = no importance-weighted bound), got {iw_samples!r}.")
+    if settings is None:
+        settings = PosteriorFitSettings.evaluation(model.config)
+    posterior = fit_posterior(model, input_ids, attention_mask, labels=labels, settings=settings, seed=seed)
+    result = PosteriorEvaluation(
+        nll=posterior.nll.float(),
+        kl=posterior.kl.float(),
+        elbo=posterior.elbo.float(),
+        num_tokens=posterior.num_tokens,
+        settings=_resolve_settings(model.config, settings),
+        posterior=posterior,
+    )
+    if iw_samples > 0:
+        with torch.no_grad():
+            result.iw, result.nll = _importance_sample(
+                model, input_ids, attention_mask, labels, iw_samples, posterior, seed, None
+            )
+        # The ELBO's likelihood term from the K draws rather than one: a lower-variance estimate of the same ELBO.
+        result.elbo = -(result.nll + result.kl)
+        result.iw_samples = iw_samples
+    if reconstruction:
+        recon_settings = _resolve_settings(model.config, reconstruction_settings, fixed_noise=True)
+        result.reconstruction_nll, _ = reconstruction_nll(
+            model, input_ids, attention_mask, labels=labels, settings=recon_settings, seed=seed
+        )
+        result.reconstruction_settings = recon_settings
+    return result
+
+
 __all__ = [
+    "RECONSTRUCTION_CAVEAT",
     "NonFiniteELBOError",
+    "PosteriorEvaluation",
+    "PosteriorFitSettings",
     "PosteriorOutput",
     "cosine_fast_lr",
+    "evaluate_posterior",
     "fit_posterior",
     "gaussian_kl",
     "gaussian_log_prob",
     "importance_weighted_bound",
     "negative_elbo",
+    "reconstruction_nll",
     "sequence_nll",
 ]

@@ -23,7 +23,13 @@ from transformers.utils import logging
 
 from .configuration_ltm import LTMConfig
 from .generation_ltm import LTMGenerationMixin
-from .inference import PosteriorOutput, fit_posterior, importance_weighted_bound
+from .inference import (
+    PosteriorEvaluation,
+    PosteriorOutput,
+    evaluate_posterior,
+    fit_posterior,
+    importance_weighted_bound,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -644,6 +650,15 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         return importance_weighted_bound(
             self, input_ids, attention_mask, num_samples=num_samples, posterior=posterior, **kwargs
         )
+
+    def evaluate_posterior(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> PosteriorEvaluation:
+        """Bounds on `log p(x)` per sequence under the evaluation fit (`config.eval_*`: start at the prior, `eps`
+        redrawn), optionally the importance-weighted bound (`iw_samples=K`) and the reconstruction NLL
+        (`reconstruction=True`, not a bound); see [`inference.evaluate_posterior`]. `.summary()` gives per-token
+        figures (`elbo_ppl`, ...)."""
+        return evaluate_posterior(self, input_ids, attention_mask, **kwargs)
 
 
 __all__ = ["CACHE_NAME", "LTMForCausalLM", "LTMModel", "LTMPreTrainedModel", "LTMCausalLMOutput", "LTMModelOutput"]

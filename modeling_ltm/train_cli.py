@@ -13,7 +13,9 @@ Flags are three dataclasses read by `HfArgumentParser`: `ModelArguments`, `DataA
 
 The output folder gets the model, the tokenizer, `train_results.json`, `eval_results.json`, `training_args.json`
 and Trainer's `trainer_state.json`; the run ends with a summary (held-out bound with its KL, tokens/s, wall time)
-and a generated sample.
+and a generated sample. For an LTM the summary gives the held-out ELBO bound (NLL + KL nats/token, the evaluation fit's
+settings), the importance-weighted bound when `--eval_iw_samples` > 0, and the paper's reconstruction perplexity
+under its own name (not a bound).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from transformers import (
 
 from . import data as ltm_data
 from .configuration_ltm import LTMConfig
+from .inference import RECONSTRUCTION_CAVEAT
 from .modeling_ltm import LTMForCausalLM
 from .trainer import LTMTrainer, LTMTrainingArguments
 
@@ -479,6 +482,34 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
     return {"train": train_metrics, "eval": eval_metrics, "sample": sample}
 
 
+def _ltm_eval_lines(trainer, eval_metrics: dict, held_out: str) -> list[str]:
+    """The summary's held-out lines for an LTM: the bounds with their parts and fit, the reconstruction perplexity
+    under its own name, and where the Llama peer's perplexity comes from."""
+    nll, kl = eval_metrics["eval_nll_per_token"], eval_metrics["eval_kl_per_token"]
+    lines = [
+        f"held-out     ELBO perplexity bound {eval_metrics['eval_elbo_ppl']:.2f} = exp(NLL {nll:.3f} + KL {kl:.3f} "
+        f"nats/token) on {held_out}",
+        f"             evaluation fit: {trainer.eval_fit_settings.describe()}",
+    ]
+    if "eval_iw_ppl" in eval_metrics:
+        lines.append(
+            f"             importance-weighted bound (K={eval_metrics.get('eval_iw_samples')} samples): "
+            f"{eval_metrics['eval_iw_ppl']:.2f}"
+        )
+    if "eval_reconstruction_ppl" in eval_metrics:
+        training = trainer.training_fit_settings(trainer.state.global_step).replace(fixed_noise=True)
+        lines.append(
+            f"             reconstruction perplexity {eval_metrics['eval_reconstruction_ppl']:.2f} = exp(NLL(x|z)/N), "
+            f"z fitted on the scored tokens by the training fast loop, no KL ({training.describe()}): "
+            f"{RECONSTRUCTION_CAVEAT}"
+        )
+    lines.append(
+        "             Llama peer: not trained in this run; `ltm train` with the same flags plus `--baseline llama` "
+        "(and another --output_dir) prints its exact perplexity on the same held-out blocks"
+    )
+    return lines
+
+
 def _print_summary(
     trainer, tokenizer, model_args, data_args, train_metrics, eval_metrics, eval_blocks, source, wall_start
 ) -> str | None:
@@ -494,16 +525,7 @@ def _print_summary(
     )
     held_out = f"{eval_metrics['eval_blocks']} held-out blocks ({eval_metrics['eval_tokens']:,} predicted tokens)"
     if is_ltm:
-        nll, kl = eval_metrics["eval_nll_per_token"], eval_metrics["eval_kl_per_token"]
-        lines.append(
-            f"held-out     ELBO perplexity bound {eval_metrics['eval_elbo_ppl']:.2f} = exp(NLL {nll:.3f} + KL {kl:.3f} "
-            f"nats/token), {eval_metrics.get('eval_inference_steps', '?')} fast steps, on {held_out}"
-        )
-        if "eval_iw_ppl" in eval_metrics:
-            lines.append(
-                f"             importance-weighted bound ({eval_metrics.get('eval_iw_samples')} samples): "
-                f"{eval_metrics['eval_iw_ppl']:.2f}"
-            )
+        lines.extend(_ltm_eval_lines(trainer, eval_metrics, held_out))
         start, step = _first_eval(trainer, "eval_elbo_ppl")
     else:
         lines.append(f"held-out     perplexity {eval_metrics['eval_perplexity']:.2f} (exact) on {held_out}")

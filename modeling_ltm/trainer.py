@@ -19,9 +19,15 @@ token-weighted over all processes and over the steps since the previous log:
 - `elbo_gain`: how much the fast loop raised the ELBO, nats per token;
 - `inference_lr`: the fast learning rate used at the last step (see `LTMTrainingArguments.inference_lr_end`).
 
-`trainer.evaluate()` reports `eval_nll_per_token`, `eval_kl_per_token`, `eval_elbo_ppl` (= `exp(-ELBO / tokens)`) and,
-with `eval_iw_samples > 0`, `eval_iw_ppl` (importance-weighted bound), token-weighted over the whole eval set.
-`evaluate(inference_steps=T)` overrides the number of fast steps, to plot the bound against inference-time compute.
+`trainer.evaluate()` reports, token-weighted over the whole eval set, the numbers of
+`inference.evaluate_posterior` (one definition shared with lm-eval, the `evaluate` metric and model cards):
+`eval_nll_per_token`, `eval_kl_per_token` and `eval_elbo_ppl` (= `exp(-ELBO / tokens)`, an upper bound on perplexity)
+under the *evaluation* fit (the model config's `eval_*` settings: start at the prior, `eps` redrawn every step; not
+the training fast loop's), with `eval_iw_samples > 0` `eval_iw_ppl` (importance-weighted bound), and with
+`eval_reconstruction` `eval_reconstruction_ppl`: the paper's reconstruction perplexity `exp(NLL(x|z) / N)` with `z`
+fitted on `x` by the training fast loop (fixed `eps`, no KL) - not a bound on perplexity; not comparable with an
+autoregressive model's perplexity. The fit settings are reported beside them. `evaluate(inference_steps=T)`
+overrides the evaluation fit's steps, to plot the bound against inference-time compute.
 
 Random draws of the posterior (initial `logvar` noise and `eps`) come from per-sequence generators seeded from
 `(args.seed, global step, position of the sequence in the global batch)`, so they do not depend on how the global
@@ -37,15 +43,16 @@ from transformers import Trainer, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 from transformers.utils import logging
 
-from .inference import fit_posterior, importance_weighted_bound
+from .inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
 
 
 logger = logging.get_logger(__name__)
 
 # Streams of the per-sequence seeds: training draws and evaluation draws never share a seed.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
-# Columns of the per-sequence statistics tensors: nll, kl, num_tokens, elbo gain (train) / iw log p(x) (eval).
-_NLL, _KL, _TOKENS, _EXTRA = range(4)
+# Columns of the per-sequence statistics tensors: nll, kl, num_tokens, elbo gain (train) / iw log p(x) (eval), and
+# (eval only) the reconstruction NLL.
+_NLL, _KL, _TOKENS, _EXTRA, _RECONSTRUCTION = range(5)
 
 
 @dataclass
@@ -81,7 +88,22 @@ class LTMTrainingArguments(TrainingArguments):
     )
     eval_inference_steps: int | None = field(
         default=None,
-        metadata={"help": "Fast steps T used by evaluation. Default: `num_inference_steps`."},
+        metadata={
+            "help": "Fast steps T of the evaluation fit (start at the prior, eps redrawn every step). Default: the "
+            "model config's `eval_inference_steps`."
+        },
+    )
+    eval_inference_lr: float | None = field(
+        default=None,
+        metadata={"help": "Fast learning rate of the evaluation fit. Default: the model config's `eval_inference_lr`."},
+    )
+    eval_reconstruction: bool = field(
+        default=True,
+        metadata={
+            "help": "Also report `eval_reconstruction_ppl`: the paper's reconstruction perplexity exp(NLL(x|z)/N), z "
+            "fitted on x by the training fast loop (fixed eps), no KL. Not a bound on perplexity; not comparable "
+            "with an autoregressive model's perplexity. Costs one more fit per eval batch."
+        },
     )
     eval_iw_samples: int = field(
         default=0,
@@ -101,7 +123,7 @@ class LTMTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"`{name}` must be an integer >= 0 or None (use the model config), got {value!r}.")
-        for name in ("inference_lr", "inference_lr_end"):
+        for name in ("inference_lr", "inference_lr_end", "eval_inference_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"`{name}` (a fast learning rate) must be > 0 or None, got {value!r}.")
@@ -203,17 +225,35 @@ class LTMTrainer(Trainer):
         return self._model_config().num_inference_steps if steps is None else steps
 
     @property
-    def eval_inference_steps(self) -> int:
-        """Fast steps used by evaluation (the `evaluate(inference_steps=...)` override, else the arguments')."""
+    def eval_fit_settings(self) -> PosteriorFitSettings:
+        """The evaluation fit: the model config's `eval_*` settings, with the steps from the
+        `evaluate(inference_steps=...)` override, else `args.eval_inference_steps`, and `args.eval_inference_lr`."""
         steps = self._eval_overrides.get("inference_steps")
         if steps is None:
             steps = getattr(self.args, "eval_inference_steps", None)
-        return self.num_inference_steps if steps is None else steps
+        lr = getattr(self.args, "eval_inference_lr", None)
+        return PosteriorFitSettings.evaluation(self._model_config(), num_steps=steps, lr=lr)
+
+    @property
+    def eval_inference_steps(self) -> int:
+        """Fast steps of the evaluation fit (see `eval_fit_settings`)."""
+        return self.eval_fit_settings.num_steps
+
+    def training_fit_settings(self, step: int) -> PosteriorFitSettings:
+        """The training fast loop at optimizer step `step` (the reconstruction perplexity's fit, with fixed `eps`)."""
+        return PosteriorFitSettings.training(
+            self._model_config(), num_steps=self.num_inference_steps, lr=self.inference_lr_at(step)
+        )
 
     @property
     def eval_iw_samples(self) -> int:
         samples = self._eval_overrides.get("iw_samples")
         return getattr(self.args, "eval_iw_samples", 0) if samples is None else samples
+
+    @property
+    def eval_reconstruction(self) -> bool:
+        reconstruction = self._eval_overrides.get("reconstruction")
+        return getattr(self.args, "eval_reconstruction", True) if reconstruction is None else reconstruction
 
     def inference_lr_at(self, step: int) -> float:
         """The fast learning rate at optimizer step `step`: linear from `inference_lr` (step 0) to `inference_lr_end`
@@ -312,25 +352,38 @@ class LTMTrainer(Trainer):
         metric_key_prefix: str = "eval",
         inference_steps: int | None = None,
         iw_samples: int | None = None,
+        reconstruction: bool | None = None,
     ) -> dict[str, float]:
-        """[`Trainer.evaluate`] with the LTM's bounds (see the module docstring), and two overrides for this call:
+        """[`Trainer.evaluate`] with the LTM's bounds (see the module docstring), and overrides for this call:
 
         Args:
-            inference_steps (`int`, *optional*): fast steps T for the eval posteriors (default
-                `args.eval_inference_steps`, else `num_inference_steps`). 0 scores the initial posterior.
+            inference_steps (`int`, *optional*): fast steps T of the evaluation fit (default
+                `args.eval_inference_steps`, else the model config's `eval_inference_steps`). 0 scores the initial
+                posterior (the prior, with the default evaluation settings).
             iw_samples (`int`, *optional*): samples K of the importance-weighted bound (default
                 `args.eval_iw_samples`; 0 turns it off).
+            reconstruction (`bool`, *optional*): report the reconstruction perplexity (default
+                `args.eval_reconstruction`).
 
-        Returns `eval_loss` (= `eval_nll_per_token`), `eval_nll_per_token`, `eval_kl_per_token`, `eval_elbo_ppl`,
-        `eval_inference_steps`, and `eval_iw_ppl` when K > 0 (each prefixed with `metric_key_prefix`).
+        Returns (each prefixed with `metric_key_prefix`): `eval_loss` (= `eval_nll_per_token`),
+        `eval_nll_per_token`, `eval_kl_per_token`, `eval_elbo_ppl` and the evaluation fit's settings
+        (`eval_inference_steps`, `eval_inference_lr`, `eval_inference_lr_min_ratio`, `eval_posterior_init_logvar`,
+        `eval_posterior_fixed_noise`); `eval_iw_ppl`, `eval_iw_samples` when K > 0; `eval_reconstruction_ppl`,
+        `eval_reconstruction_nll_per_token` and the training fit's `eval_reconstruction_inference_steps`,
+        `eval_reconstruction_inference_lr`, `eval_reconstruction_init_logvar` when reconstruction is on.
         """
         for name, value in (("inference_steps", inference_steps), ("iw_samples", iw_samples)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"`{name}` must be an integer >= 0 or None, got {value!r}.")
-        if inference_steps is None and iw_samples is None:
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if reconstruction is not None and not isinstance(reconstruction, bool):
+            raise ValueError(f"`reconstruction` must be True, False or None, got {reconstruction!r}.")
         previous = self._eval_overrides
-        self._eval_overrides = {**previous, "inference_steps": inference_steps, "iw_samples": iw_samples}
+        self._eval_overrides = {
+            **previous,
+            "inference_steps": inference_steps,
+            "iw_samples": iw_samples,
+            "reconstruction": reconstruction,
+        }
         try:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally:
@@ -353,23 +406,36 @@ class LTMTrainer(Trainer):
             self._eval_stats = []
             tokens = max(stats[_TOKENS], 1.0)
             nll, kl = stats[_NLL] / tokens, stats[_KL] / tokens
+            settings = self.eval_fit_settings
             metrics = {
                 "loss": nll,
                 "nll_per_token": nll,
                 "kl_per_token": kl,
                 "elbo_ppl": float(np.exp(nll + kl)),
-                "inference_steps": self.eval_inference_steps,
+                "inference_steps": settings.num_steps,
+                "inference_lr": settings.lr,
+                "inference_lr_min_ratio": settings.lr_min_ratio,
+                "posterior_init_logvar": settings.init_logvar,
+                "posterior_fixed_noise": settings.fixed_noise,
             }
             if self.eval_iw_samples > 0:
                 metrics["iw_ppl"] = float(np.exp(-stats[_EXTRA] / tokens))
                 metrics["iw_samples"] = self.eval_iw_samples
+            if self.eval_reconstruction:
+                training = self.training_fit_settings(self.state.global_step)
+                metrics["reconstruction_ppl"] = float(np.exp(stats[_RECONSTRUCTION] / tokens))
+                metrics["reconstruction_nll_per_token"] = stats[_RECONSTRUCTION] / tokens
+                metrics["reconstruction_inference_steps"] = training.num_steps
+                metrics["reconstruction_inference_lr"] = training.lr
+                metrics["reconstruction_init_logvar"] = training.init_logvar
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Fit each eval sequence's posterior with `eval_inference_steps` fast steps (with gradients: `fit_posterior`
-        re-enables them under Trainer's `no_grad`), record its NLL, KL and token count (gathered over processes),
-        and return the batch's NLL per token (plus the logits given `z` unless `prediction_loss_only`)."""
+        """`inference.evaluate_posterior` on each eval batch (the fits re-enable gradients under Trainer's
+        `no_grad`): record its per-sequence NLL, KL, token count, importance-weighted bound and reconstruction NLL
+        (gathered over processes), and return the batch's NLL per token (plus the logits given the evaluation fit's
+        `z` unless `prediction_loss_only`)."""
         inputs = self._prepare_inputs(inputs)
         input_ids, attention_mask, labels = _unpack(inputs)
         bare_model = self.accelerator.unwrap_model(model)
@@ -377,34 +443,33 @@ class LTMTrainer(Trainer):
         # Eval draws depend on the sequence's place in the eval set only: the same model gets the same numbers.
         seeds = _row_seeds(self.args.seed, _EVAL_STREAM, 0, first_row, input_ids.shape[0])
         self._eval_batches_seen += 1
-        posterior = fit_posterior(
+        result = evaluate_posterior(
             bare_model,
             input_ids,
             attention_mask,
             labels=labels,
-            num_steps=self.eval_inference_steps,
-            lr=self.inference_lr_at(self.state.global_step),
+            settings=self.eval_fit_settings,
+            iw_samples=self.eval_iw_samples,
+            reconstruction=self.eval_reconstruction,
+            reconstruction_settings=self.training_fit_settings(self.state.global_step),
             seed=seeds,
         )
-        extra = torch.zeros_like(posterior.nll)
-        if self.eval_iw_samples > 0:
-            extra = importance_weighted_bound(
-                bare_model,
-                input_ids,
-                attention_mask,
-                labels=labels,
-                num_samples=self.eval_iw_samples,
-                posterior=posterior,
-                seed=seeds,
-            )
-        stats = torch.stack([posterior.nll, posterior.kl, posterior.num_tokens.to(posterior.nll.dtype), extra], -1)
+        zeros = torch.zeros_like(result.nll)
+        columns = [
+            result.nll,
+            result.kl,
+            result.num_tokens.to(result.nll.dtype),
+            zeros if result.iw is None else result.iw,
+            zeros if result.reconstruction_nll is None else result.reconstruction_nll,
+        ]
+        stats = torch.stack(columns, -1)
         self._eval_stats.append(self.accelerator.gather_for_metrics(stats.to(torch.float64)).cpu())
-        loss = (posterior.nll.sum() / posterior.num_tokens.sum().clamp(min=1)).detach()
+        loss = (result.nll.sum() / result.num_tokens.sum().clamp(min=1)).detach()
         if prediction_loss_only:
             return loss, None, None
         with torch.no_grad():
             logits = model(
-                input_ids=input_ids, attention_mask=attention_mask, latents=posterior.z, use_cache=False
+                input_ids=input_ids, attention_mask=attention_mask, latents=result.posterior.z, use_cache=False
             ).logits
         return loss, logits.detach(), labels
 

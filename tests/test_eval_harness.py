@@ -16,7 +16,8 @@ from lm_eval.tasks import TaskManager
 
 import eval_harness
 from eval_harness import LTMLM
-from modeling_ltm import LTMForCausalLM
+from modeling_ltm import LTMForCausalLM, PosteriorFitSettings
+from modeling_ltm.inference import RECONSTRUCTION_CAVEAT
 
 
 STEPS = 2  # fast steps per posterior fit: enough to exercise the loop, cheap on 2 CPU cores
@@ -242,12 +243,21 @@ def test_bad_inputs_get_clear_errors(checkpoint, lm):
 # ------------------------------------------------------------------------------------- loglikelihood_rolling
 
 
+def test_every_fit_uses_the_evaluation_settings(checkpoint, lm):
+    config = lm.model.config
+    assert lm.fit_settings == PosteriorFitSettings.evaluation(config, num_steps=STEPS)
+    default = LTMLM(pretrained=str(checkpoint), device="cpu")
+    assert default.fit_settings == PosteriorFitSettings.evaluation(config)  # not the training fast loop's
+    assert default.fit_settings.init_logvar == 0.0 and not default.fit_settings.fixed_noise
+    assert lm.get_model_info()["ltm_fit_settings"] == lm.fit_settings.describe()
+
+
 def test_rolling_is_the_elbo_of_infer_latents(lm):
     text = "ROMEO: But soft, what light"
     (window,) = lm.rolling_windows(text)
     (bound,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", text)], disable_tqdm=True)
     posterior = lm.model.infer_latents(
-        torch.tensor([window[0] + window[1]]), num_steps=STEPS, seed=[lm.window_seed(window)]
+        torch.tensor([window[0] + window[1]]), settings=lm.fit_settings, seed=[lm.window_seed(window)]
     )
     assert bound == pytest.approx(-float(posterior.nll + posterior.kl), rel=1e-5)
     assert posterior.kl.item() > 0 and posterior.num_tokens.item() == len(lm.tok_encode(text))
@@ -338,3 +348,12 @@ def test_evaluate_metric_loads_and_computes(checkpoint):
         assert ppl == pytest.approx(math.exp(nll + kl), rel=1e-4) and kl > 0
     alone = metric.compute(predictions=texts[1:], model_id=str(checkpoint), num_inference_steps=STEPS)
     assert alone["perplexities"][0] == pytest.approx(results["perplexities"][1], rel=1e-4)
+    # The evaluation fit's settings, and the reconstruction perplexity beside the bounds under its own name.
+    config = LTMForCausalLM.config_class.from_pretrained(checkpoint)
+    assert results["fit_settings"] == PosteriorFitSettings.evaluation(config, num_steps=STEPS).describe()
+    assert len(results["reconstruction_perplexities"]) == 2
+    assert all(math.isfinite(ppl) and ppl > 1 for ppl in results["reconstruction_perplexities"])
+    assert RECONSTRUCTION_CAVEAT in results["reconstruction_note"] and "T=4" in results["reconstruction_note"]
+    assert "reconstruction_perplexities" not in metric.compute(
+        predictions=texts, model_id=str(checkpoint), num_inference_steps=STEPS, reconstruction=False
+    )

@@ -27,7 +27,8 @@ from hub_cards.card import (
 )
 from hub_cards.cli import export_main, push_main
 from hub_cards.export import REMOTE_CODE_FILES
-from modeling_ltm import LTMForCausalLM
+from modeling_ltm import LTMForCausalLM, PosteriorFitSettings
+from modeling_ltm.inference import RECONSTRUCTION_CAVEAT
 
 
 TRAINER_METRICS = {
@@ -171,7 +172,7 @@ def test_fresh_process_loads_remote_code_and_matches_original(exported, run_dir,
                 logits_z=logits_z,
                 greedy=greedy,
                 snippet_output_ids=output_ids,
-                snippet_elbo=posterior.elbo,
+                snippet_elbo=bounds.elbo,
             ),
             {str(tmp_path / "outputs.pt")!r},
         )
@@ -201,9 +202,9 @@ def test_fresh_process_loads_remote_code_and_matches_original(exported, run_dir,
     inputs = tokenizer("ROMEO:", return_tensors="pt")
     torch.manual_seed(0)
     output_ids = original.generate(**inputs, max_new_tokens=32, do_sample=False, num_inference_steps=4)
-    posterior = original.infer_latents(inputs["input_ids"], inputs["attention_mask"])
+    bounds = original.evaluate_posterior(inputs["input_ids"], inputs["attention_mask"])
     assert torch.equal(out["snippet_output_ids"], output_ids)
-    torch.testing.assert_close(out["snippet_elbo"], posterior.elbo)
+    torch.testing.assert_close(out["snippet_elbo"], bounds.elbo)
 
 
 def test_export_of_a_checkpoint_n_folder_reads_state_and_parent_tokenizer(run_dir, tmp_path):
@@ -279,6 +280,31 @@ def test_card_metadata_validates_and_matches_the_inputs(exported):
     assert elbo.metric_name.endswith("T=4")
 
 
+def test_trainer_results_name_their_fits_and_the_reconstruction_perplexity():
+    metrics = {
+        **TRAINER_METRICS,
+        "eval_inference_lr": 0.1,
+        "eval_posterior_init_logvar": 0.0,
+        "eval_posterior_fixed_noise": False,
+        "eval_iw_samples": 8,
+        "eval_reconstruction_ppl": 52.7,
+        "eval_reconstruction_inference_steps": 16,
+        "eval_reconstruction_inference_lr": 0.3,
+        "eval_reconstruction_init_logvar": -5.0,
+    }
+    results = {r.metric_name.split(",")[0]: r for r in trainer_eval_results(metrics, dataset_name=DATASET)}
+    elbo = results["ELBO perplexity bound exp(-ELBO/token)"]
+    assert elbo.metric_name.endswith("T=4, lr=0.1, start at the prior, eps redrawn")
+    assert results["importance-weighted perplexity bound"].metric_name.endswith("eps redrawn, K=8")
+    (reconstruction,) = [r for r in results.values() if "reconstruction" in r.metric_name]
+    # Never typed or named as a perplexity of the model: its own type, the caveat and the training fit's settings.
+    assert reconstruction.metric_type == "reconstruction_perplexity" and reconstruction.metric_value == 52.7
+    assert "not a bound on perplexity; not comparable with an autoregressive model's perplexity" in (
+        reconstruction.metric_name
+    )
+    assert reconstruction.metric_name.endswith("T=16, lr=0.3, start logvar=-5, one fixed eps")
+
+
 def test_lm_eval_results_folder_keeps_the_newest_run(tmp_path):
     run = tmp_path / "lm_eval" / "ltm-tiny"
     run.mkdir(parents=True)
@@ -309,6 +335,9 @@ def test_card_body_has_usage_architecture_bounds_and_citation(exported):
     assert "| latent vectors per layer | 4 |" in text
     assert "| inference steps `T` (default) | 4 |" in text
     assert "KL" in text and "Importance-weighted bound" in text and "ELBO bound" in text
+    evaluation = PosteriorFitSettings.evaluation(tiny_config()).describe()
+    assert f"| evaluation fit (every bound below) | {evaluation} |" in text
+    assert "reconstruction perplexity" in text and RECONSTRUCTION_CAVEAT in text
     assert "| learning_rate | 0.0004 |" in text and "| final_train_loss | 4.75 |" in text
     assert CITATION in text and "arXiv" in text
 

@@ -1,12 +1,28 @@
 """Posterior inference (the fast loop) and the bounds on log p(x): gradients, decoder isolation, KL, ELBO ascent,
 importance weighting, padding, seeding, errors, precision and grad modes."""
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_config
 
-from modeling_ltm import LTMForCausalLM, NonFiniteELBOError, fit_posterior, importance_weighted_bound
-from modeling_ltm.inference import gaussian_kl, gaussian_log_prob, negative_elbo, next_token_targets
+from modeling_ltm import (
+    LTMForCausalLM,
+    NonFiniteELBOError,
+    PosteriorFitSettings,
+    evaluate_posterior,
+    fit_posterior,
+    importance_weighted_bound,
+)
+from modeling_ltm.inference import (
+    gaussian_kl,
+    gaussian_log_prob,
+    negative_elbo,
+    next_token_targets,
+    reconstruction_nll,
+    sequence_nll,
+)
 
 
 def random_ids(config, batch_size, seq_length, seed=0):
@@ -306,3 +322,138 @@ def test_labels_exclude_tokens_from_the_likelihood(model):
     labels[0, 5:] = -100
     posterior = fit_posterior(model, input_ids, labels=labels, num_steps=1, seed=0)
     assert posterior.num_tokens.tolist() == [4]
+
+
+# ------------------------------------------------------------------------------ fit settings and evaluation
+
+
+def test_fit_settings_come_from_the_config_and_validate(config):
+    training = PosteriorFitSettings.training(config)
+    assert training == PosteriorFitSettings(
+        num_steps=config.num_inference_steps,
+        lr=config.inference_lr,
+        lr_min_ratio=config.inference_lr_min_ratio,
+        init_logvar=config.posterior_init_logvar,
+        init_logvar_noise=config.posterior_init_logvar_noise,
+        fixed_noise=config.posterior_fixed_noise,
+    )
+    evaluation = PosteriorFitSettings.evaluation(config)
+    assert (evaluation.num_steps, evaluation.lr, evaluation.lr_min_ratio) == (32, 0.1, 0.1)
+    # The evaluation fit starts at the prior (KL 0) and redraws eps at every step.
+    assert (evaluation.init_logvar, evaluation.init_logvar_noise, evaluation.fixed_noise) == (0.0, 0.0, False)
+    assert PosteriorFitSettings.evaluation(config, num_steps=8, lr=None).num_steps == 8  # None keeps the field
+    assert "T=32" in evaluation.describe() and "the prior" in evaluation.describe()
+    assert "one fixed eps" in training.describe() and "logvar=-5" in training.describe()
+    config.eval_inference_steps, config.eval_inference_lr = 5, 0.2
+    assert PosteriorFitSettings.evaluation(config).num_steps == 5 and PosteriorFitSettings.evaluation(config).lr == 0.2
+    for field, value in (("num_steps", -1), ("lr", 0.0), ("lr_min_ratio", 2.0), ("init_logvar_noise", -0.1)):
+        with pytest.raises(ValueError, match=field):
+            training.replace(**{field: value})
+    with pytest.raises(TypeError, match="PosteriorFitSettings"):
+        fit_posterior(LTMForCausalLM(config), random_ids(config, 1, 4), settings={"num_steps": 1})
+
+
+def test_fit_posterior_follows_settings_and_keyword_overrides(sensitive_model):
+    model = sensitive_model
+    input_ids = random_ids(model.config, 2, 12)
+    settings = PosteriorFitSettings.evaluation(model.config, num_steps=3)
+    by_settings = fit_posterior(model, input_ids, settings=settings, seed=0)
+    by_keywords = fit_posterior(
+        model, input_ids, num_steps=3, lr=0.1, lr_min_ratio=0.1, init_logvar=0.0, init_logvar_noise=0.0,
+        fixed_noise=False, seed=0,
+    )  # fmt: skip
+    assert torch.equal(by_settings.mu, by_keywords.mu) and torch.equal(by_settings.elbo, by_keywords.elbo)
+    # The evaluation fit with 0 steps is the prior itself: mu = 0, logvar = 0, no KL.
+    prior = fit_posterior(model, input_ids, settings=settings.replace(num_steps=0), seed=0)
+    assert torch.equal(prior.mu, torch.zeros_like(prior.mu)) and torch.equal(prior.logvar, prior.mu)
+    assert torch.equal(prior.kl, torch.zeros(2))
+
+
+def test_evaluate_posterior_is_the_evaluation_fit_with_its_bounds(sensitive_model):
+    model = sensitive_model
+    input_ids = random_ids(model.config, 3, 16)
+    seeds = [3, 4, 5]
+    result = evaluate_posterior(model, input_ids, iw_samples=4, reconstruction=True, seed=seeds)
+    assert result.settings == PosteriorFitSettings.evaluation(model.config)
+    posterior = fit_posterior(model, input_ids, settings=result.settings, seed=seeds)
+    for name in ("mu", "logvar", "kl", "num_tokens"):
+        assert torch.equal(getattr(result.posterior, name), getattr(posterior, name)), name
+    iw = importance_weighted_bound(model, input_ids, num_samples=4, posterior=posterior, seed=seeds)
+    assert torch.equal(result.iw, iw) and result.iw_samples == 4
+    # With importance draws, the ELBO's NLL term averages over them: the same ELBO, estimated with less variance.
+    torch.testing.assert_close(result.elbo, -(result.nll + result.kl))
+    assert not torch.equal(result.nll, posterior.nll)
+    summary = result.summary()
+    tokens = float(result.num_tokens.sum())
+    assert summary["elbo_ppl"] == pytest.approx(math.exp(-float(result.elbo.sum()) / tokens), rel=1e-6)
+    assert summary["iw_ppl"] == pytest.approx(math.exp(-float(result.iw.sum()) / tokens), rel=1e-6)
+    assert summary["reconstruction_ppl"] == pytest.approx(
+        math.exp(float(result.reconstruction_nll.sum()) / tokens), rel=1e-6
+    )
+    plain = evaluate_posterior(model, input_ids, seed=seeds)
+    for name in ("nll", "kl", "elbo", "num_tokens"):
+        assert torch.equal(getattr(plain, name), getattr(posterior, name)), name
+    assert plain.iw is None and plain.reconstruction_nll is None and set(plain.summary()) == {
+        "nll_per_token",
+        "kl_per_token",
+        "elbo_ppl",
+    }
+    with pytest.raises(ValueError, match="iw_samples"):
+        evaluate_posterior(model, input_ids, iw_samples=-1)
+
+
+def test_reconstruction_nll_is_the_nll_at_z_fitted_on_the_same_tokens(sensitive_model):
+    """The paper's protocol: fit with the training fast loop and ONE fixed eps, score -log p(x|z) at
+    z = mu + sigma * eps with that same eps, no KL; the reconstruction perplexity is exp(NLL / N)."""
+    model, config = sensitive_model, sensitive_model.config
+    input_ids = random_ids(config, 2, 16)
+    seeds = [7, 8]
+    result = evaluate_posterior(model, input_ids, reconstruction=True, seed=seeds)
+    training = PosteriorFitSettings.training(config)
+    assert result.reconstruction_settings == training.replace(fixed_noise=True)
+
+    # Redo it by hand: the fit's (mu, logvar), and its eps: each row's generator draws the logvar jitter, then eps.
+    fitted = fit_posterior(model, input_ids, settings=training.replace(fixed_noise=True), seed=seeds)
+    eps = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        torch.randn(config.latent_shape, generator=generator)  # the initial logvar's jitter
+        eps.append(torch.randn(config.latent_shape, generator=generator))
+    z = fitted.mu + torch.exp(0.5 * fitted.logvar) * torch.stack(eps)
+    with torch.no_grad():
+        logits = model(input_ids, latents=z).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
+    ).sum(-1)
+    torch.testing.assert_close(result.reconstruction_nll, expected, atol=1e-4, rtol=1e-5)
+    nll, num_tokens = reconstruction_nll(model, input_ids, seed=seeds)
+    torch.testing.assert_close(nll, expected, atol=1e-4, rtol=1e-5)
+    assert num_tokens.tolist() == [15, 15]
+    # The fitted z is scored on the tokens it was fitted to: far below the prior mean's NLL, and no KL is added.
+    prior_nll, _ = sequence_nll(model, input_ids, torch.zeros_like(z), next_token_targets(input_ids, None))
+    assert (expected < prior_nll).all()
+    assert result.summary()["reconstruction_ppl"] == pytest.approx(math.exp(float(expected.sum()) / 30), rel=1e-4)
+
+
+def prior_elbo(model, input_ids, num_draws=64, seed=0):
+    """ELBO at q = p(z): -E_p[NLL(x|z)] (the KL is 0), averaged over `num_draws` prior draws, shape `(batch,)`."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = next_token_targets(input_ids, None)
+    draws = []
+    with torch.no_grad():
+        for _ in range(num_draws):
+            z = torch.randn(input_ids.shape[0], *model.config.latent_shape, generator=generator)
+            draws.append(-sequence_nll(model, input_ids, z, targets)[0])
+    return torch.stack(draws).mean(0)
+
+
+def test_evaluation_elbo_beats_the_prior_and_iw_beats_the_elbo_on_average(sensitive_model):
+    model = sensitive_model
+    input_ids = random_ids(model.config, 4, 24)
+    results = [evaluate_posterior(model, input_ids, iw_samples=16, seed=seed) for seed in range(4)]
+    elbo = torch.stack([r.elbo for r in results]).mean(0)
+    iw = torch.stack([r.iw for r in results]).mean(0)
+    # The evaluation fit starts at q = p(z) and only moves where it raises the ELBO.
+    assert elbo.mean() >= prior_elbo(model, input_ids).mean()
+    assert iw.mean() >= elbo.mean()
+    assert (iw <= 0).all()  # a bound on log p(x): never above 0 nats

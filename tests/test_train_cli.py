@@ -76,8 +76,15 @@ def test_ltm_train_writes_model_tokenizer_and_results(setup, capsys):
     assert model.config.vocab_size == len(tokenizer) == 300  # the preset's vocab_size sized the trained BPE
     assert model.config.eos_token_id == tokenizer.eos_token_id and model.config.pad_token_id == tokenizer.pad_token_id
 
+    assert eval_results["eval_reconstruction_ppl"] > 1 and eval_results["eval_posterior_init_logvar"] == 0.0
+
     printed = capsys.readouterr().out
     assert "ELBO perplexity bound" in printed and "KL" in printed and "importance-weighted bound" in printed
+    # The bound's fit, the reconstruction perplexity under its own name with the caveat, and the peer.
+    assert "evaluation fit: T=2, lr 0.1 -> 0.01 (cosine), start mu=0 logvar=0 (the prior)" in printed
+    assert "reconstruction perplexity" in printed
+    assert "not a bound on perplexity; not comparable with an autoregressive model's perplexity" in printed
+    assert "Llama peer" in printed and "--baseline llama" in printed
     assert "training tokens/s" in printed and "wall time" in printed
     assert "sample" in printed
 

@@ -2,14 +2,16 @@
 bf16 autocast, resume). Real text: Tiny Shakespeare as raw bytes (vocab 256), so the tests need no tokenizer."""
 
 import math
+import random
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_SHAKESPEARE, tiny_config
 from datasets import Dataset
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
-from modeling_ltm import LTMForCausalLM, LTMTrainer, LTMTrainingArguments
+from modeling_ltm import LTMConfig, LTMForCausalLM, LTMTrainer, LTMTrainingArguments, PosteriorFitSettings
+from modeling_ltm.inference import next_token_targets, sequence_nll
 from modeling_ltm.trainer import _CausalLMLabels
 
 
@@ -91,8 +93,10 @@ def test_training_lowers_heldout_elbo_perplexity_and_logs_fast_metrics(tmp_path,
 
 
 def test_evaluate_reports_bounds_and_follows_inference_steps(tmp_path, tiny_shakespeare_path):
+    # A model whose logits depend on z (larger init): evaluation starts at the prior (inference_steps=0 scores
+    # q = p(z)), which fitting can only beat where z carries information about the text.
     trainer = LTMTrainer(
-        model=byte_model(),
+        model=byte_model(initializer_range=0.1),
         args=make_args(tmp_path, eval_inference_steps=8, eval_iw_samples=8),
         eval_dataset=heldout_blocks(tiny_shakespeare_path, 32, 8),
     )
@@ -227,3 +231,84 @@ def test_trainer_rejects_a_model_without_latents(tmp_path):
     )
     with pytest.raises(TypeError, match="transformers.Trainer"):
         LTMTrainer(model=llama, args=make_args(tmp_path))
+
+
+# ------------------------------------------------------------------------ honest bounds by default (issue 10)
+
+
+def text_bytes(num_bytes: int) -> bytes:
+    """Tiny Shakespeare when the shared data is there, else deterministic play-like text generated here (never a
+    skip: the bound's tightness does not depend on which text it is)."""
+    if TINY_SHAKESPEARE.exists():
+        return TINY_SHAKESPEARE.read_bytes()[:num_bytes]
+    rng = random.Random(0)
+    words = "the and to of my I you that in is not with his be your for this thou thee lord king love".split()
+    names = ["ROMEO", "JULIET", "KING HENRY", "FIRST CITIZEN", "MENENIUS"]
+    lines = []
+    while sum(map(len, lines)) < num_bytes:
+        speech = " ".join(rng.choice(words) for _ in range(rng.randint(6, 20)))
+        lines.append(f"{rng.choice(names)}:\n{speech.capitalize()}.\n\n")
+    return "".join(lines).encode()[:num_bytes]
+
+
+def trivial_posterior_ppl(model, dataset, num_draws: int = 16) -> float:
+    """exp of the NLL per token averaged over prior draws of z: the bound of q = p(z), with no fitting (KL 0)."""
+    input_ids = torch.tensor(dataset["input_ids"])
+    targets = next_token_targets(input_ids, None)
+    generator = torch.Generator().manual_seed(0)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for _ in range(num_draws):
+            z = torch.randn(input_ids.shape[0], *model.config.latent_shape, generator=generator)
+            nll, num_tokens = sequence_nll(model, input_ids, z, targets)
+            total, tokens = total + float(nll.sum()), tokens + int(num_tokens.sum())
+    return math.exp(total / tokens)
+
+
+def test_default_evaluation_bound_is_within_5_percent_of_the_trivial_posterior(tmp_path):
+    """With every default, the held-out bound of a briefly trained model is no looser than 1.05 x the trivial
+    posterior's. (With the training fast loop's start, logvar = -5, it was ~90x looser on this recipe.) The issue's
+    recipe (byte-level, hidden 96, 2 layers, 4 heads, MLP 256, 4 latents per layer, 30 steps at lr 3e-3, 32 held-out
+    blocks) on smaller batches (8 x 64 bytes) and training T (2) to stay fast."""
+    block = 64
+    data = torch.tensor(list(text_bytes(250 * block))).view(250, block)
+    train = Dataset.from_dict({"input_ids": data[:-32].tolist()})
+    heldout = Dataset.from_dict({"input_ids": data[-32:].tolist()})
+    torch.manual_seed(0)
+    config = LTMConfig(
+        vocab_size=256,
+        hidden_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        n_latents_per_layer=4,
+        max_position_embeddings=block,
+        num_inference_steps=2,
+    )
+    model = LTMForCausalLM(config)
+    args = LTMTrainingArguments(
+        str(tmp_path),
+        max_steps=30,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=3e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = LTMTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout)
+    trainer.train()
+    metrics = trainer.evaluate()
+    trivial = trivial_posterior_ppl(model.eval(), heldout)
+    assert metrics["eval_elbo_ppl"] <= 1.05 * trivial, (metrics, trivial)
+
+    # Reported beside the bound: the evaluation fit's settings, and the reconstruction perplexity with the training
+    # fit's (the paper's protocol, far below the bound and not a bound itself).
+    evaluation = PosteriorFitSettings.evaluation(config)
+    assert metrics["eval_inference_steps"] == evaluation.num_steps and metrics["eval_inference_lr"] == evaluation.lr
+    assert metrics["eval_posterior_init_logvar"] == 0.0 and metrics["eval_posterior_fixed_noise"] is False
+    assert metrics["eval_reconstruction_inference_steps"] == 2 and metrics["eval_reconstruction_init_logvar"] == -5.0
+    assert metrics["eval_reconstruction_ppl"] == pytest.approx(math.exp(metrics["eval_reconstruction_nll_per_token"]))
+    assert metrics["eval_reconstruction_ppl"] < metrics["eval_elbo_ppl"]

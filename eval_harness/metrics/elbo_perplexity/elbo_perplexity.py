@@ -4,7 +4,12 @@ Mirrors `evaluate`'s `perplexity` metric (same `compute` arguments and outputs),
 latent thought vectors `z`: each text gets its own posterior `q(z | text)`, fitted by the fast loop, and the
 reported perplexity is `exp(-bound / tokens)` with `bound` the ELBO `-(NLL given z + KL)` or, with
 `iw_samples > 0`, the importance-weighted bound. Both are lower bounds on `log p(text)`, so the perplexities are
-upper bounds on the model's true perplexity.
+upper bounds on the model's true perplexity. The fit is the model's evaluation fit (`config.eval_*`: start at the
+prior, `eps` redrawn every step); every number comes from `modeling_ltm.inference.evaluate_posterior`.
+
+Beside them, `reconstruction_perplexities` is the paper's reconstruction perplexity `exp(NLL(x|z) / N)` with `z`
+fitted on the same text by the training fast loop (fixed `eps`), no KL: not a bound on perplexity; not comparable
+with an autoregressive model's perplexity.
 """
 
 import hashlib
@@ -15,14 +20,16 @@ import torch
 import transformers
 
 import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
-from modeling_ltm.inference import fit_posterior, importance_weighted_bound
+from modeling_ltm.inference import RECONSTRUCTION_CAVEAT, PosteriorFitSettings, evaluate_posterior
 
 
 _DESCRIPTION = """
 Perplexity bounds of a Latent-Thought Language Model (arXiv:2502.01567). An LTM's `log p(text)` integrates over
-latent thought vectors, so it is bounded, not computed: per text, the posterior `q(z | text)` is fitted with
-`num_inference_steps` fast steps, and `exp(-ELBO / tokens)` (or the importance-weighted bound's analogue) is
-reported with its NLL and KL parts. Texts are truncated to `max_length` tokens (default: the model's context) as in
+latent thought vectors, so it is bounded, not computed: per text, the posterior `q(z | text)` is fitted by the
+model's evaluation fit (start at the prior, `eps` redrawn every step, `num_inference_steps` fast steps), and
+`exp(-ELBO / tokens)` (or the importance-weighted bound's analogue) is reported with its NLL and KL parts. The
+paper's reconstruction perplexity is reported beside it under its own name (not a bound on perplexity; not
+comparable with an autoregressive model's perplexity). Texts are truncated to `max_length` tokens (default: the model's context) as in
 the `perplexity` metric.
 """
 
@@ -36,9 +43,11 @@ Args:
     device (`str`, *optional*): "cuda" or "cpu"; defaults to CUDA when available.
     max_length (`int`, *optional*): truncate texts to this many tokens (start token included); defaults to and may
         not exceed the model's `max_position_embeddings`.
-    num_inference_steps (`int`, *optional*): fast steps per fit; defaults to the model config's.
-    inference_lr (`float`, *optional*): fast learning rate; defaults to the model config's.
+    num_inference_steps (`int`, *optional*): fast steps of the evaluation fit; defaults to the model config's
+        `eval_inference_steps`.
+    inference_lr (`float`, *optional*): its fast learning rate; defaults to the model config's `eval_inference_lr`.
     iw_samples (`int`, defaults to 0): > 0 reports the importance-weighted bound with that many samples.
+    reconstruction (`bool`, defaults to True): also report the reconstruction perplexity (one more fit per batch).
     seed (`int`, defaults to 0): base seed; each text's fit is seeded from it and the text's tokens.
     trust_remote_code (`bool`, defaults to False): passed to `from_pretrained`.
 Returns:
@@ -48,6 +57,11 @@ Returns:
     kl_per_token (`list[float]`): per-text `KL(q || p)`, nats per token.
     num_tokens (`list[int]`): scored tokens per text.
     bound (`str`): "elbo" or "importance_weighted(K=...)".
+    fit_settings (`str`): the evaluation fit's settings.
+    reconstruction_perplexities (`list[float]`, with `reconstruction`): per-text `exp(NLL(x|z) / num_tokens)`, `z`
+        fitted on the text by the training fast loop (fixed eps), no KL. Not a bound on perplexity; not comparable
+        with an autoregressive model's perplexity.
+    reconstruction_note (`str`, with `reconstruction`): says so, with the training fit's settings.
 Examples:
     >>> metric = evaluate.load("eval_harness/metrics/elbo_perplexity")
     >>> results = metric.compute(predictions=["To be, or not to be"], model_id="runs/ltm-tiny", num_inference_steps=16)
@@ -93,6 +107,7 @@ class ElboPerplexity(evaluate.Metric):
         iw_samples: int = 0,
         seed: int = 0,
         trust_remote_code: bool = False,
+        reconstruction: bool = True,
     ):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = transformers.AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=trust_remote_code)
@@ -119,7 +134,14 @@ class ElboPerplexity(evaluate.Metric):
                 )
             encoded.append(tokens)
 
+        settings = PosteriorFitSettings.evaluation(
+            model.config,
+            num_steps=None if num_inference_steps is None else int(num_inference_steps),
+            lr=None if inference_lr is None else float(inference_lr),
+        )
         results = {"perplexities": [], "nll_per_token": [], "kl_per_token": [], "num_tokens": []}
+        if reconstruction:
+            results["reconstruction_perplexities"] = []
         for begin in range(0, len(encoded), int(batch_size)):
             batch = encoded[begin : begin + int(batch_size)]
             longest = max(len(t) for t in batch)
@@ -130,18 +152,30 @@ class ElboPerplexity(evaluate.Metric):
                 mask[row, longest - len(tokens) :] = 1
             ids, mask = ids.to(device), mask.to(device)
             seeds = [_text_seed(int(seed), tokens) for tokens in batch]
-            posterior = fit_posterior(model, ids, mask, num_steps=num_inference_steps, lr=inference_lr, seed=seeds)
-            if int(iw_samples) > 0:
-                bound = importance_weighted_bound(
-                    model, ids, mask, num_samples=int(iw_samples), posterior=posterior, seed=seeds
-                )
-            else:
-                bound = posterior.elbo
-            tokens = posterior.num_tokens.float()
+            result = evaluate_posterior(
+                model,
+                ids,
+                mask,
+                settings=settings,
+                iw_samples=int(iw_samples),
+                reconstruction=bool(reconstruction),
+                seed=seeds,
+            )
+            bound = result.iw if int(iw_samples) > 0 else result.elbo
+            tokens = result.num_tokens.float()
             results["perplexities"] += torch.exp(-bound / tokens).tolist()
-            results["nll_per_token"] += (posterior.nll / tokens).tolist()
-            results["kl_per_token"] += (posterior.kl / tokens).tolist()
-            results["num_tokens"] += posterior.num_tokens.tolist()
+            results["nll_per_token"] += (result.nll / tokens).tolist()
+            results["kl_per_token"] += (result.kl / tokens).tolist()
+            results["num_tokens"] += result.num_tokens.tolist()
+            if reconstruction:
+                results["reconstruction_perplexities"] += torch.exp(result.reconstruction_nll / tokens).tolist()
         results["mean_perplexity"] = float(sum(results["perplexities"]) / len(results["perplexities"]))
         results["bound"] = f"importance_weighted(K={int(iw_samples)})" if int(iw_samples) > 0 else "elbo"
+        results["fit_settings"] = settings.describe()
+        if reconstruction:
+            training = PosteriorFitSettings.training(model.config, fixed_noise=True)
+            results["reconstruction_note"] = (
+                "reconstruction perplexity exp(NLL(x|z)/N), z fitted on the same text by the training fast loop "
+                f"({training.describe()}), no KL: {RECONSTRUCTION_CAVEAT}"
+            )
         return results

@@ -18,9 +18,24 @@ from modeling_ltm import LTMConfig, LTMForCausalLM
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The real text beside the checkout (never copied into the repo); LTM_TEST_SHARED_DATA points elsewhere, e.g. at a
+# missing folder to check that the suite still runs everything but the real-data tests without it.
+SHARED_DATA = Path(os.environ.get("LTM_TEST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 WIKITEXT2_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+# Tests that need *some* text (training, CLI, evaluation) run on Tiny Shakespeare when it is there and on the
+# generated stand-in of tests/text_fixture.py otherwise, so a checkout without ../shared/data still runs them.
+GENERATED_CORPUS_CHARS = 300_000
+
+
+def corpus_text(num_chars: int | None = None) -> str:
+    """The first `num_chars` characters of Tiny Shakespeare, or of the generated corpus when it is absent."""
+    if TINY_SHAKESPEARE.exists():
+        text = TINY_SHAKESPEARE.read_text(encoding="utf-8")
+        return text if num_chars is None else text[:num_chars]
+    from text_fixture import generated_corpus
+
+    return generated_corpus(GENERATED_CORPUS_CHARS if num_chars is None else num_chars)
 
 
 def tiny_config(**overrides) -> LTMConfig:
@@ -41,16 +56,12 @@ def tiny_config(**overrides) -> LTMConfig:
 
 
 def small_tokenizer(num_chars: int, vocab_size: int):
-    """The project's byte-level BPE (`modeling_ltm.data.train_tokenizer`) trained on the first `num_chars` characters
-    of Tiny Shakespeare; skips the test when the shared data is absent."""
+    """The project's byte-level BPE (`modeling_ltm.data.train_tokenizer`) trained on `corpus_text(num_chars)`."""
     from datasets import Dataset
 
     from modeling_ltm.data import train_tokenizer
 
-    if not TINY_SHAKESPEARE.exists():
-        pytest.skip(f"shared data not found at {TINY_SHAKESPEARE}")
-    text = TINY_SHAKESPEARE.read_text()[:num_chars]
-    return train_tokenizer(Dataset.from_dict({"text": [text]}), vocab_size=vocab_size)
+    return train_tokenizer(Dataset.from_dict({"text": [corpus_text(num_chars)]}), vocab_size=vocab_size)
 
 
 @pytest.fixture
@@ -64,11 +75,14 @@ def model(config) -> LTMForCausalLM:
     return LTMForCausalLM(config).eval()
 
 
-@pytest.fixture
-def tiny_shakespeare_path() -> Path:
-    if not TINY_SHAKESPEARE.exists():
-        pytest.skip(f"shared data not found at {TINY_SHAKESPEARE}")
-    return TINY_SHAKESPEARE
+@pytest.fixture(scope="session")
+def tiny_shakespeare_path(tmp_path_factory) -> Path:
+    """Tiny Shakespeare's file, or a file of the generated corpus when the shared data is absent."""
+    if TINY_SHAKESPEARE.exists():
+        return TINY_SHAKESPEARE
+    path = tmp_path_factory.mktemp("corpus") / "generated_corpus.txt"
+    path.write_text(corpus_text(), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import TINY_SHAKESPEARE, tiny_config  # noqa: E402
+from conftest import corpus_text, tiny_config  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from modeling_ltm import LTMForCausalLM, LTMTrainer, LTMTrainingArguments  # noqa: E402
@@ -28,7 +28,8 @@ BLOCK_SIZE, NUM_BLOCKS = 32, 48
 
 def run_training(output_dir: str, per_device_batch: int, accumulation: int, max_steps: int = 3) -> LTMTrainer:
     """Same model, data order and seeds whatever the process layout: only the split of the global batch changes."""
-    ids = torch.tensor(list(TINY_SHAKESPEARE.read_bytes()[: BLOCK_SIZE * NUM_BLOCKS])).view(NUM_BLOCKS, BLOCK_SIZE)
+    text_bytes = corpus_text(BLOCK_SIZE * NUM_BLOCKS).encode()[: BLOCK_SIZE * NUM_BLOCKS]
+    ids = torch.tensor(list(text_bytes)).view(NUM_BLOCKS, BLOCK_SIZE)
     torch.manual_seed(0)
     model = LTMForCausalLM(tiny_config(vocab_size=256))
     args = LTMTrainingArguments(

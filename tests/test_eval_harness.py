@@ -222,9 +222,20 @@ def test_empty_context_uses_the_prior_mean(lm):
 
 
 def test_long_context_is_left_truncated(lm):
+    """A context longer than the model keeps its last tokens (as HFLM does): the score equals that of the request
+    made of exactly those tokens, and no forward (fit or scoring) sees more than `max_length` tokens."""
     long_context = "ROMEO: " + "speak, " * 200
-    ((logprob, _),) = lm.loglikelihood([request("loglikelihood", long_context, " again")], disable_tqdm=True)
-    assert math.isfinite(logprob)
+    context_ids, continuation_ids = lm._encode_pair(long_context, " again")
+    assert len(context_ids) + len(continuation_ids) > lm.max_length + 1
+    calls, handle = capture_forward_calls(lm.model)
+    try:
+        ((logprob, _),) = lm.loglikelihood([request("loglikelihood", long_context, " again")], disable_tqdm=True)
+    finally:
+        handle.remove()
+    assert calls and all(input_ids.shape[1] <= lm.max_length for input_ids, _ in calls)
+    kept_context = (context_ids + continuation_ids)[-(lm.max_length + 1) :][: -len(continuation_ids)]
+    ((expected, _),) = lm._loglikelihood_tokens([(None, kept_context, continuation_ids)], disable_tqdm=True)
+    assert math.isfinite(logprob) and logprob == pytest.approx(expected, abs=1e-5)
 
 
 def test_bad_inputs_get_clear_errors(checkpoint, lm):
@@ -318,6 +329,7 @@ def test_task_data_is_configurable_and_deterministic(tmp_path, monkeypatch, tiny
         wikitext_local.load_documents()
 
     items = tmp_path / "items.jsonl"
+    monkeypatch.setenv("LTM_EVAL_LAMBADA_SOURCE", str(tiny_shakespeare_path))  # the default, or the stand-in
     assert lambada_local.main(["--source", str(tiny_shakespeare_path), "--output", str(items)]) == 0
     texts = [json.loads(line)["text"] for line in items.read_text().splitlines()]
     assert (

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_SHAKESPEARE, tiny_config
+from conftest import REPO_ROOT, corpus_text, tiny_config
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, TrainingArguments
@@ -71,7 +71,7 @@ PROMPT_IDS = [[5, 17, 33, 2, 9, 41, 7, 12]]
 
 def _train_tokenizer() -> PreTrainedTokenizerFast:
     """A 128-token BPE tokenizer trained on the start of tiny Shakespeare (or a fixed text if it is absent)."""
-    text = TINY_SHAKESPEARE.read_text()[:20000] if TINY_SHAKESPEARE.exists() else "ROMEO: to be or not to be. " * 200
+    text = corpus_text(20000)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()

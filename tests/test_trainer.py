@@ -2,11 +2,10 @@
 bf16 autocast, resume). Real text: Tiny Shakespeare as raw bytes (vocab 256), so the tests need no tokenizer."""
 
 import math
-import random
 
 import pytest
 import torch
-from conftest import TINY_SHAKESPEARE, tiny_config
+from conftest import corpus_text, tiny_config
 from datasets import Dataset
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
@@ -237,18 +236,9 @@ def test_trainer_rejects_a_model_without_latents(tmp_path):
 
 
 def text_bytes(num_bytes: int) -> bytes:
-    """Tiny Shakespeare when the shared data is there, else deterministic play-like text generated here (never a
-    skip: the bound's tightness does not depend on which text it is)."""
-    if TINY_SHAKESPEARE.exists():
-        return TINY_SHAKESPEARE.read_bytes()[:num_bytes]
-    rng = random.Random(0)
-    words = "the and to of my I you that in is not with his be your for this thou thee lord king love".split()
-    names = ["ROMEO", "JULIET", "KING HENRY", "FIRST CITIZEN", "MENENIUS"]
-    lines = []
-    while sum(map(len, lines)) < num_bytes:
-        speech = " ".join(rng.choice(words) for _ in range(rng.randint(6, 20)))
-        lines.append(f"{rng.choice(names)}:\n{speech.capitalize()}.\n\n")
-    return "".join(lines).encode()[:num_bytes]
+    """Tiny Shakespeare when the shared data is there, else the generated corpus (never a skip: the bound's tightness
+    does not depend on which text it is)."""
+    return corpus_text(num_bytes).encode()[:num_bytes]
 
 
 def trivial_posterior_ppl(model, dataset, num_draws: int = 16) -> float:

@@ -129,7 +129,11 @@ def trainer_eval_results(
         results.append(
             EvalResult(
                 task_type="text-generation",
-                task_name="Language modeling (bounds)",
+                task_name=(
+                    "Language modeling (reconstruction, not a bound)"
+                    if key == "eval_reconstruction_ppl"
+                    else "Language modeling (bounds)"
+                ),
                 dataset_type=dataset_type or dataset_name,
                 dataset_name=dataset_name,
                 metric_type=metric_type,

@@ -135,7 +135,11 @@ def trainer_eval_results(
         results.append(
             EvalResult(
                 task_type="text-generation",
-                task_name="Language modeling (bounds)",
+                task_name=(
+                    "Language modeling (reconstruction, not a bound)"
+                    if key == "eval_reconstruction_ppl"
+                    else "Language modeling (bounds)"
+                ),
                 dataset_type=dataset_type or dataset_name,
                 dataset_name=dataset_name,
                 metric_type=metric_type,
@@ -164,7 +168,9 @@ def lm_eval_results(results_json: Mapping[str, Any]) -> list[EvalResult]:
     run = results_json.get("config") or {}
     # Model "ltm" of eval_harness records which bound its rolling log-likelihoods are, and with how many fast steps.
     bound = run.get("ltm_rolling_bound")
-    if bound and _finite_number(run.get("ltm_num_inference_steps")):
+    if bound and isinstance(run.get("ltm_fit_settings"), str):
+        bound = f"{bound} bound, {run['ltm_fit_settings']}"  # the evaluation fit, e.g. "T=32, lr 0.1 -> ..."
+    elif bound and _finite_number(run.get("ltm_num_inference_steps")):
         bound = f"{bound} bound, T={int(run['ltm_num_inference_steps'])}"
     out, rolling_tasks = [], []
     for task, metrics in results_json["results"].items():

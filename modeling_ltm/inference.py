@@ -383,7 +383,9 @@ def _without_inference_mode(function, model, input_ids, attention_mask, labels, 
     """Run `function` outside `torch.inference_mode()`, which forbids autograd even under `enable_grad()`, with
     copies of the inputs that are ordinary tensors (inference tensors cannot be saved for backward)."""
     with torch.inference_mode(False):
-        input_ids, attention_mask, labels = (None if t is None else t.clone() for t in (input_ids, attention_mask, labels))
+        input_ids, attention_mask, labels = (
+            None if t is None else t.clone() for t in (input_ids, attention_mask, labels)
+        )
         return function(model, input_ids, attention_mask, labels, *args)
 
 
@@ -659,7 +661,9 @@ def evaluate_posterior(
     Returns a [`PosteriorEvaluation`] (per-sequence tensors in nats; `.summary()` for per-token figures).
     """
     if isinstance(iw_samples, bool) or not isinstance(iw_samples, int) or iw_samples < 0:
-        raise ValueError(f"`iw_samples` must be an integer >= 0 (0 = no importance-weighted bound), got {iw_samples!r}.")
+        raise ValueError(
+            f"`iw_samples` must be an integer >= 0 (0 = no importance-weighted bound), got {iw_samples!r}."
+        )
     if settings is None:
         settings = PosteriorFitSettings.evaluation(model.config)
     posterior = fit_posterior(model, input_ids, attention_mask, labels=labels, settings=settings, seed=seed)

@@ -498,15 +498,16 @@ def _ltm_eval_lines(trainer, eval_metrics: dict, held_out: str) -> list[str]:
         )
     if "eval_reconstruction_ppl" in eval_metrics:
         training = trainer.training_fit_settings(trainer.state.global_step).replace(fixed_noise=True)
-        lines.append(
-            f"             reconstruction perplexity {eval_metrics['eval_reconstruction_ppl']:.2f} = exp(NLL(x|z)/N), "
-            f"z fitted on the scored tokens by the training fast loop, no KL ({training.describe()}): "
-            f"{RECONSTRUCTION_CAVEAT}"
-        )
-    lines.append(
-        "             Llama peer: not trained in this run; `ltm train` with the same flags plus `--baseline llama` "
-        "(and another --output_dir) prints its exact perplexity on the same held-out blocks"
-    )
+        lines += [
+            f"             reconstruction perplexity {eval_metrics['eval_reconstruction_ppl']:.2f}: "
+            f"{RECONSTRUCTION_CAVEAT}",
+            "               = exp(NLL(x|z)/N), z fitted on the scored tokens by the training fast loop, no KL "
+            f"({training.describe()})",
+        ]
+    lines += [
+        "             Llama peer: not trained in this run; `ltm train` with the same flags plus `--baseline llama`",
+        "               (and another --output_dir) prints its exact perplexity on the same held-out blocks",
+    ]
     return lines
 
 

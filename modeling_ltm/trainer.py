@@ -95,7 +95,9 @@ class LTMTrainingArguments(TrainingArguments):
     )
     eval_inference_lr: float | None = field(
         default=None,
-        metadata={"help": "Fast learning rate of the evaluation fit. Default: the model config's `eval_inference_lr`."},
+        metadata={
+            "help": "Fast learning rate of the evaluation fit. Default: the model config's `eval_inference_lr`."
+        },
     )
     eval_reconstruction: bool = field(
         default=True,

@@ -43,6 +43,13 @@ from modeling_ltm import LTMConfig
         (dict(posterior_init_logvar=float("nan")), "posterior_init_logvar"),
         (dict(rope_theta=float("inf")), "rope_theta"),
         (dict(posterior_fixed_noise="yes"), "posterior_fixed_noise"),
+        (dict(eval_inference_steps=-1), "eval_inference_steps"),
+        (dict(eval_inference_steps=2.5), "eval_inference_steps"),
+        (dict(eval_inference_lr=0.0), "eval_inference_lr"),
+        (dict(eval_inference_lr_min_ratio=1.5), "eval_inference_lr_min_ratio"),
+        (dict(eval_posterior_init_logvar=float("nan")), "eval_posterior_init_logvar"),
+        (dict(eval_posterior_init_logvar_noise=-0.1), "eval_posterior_init_logvar_noise"),
+        (dict(eval_posterior_fixed_noise="no"), "eval_posterior_fixed_noise"),
     ],
 )
 def test_invalid_value_raises_value_error_naming_the_field(overrides, field):
@@ -97,6 +104,13 @@ def test_paper_defaults():
         True,
     )
     assert config.tie_word_embeddings is True
+    # The evaluation fit (issue 10): start at the prior, eps redrawn, 32 steps at lr 0.1 -> 0.01.
+    assert (config.eval_inference_steps, config.eval_inference_lr, config.eval_inference_lr_min_ratio) == (32, 0.1, 0.1)
+    assert (
+        config.eval_posterior_init_logvar,
+        config.eval_posterior_init_logvar_noise,
+        config.eval_posterior_fixed_noise,
+    ) == (0.0, 0.0, False)
 
 
 def test_to_dict_from_dict_round_trip():

@@ -299,6 +299,7 @@ def test_trainer_results_name_their_fits_and_the_reconstruction_perplexity():
     (reconstruction,) = [r for r in results.values() if "reconstruction" in r.metric_name]
     # Never typed or named as a perplexity of the model: its own type, the caveat and the training fit's settings.
     assert reconstruction.metric_type == "reconstruction_perplexity" and reconstruction.metric_value == 52.7
+    assert reconstruction.task_name == "Language modeling (reconstruction, not a bound)"
     assert "not a bound on perplexity; not comparable with an autoregressive model's perplexity" in (
         reconstruction.metric_name
     )

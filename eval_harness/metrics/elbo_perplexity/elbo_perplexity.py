@@ -29,8 +29,8 @@ latent thought vectors, so it is bounded, not computed: per text, the posterior 
 model's evaluation fit (start at the prior, `eps` redrawn every step, `num_inference_steps` fast steps), and
 `exp(-ELBO / tokens)` (or the importance-weighted bound's analogue) is reported with its NLL and KL parts. The
 paper's reconstruction perplexity is reported beside it under its own name (not a bound on perplexity; not
-comparable with an autoregressive model's perplexity). Texts are truncated to `max_length` tokens (default: the model's context) as in
-the `perplexity` metric.
+comparable with an autoregressive model's perplexity). Texts are truncated to `max_length` tokens (default: the
+model's context) as in the `perplexity` metric.
 """
 
 _KWARGS_DESCRIPTION = """

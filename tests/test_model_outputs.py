@@ -190,7 +190,7 @@ CHILD = textwrap.dedent(
     print(json.dumps({
         "version": transformers.__version__,
         "hidden_states": [list(h.shape) for h in out.hidden_states],
-        "last_is_last_hidden_state": bool(torch.equal(out.hidden_states[-1], model.model(input_ids).last_hidden_state)),
+        "last_is_last_hidden_state": bool(torch.equal(out.hidden_states[-1], model.model(input_ids)[0])),
         "attentions": [list(a.shape) for a in out.attentions],
         "cross_attentions": [list(a.shape) for a in out.cross_attentions],
         "row_sums": max(float(a.sum(-1).sub(1).abs().max()) for a in out.attentions + out.cross_attentions),

@@ -8,6 +8,7 @@ Importing this package registers `LTMConfig` / `LTMModel` / `LTMForCausalLM` wit
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_ltm import LTMConfig
+from .generation_ltm import LTMGenerationConfig
 from .inference import NonFiniteELBOError, PosteriorOutput, fit_posterior, importance_weighted_bound
 from .modeling_ltm import LTMForCausalLM, LTMModel, LTMPreTrainedModel
 
@@ -36,6 +37,7 @@ def __getattr__(name):
 __all__ = [
     "LTMConfig",
     "LTMForCausalLM",
+    "LTMGenerationConfig",
     "LTMModel",
     "LTMPreTrainedModel",
     "LTMTrainer",

@@ -23,7 +23,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ltm import LTMConfig
-from .generation_ltm import LTMGenerationMixin
+from .generation_ltm import LTMGenerationConfig, LTMGenerationMixin
 from .inference import PosteriorOutput, fit_posterior, importance_weighted_bound
 
 
@@ -586,6 +586,8 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # `generate()`'s defaults for the latents, kept in generation_config.json (see `LTMGenerationConfig`).
+    generation_config_class = LTMGenerationConfig
 
     def __init__(self, config: LTMConfig):
         super().__init__(config)

@@ -8,6 +8,7 @@ Importing this package registers `LTMConfig` / `LTMModel` / `LTMForCausalLM` wit
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_ltm import LTMConfig
+from .generation_ltm import LTMGenerationConfig
 from .inference import (
     NonFiniteELBOError,
     PosteriorEvaluation,
@@ -44,6 +45,7 @@ def __getattr__(name):
 __all__ = [
     "LTMConfig",
     "LTMForCausalLM",
+    "LTMGenerationConfig",
     "LTMModel",
     "LTMPreTrainedModel",
     "LTMTrainer",

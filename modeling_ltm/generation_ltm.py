@@ -11,6 +11,9 @@ transformers' own code:
   `cross_attention_cache` of the model's `EncoderDecoderCache` and reused at every later step; beam search reorders
   both the self-attention and the cross-attention caches (`EncoderDecoderCache.reorder_cache`).
 
+The defaults of the latents' settings live in `LTMGenerationConfig`, the model's `generation_config_class`, so
+`save_pretrained` / `from_pretrained` keep them in `generation_config.json` like any other generation default.
+
 Imports only torch, transformers and siblings (copied next to the weights for `trust_remote_code=True`).
 """
 
@@ -27,6 +30,90 @@ logger = logging.get_logger(__name__)
 _DEFAULT_MAX_LENGTH = 20
 
 
+class LTMGenerationConfig(GenerationConfig):
+    r"""[`~generation.GenerationConfig`] plus the defaults of how [`LTMGenerationMixin.generate`] settles the latents.
+
+    A new model builds it from its config (`num_inference_steps`, `inference_lr`, `inference_lr_min_ratio` are
+    copied from [`LTMConfig`]); `save_pretrained` writes it to `generation_config.json` and `from_pretrained` reads it
+    back as this class. Change a default with `model.generation_config.num_inference_steps = 32`; a `generate()`
+    argument of the same name wins for one call.
+
+    Args:
+        num_inference_steps (`int`, *optional*):
+            Fast Adam steps of posterior fitting on the prompt. `None`: the model config's.
+        inference_lr (`float`, *optional*):
+            Fast learning rate (decayed by cosine within the steps). `None`: the model config's.
+        inference_lr_min_ratio (`float`, *optional*):
+            Floor of that decay as a fraction of `inference_lr`. `None`: the model config's.
+        latent_temperature (`float`, *optional*):
+            Standard deviation of the latents drawn from the prior (`latents="prior"`, or no prompt). `None`: 1.0.
+        kwargs:
+            Everything [`~generation.GenerationConfig`] accepts.
+
+    Example:
+
+    ```python
+    >>> from modeling_ltm.generation_ltm import LTMGenerationConfig
+    >>> LTMGenerationConfig(num_inference_steps=32, max_new_tokens=64, do_sample=True).num_inference_steps
+    32
+    ```
+    """
+
+    inference_fields = ("num_inference_steps", "inference_lr", "inference_lr_min_ratio", "latent_temperature")
+
+    def __init__(
+        self,
+        num_inference_steps: int | None = None,
+        inference_lr: float | None = None,
+        inference_lr_min_ratio: float | None = None,
+        latent_temperature: float | None = None,
+        **kwargs,
+    ):
+        # Set before `GenerationConfig.__init__`, which validates, and which drops unknown keys of a config derived
+        # from the model config (`_from_model_config`).
+        self.num_inference_steps = num_inference_steps
+        self.inference_lr = inference_lr
+        self.inference_lr_min_ratio = inference_lr_min_ratio
+        self.latent_temperature = latent_temperature
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "LTMGenerationConfig":
+        """`GenerationConfig.from_model_config` (what a new model starts from: special tokens etc.) plus the inference
+        fields the model config holds.
+
+        The result is not flagged `_from_model_config`: its fields are settings, and a loader that reads
+        `generation_config.json` with the base `GenerationConfig` (which drops unknown keys of a flagged file) keeps
+        them. (`GenerationConfig.from_model_config` itself cannot build a subclass with extra fields: it compares
+        every field with a base `GenerationConfig`'s.)
+        """
+        config_dict = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        fields = {name: config_dict.get(name) for name in cls.inference_fields}
+        common = GenerationConfig.from_model_config(model_config).to_dict()
+        generation_config = cls(**fields, **{**common, "_from_model_config": False})
+        generation_config._original_object_hash = hash(generation_config)  # as transformers does: "unmodified"
+        return generation_config
+
+    def validate(self, *args, **kwargs):
+        """`GenerationConfig.validate`, plus: `ValueError` naming the field when an inference field is out of range."""
+        super().validate(*args, **kwargs)
+
+        def number(value):
+            return not isinstance(value, bool) and isinstance(value, (int, float))
+
+        steps = self.num_inference_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"`num_inference_steps` must be an integer >= 0 or None, got {steps!r}.")
+        if self.inference_lr is not None and not (number(self.inference_lr) and self.inference_lr > 0):
+            raise ValueError(f"`inference_lr` must be a number > 0 or None, got {self.inference_lr!r}.")
+        ratio = self.inference_lr_min_ratio
+        if ratio is not None and not (number(ratio) and 0 < ratio <= 1):
+            raise ValueError(f"`inference_lr_min_ratio` must be a number in (0, 1] or None, got {ratio!r}.")
+        temperature = self.latent_temperature
+        if temperature is not None and not (number(temperature) and temperature >= 0):
+            raise ValueError(f"`latent_temperature` must be a number >= 0 or None, got {temperature!r}.")
+
+
 class LTMGenerationMixin(GenerationMixin):
     """`generate()` for [`LTMForCausalLM`]: fit `z` on the prompt (or sample it from the prior), then decode."""
 
@@ -38,6 +125,7 @@ class LTMGenerationMixin(GenerationMixin):
         latents=None,
         num_inference_steps: int | None = None,
         inference_lr: float | None = None,
+        inference_lr_min_ratio: float | None = None,
         latent_temperature: float | None = None,
         inference_seed: int | list[int] | None = None,
         inference_generator: torch.Generator | None = None,
@@ -67,14 +155,12 @@ class LTMGenerationMixin(GenerationMixin):
                 Prompt token ids (also accepted as `input_ids=`). Left-pad batches and pass `attention_mask`.
             latents (`torch.Tensor`, `PosteriorOutput` or `"prior"`, *optional*):
                 See above.
-            num_inference_steps (`int`, *optional*):
-                Fast steps of posterior fitting on the prompt. Defaults to `generation_config.num_inference_steps`,
-                else `config.num_inference_steps`.
-            inference_lr (`float`, *optional*):
-                Fast learning rate. Defaults to `generation_config.inference_lr`, else `config.inference_lr`.
-            latent_temperature (`float`, *optional*, defaults to 1.0):
-                Standard deviation of prior samples (`latents="prior"` / no prompt). Defaults to
-                `generation_config.latent_temperature`, else 1.0.
+            num_inference_steps, inference_lr, inference_lr_min_ratio, latent_temperature (*optional*):
+                The latents' settings of [`LTMGenerationConfig`] (fast steps on the prompt, fast learning rate and
+                the floor of its decay, standard deviation of prior samples), for this call. As for every
+                generation setting, a value given here wins over the `generation_config` argument's, which wins over
+                `model.generation_config`'s (saved in `generation_config.json`); still unset, the model config's
+                (`latent_temperature`: 1.0).
             inference_seed (`int` or `list[int]`, *optional*):
                 Seed of the latents' noise. Posterior fit: an int seeds every row alike (a row's latents do not
                 depend on the batch it is in), a list gives one seed per row. Prior samples: an int seeds one
@@ -134,22 +220,21 @@ class LTMGenerationMixin(GenerationMixin):
                     "`bos_token_id=...` (or set `model.generation_config.bos_token_id`), or give a prompt."
                 )
 
-        def setting(value, name, fallback):
-            """A generate() argument, else the generation config's attribute, else `fallback`."""
-            if value is not None:
-                return value
-            value = getattr(generation_defaults, name, None)
-            if value is None and generation_defaults is not self.generation_config:
-                value = getattr(self.generation_config, name, None)
-            return fallback if value is None else value
-
+        settings = self._generation_settings(
+            generation_config,
+            num_inference_steps=num_inference_steps,
+            inference_lr=inference_lr,
+            inference_lr_min_ratio=inference_lr_min_ratio,
+            latent_temperature=latent_temperature,
+        )
         if isinstance(latents, str) and latents != "prior":
             raise ValueError(f'`latents` must be a tensor, a PosteriorOutput, "prior" or None; got {latents!r}.')
         seed = inference_seed
         if seed is None and inference_generator is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         if isinstance(latents, str) or (latents is None and prompt is None and "inputs_embeds" not in kwargs):
-            temperature = setting(latent_temperature, "latent_temperature", 1.0)
+            temperature = settings["latent_temperature"]
+            temperature = 1.0 if temperature is None else temperature
             latents = self._sample_prior_latents(batch_size, temperature, seed, inference_generator)
         elif latents is None:
             if prompt is None:
@@ -161,8 +246,9 @@ class LTMGenerationMixin(GenerationMixin):
                 self,
                 prompt,
                 attention_mask,
-                num_steps=setting(num_inference_steps, "num_inference_steps", self.config.num_inference_steps),
-                lr=setting(inference_lr, "inference_lr", self.config.inference_lr),
+                num_steps=settings["num_inference_steps"],  # None: the model config's
+                lr=settings["inference_lr"],
+                lr_min_ratio=settings["inference_lr_min_ratio"],
                 seed=None if inference_generator is not None else self._row_seeds(seed, batch_size),
                 generator=inference_generator,
             )
@@ -179,26 +265,23 @@ class LTMGenerationMixin(GenerationMixin):
             latents = latents.to(self.device)
         return super().generate(inputs, generation_config, *args, latents=latents, **kwargs)
 
-    def set_inference_defaults(
-        self,
-        num_inference_steps: int | None = None,
-        inference_lr: float | None = None,
-        latent_temperature: float | None = None,
-    ) -> GenerationConfig:
-        """Store `generate()`'s defaults for the latents in `self.generation_config` (those not None), so that
-        `save_pretrained` / `from_pretrained` keep them in `generation_config.json`.
+    def adjust_generation_fn(self, *args, **kwargs):
+        """`GenerationMixin.adjust_generation_fn` (run by `from_pretrained`), which reads `generation_config.json`
+        with the base `GenerationConfig` (transformers 5.23 and 5.24 use `generation_config_class` only for a new
+        model); the result is turned into `generation_config_class`, keeping every field."""
+        super().adjust_generation_fn(*args, **kwargs)
+        if not isinstance(self.generation_config, self.generation_config_class):
+            self.generation_config = self.generation_config_class.from_dict(self.generation_config.to_dict())
 
-        Use this rather than setting the attributes by hand: a generation config derived from the model config
-        (`_from_model_config=True`, the default of a new model) drops custom attributes when it is loaded back.
-        """
-        values = dict(
-            num_inference_steps=num_inference_steps, inference_lr=inference_lr, latent_temperature=latent_temperature
-        )
-        for name, value in values.items():
-            if value is not None:
-                setattr(self.generation_config, name, value)
-        self.generation_config._from_model_config = False
-        return self.generation_config
+    def _generation_settings(self, generation_config: GenerationConfig | None, **arguments) -> dict:
+        """Generation settings of one `generate()` call, by transformers' precedence: `arguments` (`generate()`'s,
+        when not None), else the `generation_config` argument's, else `self.generation_config`'s, else None (for the
+        latents' settings: the model config's, `fit_posterior`'s defaults)."""
+        for source in (generation_config, self.generation_config):
+            for name, value in arguments.items():
+                if value is None:
+                    arguments[name] = getattr(source, name, None)
+        return arguments
 
     def _unprompted_batch_size(self, latents, kwargs) -> int:
         """Batch size when there is no prompt: from `latents`, `inputs_embeds`, else 1 (transformers' rule)."""
@@ -226,19 +309,14 @@ class LTMGenerationMixin(GenerationMixin):
                 "max_new_tokens) with tokenizer.truncation_side = 'left'."
             )
 
-        def resolved(name):
-            if kwargs.get(name) is not None:
-                return kwargs[name]
-            for source in (generation_defaults, self.generation_config):
-                if getattr(source, name, None) is not None:
-                    return getattr(source, name)
-            return None
-
-        max_new_tokens = resolved("max_new_tokens")
+        lengths = self._generation_settings(
+            generation_defaults, max_new_tokens=kwargs.get("max_new_tokens"), max_length=kwargs.get("max_length")
+        )
+        max_new_tokens = lengths["max_new_tokens"]
         if max_new_tokens is not None:
             total, asked = prompt_length + max_new_tokens, f"max_new_tokens={max_new_tokens}"
         else:
-            total = resolved("max_length") or _DEFAULT_MAX_LENGTH
+            total = lengths["max_length"] or _DEFAULT_MAX_LENGTH
             asked = f"max_length={total}"
         if total > limit:
             raise ValueError(
@@ -270,4 +348,4 @@ class LTMGenerationMixin(GenerationMixin):
         return (temperature * noise).to(self.device)
 
 
-__all__ = ["LTMGenerationMixin"]
+__all__ = ["LTMGenerationConfig", "LTMGenerationMixin"]

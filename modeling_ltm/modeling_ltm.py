@@ -19,10 +19,11 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ltm import LTMConfig
-from .generation_ltm import LTMGenerationMixin
+from .generation_ltm import LTMGenerationConfig, LTMGenerationMixin
 from .inference import (
     PosteriorEvaluation,
     PosteriorOutput,
@@ -42,7 +43,8 @@ CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__d
 
 # `LTMModel` returns transformers' own output classes: `last_hidden_state`, the cache (`EncoderDecoderCache`: the
 # tokens' self-attention keys/values and the latents' cross-attention keys/values, computed once per sequence) under
-# `CACHE_NAME`, and `hidden_states` / `attentions` / `cross_attentions` when asked for.
+# `CACHE_NAME`, and `hidden_states` / `attentions` / `cross_attentions` when asked for (`output_hidden_states=True`,
+# `output_attentions=True`; recorded by transformers' `capture_outputs` hooks, see `LTMPreTrainedModel`).
 LTMModelOutput = BaseModelOutputWithPastAndCrossAttentions
 LTMCausalLMOutput = CausalLMOutputWithCrossAttentions
 
@@ -194,7 +196,9 @@ class LTMSelfAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the output `(batch, seq, hidden_size)` and, from the eager attention only, the attention weights
+        `(batch, num_attention_heads, seq, past_length + seq)` (else `None`)."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nh, T, hd)
@@ -205,7 +209,7 @@ class LTMSelfAttention(nn.Module):
         key_states = apply_rotary_pos_emb(key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-        attn_output, _ = _attention_interface(self.config)(
+        attn_output, attn_weights = _attention_interface(self.config)(
             self,
             query_states,
             key_states,
@@ -216,7 +220,7 @@ class LTMSelfAttention(nn.Module):
             sliding_window=self.config.sliding_window,
             **kwargs,
         )
-        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
 class LTMCrossAttention(nn.Module):
@@ -265,7 +269,9 @@ class LTMCrossAttention(nn.Module):
         latent_position_embeddings: tuple[torch.Tensor, torch.Tensor],
         cache: EncoderDecoderCache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the output `(batch, seq, hidden_size)` and, from the eager attention only, the attention weights
+        over the latents `(batch, num_attention_heads, seq, n_latents_per_layer)` (else `None`)."""
         input_shape = hidden_states.shape[:-1]
         query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
@@ -281,7 +287,7 @@ class LTMCrossAttention(nn.Module):
                 key_states, value_states = cross_cache.update(key_states, value_states, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
 
-        attn_output, _ = _attention_interface(self.config)(
+        attn_output, attn_weights = _attention_interface(self.config)(
             self,
             query_states,
             key_states,
@@ -292,7 +298,7 @@ class LTMCrossAttention(nn.Module):
             is_causal=False,
             **kwargs,
         )
-        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
 class LTMDecoderLayer(GradientCheckpointingLayer):
@@ -320,13 +326,13 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         self_cache = cache.self_attention_cache if cache is not None else None
         residual = hidden_states
-        hidden_states = self.self_attn(
+        hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, self_cache, **kwargs
         )
         hidden_states = residual + self.dropout(hidden_states)
 
         residual = hidden_states
-        hidden_states = self.cross_attn(
+        hidden_states, _ = self.cross_attn(
             self.cross_attn_layernorm(hidden_states),
             latents,
             position_embeddings,
@@ -344,7 +350,11 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
 class LTMPreTrainedModel(PreTrainedModel):
     """Holds the flags shared by the LTM models; weights are initialised by `PreTrainedModel._init_weights` (normal
     with `config.initializer_range` for linear and embedding weights, ones for RMSNorm scales, RoPE tables rebuilt),
-    which leaves weights loaded by `from_pretrained` untouched."""
+    which leaves weights loaded by `from_pretrained` untouched.
+
+    `_can_record_outputs` tells transformers' `capture_outputs` (on `LTMModel.forward`) which modules' outputs make up
+    `hidden_states` (the input of the first decoder layer, then each layer's output), `attentions` (the self-attention
+    weights) and `cross_attentions` (the weights over the latents, recorded with `output_attentions`)."""
 
     config_class = LTMConfig
     config: LTMConfig
@@ -354,6 +364,11 @@ class LTMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": LTMDecoderLayer,
+        "attentions": LTMSelfAttention,
+        "cross_attentions": LTMCrossAttention,
+    }
 
 
 def latent_position_ids(config: LTMConfig, device: torch.device | None = None) -> torch.LongTensor:
@@ -411,6 +426,7 @@ class LTMModel(LTMPreTrainedModel):
         if not latents.is_floating_point():
             raise TypeError(f"`latents` must be a floating-point tensor, got dtype {latents.dtype}.")
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -447,18 +463,43 @@ class LTMModel(LTMPreTrainedModel):
                 gradient checkpointing.
             past_key_values (`Cache`, *optional*):
                 The name of `cache` before transformers 5.24 (what `generate()` passes there); deprecated after.
+            output_hidden_states (`bool`, *optional*):
+                Also return `hidden_states`. Defaults to `config.output_hidden_states`.
+            output_attentions (`bool`, *optional*):
+                Also return `attentions` and `cross_attentions`. Needs the eager attention (the fused kernels do not
+                compute the weights): load with `attn_implementation="eager"` or call
+                `model.set_attn_implementation("eager")`. Defaults to `config.output_attentions`.
+            return_dict (`bool`, *optional*):
+                `False` returns a tuple of the output's non-`None` fields, in order. Defaults to `config.return_dict`.
 
         Returns:
-            [`LTMModelOutput`] (transformers' `BaseModelOutputWithPastAndCrossAttentions`) with `last_hidden_state` of
-            shape `(batch_size, sequence_length, hidden_size)` and, when caching, the `EncoderDecoderCache` under
-            `CACHE_NAME` (`cache`, or `past_key_values` before transformers 5.24).
+            [`LTMModelOutput`] (transformers' `BaseModelOutputWithPastAndCrossAttentions`) with
+
+            - `last_hidden_state` of shape `(batch_size, sequence_length, hidden_size)`, after the final norm;
+            - when caching, the `EncoderDecoderCache` under `CACHE_NAME` (`cache`, or `past_key_values` before
+              transformers 5.24);
+            - with `output_hidden_states`: `hidden_states`, a tuple of `num_hidden_layers + 1` tensors of shape
+              `(batch_size, sequence_length, hidden_size)`: the input of the first layer (the embeddings, after
+              dropout), then each layer's output, the last one replaced by `last_hidden_state` (as in Llama);
+            - with `output_attentions`: `attentions`, one tensor per layer of shape `(batch_size,
+              num_attention_heads, sequence_length, past_length + sequence_length)` (softmax over the last axis), and
+              `cross_attentions`, one per layer of shape `(batch_size, num_attention_heads, sequence_length,
+              n_latents_per_layer)`, the attention of each token over its layer's latents.
 
         Raises:
             ValueError: 1-D `input_ids`, both or neither of `input_ids`/`inputs_embeds`, latents of the wrong shape,
-                or more than `max_position_embeddings` tokens (cached + new).
+                more than `max_position_embeddings` tokens (cached + new), or `output_attentions` without the eager
+                attention.
             TypeError: `latents` not a floating-point tensor, or a cache that is not an `EncoderDecoderCache`.
         """
         cache = resolve_cache_argument(cache, past_key_values)
+        if kwargs.get("output_attentions") and self.config._attn_implementation != "eager":
+            # As `PretrainedConfig.output_attentions` does: the fused kernels never form the weights.
+            raise ValueError(
+                f"`output_attentions=True` needs the eager attention, but this model uses "
+                f"{self.config._attn_implementation!r}. Load it with `attn_implementation=\"eager\"` or call "
+                "`model.set_attn_implementation(\"eager\")` first."
+            )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None and input_ids.dim() != 2:
@@ -551,6 +592,8 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # `generate()`'s defaults for the latents, kept in generation_config.json (see `LTMGenerationConfig`).
+    generation_config_class = LTMGenerationConfig
 
     def __init__(self, config: LTMConfig):
         super().__init__(config)
@@ -571,6 +614,7 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -586,8 +630,8 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         **kwargs,
     ) -> LTMCausalLMOutput:
         r"""
-        `input_ids`, `attention_mask`, `position_ids`, `cache`, `inputs_embeds` and `use_cache` are as in
-        [`LTMModel.forward`].
+        `input_ids`, `attention_mask`, `position_ids`, `cache`, `inputs_embeds`, `use_cache`,
+        `output_hidden_states`, `output_attentions` and `return_dict` are as in [`LTMModel.forward`].
 
         Args:
             latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
@@ -602,7 +646,8 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
 
         Returns:
             [`LTMCausalLMOutput`] with `logits` of shape `(batch_size, kept_positions, vocab_size)`, `loss` when
-            `labels` is given, `cache` when caching.
+            `labels` is given, `cache` when caching, and the model's `hidden_states`, `attentions` and
+            `cross_attentions` when asked for (a tuple of the non-`None` fields with `return_dict=False`).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -612,6 +657,7 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
             inputs_embeds=inputs_embeds,
             latents=latents,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -620,7 +666,14 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return LTMCausalLMOutput(loss=loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
+        return LTMCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+        )
 
     def infer_latents(
         self,

@@ -1,13 +1,16 @@
 """`LTMForCausalLM.generate`: latents settled on the prompt, then transformers' own decoding; caches; pipeline; CLI."""
 
+import json
+
 import pytest
 import torch
 from conftest import small_tokenizer, tiny_config
-from transformers import GenerationConfig, pipeline
+from transformers import AutoModelForCausalLM, GenerationConfig, pipeline
 from transformers.generation.streamers import BaseStreamer
 
 import modeling_ltm.generation_ltm as generation_ltm
 from modeling_ltm import LTMForCausalLM
+from modeling_ltm.generation_ltm import LTMGenerationConfig
 from modeling_ltm.generate_cli import main as generate_main
 from modeling_ltm.modeling_ltm import LTMCrossAttention
 
@@ -211,29 +214,92 @@ def test_fixed_seed_gives_the_same_sample():
 
 
 def test_generation_config_defaults_for_inference(monkeypatch, tmp_path):
+    """The latents' defaults live in `LTMGenerationConfig` (the model's `generation_config_class`): built from the
+    model config, kept in generation_config.json by plain save_pretrained / from_pretrained, used by generate(),
+    with generate()'s arguments first."""
     model = make_model()
     seen = []
     original = generation_ltm.fit_posterior
 
     def fit_posterior(model, input_ids, attention_mask=None, **kwargs):
-        seen.append((kwargs["num_steps"], kwargs["lr"]))
+        seen.append((kwargs["num_steps"], kwargs["lr"], kwargs["lr_min_ratio"]))
         return original(model, input_ids, attention_mask, **kwargs)
 
     monkeypatch.setattr(generation_ltm, "fit_posterior", fit_posterior)
+    config = model.config
+    assert isinstance(model.generation_config, LTMGenerationConfig)
+    assert model.generation_config.num_inference_steps == config.num_inference_steps  # from the model config
+    assert model.generation_config.inference_lr == config.inference_lr
     prompt = random_prompt(5)
     model.generate(prompt, max_new_tokens=2)
-    assert seen[-1] == (model.config.num_inference_steps, model.config.inference_lr)  # model config last
+    assert seen[-1] == (config.num_inference_steps, config.inference_lr, config.inference_lr_min_ratio)
 
-    model.set_inference_defaults(num_inference_steps=2, inference_lr=0.05, latent_temperature=0.7)
+    # Set by hand on a fresh model (a config derived from the model config): nothing else to call.
+    model.generation_config.num_inference_steps = 2
+    model.generation_config.inference_lr = 0.05
+    model.generation_config.inference_lr_min_ratio = 0.5
+    model.generation_config.latent_temperature = 0.7
     model.save_pretrained(tmp_path)
-    loaded = LTMForCausalLM.from_pretrained(tmp_path).generation_config  # kept in generation_config.json
-    assert (loaded.num_inference_steps, loaded.inference_lr, loaded.latent_temperature) == (2, 0.05, 0.7)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert {name: saved[name] for name in LTMGenerationConfig.inference_fields} == {
+        "num_inference_steps": 2,
+        "inference_lr": 0.05,
+        "inference_lr_min_ratio": 0.5,
+        "latent_temperature": 0.7,
+    }
+    for loaded in (
+        LTMForCausalLM.from_pretrained(tmp_path).generation_config,
+        AutoModelForCausalLM.from_pretrained(tmp_path).generation_config,
+        LTMGenerationConfig.from_pretrained(tmp_path),
+    ):
+        assert isinstance(loaded, LTMGenerationConfig)
+        assert [getattr(loaded, name) for name in LTMGenerationConfig.inference_fields] == [2, 0.05, 0.5, 0.7]
+    # A plain GenerationConfig reads the file too (e.g. tools that do not know the class).
+    assert GenerationConfig.from_pretrained(tmp_path).num_inference_steps == 2
+
     model.generate(prompt, max_new_tokens=2)
-    assert seen[-1] == (2, 0.05)  # generation_config next
+    assert seen[-1] == (2, 0.05, 0.5)  # model.generation_config before the model config
     model.generate(prompt, generation_config=GenerationConfig(num_inference_steps=1, max_new_tokens=2))
-    assert seen[-1] == (1, 0.05)  # an explicit generation_config first, then model.generation_config
-    model.generate(prompt, max_new_tokens=2, num_inference_steps=3, inference_lr=0.1)
-    assert seen[-1] == (3, 0.1)  # generate() arguments first
+    assert seen[-1] == (1, 0.05, 0.5)  # an explicit generation_config first, then model.generation_config
+    model.generate(prompt, generation_config=LTMGenerationConfig(inference_lr=0.2, max_new_tokens=2))
+    assert seen[-1] == (2, 0.2, 0.5)  # its unset (None) fields fall back to model.generation_config
+    model.generate(prompt, max_new_tokens=2, num_inference_steps=3, inference_lr=0.1, inference_lr_min_ratio=1.0)
+    assert seen[-1] == (3, 0.1, 1.0)  # generate() arguments first
+
+
+def test_latent_temperature_default_scales_prior_samples():
+    model = make_model()
+    prior = []
+    original = model._sample_prior_latents
+
+    def record(batch_size, temperature, seed, generator):
+        prior.append(temperature)
+        return original(batch_size, temperature, seed, generator)
+
+    model._sample_prior_latents = record
+    model.generate(latents="prior", max_new_tokens=1, bos_token_id=1, inference_seed=0)
+    assert prior[-1] == 1.0  # unset: N(0, I)
+    model.generation_config.latent_temperature = 0.5
+    model.generate(latents="prior", max_new_tokens=1, bos_token_id=1, inference_seed=0)
+    assert prior[-1] == 0.5
+    model.generate(latents="prior", max_new_tokens=1, bos_token_id=1, inference_seed=0, latent_temperature=0.0)
+    assert prior[-1] == 0.0
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_inference_steps", -1),
+        ("num_inference_steps", 2.5),
+        ("inference_lr", 0.0),
+        ("inference_lr_min_ratio", 1.5),
+        ("latent_temperature", -0.1),
+        ("latent_temperature", "hot"),
+    ],
+)
+def test_generation_config_rejects_bad_inference_fields(field, value):
+    with pytest.raises(ValueError, match=field):
+        LTMGenerationConfig(**{field: value})
 
 
 # --- transformers features -----------------------------------------------------------------------------------------
@@ -308,6 +374,8 @@ folder, tensors_in, tensors_out = sys.argv[1:4]
 inputs = load_file(tensors_in)
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules.")
+assert type(model.generation_config).__name__ == "LTMGenerationConfig", type(model.generation_config)
+assert model.generation_config.num_inference_steps == 2  # from generation_config.json
 fitted = model.generate(inputs["input_ids"], max_new_tokens=6, inference_seed=0)  # num_inference_steps: saved default
 beams = model.generate(inputs["input_ids"], latents=inputs["latents"], max_new_tokens=6, num_beams=2)
 save_file({"fitted": fitted.contiguous(), "beams": beams.contiguous()}, tensors_out)
@@ -324,7 +392,7 @@ def test_generate_with_remote_code(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = make_model()
-    model.set_inference_defaults(num_inference_steps=2)
+    model.generation_config.num_inference_steps = 2
     model.save_pretrained(tmp_path / "model")
     input_ids = random_prompt(6, batch=2)
     latents = torch.randn(2, *model.config.latent_shape)

@@ -12,10 +12,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from modeling_ltm import LTMForCausalLM, LTMTrainer, LTMTrainingArguments
 
 
-# peft 0.21 reads transformers' deprecated `model.is_gradient_checkpointing` itself (peft/peft_model.py) when it
-# wraps any model: not our call, so not a deprecation of ours to fail on.
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
 # Every linear layer of the attention blocks: self-attention and the cross-attention to the latents.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

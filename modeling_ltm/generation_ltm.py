@@ -23,6 +23,33 @@ from .inference import fit_posterior
 
 logger = logging.get_logger(__name__)
 
+
+class NonFiniteWeightsError(ValueError):
+    """A model's weights hold NaN or inf values (a diverged training run, or a damaged file)."""
+
+
+def check_finite_weights(model: torch.nn.Module, action: str = "using it", source: str | None = None) -> None:
+    """Raise `NonFiniteWeightsError` naming the first parameter (in `named_parameters` order) that holds NaN or inf.
+
+    One host sync for the whole model (the per-parameter flags are stacked on the device first); `action` ("generating",
+    "exporting", ...) and `source` (the folder the weights came from) only shape the message.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point() and p.numel() > 0]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(p.detach()).all().to(named[0][1].device) for _, p in named])
+    if bool(finite.all()):
+        return
+    first = int((~finite).nonzero()[0, 0])
+    name, parameter = named[first]
+    bad = int((~torch.isfinite(parameter.detach())).sum())
+    where = f" in {source}" if source else ""
+    raise NonFiniteWeightsError(
+        f"The model's weights{where} are not finite: `{name}` holds {bad} NaN/inf values of {parameter.numel()} "
+        f"(first of {int((~finite).sum())} such parameters), found before {action}. The training run diverged or the "
+        "file is damaged: use an earlier checkpoint, or retrain with a lower learning rate."
+    )
+
 # Used when neither generate(), the generation config nor the model config says otherwise (GenerationConfig's own).
 _DEFAULT_MAX_LENGTH = 20
 
@@ -88,7 +115,9 @@ class LTMGenerationMixin(GenerationMixin):
 
         Raises:
             ValueError: the prompt plus `max_new_tokens` (or `max_length`) exceeds `max_position_embeddings`
-                (checked before any work); `latents` of the wrong shape; fitting requested on `inputs_embeds`.
+                (checked before any work); `latents` of the wrong shape or with NaN/inf values; fitting requested on
+                `inputs_embeds`.
+            NonFiniteWeightsError (a `ValueError`): the model's weights hold NaN/inf (checked before any work).
 
         Example:
 
@@ -123,6 +152,7 @@ class LTMGenerationMixin(GenerationMixin):
             inputs = prompt
 
         self._check_generation_length(prompt, kwargs, generation_defaults)
+        check_finite_weights(self, "generating")
 
         if prompt is None and "inputs_embeds" not in kwargs:
             bos = kwargs.get("bos_token_id", generation_defaults.bos_token_id)
@@ -175,8 +205,9 @@ class LTMGenerationMixin(GenerationMixin):
         else:
             if hasattr(latents, "z") and hasattr(latents, "mu"):  # a PosteriorOutput (duck-typed for remote code)
                 latents = latents.z
-            self.model.check_latents(latents, batch_size)  # raises naming the expected shape
-            latents = latents.to(self.device)
+            if isinstance(latents, torch.Tensor):
+                latents = latents.to(self.device)
+            self.model.check_latents(latents, batch_size)  # raises naming the expected shape, or NaN/inf values
         return super().generate(inputs, generation_config, *args, latents=latents, **kwargs)
 
     def set_inference_defaults(
@@ -270,4 +301,4 @@ class LTMGenerationMixin(GenerationMixin):
         return (temperature * noise).to(self.device)
 
 
-__all__ = ["LTMGenerationMixin"]
+__all__ = ["LTMGenerationMixin", "NonFiniteWeightsError", "check_finite_weights"]

@@ -67,8 +67,10 @@ class PosteriorOutput:
 
     @property
     def elbo_gain(self) -> torch.Tensor:
-        """ELBO improvement over the fast loop, nats per token, shape `(batch,)`."""
-        return (self.elbo_trace[-1] - self.elbo_trace[0]) / self.num_tokens.clamp(min=1)
+        """ELBO improvement over the fast loop, nats per token, shape `(batch,)`; NaN for a sequence with no scored
+        token (e.g. a one-token prompt), which has no per-token figure."""
+        gain = (self.elbo_trace[-1] - self.elbo_trace[0]) / self.num_tokens.clamp(min=1)
+        return gain.masked_fill(self.num_tokens == 0, float("nan"))
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh draw `z ~ q(z|x)`, same shape as `mu`."""
@@ -196,6 +198,8 @@ def _check_inputs(model, input_ids, attention_mask) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"`input_ids` must be a (batch, sequence_length) tensor of token ids, got {shape}.")
+    if input_ids.shape[0] == 0:
+        raise ValueError("`input_ids` has 0 rows: pass a batch of at least one sequence.")
     if input_ids.shape[1] == 0:
         raise ValueError(
             "Cannot fit a posterior to an empty sequence. For unconditional use, sample the prior: "

@@ -28,30 +28,37 @@ class NonFiniteWeightsError(ValueError):
     """A model's weights hold NaN or inf values (a diverged training run, or a damaged file)."""
 
 
-def check_finite_weights(model: torch.nn.Module, action: str = "using it", source: str | None = None) -> None:
-    """Raise `NonFiniteWeightsError` naming the first parameter (in `named_parameters` order) that holds NaN or inf.
+def check_finite_weights(model, action: str = "using it", source: str | None = None) -> None:
+    """Raise `NonFiniteWeightsError` naming the first parameter that holds NaN or inf.
 
-    One host sync for the whole model (the per-parameter flags are stacked on the device first); `action` ("generating",
-    "exporting", ...) and `source` (the folder the weights came from) only shape the message.
+    Args:
+        model: a module (its `named_parameters()`, in order) or an iterable of `(name, tensor)` pairs (e.g. read
+            from a `.safetensors` file one tensor at a time).
+        action: what is about to happen ("generating", "exporting", "pushing"), for the message.
+        source: the folder or file the weights came from, for the message.
+
+    The counts of bad values are gathered on the device and read back with one host sync.
     """
-    named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point() and p.numel() > 0]
-    if not named:
+    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+    names, counts = [], []
+    for name, tensor in named:
+        if tensor.is_floating_point() and tensor.numel() > 0:
+            device = counts[0].device if counts else tensor.device
+            names.append((name, tensor.numel()))
+            counts.append((~torch.isfinite(tensor.detach())).sum().to(device))
+    if not counts:
         return
-    finite = torch.stack([torch.isfinite(p.detach()).all().to(named[0][1].device) for _, p in named])
-    if bool(finite.all()):
+    counts = torch.stack(counts)
+    if not bool(counts.any()):
         return
-    first = int((~finite).nonzero()[0, 0])
-    name, parameter = named[first]
-    bad = int((~torch.isfinite(parameter.detach())).sum())
+    bad_index = counts.nonzero()[:, 0]
+    name, numel = names[int(bad_index[0])]
     where = f" in {source}" if source else ""
     raise NonFiniteWeightsError(
-        f"The model's weights{where} are not finite: `{name}` holds {bad} NaN/inf values of {parameter.numel()} "
-        f"(first of {int((~finite).sum())} such parameters), found before {action}. The training run diverged or the "
-        "file is damaged: use an earlier checkpoint, or retrain with a lower learning rate."
+        f"The model's weights{where} are not finite: `{name}` holds {int(counts[bad_index[0]])} NaN/inf values of "
+        f"{numel} (first of {len(bad_index)} such parameters), found before {action}. The training run diverged or "
+        "the file is damaged: use an earlier checkpoint, or retrain with a lower learning rate."
     )
-
-# Used when neither generate(), the generation config nor the model config says otherwise (GenerationConfig's own).
-_DEFAULT_MAX_LENGTH = 20
 
 
 class LTMGenerationMixin(GenerationMixin):

@@ -12,11 +12,9 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
-from safetensors import safe_open
 from transformers.utils import logging
 
-from modeling_ltm.cli_errors import check_model_folder
-from modeling_ltm.generation_ltm import check_finite_weights
+from modeling_ltm.cli_errors import check_finite_safetensors, check_model_folder
 
 
 logger = logging.get_logger(__name__)
@@ -51,11 +49,7 @@ def check_export_folder(folder: str | Path) -> Path:
             f"`ltm export <checkpoint> {folder}` first."
         )
     check_model_folder(folder, "folder")  # a garbage config.json or a truncated .safetensors file, by name
-    for weights in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(weights), framework="pt") as tensors:
-            check_finite_weights(
-                ((name, tensors.get_tensor(name)) for name in tensors.keys()), "pushing", source=str(weights)
-            )
+    check_finite_safetensors(folder, "pushing")
     return folder
 
 

@@ -172,10 +172,23 @@ def check_model_folder(path: str | Path, flag: str = "model folder") -> Path:
     return path
 
 
+def check_finite_safetensors(folder: str | Path, action: str) -> None:
+    """`NonFiniteWeightsError` naming the file and the first tensor of `folder`'s `*.safetensors` files that holds
+    NaN/inf (tensors read one at a time, without building the model)."""
+    from safetensors import safe_open
+
+    from .generation_ltm import check_finite_weights
+
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as tensors:
+            check_finite_weights(((name, tensors.get_tensor(name)) for name in tensors.keys()), action, str(weights))
+
+
 __all__ = [
     "CLIError",
     "DEBUG_FLAG",
     "EXIT_CODE",
+    "check_finite_safetensors",
     "check_model_folder",
     "did_you_mean",
     "message_for",

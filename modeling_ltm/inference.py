@@ -32,6 +32,10 @@ class NonFiniteELBOError(FloatingPointError):
     """The ELBO became NaN or infinite inside the fast loop."""
 
 
+class NonFiniteLatentsError(ValueError):
+    """Latents given to the model hold NaN or inf (raised by `LTMModel.check_latents`)."""
+
+
 @dataclass
 class PosteriorOutput:
     """A fitted Gaussian posterior `q(z|x)` per sequence and the ELBO terms at its final parameters.
@@ -217,6 +221,20 @@ def _check_inputs(model, input_ids, attention_mask) -> None:
         )
 
 
+def _raise_non_finite(model, what: str) -> None:
+    """Raise `NonFiniteELBOError`, blaming the weights (by name) when they hold NaN/inf, else the fast lr."""
+    from .generation_ltm import NonFiniteWeightsError, check_finite_weights
+
+    try:
+        check_finite_weights(model, "posterior fitting")
+    except NonFiniteWeightsError as error:
+        raise NonFiniteELBOError(f"The ELBO {what}: {error}") from error
+    raise NonFiniteELBOError(
+        f"The ELBO {what} with finite weights. Lower the fast learning rate (`inference_lr` / `lr`), or check the "
+        "inputs."
+    )
+
+
 def fit_posterior(
     model: "LTMForCausalLM",
     input_ids: torch.LongTensor,
@@ -306,15 +324,16 @@ def fit_posterior(
                 group["lr"] = cosine_fast_lr(step, num_steps, lr, lr_min_ratio)
             if step > 0 and not fixed_noise:
                 noise = _standard_normal(shape, generators, device)
-            loss, nll, kl, num_tokens = negative_elbo(
-                model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
-            )
-            if not torch.isfinite(loss):
-                raise NonFiniteELBOError(
-                    f"The ELBO became non-finite at fast step {step + 1}/{num_steps} (lr={lr}). Lower the fast "
-                    "learning rate (`inference_lr` / `lr`), or check the model's weights and inputs for NaN/inf."
+            try:
+                loss, nll, kl, num_tokens = negative_elbo(
+                    model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
                 )
-            mu.grad, logvar.grad = torch.autograd.grad(loss, [mu, logvar])
+            except NonFiniteLatentsError:  # the previous step sent mu / logvar to inf
+                _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})")
+            grads = torch.autograd.grad(loss, [mu, logvar])
+            if not bool(torch.isfinite(torch.stack([loss.detach(), *(g.sum() for g in grads)])).all()):  # one sync
+                _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})")
+            mu.grad, logvar.grad = grads
             optimizer.step()
             elbo_trace.append(-(nll + kl).detach())
 
@@ -323,14 +342,14 @@ def fit_posterior(
             # Score the fitted q at a fresh draw: the loop's own `eps` is the one point it optimised against, so an
             # estimate there is optimistically biased; a fresh draw makes `elbo` an unbiased single-sample estimate.
             noise = _standard_normal(shape, generators, device)
-        _, nll, kl, num_tokens = negative_elbo(
-            model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
-        )
-        if not bool(torch.isfinite(nll).all() and torch.isfinite(kl).all()):
-            raise NonFiniteELBOError(
-                f"The ELBO is non-finite after {num_steps} fast steps (lr={lr}). Lower the fast learning rate "
-                "(`inference_lr` / `lr`), or check the model's weights and inputs for NaN/inf."
+        try:
+            _, nll, kl, num_tokens = negative_elbo(
+                model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
             )
+        except NonFiniteLatentsError:
+            nll = kl = torch.full((batch_size,), float("nan"), device=device)
+        if not bool(torch.isfinite(nll).all() and torch.isfinite(kl).all()):
+            _raise_non_finite(model, f"is non-finite after {num_steps} fast steps (lr={lr})")
         mu, logvar = mu.detach(), logvar.detach()
         z = mu + torch.exp(0.5 * logvar) * noise
     elbo = -(nll + kl)
@@ -390,6 +409,7 @@ def _next_seed(seed):
 
 __all__ = [
     "NonFiniteELBOError",
+    "NonFiniteLatentsError",
     "PosteriorOutput",
     "cosine_fast_lr",
     "fit_posterior",

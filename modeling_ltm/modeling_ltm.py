@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from .configuration_ltm import LTMConfig
 from .generation_ltm import LTMGenerationMixin
-from .inference import PosteriorOutput, fit_posterior, importance_weighted_bound
+from .inference import NonFiniteLatentsError, PosteriorOutput, fit_posterior, importance_weighted_bound
 
 
 logger = logging.get_logger(__name__)
@@ -413,7 +413,7 @@ class LTMModel(LTMPreTrainedModel):
             )
         # One host sync, skipped while compiling so that a compiled forward has no graph break.
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(latents).all()):
-            raise ValueError(
+            raise NonFiniteLatentsError(
                 "`latents` contains NaN or inf values; pass finite latents (e.g. `model.infer_latents(...).z`, or "
                 "`latents=None` for the prior mean)."
             )

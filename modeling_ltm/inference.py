@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 
 class NonFiniteELBOError(FloatingPointError):
-    """The ELBO became NaN or infinite inside the fast loop."""
+    """The ELBO became NaN or infinite inside the fast loop; `fast_step` says where (1 = at the starting point, where
+    only the decoder can be at fault)."""
+
+    fast_step: int | None = None
 
 
 class NonFiniteLatentsError(ValueError):
@@ -221,18 +224,23 @@ def _check_inputs(model, input_ids, attention_mask) -> None:
         )
 
 
-def _raise_non_finite(model, what: str) -> None:
-    """Raise `NonFiniteELBOError`, blaming the weights (by name) when they hold NaN/inf, else the fast lr."""
+def _raise_non_finite(model, what: str, fast_step: int) -> None:
+    """Raise `NonFiniteELBOError` (with `.fast_step`, 1-based; `num_steps + 1` for the final scoring), blaming the
+    weights (by name) when they hold NaN/inf, else the fast learning rate."""
     from .generation_ltm import NonFiniteWeightsError, check_finite_weights
 
     try:
         check_finite_weights(model, "posterior fitting")
-    except NonFiniteWeightsError as error:
-        raise NonFiniteELBOError(f"The ELBO {what}: {error}") from error
-    raise NonFiniteELBOError(
+    except NonFiniteWeightsError as weights_error:
+        error = NonFiniteELBOError(f"The ELBO {what}: {weights_error}")
+        error.fast_step = fast_step
+        raise error from weights_error
+    error = NonFiniteELBOError(
         f"The ELBO {what} with finite weights. Lower the fast learning rate (`inference_lr` / `lr`), or check the "
         "inputs."
     )
+    error.fast_step = fast_step
+    raise error
 
 
 def fit_posterior(
@@ -329,10 +337,10 @@ def fit_posterior(
                     model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
                 )
             except NonFiniteLatentsError:  # the previous step sent mu / logvar to inf
-                _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})")
+                _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})", step + 1)
             grads = torch.autograd.grad(loss, [mu, logvar])
             if not bool(torch.isfinite(torch.stack([loss.detach(), *(g.sum() for g in grads)])).all()):  # one sync
-                _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})")
+                _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})", step + 1)
             mu.grad, logvar.grad = grads
             optimizer.step()
             elbo_trace.append(-(nll + kl).detach())
@@ -349,7 +357,7 @@ def fit_posterior(
         except NonFiniteLatentsError:
             nll = kl = torch.full((batch_size,), float("nan"), device=device)
         if not bool(torch.isfinite(nll).all() and torch.isfinite(kl).all()):
-            _raise_non_finite(model, f"is non-finite after {num_steps} fast steps (lr={lr})")
+            _raise_non_finite(model, f"is non-finite after {num_steps} fast steps (lr={lr})", num_steps + 1)
         mu, logvar = mu.detach(), logvar.detach()
         z = mu + torch.exp(0.5 * logvar) * noise
     elbo = -(nll + kl)

@@ -553,22 +553,30 @@ def warn_if_data_changed(resume_from: Path, record: dict) -> None:
 
 
 def diagnose_divergence(model, training_args: LTMTrainingArguments, step: int, error: Exception | None) -> str:
-    """Which learning rate diverged: the decoder's (slow, `--learning_rate`) when the weights hold NaN/inf, else the
+    """Which learning rate diverged. The decoder's (slow, `--learning_rate`) when its weights hold NaN/inf, or when
+    the ELBO is non-finite at the fast loop's first step (its starting point depends on the decoder alone); else the
     fast loop's (`--inference_lr`)."""
     try:
         check_finite_weights(model, "saving")
+        bad = None
     except NonFiniteWeightsError as weights_error:
         bad = str(weights_error).split(":", 1)[1].split(", found before")[0].strip()
+    fast_step = getattr(error, "fast_step", None)
+    if bad is not None or error is None or fast_step == 1:
+        what = (
+            f"the decoder weights became NaN/inf ({bad})"
+            if bad is not None
+            else "the decoder's likelihood became NaN/inf at the posterior's starting point (before any fast step)"
+        )
         return (
-            f"training diverged at step {step}: the decoder weights became NaN/inf ({bad}) after an optimizer step "
-            f"with --learning_rate {training_args.learning_rate} (the slow, decoder learning rate). Lower "
-            f"--learning_rate (and keep --max_grad_norm, now {training_args.max_grad_norm}); nothing was saved for "
-            "this step."
+            f"training diverged at step {step}: {what}, after optimizer steps with --learning_rate "
+            f"{training_args.learning_rate} (the slow, decoder learning rate). Lower --learning_rate (--max_grad_norm "
+            f"is {training_args.max_grad_norm}); the diverged model was not saved."
         )
     return (
-        f"training diverged at step {step} inside the fast loop with finite decoder weights ({error}): the fast "
-        f"learning rate diverged; lower --inference_lr (now {training_args.inference_lr}, or the model's "
-        "inference_lr when unset)."
+        f"training diverged at step {step}: the ELBO became NaN/inf at fast step {fast_step} of the posterior fit, "
+        f"with finite decoder weights: the fast learning rate diverged. Lower --inference_lr (now "
+        f"{training_args.inference_lr if training_args.inference_lr is not None else 'the model config value'})."
     )
 
 

@@ -23,6 +23,9 @@ from .inference import fit_posterior
 
 logger = logging.get_logger(__name__)
 
+# Used when neither generate(), the generation config nor the model config says otherwise (GenerationConfig's own).
+_DEFAULT_MAX_LENGTH = 20
+
 
 class NonFiniteWeightsError(ValueError):
     """A model's weights hold NaN or inf values (a diverged training run, or a damaged file)."""

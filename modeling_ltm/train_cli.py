@@ -234,7 +234,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
         print(f"ltm train: flag defaults from recipe {recipe_path}")
     else:
         recipe = {}
-    if recipe.get("output_dir") is None and not any(
+    if recipe.get("output_dir") is None and not {"-h", "--help"} & set(argv) and not any(
         arg in ("--output_dir", "--output-dir") or arg.startswith(("--output_dir=", "--output-dir=")) for arg in argv
     ):
         argv = [*argv, "--output_dir", _fresh_output_dir(known.config)]

@@ -33,8 +33,11 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 LTM := $(VENV)/bin/ltm
 
+# The main job re-runs into its own folder: `make main` replaces the previous `make main` run there (and nothing
+# else; `ltm train` alone refuses a non-empty folder).
 main: install
-	$(LTM) train --config configuration/ltm-tiny.json --recipe configuration/recipes/ltm-tiny.json --output_dir $(OUTPUT_DIR)
+	$(LTM) train --config configuration/ltm-tiny.json --recipe configuration/recipes/ltm-tiny.json --output_dir $(OUTPUT_DIR) \
+		--overwrite_output_dir
 	$(LTM) generate $(OUTPUT_DIR) --prompt "ROMEO:" --max-new-tokens 64
 	$(LTM) export $(OUTPUT_DIR) $(OUTPUT_DIR)/hub --overwrite
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from modeling_ltm.cli_errors import run_cli
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,12 @@ def _export_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eval-dataset-name", help="name of the split the trainer evaluated on")
     parser.add_argument("--license", default="apache-2.0", help="license of the weights (default: apache-2.0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty output folder, replacing only the files an export writes (others are kept)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -46,49 +52,52 @@ def _push_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", help="branch to push to (created if missing)")
     parser.add_argument("--commit-message", help="commit message")
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
-def export_main(argv: list[str]) -> int:
+def export_main(argv: list[str] | None = None) -> int:
+    """`ltm export`; errors are printed as one line (exit code 2) by `modeling_ltm.cli_errors.run_cli`."""
+    return run_cli("ltm export", _export, argv)
+
+
+def push_main(argv: list[str] | None = None) -> int:
+    """`ltm push`; errors are printed as one line (exit code 2) by `modeling_ltm.cli_errors.run_cli`."""
+    return run_cli("ltm push", _push, argv)
+
+
+def _export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     from .export import export_for_hub
 
-    try:
-        folder = export_for_hub(
-            args.checkpoint,
-            args.output_dir,
-            tokenizer=args.tokenizer,
-            lm_eval_results=args.lm_eval_results,
-            repo_id=args.repo_id,
-            model_name=args.model_name,
-            datasets=args.datasets,
-            eval_dataset_name=args.eval_dataset_name,
-            license=args.license,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, TypeError) as error:
-        print(f"ltm export: error: {error}", file=sys.stderr)
-        return 1
+    folder = export_for_hub(
+        args.checkpoint,
+        args.output_dir,
+        tokenizer=args.tokenizer,
+        lm_eval_results=args.lm_eval_results,
+        repo_id=args.repo_id,
+        model_name=args.model_name,
+        datasets=args.datasets,
+        eval_dataset_name=args.eval_dataset_name,
+        license=args.license,
+        overwrite=args.overwrite,
+    )
     print(f"Exported to {folder}. Push it with: ltm push {folder} <user>/<name>")
     return 0
 
 
-def push_main(argv: list[str]) -> int:
+def _push(argv: list[str]) -> int:
     args = _push_parser().parse_args(argv)
-    from .push import HubPushError, push_folder
+    from .push import push_folder
 
-    try:
-        url = push_folder(
-            args.folder,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            token=args.token,
-        )
-    except (ValueError, HubPushError) as error:
-        print(f"ltm push: error: {error}", file=sys.stderr)
-        return 1
+    url = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        token=args.token,
+    )
     print(f"Pushed {args.folder} to {url}")
     return 0
 

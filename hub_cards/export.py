@@ -3,7 +3,9 @@
 The folder holds what `save_pretrained` writes for a model registered for the Auto classes (`config.json` with
 `auto_map`, `model.safetensors`, the remote-code files), a `generation_config.json` carrying the inference-step
 defaults, the tokenizer, and the model card (`README.md`). It is written into a temporary sibling folder and renamed
-into place at the end, so a failed export leaves nothing behind.
+into place at the end, so a failed export leaves nothing behind; with `overwrite=True` into an existing folder, only
+the files an export writes are replaced there, other files are kept. Weights holding NaN/inf are refused, and
+`training_args.bin` (a pickle) is read through an allow-list that runs no code from the file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from transformers import AutoTokenizer
 from transformers.utils import logging
 
 from modeling_ltm import LTMForCausalLM  # importing the package registers the classes for `auto_map`
+from modeling_ltm.cli_errors import check_model_folder
+from modeling_ltm.generation_ltm import check_finite_weights
 
 from .card import build_model_card, load_lm_eval_results, trainer_eval_results
 
@@ -57,6 +61,25 @@ CARD_HYPERPARAMETERS = (
     "eval_iw_samples",
 )
 CHECKPOINT_DIR_PATTERN = re.compile(r"checkpoint-\d+")
+# Names an export may write. `overwrite=True` replaces these in an existing folder (removing stale ones, e.g. the
+# shards of an earlier, sharded export) and leaves every other file there untouched.
+EXPORT_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "README.md",
+    *REMOTE_CODE_FILES,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -98,24 +121,90 @@ def read_trainer_eval_metrics(checkpoint: str | Path) -> dict[str, Any]:
     return merged
 
 
+# Trainer pickles its arguments into `training_args.bin`. That file is read with `torch.load(weights_only=True)` and an
+# allow-list that maps the names it may refer to onto inert stand-ins: no class or function named by the file is
+# ever imported, constructed or called, so a crafted file cannot run code. Anything else in it makes the load fail.
+_TRAINING_ARGS_CLASSES = (
+    "transformers.training_args.TrainingArguments",
+    "transformers.training_args_seq2seq.Seq2SeqTrainingArguments",
+    "modeling_ltm.trainer.LTMTrainingArguments",
+    "transformers.trainer_pt_utils.AcceleratorConfig",
+    "accelerate.state.PartialState",
+)
+_TRAINING_ARGS_ENUMS = (
+    "transformers.trainer_utils.HubStrategy",
+    "transformers.trainer_utils.IntervalStrategy",
+    "transformers.trainer_utils.SaveStrategy",
+    "transformers.trainer_utils.SchedulerType",
+    "transformers.trainer_utils.FSDPOption",
+    "transformers.training_args.OptimizerNames",
+    "transformers.debug_utils.DebugOption",
+    "accelerate.utils.dataclasses.DistributedType",
+)
+
+
+class _ArgumentsRecord:
+    """Stand-in for a pickled arguments object: keeps its fields (`__dict__` state) as plain data."""
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise TypeError(f"unexpected pickled state of type {type(state).__name__}")
+        self.__dict__.update(state)
+
+
+def _enum_value(value):
+    """Stand-in for `SomeEnum(value)`: the value itself."""
+    return value
+
+
+def read_pickled_training_args(path: Path) -> dict[str, Any]:
+    """The fields of a Trainer's `training_args.bin` as a dict, read without running any code from the file.
+
+    Raises `ValueError` naming the globals of a file that refers to anything outside the allow-list (listed from the
+    pickle's opcodes, before loading), or whatever `torch.load(weights_only=True)` raises.
+    """
+    import torch
+
+    refused = sorted(
+        set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - {*_TRAINING_ARGS_CLASSES, *_TRAINING_ARGS_ENUMS}
+    )
+    if refused:  # listed from the pickle's opcodes, nothing executed
+        raise ValueError(f"it refers to {', '.join(refused)}, outside the allow-list")
+    allow_list = [(_ArgumentsRecord, name) for name in _TRAINING_ARGS_CLASSES]
+    allow_list += [(_enum_value, name) for name in _TRAINING_ARGS_ENUMS]
+    with torch.serialization.safe_globals(allow_list):
+        loaded = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(loaded, _ArgumentsRecord):
+        raise TypeError(f"{path} holds a {type(loaded).__name__}, not training arguments")
+
+    def plain(value):
+        if isinstance(value, _ArgumentsRecord):
+            return {k: plain(v) for k, v in vars(value).items()}
+        return value
+
+    return {key: plain(value) for key, value in vars(loaded).items() if not key.startswith("_")}
+
+
 def _load_training_args(checkpoint: Path) -> dict[str, Any]:
-    """Training arguments as a dict: `training_args.json` if present, else the Trainer's `training_args.bin`."""
+    """Training arguments as a dict: `training_args.json` if present, else the Trainer's `training_args.bin` read
+    through an allow-list (see `read_pickled_training_args`); `{}` (with a warning) when neither can be read."""
     for folder in (checkpoint, checkpoint.parent) if _is_checkpoint_n(checkpoint) else (checkpoint,):
         as_json = _read_json(folder / "training_args.json")
         if as_json is not None:
             return as_json
         pickled = folder / "training_args.bin"
         if pickled.is_file():
-            import torch
-
-            # The Trainer pickles its arguments (a dataclass, not tensors), so weights_only=True cannot read them.
-            # This file comes from the checkpoint being exported, i.e. one the user trained and is publishing.
             try:
-                args = torch.load(pickled, weights_only=False)
-            except Exception as error:  # unpicklable without the training code: the card just omits them
-                logger.warning(f"Could not read {pickled} ({error}); the card will not list training arguments.")
+                return read_pickled_training_args(pickled)
+            except Exception as error:  # refused by the allow-list, or not a torch file: the card omits them
+                logger.warning(
+                    f"Did not read {pickled}: it is a pickle and only known training-argument classes are accepted "
+                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). The card will not "
+                    "list training arguments; save them as training_args.json (`args.to_json_string()`) to include them."
+                )
                 return {}
-            return args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
     return {}
 
 
@@ -179,6 +268,24 @@ def hub_generation_config(model):
     return generation_config
 
 
+def _replace_export_files(staging: Path, output_dir: Path) -> None:
+    """Move the files of `staging` into `output_dir`, first removing files there that an export writes
+    (`EXPORT_FILE_PATTERNS`) and this one did not; every other file of `output_dir` stays."""
+    written = {path.name for path in staging.iterdir()}
+    for path in output_dir.iterdir():
+        if path.is_file() and path.name not in written and any(path.match(p) for p in EXPORT_FILE_PATTERNS):
+            path.unlink()
+    for name in sorted(written):
+        (staging / name).replace(output_dir / name)
+    kept = sorted(path.name for path in output_dir.iterdir() if path.name not in written)
+    if kept:
+        logger.warning(
+            f"Kept {len(kept)} file(s) in {output_dir} that an export does not write ({', '.join(kept[:10])}"
+            f"{', ...' if len(kept) > 10 else ''}); `ltm push` uploads the whole folder, so remove them first if they "
+            "are not meant for the Hub."
+        )
+
+
 def export_for_hub(
     checkpoint: str | Path,
     output_dir: str | Path,
@@ -208,7 +315,12 @@ def export_for_hub(
         eval_dataset_name: name of the split the trainer evaluated on (defaults to the first dataset or
             "held-out split").
         license: the weights' license identifier for the card.
-        overwrite: replace an existing non-empty `output_dir`.
+        overwrite: write into an existing non-empty `output_dir`, replacing only the files an export writes
+            (`EXPORT_FILE_PATTERNS`); other files there are kept.
+
+    Raises:
+        ValueError: not an LTM checkpoint, a damaged file (named), a non-empty `output_dir` without `overwrite`, or
+            weights holding NaN/inf (`NonFiniteWeightsError`, naming the first bad parameter).
     """
     checkpoint = Path(checkpoint).expanduser().resolve()
     output_dir = Path(output_dir).expanduser().resolve()
@@ -224,15 +336,20 @@ def export_for_hub(
         )
     if output_dir == checkpoint or output_dir in checkpoint.parents:
         raise ValueError(
-            f"The export folder {output_dir} would contain (and with --overwrite delete) the checkpoint; choose a "
-            "new folder, e.g. <checkpoint>/hub."
+            f"The export folder {output_dir} would contain (and with --overwrite replace files of) the checkpoint; "
+            "choose a new folder, e.g. <checkpoint>/hub."
         )
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"{output_dir} exists and is not a folder.")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{output_dir} is not empty; pass --overwrite (overwrite=True) to replace it.")
+        raise ValueError(
+            f"{output_dir} is not empty; pass --overwrite (overwrite=True) to replace the files an export writes "
+            "there (other files are kept), or choose an empty folder."
+        )
 
+    check_model_folder(checkpoint, "checkpoint")  # names a truncated or corrupt .safetensors file
     model = LTMForCausalLM.from_pretrained(checkpoint).eval()
+    check_finite_weights(model, "exporting", source=str(checkpoint))
     model.generation_config = hub_generation_config(model)
     tokenizer_object = _load_tokenizer(checkpoint, tokenizer, model.config.max_position_embeddings)
     if len(tokenizer_object) > model.config.vocab_size:
@@ -276,19 +393,21 @@ def export_for_hub(
         tokenizer_object.save_pretrained(staging)
         card.save(staging / "README.md")
         if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
+            _replace_export_files(staging, output_dir)
+        else:
+            staging.rename(output_dir)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info(f"Exported {checkpoint} to {output_dir}")
     return output_dir
 
 
 __all__ = [
+    "EXPORT_FILE_PATTERNS",
     "REMOTE_CODE_FILES",
     "export_for_hub",
     "hub_generation_config",
+    "read_pickled_training_args",
     "read_trainer_eval_metrics",
     "read_training_hyperparameters",
 ]

@@ -14,6 +14,8 @@ from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
+from modeling_ltm.cli_errors import check_finite_safetensors, check_model_folder
+
 
 logger = logging.get_logger(__name__)
 
@@ -32,7 +34,9 @@ class HubPushError(RuntimeError):
 
 
 def check_export_folder(folder: str | Path) -> Path:
-    """Raise `ValueError` unless `folder` looks like an `ltm export` folder (config, weights, card)."""
+    """Raise `ValueError` unless `folder` looks like an `ltm export` folder (config, weights, card) whose
+    `config.json` parses and whose weights files are intact and finite (`NonFiniteWeightsError` names the first
+    tensor holding NaN/inf)."""
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; create one with `ltm export <checkpoint> {folder}`.")
@@ -44,6 +48,8 @@ def check_export_folder(folder: str | Path) -> Path:
             f"{folder} is missing {', '.join(missing)}; it is not an exported model folder. Run "
             f"`ltm export <checkpoint> {folder}` first."
         )
+    check_model_folder(folder, "folder")  # a garbage config.json or a truncated .safetensors file, by name
+    check_finite_safetensors(folder, "pushing")
     return folder
 
 
@@ -69,7 +75,8 @@ def push_folder(
         api: the `HfApi` client to use (tests inject one).
 
     Raises:
-        ValueError: the folder is not an export folder, or `repo_id` is malformed.
+        ValueError: the folder is not an export folder, a file in it is damaged, its weights hold NaN/inf, or
+            `repo_id` is malformed.
         HubPushError: no token, offline mode, or the Hub refused the request.
     """
     folder = check_export_folder(folder)

@@ -8,7 +8,7 @@ Importing this package registers `LTMConfig` / `LTMModel` / `LTMForCausalLM` wit
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_ltm import LTMConfig
-from .generation_ltm import LTMGenerationConfig
+from .generation_ltm import LTMGenerationConfig, NonFiniteWeightsError, check_finite_weights
 from .inference import (
     NonFiniteELBOError,
     PosteriorEvaluation,
@@ -51,9 +51,11 @@ __all__ = [
     "LTMTrainer",
     "LTMTrainingArguments",
     "NonFiniteELBOError",
+    "NonFiniteWeightsError",
     "PosteriorEvaluation",
     "PosteriorFitSettings",
     "PosteriorOutput",
+    "check_finite_weights",
     "evaluate_posterior",
     "fit_posterior",
     "importance_weighted_bound",

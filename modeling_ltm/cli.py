@@ -20,7 +20,11 @@ SUBCOMMANDS = {
 def usage() -> str:
     lines = ["usage: ltm <command> [options]", "", "commands:"]
     lines += [f"  {name:<9} {help_text}" for name, (_, _, help_text) in SUBCOMMANDS.items()]
-    lines += ["", "Run `ltm <command> --help` for a command's options."]
+    lines += [
+        "",
+        "Run `ltm <command> --help` for a command's options. Errors print one line (exit code 2); add --debug for "
+        "the full traceback.",
+    ]
     return "\n".join(lines)
 
 
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] == "--debug" and len(argv) > 1:  # `ltm --debug train ...`: the commands read it themselves
+        argv = [argv[1], "--debug", *argv[2:]]
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"ltm: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)

@@ -319,6 +319,13 @@ def load_text_dataset(
                     f"({type(error).__name__}: {error}). Pass text files, a directory of .txt files, or a "
                     "`datasets.load_dataset` name (with network access to the Hub, or already in the datasets cache)."
                 ) from error
+            except datasets.exceptions.DatasetGenerationError as error:  # a file the builder cannot parse
+                cause = error.__cause__ or error.__context__ or error
+                files = data_files if data_files is not None else specs[0]
+                raise ValueError(
+                    f"--dataset {specs[0]!r} could not read {files} ({type(cause).__name__}: {cause}). Fix the file "
+                    f"(for 'json': one JSON object per line, or one JSON array), or pass the builder that matches it."
+                ) from error
     if isinstance(raw, Dataset):
         raw = DatasetDict(train=raw)
     if "train" not in raw:
@@ -403,7 +410,7 @@ def load_tokenizer(name_or_path: str, **kwargs) -> PreTrainedTokenizerBase:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A content hash of the tokenizer, so `datasets.map` caches reliably (hashing the object itself is flaky)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     content = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
@@ -433,7 +440,7 @@ def tokenize_and_pack(
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("The tokenizer has no eos token; packing separates documents with it.")
-    tokenizer_hash = _tokenizer_fingerprint(tokenizer)
+    tokenizer_hash = tokenizer_fingerprint(tokenizer)
 
     def tokenize(batch):
         encoded = tokenizer(
@@ -488,5 +495,6 @@ __all__ = [
     "load_text_dataset",
     "load_tokenizer",
     "tokenize_and_pack",
+    "tokenizer_fingerprint",
     "train_tokenizer",
 ]

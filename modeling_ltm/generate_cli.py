@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli_errors import CLIError, check_model_folder, resolve_device, run_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -50,46 +52,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-stream", action="store_true", help="print the completion at the end even for a single prompt"
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
-def read_prompts(args, parser) -> list[str]:
+def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
-            parser.error(f"--prompts-file {args.prompts_file} does not exist.")
+            raise CLIError(f"--prompts-file {args.prompts_file} does not exist; give a file with one prompt per line.")
         prompts += [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
     if not prompts and not args.unconditional:
-        parser.error("give --prompt (repeatable) or --prompts-file, or --unconditional to sample without a prompt.")
+        raise CLIError("give --prompt (repeatable) or --prompts-file, or --unconditional to sample without a prompt.")
     return prompts
 
 
+def check_decoding_flags(args) -> None:
+    """Raise `CLIError` for decoding flags transformers would reject late (or with a ZeroDivisionError)."""
+    for flag, value in (
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--num-samples", args.num_samples),
+        ("--num-beams", args.num_beams),
+        ("--num-return-sequences", args.num_return_sequences),
+    ):
+        if value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}.")
+    if args.num_return_sequences > args.num_beams and not args.do_sample:
+        raise CLIError(
+            f"--num-return-sequences {args.num_return_sequences} needs --do-sample or --num-beams >= "
+            f"{args.num_return_sequences} (greedy decoding returns one sequence per prompt)."
+        )
+    if args.num_inference_steps is not None and args.num_inference_steps < 0:
+        raise CLIError(f"--num-inference-steps must be >= 0, got {args.num_inference_steps}.")
+    for flag, value in (("--inference-lr", args.inference_lr), ("--temperature", args.temperature)):
+        if value is not None and not value > 0:
+            raise CLIError(f"{flag} must be > 0, got {value}.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    return run_cli("ltm generate", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    prompts = read_prompts(args, parser)
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
-    if args.num_samples < 1:
-        parser.error(f"--num-samples must be >= 1, got {args.num_samples}.")
-    model_path = Path(args.model_path)
-    if not (model_path / "config.json").is_file():
-        parser.error(f"{model_path} is not a saved model folder (no config.json); train one with `ltm train`.")
+    prompts = read_prompts(args)
+    check_decoding_flags(args)
+    model_path = check_model_folder(args.model_path, "model_path")
+    device = resolve_device(args.device)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
 
     import modeling_ltm  # noqa: F401  (registers "ltm" with the Auto classes)
 
+    from .generation_ltm import check_finite_weights
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as error:
-        parser.error(f"no tokenizer could be loaded from {model_path} ({error}); save one next to the model.")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        raise CLIError(f"no tokenizer could be loaded from {model_path} ({error}); save one next to the model.") from error
     model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    check_finite_weights(model, "generating", source=str(model_path))
     context = model.config.max_position_embeddings
     if args.max_new_tokens >= context:
-        parser.error(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the context is {context}.")
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the context is {context}.")
 
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
@@ -136,21 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         inputs = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
     else:
         if bos_token_id is None:
-            parser.error("the tokenizer has no BOS/EOS token to start unconditional generation from; give --prompt.")
+            raise CLIError("the tokenizer has no BOS/EOS token to start unconditional generation from; give --prompt.")
         inputs = {"input_ids": torch.full((args.num_samples, 1), bos_token_id, dtype=torch.long, device=device)}
         generate_kwargs["bos_token_id"] = bos_token_id
 
     batch_size = inputs["input_ids"].shape[0]
     stream = batch_size == 1 and args.num_beams == 1 and args.num_return_sequences == 1 and not args.no_stream
-    try:
-        if stream:
-            streamer = TextStreamer(tokenizer, skip_special_tokens=True)
-            model.generate(**inputs, streamer=streamer, **generate_kwargs)
-            return 0
-        outputs = model.generate(**inputs, **generate_kwargs)
-    except ValueError as error:
-        print(f"ltm generate: error: {error}", file=sys.stderr)
-        return 2
+    if stream:
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+        model.generate(**inputs, streamer=streamer, **generate_kwargs)
+        return 0
+    outputs = model.generate(**inputs, **generate_kwargs)
 
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
     per_prompt = len(texts) // batch_size

@@ -114,6 +114,43 @@ class LTMGenerationConfig(GenerationConfig):
             raise ValueError(f"`latent_temperature` must be a number >= 0 or None, got {temperature!r}.")
 
 
+class NonFiniteWeightsError(ValueError):
+    """A model's weights hold NaN or inf values (a diverged training run, or a damaged file)."""
+
+
+def check_finite_weights(model, action: str = "using it", source: str | None = None) -> None:
+    """Raise `NonFiniteWeightsError` naming the first parameter that holds NaN or inf.
+
+    Args:
+        model: a module (its `named_parameters()`, in order) or an iterable of `(name, tensor)` pairs (e.g. read
+            from a `.safetensors` file one tensor at a time).
+        action: what is about to happen ("generating", "exporting", "pushing"), for the message.
+        source: the folder or file the weights came from, for the message.
+
+    The counts of bad values are gathered on the device and read back with one host sync.
+    """
+    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+    names, counts = [], []
+    for name, tensor in named:
+        if tensor.is_floating_point() and tensor.numel() > 0:
+            device = counts[0].device if counts else tensor.device
+            names.append((name, tensor.numel()))
+            counts.append((~torch.isfinite(tensor.detach())).sum().to(device))
+    if not counts:
+        return
+    counts = torch.stack(counts)
+    if not bool(counts.any()):
+        return
+    bad_index = counts.nonzero()[:, 0]
+    name, numel = names[int(bad_index[0])]
+    where = f" in {source}" if source else ""
+    raise NonFiniteWeightsError(
+        f"The model's weights{where} are not finite: `{name}` holds {int(counts[bad_index[0]])} NaN/inf values of "
+        f"{numel} (first of {len(bad_index)} such parameters), found before {action}. The training run diverged or "
+        "the file is damaged: use an earlier checkpoint, or retrain with a lower learning rate."
+    )
+
+
 class LTMGenerationMixin(GenerationMixin):
     """`generate()` for [`LTMForCausalLM`]: fit `z` on the prompt (or sample it from the prior), then decode."""
 
@@ -174,7 +211,9 @@ class LTMGenerationMixin(GenerationMixin):
 
         Raises:
             ValueError: the prompt plus `max_new_tokens` (or `max_length`) exceeds `max_position_embeddings`
-                (checked before any work); `latents` of the wrong shape; fitting requested on `inputs_embeds`.
+                (checked before any work); `latents` of the wrong shape or with NaN/inf values; fitting requested on
+                `inputs_embeds`.
+            NonFiniteWeightsError (a `ValueError`): the model's weights hold NaN/inf (checked before any work).
 
         Example:
 
@@ -209,6 +248,7 @@ class LTMGenerationMixin(GenerationMixin):
             inputs = prompt
 
         self._check_generation_length(prompt, kwargs, generation_defaults)
+        check_finite_weights(self, "generating")
 
         if prompt is None and "inputs_embeds" not in kwargs:
             bos = kwargs.get("bos_token_id", generation_defaults.bos_token_id)
@@ -261,8 +301,9 @@ class LTMGenerationMixin(GenerationMixin):
         else:
             if hasattr(latents, "z") and hasattr(latents, "mu"):  # a PosteriorOutput (duck-typed for remote code)
                 latents = latents.z
-            self.model.check_latents(latents, batch_size)  # raises naming the expected shape
-            latents = latents.to(self.device)
+            if isinstance(latents, torch.Tensor):
+                latents = latents.to(self.device)
+            self.model.check_latents(latents, batch_size)  # raises naming the expected shape, or NaN/inf values
         return super().generate(inputs, generation_config, *args, latents=latents, **kwargs)
 
     def adjust_generation_fn(self, *args, **kwargs):
@@ -348,4 +389,4 @@ class LTMGenerationMixin(GenerationMixin):
         return (temperature * noise).to(self.device)
 
 
-__all__ = ["LTMGenerationConfig", "LTMGenerationMixin"]
+__all__ = ["LTMGenerationConfig", "LTMGenerationMixin", "NonFiniteWeightsError", "check_finite_weights"]

@@ -36,7 +36,14 @@ if TYPE_CHECKING:
 
 
 class NonFiniteELBOError(FloatingPointError):
-    """The ELBO became NaN or infinite inside the fast loop."""
+    """The ELBO became NaN or infinite inside the fast loop; `fast_step` says where (1 = at the starting point, where
+    only the decoder can be at fault)."""
+
+    fast_step: int | None = None
+
+
+class NonFiniteLatentsError(ValueError):
+    """Latents given to the model hold NaN or inf (raised by `LTMModel.check_latents`)."""
 
 
 @dataclass
@@ -74,8 +81,10 @@ class PosteriorOutput:
 
     @property
     def elbo_gain(self) -> torch.Tensor:
-        """ELBO improvement over the fast loop, nats per token, shape `(batch,)`."""
-        return (self.elbo_trace[-1] - self.elbo_trace[0]) / self.num_tokens.clamp(min=1)
+        """ELBO improvement over the fast loop, nats per token, shape `(batch,)`; NaN for a sequence with no scored
+        token (e.g. a one-token prompt), which has no per-token figure."""
+        gain = (self.elbo_trace[-1] - self.elbo_trace[0]) / self.num_tokens.clamp(min=1)
+        return gain.masked_fill(self.num_tokens == 0, float("nan"))
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh draw `z ~ q(z|x)`, same shape as `mu`."""
@@ -299,6 +308,8 @@ def _check_inputs(model, input_ids, attention_mask) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"`input_ids` must be a (batch, sequence_length) tensor of token ids, got {shape}.")
+    if input_ids.shape[0] == 0:
+        raise ValueError("`input_ids` has 0 rows: pass a batch of at least one sequence.")
     if input_ids.shape[1] == 0:
         raise ValueError(
             "Cannot fit a posterior to an empty sequence. For unconditional use, sample the prior: "
@@ -365,15 +376,16 @@ def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, gen
                 group["lr"] = cosine_fast_lr(step, num_steps, lr, settings.lr_min_ratio)
             if step > 0 and not settings.fixed_noise:
                 noise = _standard_normal(shape, generators, device)
-            loss, nll, kl, num_tokens = negative_elbo(
-                model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
-            )
-            if not torch.isfinite(loss):
-                raise NonFiniteELBOError(
-                    f"The ELBO became non-finite at fast step {step + 1}/{num_steps} (lr={lr}). Lower the fast "
-                    "learning rate (`inference_lr` / `lr`), or check the model's weights and inputs for NaN/inf."
+            try:
+                loss, nll, kl, num_tokens = negative_elbo(
+                    model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
                 )
-            mu.grad, logvar.grad = torch.autograd.grad(loss, [mu, logvar])
+            except NonFiniteLatentsError:  # the previous step sent mu / logvar to inf
+                _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})", step + 1)
+            grads = torch.autograd.grad(loss, [mu, logvar])
+            if not bool(torch.isfinite(torch.stack([loss.detach(), *(g.sum() for g in grads)])).all()):  # one sync
+                _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})", step + 1)
+            mu.grad, logvar.grad = grads
             optimizer.step()
             elbo_trace.append(-(nll + kl).detach())
     return _FastLoopState(mu.detach(), logvar.detach(), noise, elbo_trace, targets, position_ids, generators)
@@ -387,6 +399,25 @@ def _without_inference_mode(function, model, input_ids, attention_mask, labels, 
             None if t is None else t.clone() for t in (input_ids, attention_mask, labels)
         )
         return function(model, input_ids, attention_mask, labels, *args)
+
+
+def _raise_non_finite(model, what: str, fast_step: int) -> None:
+    """Raise `NonFiniteELBOError` (with `.fast_step`, 1-based; `num_steps + 1` for the final scoring), blaming the
+    weights (by name) when they hold NaN/inf, else the fast learning rate."""
+    from .generation_ltm import NonFiniteWeightsError, check_finite_weights
+
+    try:
+        check_finite_weights(model, "posterior fitting")
+    except NonFiniteWeightsError as weights_error:
+        error = NonFiniteELBOError(f"The ELBO {what}: {weights_error}")
+        error.fast_step = fast_step
+        raise error from weights_error
+    error = NonFiniteELBOError(
+        f"The ELBO {what} with finite weights. Lower the fast learning rate (`inference_lr` / `lr`), or check the "
+        "inputs."
+    )
+    error.fast_step = fast_step
+    raise error
 
 
 def fit_posterior(
@@ -459,13 +490,15 @@ def _fit(model, input_ids, attention_mask, labels, settings, seed, generator) ->
             # Score the fitted q at a fresh draw: the loop's own `eps` is the one point it optimised against, so an
             # estimate there is optimistically biased; a fresh draw makes `elbo` an unbiased single-sample estimate.
             noise = _standard_normal(mu.shape, state.generators, mu.device)
-        _, nll, kl, num_tokens = negative_elbo(
-            model, input_ids, state.targets, mu, logvar, noise, attention_mask, state.position_ids
-        )
+        try:
+            _, nll, kl, num_tokens = negative_elbo(
+                model, input_ids, state.targets, mu, logvar, noise, attention_mask, state.position_ids
+            )
+        except NonFiniteLatentsError:
+            nll = kl = torch.full((input_ids.shape[0],), float("nan"), device=input_ids.device)
         if not bool(torch.isfinite(nll).all() and torch.isfinite(kl).all()):
-            raise NonFiniteELBOError(
-                f"The ELBO is non-finite after {settings.num_steps} fast steps (lr={settings.lr}). Lower the fast "
-                "learning rate (`inference_lr` / `lr`), or check the model's weights and inputs for NaN/inf."
+            _raise_non_finite(
+                model, f"is non-finite after {settings.num_steps} fast steps (lr={settings.lr})", settings.num_steps + 1
             )
         z = mu + torch.exp(0.5 * logvar) * noise
     elbo = -(nll + kl)
@@ -697,6 +730,7 @@ __all__ = [
     "NonFiniteELBOError",
     "PosteriorEvaluation",
     "PosteriorFitSettings",
+    "NonFiniteLatentsError",
     "PosteriorOutput",
     "cosine_fast_lr",
     "evaluate_posterior",

@@ -25,6 +25,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_ltm import LTMConfig
 from .generation_ltm import LTMGenerationConfig, LTMGenerationMixin
 from .inference import (
+    NonFiniteLatentsError,
     PosteriorEvaluation,
     PosteriorOutput,
     evaluate_posterior,
@@ -410,7 +411,8 @@ class LTMModel(LTMPreTrainedModel):
         self.embed_tokens = value
 
     def check_latents(self, latents: torch.Tensor, batch_size: int) -> None:
-        """Raise `ValueError` unless `latents` has shape `(batch_size, *config.latent_shape)`."""
+        """Raise unless `latents` is a floating-point tensor of shape `(batch_size, *config.latent_shape)`, on the
+        model's device, with finite values (`TypeError` for the type, `ValueError` otherwise)."""
         expected = (batch_size, *self.config.latent_shape)
         if not isinstance(latents, torch.Tensor):
             raise TypeError(
@@ -425,6 +427,18 @@ class LTMModel(LTMPreTrainedModel):
             )
         if not latents.is_floating_point():
             raise TypeError(f"`latents` must be a floating-point tensor, got dtype {latents.dtype}.")
+        device = self.embed_tokens.weight.device
+        if latents.device != device:
+            raise ValueError(
+                f"`latents` is on {latents.device} but the model is on {device}; move it with "
+                "`latents.to(model.device)`."
+            )
+        # One host sync, skipped while compiling so that a compiled forward has no graph break.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(latents).all()):
+            raise NonFiniteLatentsError(
+                "`latents` contains NaN or inf values; pass finite latents (e.g. `model.infer_latents(...).z`, or "
+                "`latents=None` for the prior mean)."
+            )
 
     @capture_outputs
     def forward(
@@ -487,9 +501,9 @@ class LTMModel(LTMPreTrainedModel):
               n_latents_per_layer)`, the attention of each token over its layer's latents.
 
         Raises:
-            ValueError: 1-D `input_ids`, both or neither of `input_ids`/`inputs_embeds`, latents of the wrong shape,
-                more than `max_position_embeddings` tokens (cached + new), or `output_attentions` without the eager
-                attention.
+            ValueError: 1-D `input_ids`, 0 rows, both or neither of `input_ids`/`inputs_embeds`, latents of the wrong
+                shape, on another device or with NaN/inf, more than `max_position_embeddings` tokens (cached + new),
+                or `output_attentions` without the eager attention.
             TypeError: `latents` not a floating-point tensor, or a cache that is not an `EncoderDecoderCache`.
         """
         cache = resolve_cache_argument(cache, past_key_values)
@@ -507,6 +521,8 @@ class LTMModel(LTMPreTrainedModel):
                 f"`input_ids` must have shape (batch, sequence_length), got {tuple(input_ids.shape)}; "
                 "add a batch dimension with `input_ids.unsqueeze(0)`."
             )
+        if (input_ids if input_ids is not None else inputs_embeds).shape[0] == 0:
+            raise ValueError("`input_ids` has 0 rows: pass a batch of at least one sequence.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_length = inputs_embeds.shape[:2]

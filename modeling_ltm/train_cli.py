@@ -21,11 +21,14 @@ under its own name (not a bound).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -40,9 +43,13 @@ from transformers import (
     set_seed,
 )
 
+from transformers.trainer_utils import sort_checkpoints
+
 from . import data as ltm_data
+from .cli_errors import check_model_folder, did_you_mean, run_cli
 from .configuration_ltm import LTMConfig
-from .inference import RECONSTRUCTION_CAVEAT
+from .generation_ltm import NonFiniteWeightsError, check_finite_weights
+from .inference import RECONSTRUCTION_CAVEAT, NonFiniteELBOError
 from .modeling_ltm import LTMForCausalLM
 from .trainer import LTMTrainer, LTMTrainingArguments
 
@@ -86,6 +93,13 @@ class ModelArguments:
             "help": "Train a peer instead of the LTM: 'llama' = transformers' LlamaForCausalLM with the preset's "
             "hidden size, layers, heads, kv heads, MLP size and vocabulary, with the plain Trainer.",
             "choices": list(BASELINES),
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty --output_dir, replacing the model there (without it, ltm train refuses, "
+            "unless --resume_from_checkpoint continues a run in that folder)."
         },
     )
 
@@ -213,16 +227,38 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
         known_dests = {action.dest for action in parser._actions}
         unknown = sorted(set(recipe) - known_dests)
         if unknown:
+            hints = "".join(did_you_mean(name, known_dests) for name in unknown)
             raise TrainCLIError(
-                f"--recipe {str(recipe_path)!r} sets unknown flags {unknown}; see `ltm train --help` for the names."
+                f"--recipe {str(recipe_path)!r} sets unknown flags {unknown}{hints}; see `ltm train --help` for the "
+                "names."
             )
         parser.set_defaults(**recipe)
         print(f"ltm train: flag defaults from recipe {recipe_path}")
+    else:
+        recipe = {}
+    if recipe.get("output_dir") is None and not {"-h", "--help"} & set(argv) and not any(
+        arg in ("--output_dir", "--output-dir") or arg.startswith(("--output_dir=", "--output-dir=")) for arg in argv
+    ):
+        argv = [*argv, "--output_dir", _fresh_output_dir(known.config)]
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:  # TrainingArguments / LTMTrainingArguments validate their values in __post_init__
         raise TrainCLIError(str(error)) from error
     return model_args, data_args, training_args
+
+
+def _fresh_output_dir(config: str | None) -> str:
+    """`runs/<preset or model name>-<date>-<time>`: without --output_dir, every run gets a new folder of its own."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would pick its own timestamp
+        raise TrainCLIError("--output_dir is required when training with several processes; name the run's folder.")
+    name = Path(config).stem if config else "ltm"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder, n = Path("runs") / f"{name}-{stamp}", 1
+    while folder.exists():
+        n += 1
+        folder = Path("runs") / f"{name}-{stamp}-{n}"
+    print(f"ltm train: no --output_dir given: writing to {folder}")
+    return str(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,6 +288,40 @@ def llama_peer_config(config: LTMConfig) -> LlamaConfig:
     )
 
 
+# Keys a preset JSON may hold: LTMConfig's arguments and what PretrainedConfig writes into a config.json.
+def _known_config_keys() -> set[str]:
+    keys = set(inspect.signature(LTMConfig.__init__).parameters) - {"self", "kwargs"}
+    return keys | set(LTMConfig().to_dict()) | {"torch_dtype", "auto_map"}
+
+
+def load_preset(path: Path) -> LTMConfig:
+    """An `LTMConfig` from a preset JSON; `TrainCLIError` for invalid JSON, a non-object, another model type, or
+    unknown keys (with the closest known name), so a misspelled key is never silently replaced by its default."""
+    try:
+        preset = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise TrainCLIError(f"--config {str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(preset, dict):
+        raise TrainCLIError(
+            f"--config {str(path)!r} holds a JSON {type(preset).__name__}, not an object of LTMConfig fields like "
+            '{"hidden_size": 128, ...}; see configuration/ltm-tiny.json.'
+        )
+    if preset.get("model_type", "ltm") != "ltm":
+        raise TrainCLIError(f"--config {str(path)!r} has model_type {preset['model_type']!r}; an LTM preset is needed.")
+    preset.pop("model_type", None)
+    unknown = sorted(set(preset) - _known_config_keys())
+    if unknown:
+        hints = "; ".join(f"{name!r}{did_you_mean(name, _known_config_keys())}" for name in unknown)
+        raise TrainCLIError(
+            f"--config {str(path)!r} has unknown LTMConfig keys: {hints}. Fix or remove them (see LTMConfig's "
+            "documentation for the names)."
+        )
+    try:
+        return LTMConfig(**preset)
+    except (TypeError, ValueError) as error:
+        raise TrainCLIError(f"--config {str(path)!r} is not a valid LTMConfig: {error}") from error
+
+
 def _load_preset_or_model(config: str | None):
     """`(LTMConfig, None)` for a preset file, `(config, model)` for a model folder / Hub name to continue from."""
     if config is None:
@@ -261,19 +331,9 @@ def _load_preset_or_model(config: str | None):
         )
     path = Path(config)
     if path.is_file():
-        try:
-            preset = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise TrainCLIError(f"--config {config!r} is not valid JSON: {error}") from error
-        if preset.get("model_type", "ltm") != "ltm":
-            raise TrainCLIError(
-                f"--config {config!r} has model_type {preset['model_type']!r}; an LTM preset is needed."
-            )
-        preset.pop("model_type", None)
-        try:
-            return LTMConfig(**preset), None
-        except (TypeError, ValueError) as error:
-            raise TrainCLIError(f"--config {config!r} is not a valid LTMConfig: {error}") from error
+        return load_preset(path), None
+    if path.is_dir():
+        check_model_folder(path, "--config")  # a garbage config.json or truncated weights, named
     try:
         model = AutoModelForCausalLM.from_pretrained(config)
     except (OSError, ValueError) as error:
@@ -286,9 +346,44 @@ def _load_preset_or_model(config: str | None):
 
 
 def build_tokenizer(
-    model_args: ModelArguments, config: LTMConfig, continued: bool, train_text, text_column: str, block_size: int
+    model_args: ModelArguments,
+    config: LTMConfig,
+    continued: bool,
+    train_text,
+    text_column: str,
+    block_size: int,
+    resume_from: Path | None = None,
 ) -> PreTrainedTokenizerBase:
-    """The tokenizer named by `--tokenizer`, else the continued model's, else a BPE trained on `train_text`."""
+    """The tokenizer named by `--tokenizer`, else the continued model's, else a BPE trained on `train_text`.
+
+    When resuming, the checkpoint's tokenizer (the one its token ids mean): a `--tokenizer` or `--vocab_size` that
+    would tokenize differently is refused."""
+    if resume_from is not None:
+        sources = [resume_from, resume_from.parent]
+        source = next((folder for folder in sources if (folder / "tokenizer_config.json").is_file()), None)
+        if source is None:
+            if model_args.tokenizer is None:
+                raise TrainCLIError(
+                    f"--resume_from_checkpoint {resume_from} has no tokenizer (nor has its parent folder); pass "
+                    "--tokenizer with the tokenizer that run was trained with."
+                )
+            return ltm_data.load_tokenizer(model_args.tokenizer)
+        tokenizer = ltm_data.load_tokenizer(str(source))
+        if model_args.tokenizer is not None:
+            given = ltm_data.load_tokenizer(model_args.tokenizer)
+            if ltm_data.tokenizer_fingerprint(given) != ltm_data.tokenizer_fingerprint(tokenizer):
+                raise TrainCLIError(
+                    f"--tokenizer {model_args.tokenizer!r} differs from the tokenizer of {source}, which the "
+                    "checkpoint was trained with: resuming with it would change what the model's token ids mean. "
+                    "Leave --tokenizer out to reuse the checkpoint's."
+                )
+        if model_args.vocab_size is not None and model_args.vocab_size != len(tokenizer):
+            raise TrainCLIError(
+                f"--vocab_size {model_args.vocab_size} differs from the {len(tokenizer)} tokens of the checkpoint's "
+                f"tokenizer ({source}); leave --vocab_size out when resuming (its tokenizer is reused)."
+            )
+        print(f"ltm train: resuming: reusing the tokenizer of {source}")
+        return tokenizer
     if model_args.tokenizer is not None:
         return ltm_data.load_tokenizer(model_args.tokenizer)
     if continued:
@@ -316,6 +411,175 @@ def _sync_config_with_tokenizer(config: LTMConfig, tokenizer, continued: bool) -
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     config.eos_token_id = tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folder and resume
+# ---------------------------------------------------------------------------------------------------------------
+
+# `--resume_from_checkpoint` values meaning "the newest complete checkpoint in --output_dir".
+RESUME_LATEST = ("true", "last", "latest")
+# Written next to each checkpoint: what the run trained on, compared when it is resumed.
+DATA_RECORD_NAME = "ltm_train_data.json"
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Trainer writes `trainer_state.json` last: a checkpoint is complete when it parses and the config and the
+    weights are there (a kill while saving leaves e.g. only the remote-code `.py` files)."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    return (
+        isinstance(state, dict)
+        and (folder / "config.json").is_file()
+        and any((folder / name).is_file() for name in weights)
+    )
+
+
+def resolve_resume_checkpoint(value: str | None, output_dir: str) -> Path | None:
+    """The checkpoint folder to resume from, or None.
+
+    `True` / `last` / `latest` pick the newest complete `checkpoint-N` in `output_dir` (in transformers'
+    `get_last_checkpoint` order), skipping partial ones with a warning that names them; a path must be a complete
+    checkpoint (the error names the newest complete one in its folder)."""
+    if value is None or value.lower() in ("false", "none", ""):
+        return None
+    if value.lower() in RESUME_LATEST:
+        if not Path(output_dir).is_dir():
+            raise TrainCLIError(
+                f"--resume_from_checkpoint {value}: --output_dir {output_dir} does not exist, so it holds no "
+                "checkpoint to resume; pass the run's --output_dir or a checkpoint folder."
+            )
+        checkpoints = [Path(c) for c in sort_checkpoints(output_dir)][::-1]  # newest first
+        partial = []
+        for checkpoint in checkpoints:
+            if is_complete_checkpoint(checkpoint):
+                if partial:
+                    print(
+                        f"ltm train: warning: skipping partial checkpoint(s) {', '.join(str(p) for p in partial)} "
+                        f"(no trainer_state.json or weights: interrupted while saving); resuming from {checkpoint}",
+                        file=sys.stderr,
+                    )
+                return checkpoint
+            partial.append(checkpoint)
+        found = f" (only partial ones: {', '.join(str(p) for p in partial)})" if partial else ""
+        raise TrainCLIError(
+            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}{found}; train "
+            "without --resume_from_checkpoint, or pass the folder of a complete checkpoint."
+        )
+    path = Path(value)
+    if not path.is_dir():
+        raise TrainCLIError(
+            f"--resume_from_checkpoint {value} is not a folder; pass a checkpoint-N folder, or True / last for the "
+            "newest complete one in --output_dir."
+        )
+    if not is_complete_checkpoint(path):
+        earlier = [Path(c) for c in sort_checkpoints(str(path.parent))][::-1] if path.parent.is_dir() else []
+        good = next((c for c in earlier if c != path and is_complete_checkpoint(c)), None)
+        hint = f"resume from {good} instead" if good else "no complete checkpoint is next to it"
+        raise TrainCLIError(
+            f"--resume_from_checkpoint {value} is a partial checkpoint (no readable trainer_state.json, config.json "
+            f"or weights: interrupted while saving?); {hint}."
+        )
+    return path
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume_from: Path | None) -> None:
+    """Refuse to train into a non-empty folder unless `--overwrite_output_dir` is given or the run resumes one of
+    the folder's own checkpoints."""
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise TrainCLIError(f"--output_dir {output_dir} exists and is not a folder; choose another --output_dir.")
+    if overwrite or not folder.is_dir():
+        return
+    if resume_from is not None and folder.resolve() == resume_from.resolve().parent:
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise TrainCLIError(
+            f"--output_dir {output_dir} is not empty ({shown}): training would replace what is there. Choose a new "
+            "--output_dir, continue its run with --resume_from_checkpoint True, or pass --overwrite_output_dir."
+        )
+
+
+def data_record(data_args: DataArguments, block_size: int, tokenizer, train_blocks) -> dict:
+    """What a run trains on, for comparison when it is resumed."""
+    return {
+        "dataset": data_args.dataset,
+        "dataset_config": data_args.dataset_config,
+        "data_files": data_args.data_files,
+        "text_column": data_args.text_column,
+        "validation_split_percentage": data_args.validation_split_percentage,
+        "block_size": block_size,
+        "tokenizer": ltm_data.tokenizer_fingerprint(tokenizer),
+        "train_blocks": len(train_blocks),
+        "train_blocks_fingerprint": getattr(train_blocks, "_fingerprint", None),
+    }
+
+
+class DataRecordCallback(TrainerCallback):
+    """Writes `DATA_RECORD_NAME` and `training_args.json` into every checkpoint Trainer saves."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir, f"checkpoint-{state.global_step}")
+        if folder.is_dir():
+            (folder / DATA_RECORD_NAME).write_text(json.dumps(self.record, indent=1))
+            (folder / "training_args.json").write_text(args.to_json_string())
+
+
+def warn_if_data_changed(resume_from: Path, record: dict) -> None:
+    """Explain (on stderr) what resuming on other data than the checkpoint's run means."""
+    try:
+        previous = json.loads((resume_from / DATA_RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    changed = [key for key in record if key in previous and previous[key] != record[key]]
+    if not changed:
+        return
+    details = "; ".join(f"{key}: {previous[key]!r} -> {record[key]!r}" for key in changed)
+    print(
+        f"ltm train: warning: resuming {resume_from} on other training data than its run ({details}). The "
+        "checkpoint's tokenizer is kept, so token ids keep their meaning, but Trainer restores the data position by "
+        "skipping as many batches of the new data as the run had seen, and the learning-rate schedule goes on. Pass "
+        "the run's original data flags to continue it exactly.",
+        file=sys.stderr,
+    )
+
+
+def diagnose_divergence(model, training_args: LTMTrainingArguments, step: int, error: Exception | None) -> str:
+    """Which learning rate diverged. The decoder's (slow, `--learning_rate`) when its weights hold NaN/inf, or when
+    the ELBO is non-finite at the fast loop's first step (its starting point depends on the decoder alone); else the
+    fast loop's (`--inference_lr`)."""
+    try:
+        check_finite_weights(model, "saving")
+        bad = None
+    except NonFiniteWeightsError as weights_error:
+        bad = str(weights_error).split(":", 1)[1].split(", found before")[0].strip()
+    fast_step = getattr(error, "fast_step", None)
+    if bad is not None or error is None or fast_step == 1:
+        what = (
+            f"the decoder weights became NaN/inf ({bad})"
+            if bad is not None
+            else "the decoder's likelihood became NaN/inf at the posterior's starting point (before any fast step)"
+        )
+        return (
+            f"training diverged at step {step}: {what}, after optimizer steps with --learning_rate "
+            f"{training_args.learning_rate} (the slow, decoder learning rate). Lower --learning_rate (--max_grad_norm "
+            f"is {training_args.max_grad_norm}); the diverged model was not saved."
+        )
+    return (
+        f"training diverged at step {step}: the ELBO became NaN/inf at fast step {fast_step} of the posterior fit, "
+        f"with finite decoder weights: the fast learning rate diverged. Lower --inference_lr (now "
+        f"{training_args.inference_lr if training_args.inference_lr is not None else 'the model config value'})."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,6 +642,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
         raise TrainCLIError(f"--max_eval_blocks must be >= 1, got {data_args.max_eval_blocks}.")
     if data_args.max_train_minutes is not None and not data_args.max_train_minutes > 0:
         raise TrainCLIError(f"--max_train_minutes must be > 0, got {data_args.max_train_minutes}.")
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise TrainCLIError(
+            f"--max_steps must be >= 1 (or -1 to train for --num_train_epochs), got {training_args.max_steps}."
+        )
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resume_from)
     config, model = _load_preset_or_model(model_args.config)
     continued = model is not None
     if continued and model_args.baseline is not None:
@@ -401,7 +671,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
             corpus_cache_dir=data_args.corpus_cache_dir,
         )
         text_column = data_args.text_column if data_args.dataset is not None else "text"
-        tokenizer = build_tokenizer(model_args, config, continued, raw["train"], text_column, block_size)
+        tokenizer = build_tokenizer(model_args, config, continued, raw["train"], text_column, block_size, resume_from)
         _sync_config_with_tokenizer(config, tokenizer, continued)
         blocks = {
             split: ltm_data.tokenize_and_pack(
@@ -451,7 +721,18 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
     if data_args.max_train_minutes is not None:
         time_budget = TimeBudgetCallback(data_args.max_train_minutes)
         trainer.add_callback(time_budget)
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    record = data_record(data_args, block_size, tokenizer, train_blocks)
+    trainer.add_callback(DataRecordCallback(record))
+    if resume_from is not None:
+        warn_if_data_changed(resume_from, record)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except NonFiniteELBOError as error:
+        raise TrainCLIError(diagnose_divergence(model, training_args, trainer.state.global_step, error)) from error
+    try:
+        check_finite_weights(model, "saving")
+    except NonFiniteWeightsError as error:  # e.g. the Llama peer, or a divergence at the last step
+        raise TrainCLIError(diagnose_divergence(model, training_args, trainer.state.global_step, None)) from error
     train_metrics = dict(train_result.metrics)
     tokens = training_tokens(trainer, block_size)
     seconds = training_seconds(trainer, train_metrics)
@@ -561,14 +842,13 @@ def _print_summary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        # ValueError here: a bad flag value rejected by TrainingArguments' own checks.
-        model_args, data_args, training_args = parse_args(argv)
-        run(model_args, data_args, training_args)
-    except (TrainCLIError, ltm_data.EmbeddedCorpusUnavailableError) as error:
-        print(f"ltm train: error: {error}", file=sys.stderr)
-        return 2
+    """`ltm train`; errors are printed as one line (exit code 2) by `cli_errors.run_cli` (`--debug`: traceback)."""
+    return run_cli("ltm train", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    model_args, data_args, training_args = parse_args(argv)
+    run(model_args, data_args, training_args)
     return 0
 
 

@@ -501,12 +501,15 @@ def test_cli_unconditional_and_errors(saved_model, capsys):
     argv = [str(saved_model), "--unconditional", "--num-samples", "2", "--do-sample", "--max-new-tokens", "3"]
     assert generate_main(argv) == 0
     assert "=== sample 2 ===" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        generate_main([str(saved_model)])  # no prompt
-    with pytest.raises(SystemExit):
-        generate_main([str(saved_model), "--prompt", "x", "--max-new-tokens", "64"])  # no room for the prompt
-    with pytest.raises(SystemExit):
-        generate_main([str(saved_model / "missing"), "--prompt", "x"])
+    # Bad input: one line on stderr naming the problem, exit code 2 (modeling_ltm.cli_errors).
+    for argv, message in (
+        ([str(saved_model)], "--prompt"),  # no prompt
+        ([str(saved_model), "--prompt", "x", "--max-new-tokens", "64"], "no room for a prompt"),
+        ([str(saved_model / "missing"), "--prompt", "x"], "no config.json"),
+    ):
+        assert generate_main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(errors) == 1 and errors[0].startswith("ltm generate: error:") and message in errors[0], errors
     long_prompt = "ROMEO: " * 100
     assert generate_main([str(saved_model), "--prompt", long_prompt, "--max-new-tokens", "4", "--no-stream"]) == 0
     assert "keep their last 60 tokens" in capsys.readouterr().err

@@ -241,7 +241,7 @@ def test_export_errors_are_clear_and_leave_nothing_behind(run_dir, exported, tmp
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tokenizer / name).write_bytes((run_dir / name).read_bytes())
-    assert export_main([str(no_tokenizer), str(tmp_path / "out")]) == 1
+    assert export_main([str(no_tokenizer), str(tmp_path / "out")]) == 2  # one-line error, exit code 2 (cli_errors)
     assert "--tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
@@ -406,7 +406,7 @@ def test_push_without_token_says_what_to_set(exported, monkeypatch, tmp_path, ca
     with pytest.raises(HubPushError, match="HF_TOKEN.*hf auth login"):
         push_folder(exported, "someone/ltm-tiny", api=api)
     assert api.calls == []
-    assert push_main([str(exported), "someone/ltm-tiny"]) == 1
+    assert push_main([str(exported), "someone/ltm-tiny"]) == 2
     assert "HF_TOKEN" in capsys.readouterr().err
     assert _snapshot(exported) == before
 

@@ -14,12 +14,14 @@ import copy
 import json
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 
 from modeling_ltm import LTMForCausalLM  # importing the package registers the classes for `auto_map`
@@ -31,9 +33,16 @@ from .card import build_model_card, load_lm_eval_results, trainer_eval_results
 
 logger = logging.get_logger(__name__)
 
-# What `save_pretrained` must copy next to the weights for `trust_remote_code=True` (the model's module and the
-# siblings it imports relatively).
-REMOTE_CODE_FILES = ("configuration_ltm.py", "modeling_ltm.py", "inference.py", "generation_ltm.py")
+
+
+def remote_code_files() -> tuple[str, ...]:
+    """What `save_pretrained` copies next to the weights for `trust_remote_code=True`: the model's module and the
+    siblings it imports relatively, found by transformers' own `get_relative_import_files`."""
+    modeling_file = sys.modules[LTMForCausalLM.__module__].__file__
+    return tuple(sorted({Path(f).name for f in (modeling_file, *get_relative_import_files(modeling_file))}))
+
+
+REMOTE_CODE_FILES = remote_code_files()
 # LTMs take no token type ids; without this, `tokenizer(...)` may return them and `generate(**inputs)` would pass
 # them on to `forward`.
 TOKENIZER_INPUT_NAMES = ["input_ids", "attention_mask"]

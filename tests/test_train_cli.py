@@ -205,3 +205,28 @@ def test_embedded_corpus_offline_without_cache_names_dataset_flag(setup, monkeyp
                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
     assert code == 2
     assert "--dataset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ltm_train_under_torchrun_tokenizes_on_the_main_process_first(setup):
+    """`torchrun --nproc_per_node 2 ltm train ... --ddp_backend gloo`: the main rank loads and tokenizes the corpus
+    while the other waits (`main_process_first`), both train on the same blocks, and one model is saved."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    preset, corpus, tmp_path = setup
+    out = tmp_path / "ddp-run"
+    ltm = Path(sys.executable).with_name("ltm")
+    command = [
+        str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", str(ltm), "train",
+        "--config", str(preset), "--dataset", str(corpus), "--cache_dir", str(tmp_path / "hf"), *FAST_FLAGS,
+        "--output_dir", str(out), "--use_cpu", "true", "--ddp_backend", "gloo",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3

@@ -194,10 +194,6 @@ class LTMTrainer(Trainer):
     ```
     """
 
-    # The loss handed to `Trainer` is already normalised by the predicted tokens of the whole accumulated batch
-    # (`num_items_in_batch`, summed over processes), so gradient accumulation 2 x B equals 1 x 2B exactly.
-    loss_is_scaled_for_ga = True
-
     def __init__(self, model=None, args=None, data_collator=None, *trainer_args, **trainer_kwargs):
         if model is not None and not hasattr(getattr(model, "config", None), "latent_shape"):
             raise TypeError(
@@ -205,8 +201,6 @@ class LTMTrainer(Trainer):
                 "Use transformers.Trainer for an ordinary causal LM."
             )
         super().__init__(model, args, data_collator, *trainer_args, **trainer_kwargs)
-        # Passes `num_items_in_batch` to the model's loss (see `loss_is_scaled_for_ga`).
-        self.model_accepts_loss_kwargs = True
         self.data_collator = _CausalLMLabels(self.data_collator or default_data_collator)
         self._train_sums = None  # (4,) float64: nll, kl, tokens, elbo gain since the last log, this process
         self._last_inference_lr = None
@@ -285,11 +279,12 @@ class LTMTrainer(Trainer):
         return taken
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Fit the batch's posterior with the decoder frozen, then return `-log p(x|z)` per token from one forward
-        of the wrapped `model` with the fitted `z`.
+        """Fit the batch's posterior with the decoder frozen, then hand the batch with the fitted `latents` to
+        `Trainer.compute_loss`: one forward of the wrapped `model`, whose loss is `-log p(x|z)` per token.
 
-        The loss is divided by `num_items_in_batch` (the predicted tokens of the whole accumulated batch over all
-        processes) when Trainer gives it, else it is this batch's mean divided by the accumulation steps.
+        Everything else is Trainer's: the model's forward takes `**kwargs`, so Trainer passes `num_items_in_batch`
+        (the predicted tokens of the whole accumulated batch over all processes) to the loss and scales it for
+        gradient accumulation and data parallelism itself.
         """
         input_ids, attention_mask, labels = _unpack(inputs)
         step = self.state.global_step
@@ -307,21 +302,8 @@ class LTMTrainer(Trainer):
         )
         self._record_train_stats(posterior, lr)
 
-        outputs = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            latents=posterior.z,
-            labels=labels,
-            use_cache=False,
-            **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}),
-        )
-        loss = outputs.loss
-        if num_items_in_batch is None:
-            loss = loss / self.current_gradient_accumulation_steps
-        elif self.args.average_tokens_across_devices:
-            # `num_items_in_batch` counts every process's tokens and DDP averages gradients over processes.
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
+        inputs = {**inputs, "latents": posterior.z, "use_cache": False}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _record_train_stats(self, posterior, lr: float) -> None:
         gain = posterior.elbo_trace[-1] - posterior.elbo_trace[0]

@@ -302,3 +302,24 @@ def test_default_evaluation_bound_is_within_5_percent_of_the_trivial_posterior(t
     assert metrics["eval_reconstruction_inference_steps"] == 2 and metrics["eval_reconstruction_init_logvar"] == -5.0
     assert metrics["eval_reconstruction_ppl"] == pytest.approx(math.exp(metrics["eval_reconstruction_nll_per_token"]))
     assert metrics["eval_reconstruction_ppl"] < metrics["eval_elbo_ppl"]
+
+
+def test_push_to_hub_card_is_the_ltm_card(tmp_path, tiny_shakespeare_path):
+    """`trainer.create_model_card()` (what `push_to_hub` calls) writes our card, with the evaluation bounds and their
+    fit settings, not transformers' generic draft."""
+    from huggingface_hub import ModelCard
+
+    trainer = LTMTrainer(
+        model=byte_model(),
+        args=make_args(tmp_path / "run", max_steps=2, eval_inference_steps=2, eval_iw_samples=2),
+        train_dataset=byte_blocks(tiny_shakespeare_path, 32, 8),
+        eval_dataset=heldout_blocks(tiny_shakespeare_path, 32, 4),
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.create_model_card(dataset="tiny-corpus", language="en")
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert "Latent-Thought Language Model" in card.text and "trust_remote_code=True" in card.text
+    results = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert results["perplexity"] in (metrics["eval_elbo_ppl"], metrics["eval_iw_ppl"])
+    assert card.data.datasets == ["tiny-corpus"] and "custom_code" in card.data.tags

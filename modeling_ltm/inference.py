@@ -67,7 +67,10 @@ class PosteriorOutput:
         num_tokens (`torch.LongTensor` of shape `(batch,)`):
             Number of predicted tokens per sequence (the denominators of per-token figures).
         elbo_trace (`torch.FloatTensor` of shape `(num_steps + 1, batch)`):
-            ELBO estimate before each fast step and, last row, at the final parameters.
+            ELBO estimate before each fast step and, last row, at the final parameters. A row stopped early by
+            adaptive stopping repeats its last fast-step value until the last row.
+        num_steps_taken (`torch.LongTensor` of shape `(batch,)`, *optional*):
+            Fast steps each row actually took (fewer than `num_steps` for rows stopped by adaptive stopping).
     """
 
     mu: torch.Tensor
@@ -78,6 +81,7 @@ class PosteriorOutput:
     elbo: torch.Tensor
     num_tokens: torch.Tensor
     elbo_trace: torch.Tensor
+    num_steps_taken: torch.Tensor | None = None
 
     @property
     def elbo_gain(self) -> torch.Tensor:
@@ -95,7 +99,9 @@ class PosteriorOutput:
         """The posterior of rows `index` (e.g. `repeat_interleave`d for beams), every field indexed on dim 0."""
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
         fields["elbo_trace"] = fields["elbo_trace"][:, index]
-        return PosteriorOutput(**{k: (v if k == "elbo_trace" else v[index]) for k, v in fields.items()})
+        return PosteriorOutput(
+            **{k: (v if k == "elbo_trace" or v is None else v[index]) for k, v in fields.items()}
+        )
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,9 @@ class PosteriorFitSettings:
     init_logvar: float = 0.0
     init_logvar_noise: float = 0.0
     fixed_noise: bool = False
+    stop_tol: float | None = None
+    stop_window: int = 4
+    min_steps: int = 0
 
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 0:
@@ -143,6 +152,14 @@ class PosteriorFitSettings:
             raise ValueError(f"`init_logvar_noise` must be >= 0, got {self.init_logvar_noise!r}.")
         if not isinstance(self.fixed_noise, bool):
             raise ValueError(f"`fixed_noise` must be True or False, got {self.fixed_noise!r}.")
+        if self.stop_tol is not None and (
+            isinstance(self.stop_tol, bool) or not isinstance(self.stop_tol, (int, float)) or math.isnan(self.stop_tol)
+        ):
+            raise ValueError(f"`stop_tol` must be a number (nats per token per step) or None, got {self.stop_tol!r}.")
+        for name, low in (("stop_window", 1), ("min_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
 
     @classmethod
     def training(cls, config, **overrides) -> "PosteriorFitSettings":
@@ -224,18 +241,24 @@ def sequence_nll(
     targets: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
+    prefix=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`-log p(x|z)` in nats per sequence, shape `(batch,)`, and the number of scored tokens, shape `(batch,)`.
 
     Token `t + 1` is scored from positions `<= t` when `targets[:, t + 1] != -100` and position `t` is not padding.
+    `prefix` (an `LTMPrefix` of these rows, from `model.model.compute_prefix`) skips the latent-independent start of
+    the forward; same numbers.
     """
     seq_length = input_ids.shape[1]
     # Logits of the first T - 1 positions only, contiguous: slicing (B, T, V) logits afterwards would cost a copy
     # of the largest activation forward and a zero-filled (B, T, V) gradient backward.
+    token_inputs = (
+        dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if prefix is None
+        else dict(prefix=prefix)
+    )
     logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
+        **token_inputs,
         latents=latents,
         use_cache=False,
         logits_to_keep=torch.arange(seq_length - 1, device=input_ids.device),
@@ -291,14 +314,16 @@ def negative_elbo(
     noise: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
+    prefix=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fast loop's objective and its parts at `z = mu + exp(logvar / 2) * noise`.
 
     Returns `(loss, nll, kl, num_tokens)`: `loss` is the scalar `sum_i (nll_i + kl_i) / num_tokens_i`, so each
     sequence's `(mu_i, logvar_i)` gets the gradient of its own per-token negative ELBO, whatever the batch.
+    `prefix`: as in [`sequence_nll`].
     """
     z = mu + torch.exp(0.5 * logvar) * noise
-    nll, num_tokens = sequence_nll(model, input_ids, z, targets, attention_mask, position_ids)
+    nll, num_tokens = sequence_nll(model, input_ids, z, targets, attention_mask, position_ids, prefix)
     kl = gaussian_kl(mu, logvar)
     loss = ((nll + kl) / num_tokens.clamp(min=1)).sum()
     return loss, nll, kl, num_tokens
@@ -348,10 +373,35 @@ class _FastLoopState:
     targets: torch.Tensor
     position_ids: torch.Tensor | None
     generators: object
+    prefix: object = None  # the LTMPrefix of the batch, reused for scoring
+    num_steps_taken: torch.Tensor | None = None
+
+
+def _compute_prefix(model, input_ids, attention_mask, position_ids):
+    """The batch's latent-independent `LTMPrefix` (once per fit), or None for a model without `compute_prefix`."""
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "compute_prefix"):
+        return None
+    return base.compute_prefix(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def _smoothed_gain(trace: torch.Tensor, window: int) -> torch.Tensor:
+    """ELBO gain per step from a trace of shape `(steps, rows)`: the mean of the last `window` values minus the mean of
+    the `window` before them, over `window` steps (difference of window means: the single-sample estimates are
+    noisy). Shape `(rows,)`; needs `steps >= 2 * window`."""
+    recent = trace[-window:].mean(0)
+    before = trace[-2 * window : -window].mean(0)
+    return (recent - before) / window
 
 
 def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, generator) -> _FastLoopState:
-    """The fast loop itself: `settings.num_steps` Adam steps on `(mu, logvar)`, gradients w.r.t. those only."""
+    """The fast loop itself: `settings.num_steps` Adam steps on `(mu, logvar)`, gradients w.r.t. those only.
+
+    The batch's latent-independent prefix (embeddings, masks, layer 0's self-attention) is computed once and reused
+    by every step. With `settings.stop_tol`, a row stops once `_smoothed_gain` of its per-token ELBO trace falls below
+    `stop_tol` (after at least `max(min_steps, 2 * stop_window)` steps), and leaves the batch: the remaining rows
+    continue in a smaller batch, with their Adam state.
+    """
     config = model.config
     batch_size = input_ids.shape[0]
     shape = (batch_size, *config.latent_shape)
@@ -361,15 +411,19 @@ def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, gen
     position_ids = None
     if attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    prefix = _compute_prefix(model, input_ids, attention_mask, position_ids)
 
     num_steps, lr = settings.num_steps, settings.lr
     mu = torch.zeros(shape, device=device, dtype=torch.float32, requires_grad=True)
     logvar_init = settings.init_logvar + settings.init_logvar_noise * _standard_normal(shape, generators, device)
     logvar = logvar_init.detach().requires_grad_(True)
     noise = _standard_normal(shape, generators, device)
+    if settings.stop_tol is not None and num_steps > 0:
+        return _run_adaptive_fast_loop(
+            model, input_ids, attention_mask, settings, generators, targets, position_ids, prefix, mu, logvar, noise
+        )
     optimizer = torch.optim.Adam([mu, logvar], lr=lr)
     elbo_trace = []
-
     with torch.enable_grad():
         for step in range(num_steps):
             for group in optimizer.param_groups:
@@ -378,17 +432,108 @@ def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, gen
                 noise = _standard_normal(shape, generators, device)
             try:
                 loss, nll, kl, num_tokens = negative_elbo(
-                    model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
+                    model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids, prefix
                 )
             except NonFiniteLatentsError:  # the previous step sent mu / logvar to inf
                 _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})", step + 1)
-            grads = torch.autograd.grad(loss, [mu, logvar])
-            if not bool(torch.isfinite(torch.stack([loss.detach(), *(g.sum() for g in grads)])).all()):  # one sync
-                _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})", step + 1)
-            mu.grad, logvar.grad = grads
+            mu.grad, logvar.grad = _finite_latent_gradients(model, loss, mu, logvar, step, settings)
             optimizer.step()
             elbo_trace.append(-(nll + kl).detach())
-    return _FastLoopState(mu.detach(), logvar.detach(), noise, elbo_trace, targets, position_ids, generators)
+    steps_taken = torch.full((batch_size,), num_steps, dtype=torch.long, device=device)
+    return _FastLoopState(
+        mu.detach(), logvar.detach(), noise, elbo_trace, targets, position_ids, generators, prefix, steps_taken
+    )
+
+
+def _finite_latent_gradients(model, loss, mu, logvar, step, settings):
+    """`d loss / d (mu, logvar)`; raises `NonFiniteELBOError` (naming bad weights, else the fast lr) when the loss or
+    the gradients are not finite, with one host sync for both."""
+    grads = torch.autograd.grad(loss, [mu, logvar])
+    if not bool(torch.isfinite(torch.stack([loss.detach(), *(g.sum() for g in grads)])).all()):
+        what = f"became non-finite at fast step {step + 1}/{settings.num_steps} (lr={settings.lr})"
+        _raise_non_finite(model, what, step + 1)
+    return grads
+
+
+def _select_rows(rows, *tensors):
+    return [None if t is None else t.index_select(0, rows) for t in tensors]
+
+
+def _run_adaptive_fast_loop(
+    model, input_ids, attention_mask, settings, generators, targets, position_ids, prefix, mu, logvar, noise
+) -> _FastLoopState:
+    """`_run_fast_loop` with per-row stopping and compaction (see there)."""
+    batch_size, device = input_ids.shape[0], input_ids.device
+    num_steps, lr, window = settings.num_steps, settings.lr, settings.stop_window
+    first_check = max(settings.min_steps, 2 * window)
+    mu_out, logvar_out, noise_out = mu.detach().clone(), logvar.detach().clone(), noise.clone()
+    steps_taken = torch.full((batch_size,), num_steps, dtype=torch.long, device=device)
+    trace = torch.zeros(num_steps, batch_size, device=device)
+    active = torch.arange(batch_size, device=device)
+    row_generators = generators
+
+    def sub_batch(rows):
+        ids, mask, tgt, pos = _select_rows(rows, input_ids, attention_mask, targets, position_ids)
+        return ids, mask, tgt, pos, (None if prefix is None else prefix.index_select(rows))
+
+    ids, mask, tgt, pos, sub_prefix = input_ids, attention_mask, targets, position_ids, prefix
+    tokens = None
+    optimizer = torch.optim.Adam([mu, logvar], lr=lr)
+    with torch.enable_grad():
+        for step in range(num_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_fast_lr(step, num_steps, lr, settings.lr_min_ratio)
+            if step > 0 and not settings.fixed_noise:
+                if isinstance(generators, list):  # per-row streams: stopped rows draw nothing
+                    noise = _standard_normal(mu.shape, row_generators, device)
+                else:
+                    noise = _standard_normal((batch_size, *mu.shape[1:]), generators, device).index_select(0, active)
+            try:
+                loss, nll, kl, num_tokens = negative_elbo(model, ids, tgt, mu, logvar, noise, mask, pos, sub_prefix)
+            except NonFiniteLatentsError:  # the previous step sent mu / logvar to inf
+                what = f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})"
+                _raise_non_finite(model, what, step + 1)
+            mu.grad, logvar.grad = _finite_latent_gradients(model, loss, mu, logvar, step, settings)
+            optimizer.step()
+            trace[step, active] = -(nll + kl).detach().float()
+            if tokens is None:
+                tokens = num_tokens.clamp(min=1).float()
+            if step + 1 >= first_check and step + 1 < num_steps:
+                gain = _smoothed_gain(trace[: step + 1].index_select(1, active), window) / tokens
+                stop = gain < settings.stop_tol
+                if bool(stop.any()):
+                    stopped, keep = active[stop], stop.logical_not().nonzero().squeeze(1)
+                    mu_out[stopped], logvar_out[stopped] = mu.detach()[stop], logvar.detach()[stop]
+                    noise_out[stopped] = noise[stop]
+                    steps_taken[stopped] = step + 1
+                    trace[step + 1 :, stopped] = trace[step, stopped]
+                    if keep.numel() == 0:
+                        active = keep
+                        break
+                    active, tokens = active.index_select(0, keep), tokens.index_select(0, keep)
+                    if isinstance(generators, list):
+                        row_generators = [row_generators[i] for i in keep.tolist()]
+                    noise = noise.index_select(0, keep)
+                    ids, mask, tgt, pos, sub_prefix = sub_batch(active)
+                    mu, logvar, optimizer = _compact_adam(optimizer, mu, logvar, keep, lr)
+    if active.numel():
+        mu_out[active], logvar_out[active], noise_out[active] = mu.detach(), logvar.detach(), noise
+    return _FastLoopState(
+        mu_out, logvar_out, noise_out, list(trace.unbind(0)), targets, position_ids, generators, prefix, steps_taken
+    )
+
+
+def _compact_adam(optimizer, mu, logvar, keep, lr):
+    """New leaf `(mu, logvar)` holding rows `keep`, and an Adam carrying those rows' moments and step count."""
+    new_params = [p.detach().index_select(0, keep).requires_grad_(True) for p in (mu, logvar)]
+    new_optimizer = torch.optim.Adam(new_params, lr=lr)
+    for old, new in zip((mu, logvar), new_params):
+        state = optimizer.state.get(old)
+        if state:
+            new_optimizer.state[new] = {
+                key: (value.index_select(0, keep) if key != "step" else value.clone()) for key, value in state.items()
+            }
+    return new_params[0], new_params[1], new_optimizer
 
 
 def _without_inference_mode(function, model, input_ids, attention_mask, labels, *args):
@@ -492,7 +637,7 @@ def _fit(model, input_ids, attention_mask, labels, settings, seed, generator) ->
             noise = _standard_normal(mu.shape, state.generators, mu.device)
         try:
             _, nll, kl, num_tokens = negative_elbo(
-                model, input_ids, state.targets, mu, logvar, noise, attention_mask, state.position_ids
+                model, input_ids, state.targets, mu, logvar, noise, attention_mask, state.position_ids, state.prefix
             )
         except NonFiniteLatentsError:
             nll = kl = torch.full((input_ids.shape[0],), float("nan"), device=input_ids.device)
@@ -511,6 +656,7 @@ def _fit(model, input_ids, attention_mask, labels, settings, seed, generator) ->
         elbo=elbo,
         num_tokens=num_tokens,
         elbo_trace=torch.stack([*state.elbo_trace, elbo]),
+        num_steps_taken=state.num_steps_taken,
     )
 
 
@@ -545,7 +691,9 @@ def _reconstruction_nll(model, input_ids, attention_mask, labels, settings, seed
     state = _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, generator)
     with torch.no_grad():
         z = state.mu + torch.exp(0.5 * state.logvar) * state.noise
-        nll, num_tokens = sequence_nll(model, input_ids, z, state.targets, attention_mask, state.position_ids)
+        nll, num_tokens = sequence_nll(
+            model, input_ids, z, state.targets, attention_mask, state.position_ids, state.prefix
+        )
     if not bool(torch.isfinite(nll).all()):
         raise NonFiniteELBOError(
             f"The reconstruction NLL is non-finite after {settings.num_steps} fast steps (lr={settings.lr}); check "
@@ -564,6 +712,7 @@ def importance_weighted_bound(
     posterior: PosteriorOutput | None = None,
     seed: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    max_rows_per_forward: int | None = None,
     **fit_kwargs,
 ) -> torch.Tensor:
     """Importance-weighted lower bound on `log p(x)` in nats per sequence, shape `(batch,)`:
@@ -572,7 +721,8 @@ def importance_weighted_bound(
 
     It is never looser than the ELBO in expectation and tightens as `K = num_samples` grows. `posterior` is fitted
     first with `fit_kwargs` (e.g. `num_steps`, `lr`) when not given. Divide by `posterior.num_tokens` for nats per
-    token.
+    token. The `K` samples of every sequence run as batched forwards of at most `max_rows_per_forward` rows (the
+    memory cap; default `max(batch, 16384 // seq_length)`).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
@@ -581,24 +731,50 @@ def importance_weighted_bound(
         posterior = fit_posterior(
             model, input_ids, attention_mask, labels=labels, seed=seed, generator=generator, **fit_kwargs
         )
-    return _importance_sample(model, input_ids, attention_mask, labels, num_samples, posterior, seed, generator)[0]
+    return _importance_sample(
+        model, input_ids, attention_mask, labels, num_samples, posterior, seed, generator, max_rows_per_forward
+    )[0]
 
 
-def _importance_sample(model, input_ids, attention_mask, labels, num_samples, posterior, seed, generator):
+def _importance_sample(
+    model, input_ids, attention_mask, labels, num_samples, posterior, seed, generator, max_rows_per_forward=None
+):
     """`(iw_bound, mean_nll)`, both `(batch,)`: the importance-weighted bound from `num_samples` draws `z_k ~ q`, and
-    the mean of `-log p(x|z_k)` over those same draws (a `K`-sample estimate of `E_q[-log p(x|z)]`)."""
-    generators = _row_generators(None if generator is not None else _next_seed(seed), generator, input_ids.shape[0])
+    the mean of `-log p(x|z_k)` over those same draws (a `K`-sample estimate of `E_q[-log p(x|z)]`).
+
+    The `K * batch` (sequence, draw) pairs run as batched forwards of at most `max_rows_per_forward` rows (default
+    [`default_max_rows`]), on the batch's latent-independent prefix computed once; the draws are the same as `K`
+    sequential passes would take, so the numbers are too (up to float rounding)."""
+    batch_size, seq_length = input_ids.shape
+    generators = _row_generators(None if generator is not None else _next_seed(seed), generator, batch_size)
     targets = next_token_targets(input_ids, attention_mask, labels)
     position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    log_weights, nlls = [], []
-    for _ in range(num_samples):
-        noise = _standard_normal(posterior.mu.shape, generators, posterior.mu.device)
-        z = posterior.mu + torch.exp(0.5 * posterior.logvar) * noise
-        nll, _ = sequence_nll(model, input_ids, z, targets, attention_mask, position_ids)
-        nlls.append(nll.float())
-        log_weights.append(-nll.float() + gaussian_log_prob(z) - gaussian_log_prob(z, posterior.mu, posterior.logvar))
-    bound = torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(num_samples)
-    return bound, torch.stack(nlls).mean(0)
+    prefix = _compute_prefix(model, input_ids, attention_mask, position_ids)
+    mu, logvar = posterior.mu, posterior.logvar
+    noise = torch.stack([_standard_normal(mu.shape, generators, mu.device) for _ in range(num_samples)])  # (K, B, ...)
+    z = (mu + torch.exp(0.5 * logvar) * noise).flatten(0, 1)  # (K * B, ...), row k * B + b
+    rows = torch.arange(batch_size, device=input_ids.device).repeat(num_samples)
+    max_rows = default_max_rows(batch_size, seq_length) if max_rows_per_forward is None else max_rows_per_forward
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"`max_rows_per_forward` must be an integer >= 1, got {max_rows_per_forward!r}.")
+    nlls = []
+    for chunk in torch.arange(rows.numel(), device=rows.device).split(max_rows):
+        index = rows[chunk]
+        ids, mask, tgt, pos = _select_rows(index, input_ids, attention_mask, targets, position_ids)
+        chunk_prefix = None if prefix is None else prefix.index_select(index)
+        nlls.append(sequence_nll(model, ids, z[chunk], tgt, mask, pos, chunk_prefix)[0].float())
+    nll = torch.cat(nlls).view(num_samples, batch_size)
+    z = z.view(num_samples, batch_size, *mu.shape[1:])
+    log_weights = torch.stack(
+        [-nll[k] + gaussian_log_prob(z[k]) - gaussian_log_prob(z[k], mu, logvar) for k in range(num_samples)]
+    )
+    bound = torch.logsumexp(log_weights, dim=0) - math.log(num_samples)
+    return bound, nll.mean(0)
+
+
+def default_max_rows(batch_size: int, seq_length: int, max_tokens: int = 16384) -> int:
+    """Rows per batched scoring forward when no cap is given: at least the batch, else `max_tokens` tokens' worth."""
+    return max(batch_size, max_tokens // max(seq_length, 1))
 
 
 def _next_seed(seed):
@@ -675,6 +851,7 @@ def evaluate_posterior(
     reconstruction: bool = False,
     reconstruction_settings: PosteriorFitSettings | None = None,
     seed: int | Sequence[int] | None = None,
+    max_rows_per_forward: int | None = None,
 ) -> PosteriorEvaluation:
     """Every number an LTM reports about `log p(x)`, from one definition.
 
@@ -690,6 +867,8 @@ def evaluate_posterior(
         input_ids, attention_mask, labels: as [`fit_posterior`] (`labels` = -100 excludes a token from every term).
         seed: an int, or one int per row (results then do not depend on batching). Both fits start from it; the
             importance samples draw from seeds derived from it.
+        max_rows_per_forward: memory cap of the batched importance-sample forwards (rows = sequences x samples);
+            default `max(batch, 16384 // seq_length)`.
 
     Returns a [`PosteriorEvaluation`] (per-sequence tensors in nats; `.summary()` for per-token figures).
     """
@@ -711,7 +890,7 @@ def evaluate_posterior(
     if iw_samples > 0:
         with torch.no_grad():
             result.iw, result.nll = _importance_sample(
-                model, input_ids, attention_mask, labels, iw_samples, posterior, seed, None
+                model, input_ids, attention_mask, labels, iw_samples, posterior, seed, None, max_rows_per_forward
             )
         # The ELBO's likelihood term from the K draws rather than one: a lower-variance estimate of the same ELBO.
         result.elbo = -(result.nll + result.kl)

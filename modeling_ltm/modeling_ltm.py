@@ -11,6 +11,7 @@ next to the weights for `trust_remote_code=True` loading.
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -323,14 +324,13 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
         latent_position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
+        skip_self_attention: bool = False,
         **kwargs,
     ) -> torch.Tensor:
-        self_cache = cache.self_attention_cache if cache is not None else None
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, self_cache, **kwargs
-        )
-        hidden_states = residual + self.dropout(hidden_states)
+        if not skip_self_attention:  # skipped when `hidden_states` is an `LTMPrefix` that already went through it
+            hidden_states = self.self_attention_block(
+                hidden_states, position_embeddings, attention_mask, cache, **kwargs
+            )
 
         residual = hidden_states
         hidden_states, _ = self.cross_attn(
@@ -345,6 +345,22 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
 
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + self.dropout(hidden_states)
+
+    def self_attention_block(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The z-independent first sublayer: `hidden_states + self_attn(norm(hidden_states))`, `(B, T, hidden)`."""
+        self_cache = cache.self_attention_cache if cache is not None else None
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, self_cache, **kwargs
+        )
         return residual + self.dropout(hidden_states)
 
 
@@ -388,6 +404,43 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor, past_length: 
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return position_ids[:, past_length : past_length + seq_length]
+
+
+@dataclass
+class LTMPrefix:
+    """The part of a forward pass that does not depend on the latents, computed once by [`LTMModel.compute_prefix`]
+    and reused by every forward on the same tokens (the fast loop's steps, importance samples, final scoring):
+    the token embeddings and layer 0's self-attention sublayer (everything before the first cross-attention).
+
+    Args:
+        hidden_states (`torch.FloatTensor` of shape `(batch, seq, hidden_size)`): the residual stream after layer 0's
+            self-attention sublayer.
+        causal_mask (`torch.Tensor` of shape `(batch or 1, 1, seq, seq)`, or `None`): the self-attention mask every
+            layer uses (causal, sliding window, padding), as built by transformers' mask functions.
+        position_embeddings (`tuple` of two `torch.FloatTensor` of shape `(batch or 1, seq, head_dim)`): the tokens'
+            RoPE `cos`, `sin`.
+    """
+
+    hidden_states: torch.Tensor
+    causal_mask: torch.Tensor | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def index_select(self, index: torch.Tensor) -> "LTMPrefix":
+        """The prefix of rows `index` (a 1-D LongTensor; repeat rows to batch several samples per sequence)."""
+
+        def rows(tensor):
+            if tensor is None or tensor.shape[0] != self.batch_size:  # broadcast over the batch: nothing to select
+                return tensor
+            return tensor.index_select(0, index)
+
+        if self.causal_mask is not None and not isinstance(self.causal_mask, torch.Tensor):
+            raise TypeError(f"Cannot select rows of a {type(self.causal_mask).__name__} attention mask.")
+        cos, sin = self.position_embeddings
+        return LTMPrefix(rows(self.hidden_states), rows(self.causal_mask), (rows(cos), rows(sin)))
 
 
 class LTMModel(LTMPreTrainedModel):
@@ -451,6 +504,7 @@ class LTMModel(LTMPreTrainedModel):
         latents: torch.Tensor | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
+        prefix: LTMPrefix | None = None,
         **kwargs,
     ) -> LTMModelOutput:
         r"""
@@ -477,14 +531,16 @@ class LTMModel(LTMPreTrainedModel):
                 gradient checkpointing.
             past_key_values (`Cache`, *optional*):
                 The name of `cache` before transformers 5.24 (what `generate()` passes there); deprecated after.
-            output_hidden_states (`bool`, *optional*):
-                Also return `hidden_states`. Defaults to `config.output_hidden_states`.
-            output_attentions (`bool`, *optional*):
-                Also return `attentions` and `cross_attentions`. Needs the eager attention (the fused kernels do not
-                compute the weights): load with `attn_implementation="eager"` or call
-                `model.set_attn_implementation("eager")`. Defaults to `config.output_attentions`.
-            return_dict (`bool`, *optional*):
-                `False` returns a tuple of the output's non-`None` fields, in order. Defaults to `config.return_dict`.
+        self_cache = cache.self_attention_cache if cache is not None else None
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, self_cache, **kwargs
+        )
+        hidden_states = residual + self.dropout(hidden_states)
+        if not skip_self_attention:  # skipped when `hidden_states` is an `LTMPrefix` that already went through it
+            hidden_states = self.self_attention_block(
+                hidden_states, position_embeddings, attention_mask, cache, **kwargs
+            )
 
         Returns:
             [`LTMModelOutput`] (transformers' `BaseModelOutputWithPastAndCrossAttentions`) with
@@ -514,7 +570,16 @@ class LTMModel(LTMPreTrainedModel):
                 f"{self.config._attn_implementation!r}. Load it with `attn_implementation=\"eager\"` or call "
                 "`model.set_attn_implementation(\"eager\")` first."
             )
-        if (input_ids is None) == (inputs_embeds is None):
+        if prefix is not None:
+            given = [n for n, v in [("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                                    ("attention_mask", attention_mask), ("position_ids", position_ids),
+                                    ("cache", cache)] if v is not None]  # fmt: skip
+            if given or use_cache:
+                raise ValueError(
+                    f"`prefix` already holds the tokens, mask and positions; do not also pass {given or 'use_cache'}."
+                )
+            inputs_embeds, use_cache = prefix.hidden_states, False
+        elif (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(
@@ -559,20 +624,14 @@ class LTMModel(LTMPreTrainedModel):
         else:
             self.check_latents(latents, batch_size)
 
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-                position_ids = position_ids_from_attention_mask(attention_mask, past_length, seq_length)
-            else:
-                position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
-                position_ids = position_ids.unsqueeze(0)
-
-        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        # The cache goes by position: its keyword is `past_key_values` before transformers 5.24 and `cache` after.
-        self_cache = cache.self_attention_cache if cache is not None else None
-        causal_mask = mask_function(self.config, inputs_embeds, attention_mask, self_cache, position_ids)
-
-        hidden_states = self.dropout(inputs_embeds)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        if prefix is None:
+            hidden_states, causal_mask, position_embeddings = self._layer_inputs(
+                inputs_embeds, attention_mask, position_ids, cache, past_length
+            )
+        else:
+            hidden_states, causal_mask, position_embeddings = (
+                prefix.hidden_states, prefix.causal_mask, prefix.position_embeddings
+            )
         latent_position_embeddings = None
         if not cross_cached:  # while decoding, the latents' keys (already rotated) come from the cache
             latent_position_embeddings = self.rotary_emb(
@@ -586,10 +645,59 @@ class LTMModel(LTMPreTrainedModel):
                 latent_position_embeddings,
                 attention_mask=causal_mask,
                 cache=cache,
+                skip_self_attention=prefix is not None and layer_idx == 0,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         return LTMModelOutput(last_hidden_state=hidden_states, **{CACHE_NAME: cache if use_cache else None})
+
+    def _layer_inputs(self, inputs_embeds, attention_mask, position_ids, cache, past_length):
+        """`(hidden_states, causal_mask, position_embeddings)` entering layer 0, from the token embeddings."""
+        seq_length = inputs_embeds.shape[1]
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+                position_ids = position_ids_from_attention_mask(attention_mask, past_length, seq_length)
+            else:
+                position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
+                position_ids = position_ids.unsqueeze(0)
+
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        # The cache goes by position: its keyword is `past_key_values` before transformers 5.24 and `cache` after.
+        self_cache = cache.self_attention_cache if cache is not None else None
+        causal_mask = mask_function(self.config, inputs_embeds, attention_mask, self_cache, position_ids)
+
+        hidden_states = self.dropout(inputs_embeds)
+        return hidden_states, causal_mask, self.rotary_emb(hidden_states, position_ids)
+
+    @torch.no_grad()
+    def compute_prefix(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+    ) -> LTMPrefix:
+        """The latent-independent start of `forward` for these tokens (embeddings, masks, RoPE tables and layer 0's
+        self-attention sublayer), to pass as `forward(prefix=...)` to any number of forwards with different latents.
+
+        Computed under `torch.no_grad()`: it carries no gradient to the weights (the fast loop needs gradients with
+        respect to the latents only, which never reach this part). Arguments as in `forward`; under an autocast,
+        compute it inside the same autocast as the forwards that use it.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input of {inputs_embeds.shape[1]} tokens is longer than max_position_embeddings="
+                f"{self.config.max_position_embeddings}; truncate it."
+            )
+        hidden_states, causal_mask, position_embeddings = self._layer_inputs(
+            inputs_embeds, attention_mask, position_ids, None, 0
+        )
+        hidden_states = self.layers[0].self_attention_block(hidden_states, position_embeddings, causal_mask)
+        return LTMPrefix(hidden_states, causal_mask, position_embeddings)
 
 
 class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
@@ -643,6 +751,7 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        prefix: LTMPrefix | None = None,
         **kwargs,
     ) -> LTMCausalLMOutput:
         r"""
@@ -659,6 +768,9 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 An `int` computes logits for the last `logits_to_keep` positions only (0 keeps all); a 1-D tensor
                 lists the sequence positions to keep.
+            prefix ([`LTMPrefix`], *optional*):
+                From `model.model.compute_prefix(...)`, instead of `input_ids`/`attention_mask`/`position_ids`; see
+                [`LTMModel.forward`].
 
         Returns:
             [`LTMCausalLMOutput`] with `logits` of shape `(batch_size, kept_positions, vocab_size)`, `loss` when
@@ -674,6 +786,7 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
             latents=latents,
             use_cache=use_cache,
             return_dict=True,
+            prefix=prefix,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -730,4 +843,4 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         return evaluate_posterior(self, input_ids, attention_mask, **kwargs)
 
 
-__all__ = ["CACHE_NAME", "LTMForCausalLM", "LTMModel", "LTMPreTrainedModel", "LTMCausalLMOutput", "LTMModelOutput"]
+__all__ = ["CACHE_NAME", "LTMForCausalLM", "LTMModel", "LTMPrefix", "LTMPreTrainedModel", "LTMCausalLMOutput", "LTMModelOutput"]

@@ -42,7 +42,6 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
-
 from transformers.trainer_utils import sort_checkpoints
 
 from . import data as ltm_data

@@ -481,7 +481,7 @@ class LTMLM(HFLM):
         empty = ~mask.bool().any(dim=1)
         added = int(empty.any())
         if added:
-            pad = torch.full_like(context[:, :1], self.tokenizer.pad_token_id)
+            pad = context.new_full((context.shape[0], 1), self.tokenizer.pad_token_id)
             context, mask = torch.cat([pad, context], dim=1), torch.cat([torch.zeros_like(pad), mask], dim=1)
             context[empty, -1], mask[empty, -1] = self.prefix_token_id, 1
         latents = self.fit_context_latents([row[keep.bool()].tolist() for row, keep in zip(context, mask)])

@@ -323,6 +323,18 @@ def test_generate_until_stops_at_until(lm):
     outputs = lm.generate_until(requests, disable_tqdm=True)
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
     assert "\n" not in outputs[0] and "e" not in outputs[0]
+    # An empty context is conditioned on the prefix token (z: the prior mean), alone or padded beside another.
+    kwargs = {"until": ["QQQ"], "max_gen_toks": 4, "min_new_tokens": 4}  # gen_kwargs go on to generate()
+    (alone,) = lm.generate_until([request("generate_until", "", kwargs)], disable_tqdm=True)
+    together = lm.generate_until(
+        [request("generate_until", "", kwargs), request("generate_until", "ROMEO: But soft", kwargs)], disable_tqdm=True
+    )
+    prefix = torch.tensor([[lm.prefix_token_id]])
+    with torch.no_grad():
+        expected = lm.model.generate(
+            prefix, latents=lm.fit_context_latents([[]]), max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
+    assert together[0] == alone == lm.tok_decode(expected[0, 1:].tolist()) and len(alone) > 0
     with pytest.raises(ValueError, match="max_gen_toks=64 leaves no room"):
         lm.generate_until([request("generate_until", "ROMEO:", {"until": ["\n"], "max_gen_toks": 64})])
 

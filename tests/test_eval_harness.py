@@ -11,6 +11,7 @@ from pathlib import Path
 import lm_eval
 import pytest
 import torch
+import transformers
 from conftest import REPO_ROOT, small_tokenizer, tiny_config
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
@@ -240,7 +241,7 @@ def test_long_context_is_left_truncated(lm):
     assert math.isfinite(logprob) and logprob == pytest.approx(expected, abs=1e-5)
 
 
-def test_bad_inputs_get_clear_errors(checkpoint, lm):
+def test_bad_inputs_get_clear_errors(checkpoint, lm, monkeypatch):
     with pytest.raises(ValueError, match="empty continuation"):
         lm.loglikelihood([request("loglikelihood", "ROMEO:", "")], disable_tqdm=True)
     with pytest.raises(ValueError, match=r"Unknown model_args.*\['num_inference_step'\].*num_inference_steps"):
@@ -249,6 +250,10 @@ def test_bad_inputs_get_clear_errors(checkpoint, lm):
         LTMLM(pretrained=str(checkpoint), max_length=65)
     with pytest.raises(ValueError, match="`backend` must be 'causal'"):
         LTMLM(pretrained=str(checkpoint), backend="seq2seq")
+    with monkeypatch.context() as patch:  # torchrun on CPU without ACCELERATE_USE_CPU: accelerate sees 1 process
+        patch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ValueError, match="WORLD_SIZE=2.*set ACCELERATE_USE_CPU=1"):
+            LTMLM(pretrained=str(checkpoint), device="cpu")
     with pytest.raises(ValueError, match="batch_size='auto' is not supported"):
         LTMLM(pretrained=str(checkpoint), batch_size="auto")
     with pytest.raises(ValueError, match="`iw_samples` must be an integer >= 0"):
@@ -268,6 +273,20 @@ def test_hflm_model_args_apply(checkpoint):
     finally:
         handle.remove()
     assert calls and all(input_ids.shape[1] <= 32 for input_ids, _ in calls)
+
+
+def test_model_instance_and_non_ltm_models(lm):
+    same = LTMLM(pretrained=lm.model, tokenizer=lm.tokenizer, num_inference_steps=STEPS, batch_size=4)
+    requests = loglikelihood_requests()[:4]
+    assert same.loglikelihood(requests, disable_tqdm=True) == lm.loglikelihood(requests, disable_tqdm=True)
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(lm.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2,
+        )
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="LlamaForCausalLM, not a Latent-Thought LM.*--model hf"):
+        LTMLM(pretrained=llama, tokenizer=lm.tokenizer)
 
 
 # ------------------------------------------------------------------------------------- loglikelihood_rolling

@@ -138,7 +138,11 @@ class LTMLM(HFLM):
                 f"batch_size={batch_size!r} is not supported by model 'ltm' (HFLM sizes batches by a forward pass; "
                 "every posterior fit step also takes a backward pass); pass an integer, e.g. --batch_size 8."
             )
-        if not isinstance(pretrained, str) and kwargs.get("tokenizer") is None and not pretrained.name_or_path:
+        if (
+            not isinstance(pretrained, str)
+            and kwargs.get("tokenizer") is None
+            and not getattr(pretrained, "name_or_path", "")
+        ):
             raise ValueError("Pass `tokenizer` (a tokenizer or its path) when `pretrained` is a model instance.")
         self.iw_samples = _as_int("iw_samples", iw_samples, 0)
         self.seed = _as_int("seed", seed, 0)
@@ -166,10 +170,11 @@ class LTMLM(HFLM):
                 "The tokenizer has no EOS token; model 'ltm' needs it as the end-of-text token (stop sequence of "
                 "generation, conditioning prefix of rolling windows). Set `tokenizer.eos_token`."
             )
-        if self.max_length > self.model.config.max_position_embeddings:
+        positions = self.model.config.max_position_embeddings
+        if self.max_length > positions:
             raise ValueError(
-                f"max_length={self.max_length} exceeds the model's max_position_embeddings "
-                f"({self.model.config.max_position_embeddings}); pass max_length <= {self.model.config.max_position_embeddings}."
+                f"max_length={self.max_length} exceeds the model's max_position_embeddings ({positions}); pass "
+                f"max_length <= {positions}."
             )
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:

@@ -346,7 +346,8 @@ def test_generate_until_stops_at_until(lm):
     kwargs = {"until": ["QQQ"], "max_gen_toks": 4, "min_new_tokens": 4}  # gen_kwargs go on to generate()
     (alone,) = lm.generate_until([request("generate_until", "", kwargs)], disable_tqdm=True)
     together = lm.generate_until(
-        [request("generate_until", "", kwargs), request("generate_until", "ROMEO: But soft", kwargs)], disable_tqdm=True
+        [request("generate_until", "", kwargs), request("generate_until", "ROMEO: But soft", kwargs)],
+        disable_tqdm=True,
     )
     prefix = torch.tensor([[lm.prefix_token_id]])
     with torch.no_grad():

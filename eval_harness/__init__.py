@@ -1,6 +1,6 @@
 """lm-evaluation-harness integration for Latent-Thought LMs: model `ltm`, local tasks, an `evaluate` metric.
 
-`import eval_harness` registers the lm-eval model name "ltm", after which
+`import eval_harness` registers the lm-eval model name "ltm" (`LTMLM`, a subclass of lm-eval's `HFLM`), after which
 `lm_eval.simple_evaluate(model="ltm", model_args={"pretrained": path}, tasks=[...])` works. The command line is
 `python -m eval_harness ...` or `ltm eval ...` (lm-eval's own flags). Local tasks live in `TASKS_DIR`
 (`--include_path eval_harness/tasks`).

@@ -1,12 +1,16 @@
 """lm-evaluation-harness model `ltm`: Latent-Thought Language Models scored without peeking at the answer.
 
-An LTM's likelihood of a text depends on its latent thought vectors `z`, which are not computed by the network but
-fitted per sequence by posterior inference (the fast loop, `modeling_ltm.inference.fit_posterior`). The three
-request types are answered as follows:
+`LTMLM` is lm-eval's own `HFLM` (model `hf`) with the latent thought vectors added, as lm-eval's Mamba wrapper is
+`HFLM` with Mamba's loading: `model_args` parsing, device and dtype, model and tokenizer loading, batching, the
+`generate_until` loop and multi-process evaluation (`accelerate launch` / `torchrun`) are HFLM's. Only what an LTM
+does differently is overridden:
 
-Every fit uses the model's *evaluation* settings (`PosteriorFitSettings.evaluation(config)`: start at the prior, `eps`
-redrawn every step, `config.eval_inference_steps` steps at `config.eval_inference_lr`), not the training fast loop's;
-`num_inference_steps` / `inference_lr` override its steps and learning rate.
+An LTM's likelihood of a text depends on its latents `z`, which are not computed by the network but fitted per
+sequence by posterior inference (the fast loop, `modeling_ltm.inference`). Every fit uses the model's *evaluation*
+settings (`PosteriorFitSettings.evaluation(config)`: start at the prior, `eps` redrawn every step,
+`config.eval_inference_steps` steps at `config.eval_inference_lr`); `num_inference_steps` / `inference_lr` override
+its steps and learning rate. Fits always pass an attention mask (HFLM's `_model_call` passes none), so padding never
+enters a posterior.
 
 - `loglikelihood(context, continuation)`: `z` is fitted on the **context only**, then the continuation is scored
   given `(context, z)` with one forward pass over context + continuation. The continuation never influences `z`,
@@ -16,16 +20,18 @@ redrawn every step, `config.eval_inference_steps` steps at `config.eval_inferenc
   importance-weighted bound with `iw_samples > 0`) of each rolling window, summed over windows
   (`modeling_ltm.inference.evaluate_posterior`). Never the conditional NLL without its KL, and never the paper's
   reconstruction perplexity.
-- `generate_until(context, gen_kwargs)`: `z` is fitted on the context, then `model.generate(latents=z, ...)`
-  decodes with lm-eval's stop sequences and `max_gen_toks`.
+- `generate_until(context, gen_kwargs)`: HFLM's loop; its `_model_generate` hook fits `z` on each (truncated)
+  context and calls `model.generate(latents=z, ...)`.
 
 Every posterior fit is seeded per sequence from the base `seed` and the sequence's token ids, so a request's
-result does not depend on the batch it lands in, on batch size or on request order.
+result does not depend on the batch it lands in, on batch size, on request order or on the number of processes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,10 +40,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 from lm_eval import utils as lm_eval_utils
-from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from lm_eval.models.utils_hf import stop_sequences_criteria
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from tqdm import tqdm
 
 import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
@@ -46,26 +51,15 @@ from modeling_ltm.inference import PosteriorFitSettings, evaluate_posterior, fit
 
 logger = transformers.utils.logging.get_logger(__name__)
 
-MODEL_ARGS = (
-    "pretrained",
-    "tokenizer",
-    "num_inference_steps",
-    "inference_lr",
-    "iw_samples",
-    "batch_size",
-    "max_batch_size",
-    "device",
-    "dtype",
-    "seed",
-    "trust_remote_code",
-)
+# The model_args model `ltm` adds to lm-eval's `hf` model (HFLM); every other model_arg is HFLM's.
+MODEL_ARGS = ("num_inference_steps", "inference_lr", "iw_samples", "seed")
 
 
 def content_seed(base_seed: int, tokens: Sequence[int], purpose: str) -> int:
     """A stable 31-bit seed for one sequence's posterior fit, from the base seed, a purpose tag and the token ids.
 
     Deterministic across processes and platforms (sha256, not Python's salted `hash`), so the fit of a sequence
-    does not depend on its batch, the batch size or the order of requests.
+    does not depend on its batch, the batch size, the order of requests or the process that runs it.
     """
     digest = hashlib.sha256(f"{base_seed}|{purpose}|{','.join(map(str, tokens))}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
@@ -97,128 +91,61 @@ def _as_int(name: str, value: Any, minimum: int) -> int:
     return number
 
 
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ValueError(f"`{name}` must be true or false, got {value!r}.")
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        # lm-eval's CLI passes device="cuda:0" unless told otherwise; on a CPU-only machine that means "cpu".
-        logger.warning(f"device={str(device)!r} was requested but CUDA is not available; using the CPU.")
-        return torch.device("cpu")
-    return device
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return "auto" if dtype is None else dtype
-    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(
-            f"`dtype` must be 'auto' or a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}."
-        )
-    return resolved
-
-
 @_register
-class LTMLM(TemplateLM):
-    """lm-eval model `ltm` for [`LTMForCausalLM`].
+class LTMLM(HFLM):
+    """lm-eval model `ltm` for [`LTMForCausalLM`]: lm-eval's `HFLM` with posterior inference of the latents.
 
-    Args (lm-eval `model_args`, e.g. `--model_args pretrained=runs/ltm-tiny,num_inference_steps=16`):
-        pretrained (`str` or `LTMForCausalLM`): a local folder / Hub id, or a model instance.
-        tokenizer (`str` or tokenizer, *optional*): defaults to the tokenizer saved with `pretrained`.
+    Args (lm-eval `model_args`, e.g. `--model_args pretrained=runs/ltm-tiny,num_inference_steps=16`): every
+    argument of lm-eval's `hf` model (`HFLM`: `pretrained`, `tokenizer`, `batch_size`, `device`, `dtype`,
+    `max_length`, `trust_remote_code`, `revision`, `prefix_token_id`, ...; any other keyword goes to
+    `from_pretrained`, so `LTMConfig` fields can be overridden), plus:
         num_inference_steps (`int`, *optional*): fast steps `T` of every posterior fit (context, window or prompt).
             Defaults to `config.eval_inference_steps` (the evaluation fit; see `PosteriorFitSettings.evaluation`).
         inference_lr (`float`, *optional*): fast learning rate. Defaults to `config.eval_inference_lr`.
         iw_samples (`int`, defaults to 0): `loglikelihood_rolling` reports the importance-weighted bound with this
             many samples of `q(z|x)` when > 0, else the ELBO.
-        batch_size (`int` or `str`, defaults to 1): sequences per posterior fit / forward pass (the CLI passes a
-            string). `auto` is not supported: the fast loop's memory depends on `num_inference_steps`.
-        max_batch_size (`int`, *optional*): accepted for lm-eval compatibility; unused (no automatic batch size).
-        device (`str`, *optional*): defaults to CUDA when available, else the CPU (a CUDA device on a machine
-            without CUDA falls back to the CPU with a warning).
-        dtype (`str`, defaults to "float32"): weights' dtype; posterior parameters stay in float32.
         seed (`int`, defaults to 1234): base seed of every posterior fit (each sequence gets a seed derived from it
             and its token ids).
-        trust_remote_code (`bool`, defaults to False): load the model through its saved remote code.
+    Defaults that differ from HFLM's: `device` is CUDA when available, else the CPU (HFLM: "cuda"); `dtype` is
+    "float32" (HFLM: "auto"); `backend` can only be "causal".
 
     Raises:
-        ValueError: unknown `model_args` (the message lists the valid ones) or invalid values.
+        ValueError: a model_arg that neither HFLM, `from_pretrained` nor the config knows (the message names it),
+            invalid values of the LTM arguments, `batch_size="auto"` (HFLM sizes batches by a forward pass; the fast
+            loop also takes a backward pass per step), `max_length` beyond `max_position_embeddings`.
+        TypeError: `pretrained` is not a Latent-Thought LM.
     """
-
-    backend = "causal"
 
     def __init__(
         self,
         pretrained: str | transformers.PreTrainedModel | None = None,
-        tokenizer: str | transformers.PreTrainedTokenizerBase | None = None,
         num_inference_steps: int | None = None,
         inference_lr: float | None = None,
         iw_samples: int = 0,
-        batch_size: int | str = 1,
-        max_batch_size: int | None = None,
+        seed: int = 1234,
+        backend: str = "causal",
         device: str | None = None,
         dtype: str | torch.dtype | None = "float32",
-        seed: int = 1234,
-        trust_remote_code: bool = False,
-        **unknown: Any,
+        batch_size: int | str = 1,
+        **kwargs: Any,
     ) -> None:
-        if unknown:
-            raise ValueError(
-                f"Unknown model_args for model 'ltm': {sorted(unknown)}. Valid model_args: {', '.join(MODEL_ARGS)}."
-            )
-        super().__init__()
         if pretrained is None:
             raise ValueError("model 'ltm' needs `pretrained` (a model folder, Hub id or LTMForCausalLM instance).")
-        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+        if backend != "causal":
+            raise ValueError(f"model 'ltm' is a causal LM; `backend` must be 'causal', got {backend!r}.")
+        if str(batch_size).startswith("auto"):
             raise ValueError(
-                f"batch_size={batch_size!r} is not supported by model 'ltm' (the fast loop's memory grows with "
-                "num_inference_steps); pass an integer, e.g. --batch_size 8."
+                f"batch_size={batch_size!r} is not supported by model 'ltm' (HFLM sizes batches by a forward pass; "
+                "every posterior fit step also takes a backward pass); pass an integer, e.g. --batch_size 8."
             )
-        self.batch_size_per_gpu = _as_int("batch_size", batch_size, 1)
+        if (
+            not isinstance(pretrained, str)
+            and kwargs.get("tokenizer") is None
+            and not getattr(pretrained, "name_or_path", "")
+        ):
+            raise ValueError("Pass `tokenizer` (a tokenizer or its path) when `pretrained` is a model instance.")
         self.iw_samples = _as_int("iw_samples", iw_samples, 0)
         self.seed = _as_int("seed", seed, 0)
-        trust_remote_code = _as_bool("trust_remote_code", trust_remote_code)
-        self._device = _resolve_device(device)
-
-        if isinstance(pretrained, transformers.PreTrainedModel):
-            model = pretrained
-            if tokenizer is None:
-                raise ValueError("Pass `tokenizer` (a tokenizer or its path) when `pretrained` is a model instance.")
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(pretrained), dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
-            )
-        if not callable(getattr(model, "infer_latents", None)):
-            raise TypeError(
-                f"`pretrained` is a {type(model).__name__}, not a Latent-Thought LM (no `infer_latents`); use "
-                "lm-eval's `--model hf` for ordinary causal LMs."
-            )
-        self._model = model.to(self._device).eval()
-        self.config = self._model.config
-
-        if isinstance(tokenizer, transformers.PreTrainedTokenizerBase):
-            self.tokenizer = tokenizer
-        else:
-            source = tokenizer if tokenizer is not None else pretrained
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-                str(source), trust_remote_code=trust_remote_code
-            )
-        if self.tokenizer.eos_token_id is None and self.tokenizer.bos_token_id is None:
-            raise ValueError(
-                "The tokenizer has neither an EOS nor a BOS token; model 'ltm' needs one as the end-of-text token "
-                "(the conditioning prefix of empty contexts and rolling windows). Set `tokenizer.eos_token`."
-            )
-
         steps = None if num_inference_steps is None else _as_int("num_inference_steps", num_inference_steps, 0)
         try:
             lr = None if inference_lr is None else float(inference_lr)
@@ -226,63 +153,64 @@ class LTMLM(TemplateLM):
             lr = float("nan")
         if lr is not None and not lr > 0:
             raise ValueError(f"`inference_lr` must be a number > 0, got {inference_lr!r}.")
-        self.fit_settings = PosteriorFitSettings.evaluation(self.config, num_steps=steps, lr=lr)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+
+        super().__init__(
+            pretrained=pretrained, backend="causal", device=device, dtype=dtype, batch_size=batch_size, **kwargs
+        )
+
+        if not callable(getattr(self.model, "infer_latents", None)):
+            raise TypeError(
+                f"`pretrained` is a {type(self.model).__name__}, not a Latent-Thought LM (no `infer_latents`); use "
+                "lm-eval's `--model hf` for ordinary causal LMs."
+            )
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(
+                "The tokenizer has no EOS token; model 'ltm' needs it as the end-of-text token (stop sequence of "
+                "generation, conditioning prefix of rolling windows). Set `tokenizer.eos_token`."
+            )
+        positions = self.model.config.max_position_embeddings
+        if self.max_length > positions:
+            raise ValueError(
+                f"max_length={self.max_length} exceeds the model's max_position_embeddings ({positions}); pass "
+                f"max_length <= {positions}."
+            )
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
+            # lm-eval 0.4.13's HFLM splits the requests between processes only when more than one GPU is visible;
+            # on CPU (gloo) every process would evaluate everything.
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world_size == 1 and isinstance(pretrained, str) and kwargs.get("tp_plan") is None:
+            raise ValueError(
+                f"Launched as {launched} processes (WORLD_SIZE={launched}), but accelerate sees one, so each would "
+                "evaluate every request. Without GPUs, set ACCELERATE_USE_CPU=1 (as `accelerate launch --cpu` "
+                "does), e.g. `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m eval_harness ...`."
+            )
+
+        self.fit_settings = PosteriorFitSettings.evaluation(self.model.config, num_steps=steps, lr=lr)
         self.num_inference_steps, self.inference_lr = self.fit_settings.num_steps, self.fit_settings.lr
         self.rolling_totals = {"nll": 0.0, "kl": 0.0, "bound": 0.0, "tokens": 0}
 
-    # ---------------------------------------------------------------------------------------------------- basics
-
-    @property
-    def model(self) -> transformers.PreTrainedModel:
-        return self._model
-
-    @property
-    def eot_token_id(self) -> int:
-        eos = self.tokenizer.eos_token_id
-        return eos if eos is not None else self.tokenizer.bos_token_id
-
-    @property
-    def prefix_token_id(self) -> int:
-        bos = self.tokenizer.bos_token_id
-        return bos if bos is not None else self.eot_token_id
-
-    @property
-    def max_length(self) -> int:
-        """Longest sequence the model accepts, in tokens (`max_position_embeddings`)."""
-        return self.config.max_position_embeddings
-
-    @property
-    def max_gen_toks(self) -> int:
-        return 256
-
-    @property
-    def batch_size(self) -> int:
-        return self.batch_size_per_gpu
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def tokenizer_name(self) -> str:
-        return self.tokenizer.name_or_path.replace("/", "__")
-
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
-        """Token ids of `string`, without special tokens unless `add_special_tokens=True` (the conditioning prefix
-        token is added explicitly where lm-eval needs one)."""
-        # verbose=False: long documents are split into windows later; the "longer than the model" warning is noise.
-        encoding = self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens), verbose=False)
-        return encoding[-left_truncate_len:] if left_truncate_len else encoding
-
-    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+    def _create_model(self, pretrained: str, **kwargs) -> None:
+        """HFLM's loading; a model_arg nobody knows reaches `LTMForCausalLM.__init__`, and is named here."""
+        try:
+            super()._create_model(pretrained, **kwargs)
+        except TypeError as error:
+            unknown = re.findall(r"unexpected keyword argument '(\w+)'", str(error))
+            if not unknown:
+                raise
+            raise ValueError(
+                f"Unknown model_args for model 'ltm': {unknown}. Valid model_args: {', '.join(MODEL_ARGS)}, those "
+                "of lm-eval's `hf` model (pretrained, tokenizer, batch_size, device, dtype, max_length, "
+                "trust_remote_code, ...), LTMConfig fields and from_pretrained keyword arguments."
+            ) from error
 
     def get_model_info(self) -> dict:
-        """Added to lm-eval's results `config`: how the latents were inferred and, for rolling requests, the bound's
-        parts in nats per scored token (so a perplexity bound always comes with its KL)."""
-        info = {
-            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
-            "model_dtype": str(self.model.dtype),
+        """HFLM's model info plus how the latents were inferred and, for rolling requests, the bound's parts in nats
+        per scored token (so a perplexity bound always comes with its KL); added to lm-eval's results `config`."""
+        info = super().get_model_info() | {
             "ltm_num_inference_steps": self.num_inference_steps,
             "ltm_inference_lr": self.inference_lr,
             "ltm_fit_settings": self.fit_settings.describe(),
@@ -299,19 +227,32 @@ class LTMLM(TemplateLM):
             }
         return info
 
-    # ------------------------------------------------------------------------------------------ tensor helpers
+    # ---------------------------------------------------------------------------------------- masked model calls
 
-    def _left_pad(self, sequences: Sequence[Sequence[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad token lists → `(ids, mask)`, both `(batch, longest)`; the model derives positions from the mask,
-        so a padded row is processed as it would be alone."""
-        longest = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), longest), fill, dtype=torch.long)
-        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            if seq:
-                ids[row, longest - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
-                mask[row, longest - len(seq) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+    def _left_pad(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token lists with the tokenizer → `(input_ids, attention_mask)`, both `(batch, longest)` on the
+        model's device; the model derives positions from the mask, so a padded row is processed as it would be
+        alone."""
+        batch = self.tokenizer.pad(
+            {"input_ids": [list(s) for s in sequences]}, padding_side="left", return_tensors="pt"
+        )
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def _model_call_with_latents(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """HFLM's `_model_call` with the attention mask and the latents: logits `(batch, seq, vocab)`."""
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, latents=latents, use_cache=False
+            ).logits
 
     def fit_context_latents(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Latents `z` for each context: `(len(contexts), num_hidden_layers, n_latents_per_layer, latent_dim)`.
@@ -320,10 +261,10 @@ class LTMLM(TemplateLM):
         `PosteriorOutput.z`, a fresh draw from the fitted posterior (as `generate()` uses). A context of fewer than
         2 tokens has no token to predict, hence no evidence about `z`: it gets the prior mean `z = 0`.
         """
-        latents = torch.zeros(len(contexts), *self.config.latent_shape, device=self.device)
+        latents = torch.zeros(len(contexts), *self.model.config.latent_shape, device=self.device)
         rows = [i for i, ctx in enumerate(contexts) if len(ctx) >= 2]
         if rows:
-            ids, mask = self._left_pad([contexts[i] for i in rows], self.eot_token_id)
+            ids, mask = self._left_pad([contexts[i] for i in rows])
             posterior = fit_posterior(
                 self.model,
                 ids,
@@ -370,12 +311,15 @@ class LTMLM(TemplateLM):
         model_input = whole[-(self.max_length + 1) :][:-1]
         return model_input, model_input[: len(model_input) - len(continuation_enc) + 1]
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
         """Score `(request_strings, context_enc, continuation_enc)` triples → `(log p(cont | ctx, z), is_greedy)`.
 
-        Requests are sorted by visible context (longest first, identical contexts adjacent), so each distinct
-        context is fitted once per batch even when a multiple-choice task asks about several continuations; the
-        original order is restored at the end.
+        Replaces HFLM's (which calls the model without latents and without a mask). Requests are sorted by visible
+        context (longest first, identical contexts adjacent), so each distinct context is fitted once per batch
+        even when a multiple-choice task asks about several continuations; the original order is restored at the
+        end.
         """
         prepared = [(strings, *self._split_request(ctx, cont), cont) for strings, ctx, cont in requests]
 
@@ -386,19 +330,22 @@ class LTMLM(TemplateLM):
         collator = Collator(prepared, sort_fn=sort_key)
         results = []
         previous_latents: dict[tuple[int, ...], torch.Tensor] = {}
-        progress = tqdm(total=len(prepared), disable=disable_tqdm, desc="Running loglikelihood requests (ltm)")
-        for chunk in collator.get_batched(n=self.batch_size):
+        progress = tqdm(
+            total=len(prepared),
+            disable=disable_tqdm or self.rank != 0,
+            desc="Running loglikelihood requests (ltm)",
+        )
+        for chunk in collator.get_batched(n=override_bs or self.batch_size):
             contexts = list(dict.fromkeys(tuple(item[2]) for item in chunk))
             to_fit = [c for c in contexts if c not in previous_latents]
             fitted = dict(zip(to_fit, self.fit_context_latents(to_fit), strict=True)) if to_fit else {}
             latents_by_context = {c: previous_latents.get(c, fitted.get(c)) for c in contexts}
             previous_latents = latents_by_context
 
-            ids, mask = self._left_pad([item[1] for item in chunk], self.eot_token_id)
+            ids, mask = self._left_pad([item[1] for item in chunk])
             latents = torch.stack([latents_by_context[tuple(item[2])] for item in chunk])
-            with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=mask, latents=latents, use_cache=False).logits
-            log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            logits = self._model_call_with_latents(ids, mask, latents)
+            log_probs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype or torch.float32)  # (B, T, V)
             for row, (strings, _, _, continuation) in enumerate(chunk):
                 # Left padding puts every row's last input token at the last position.
                 cont_log_probs = log_probs[row, -len(continuation) :]  # (len(cont), V)
@@ -418,8 +365,8 @@ class LTMLM(TemplateLM):
         """`(conditioning, predicted)` token windows of `string`, each fitting in the model's context.
 
         lm-eval's rolling scheme (`get_rolling_token_windows` + `make_disjoint_window`, context_len 1) with
-        `max_seq_len = max_length - 1`, so that conditioning + predicted tokens fit in one sequence (the fast loop
-        scores tokens inside the sequence it is given). With max_length 5:
+        `max_seq_len = max_length - 1` (HFLM: `max_length`), so that conditioning + predicted tokens fit in one
+        sequence (the fast loop scores tokens inside the sequence it is given). With max_length 5:
 
             tokens:  0 1 2 3 4 5 6 7 8 9        prefix: EOT
             window 1:  EOT | 0 1 2 3            scored: 0 1 2 3
@@ -457,7 +404,8 @@ class LTMLM(TemplateLM):
         latents are independent draws from the prior: the model never sees more than one window). Both come from
         `evaluate_posterior(model, window, settings=self.fit_settings, seed=[self.window_seed(window)])` (the
         evaluation fit; the ELBO is a single draw from the fitted posterior). The NLL and KL totals are kept in
-        `self.rolling_totals` and reported by `get_model_info()`.
+        `self.rolling_totals` (summed over all processes; a request lm-eval repeats to even out the processes' shares
+        counts once) and reported by `get_model_info()`.
         """
         windows, owners = [], []
         for index, request in enumerate(requests):
@@ -465,102 +413,87 @@ class LTMLM(TemplateLM):
             for window in self.rolling_windows(string):
                 windows.append(window)
                 owners.append(index)
+        first_index = {}
+        for index, request in enumerate(requests):
+            first_index.setdefault(id(request), index)
 
         order = sorted(range(len(windows)), key=lambda i: -(len(windows[i][0]) + len(windows[i][1])))
         bounds = [0.0] * len(windows)
+        totals = torch.zeros(4, dtype=torch.float64)  # nll, kl, bound, tokens over the requests counted once
         for start in tqdm(
-            range(0, len(order), self.batch_size), disable=disable_tqdm, desc="Running loglikelihood_rolling (ltm)"
+            range(0, len(order), self.batch_size),
+            disable=disable_tqdm or self.rank != 0,
+            desc="Running loglikelihood_rolling (ltm)",
         ):
             batch = order[start : start + self.batch_size]
-            sequences = [windows[i][0] + windows[i][1] for i in batch]
-            labels = [[-100] * len(windows[i][0]) + windows[i][1] for i in batch]
-            ids, mask = self._left_pad(sequences, self.eot_token_id)
-            label_ids, _ = self._left_pad(labels, -100)
-            seeds = [self.window_seed(windows[i]) for i in batch]
+            ids, mask = self._left_pad([windows[i][0] + windows[i][1] for i in batch])
+            # Only the predicted tokens are scored: each row's last len(predicted) positions.
+            num_predicted = torch.tensor([len(windows[i][1]) for i in batch], device=ids.device)
+            scored = torch.arange(ids.shape[1], device=ids.device) >= ids.shape[1] - num_predicted[:, None]
             result = evaluate_posterior(
                 self.model,
                 ids,
                 mask,
-                labels=label_ids,
+                labels=ids.masked_fill(~scored, -100),
                 settings=self.fit_settings,
                 iw_samples=self.iw_samples,
-                seed=seeds,
+                seed=[self.window_seed(windows[i]) for i in batch],
             )
             bound = result.iw if self.iw_samples > 0 else result.elbo
             for row, i in enumerate(batch):
                 bounds[i] = float(bound[row])
-            self.rolling_totals["nll"] += float(result.nll.sum())
-            self.rolling_totals["kl"] += float(result.kl.sum())
-            self.rolling_totals["bound"] += float(bound.sum())
-            self.rolling_totals["tokens"] += int(result.num_tokens.sum())
+                if first_index[id(requests[owners[i]])] == owners[i]:
+                    parts = (result.nll[row], result.kl[row], bound[row], result.num_tokens[row])
+                    totals += torch.tensor([float(p) for p in parts], dtype=torch.float64)
+        if self.world_size > 1:
+            totals = self.all_gather(totals.to(self.device)).view(self.world_size, -1).sum(0).cpu()
+        for key, value in zip(("nll", "kl", "bound", "tokens"), totals.tolist(), strict=True):
+            self.rolling_totals[key] += int(value) if key == "tokens" else value
 
-        totals = [0.0] * len(requests)
+        per_request = [0.0] * len(requests)
         for i, owner in enumerate(owners):
-            totals[owner] += bounds[i]
-        for request, total in zip(requests, totals, strict=True):
+            per_request[owner] += bounds[i]
+        for request, total in zip(requests, per_request, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
-        return totals
+        return per_request
 
     # ----------------------------------------------------------------------------------------- generate_until
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, per `gen_kwargs`) continuations of each context, cut at lm-eval's `until` strings.
-
-        Contexts are left-truncated to `max_length - max_gen_toks` tokens (as HFLM does), `z` is fitted on the
-        truncated context (content-seeded, see [`fit_context_latents`]), and `model.generate(latents=z, ...)`
-        decodes up to `max_gen_toks` new tokens with lm-eval's multi-token stop criteria.
-        """
-        results = []
-        collator = Collator(
-            [request.args for request in requests],
-            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
-            group_by="gen_kwargs",
-            group_fn=lambda args: args[1],
-        )
-        eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests (ltm)")
-        for chunk in collator.get_batched(n=self.batch_size):
-            contexts, all_gen_kwargs = zip(*chunk, strict=True)
-            gen_kwargs = all_gen_kwargs[0]
-            if not isinstance(gen_kwargs, dict):
-                raise TypeError(f"generate_until expects gen_kwargs to be a dict, got {type(gen_kwargs).__name__}.")
-            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-            max_gen_toks = kwargs.pop("max_gen_toks")
-            kwargs.pop("max_length", None)
-            if not kwargs.get("do_sample"):
-                kwargs.pop("temperature", None)
-            max_context = self.max_length - max_gen_toks
-            if max_context < 1:
+        """HFLM's `generate_until` (contexts left-truncated to `max_length - max_gen_toks` tokens, lm-eval's stop
+        sequences), with `z` fitted on each truncated context in [`_model_generate`]. A `max_gen_toks` that leaves
+        no room for the context raises a `ValueError` before any work."""
+        for request in requests:
+            max_gen_toks = normalize_gen_kwargs(request.args[1], self.max_gen_toks)["max_gen_toks"]
+            if max_gen_toks >= self.max_length:
                 raise ValueError(
                     f"max_gen_toks={max_gen_toks} leaves no room for the context in the model's {self.max_length} "
                     "tokens; lower max_gen_toks (task generation_kwargs or --gen_kwargs max_gen_toks=...)."
                 )
-            encoded = [
-                self.tok_encode(context, left_truncate_len=max_context) or [self.prefix_token_id]
-                for context in contexts
-            ]
-            latents = self.fit_context_latents(encoded)
-            ids, mask = self._left_pad(encoded, self.eot_token_id)
-            with torch.no_grad():
-                output = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    latents=latents,
-                    max_new_tokens=max_gen_toks,
-                    stopping_criteria=stop_sequences_criteria(self.tokenizer, until, ids.shape[1], ids.shape[0]),
-                    pad_token_id=self.eot_token_id,
-                    use_cache=True,
-                    **kwargs,
-                )
-            for row, (context, _) in enumerate(chunk):
-                text = self.tok_decode(output[row, ids.shape[1] :].tolist())
-                text = postprocess_generated_text(text, stop=until, think_end_token=None)
-                results.append(text)
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-                progress.update(1)
-        progress.close()
-        return collator.get_original(results)
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        """HFLM's `_model_generate` with latents: `z` is fitted on each row's tokens (content-seeded, see
+        [`fit_context_latents`]) and passed as `model.generate(latents=z, ...)`.
+
+        `context` is HFLM's left-padded `(batch, width)` batch, `generation_kwargs["attention_mask"]` its mask. A
+        row without tokens (empty context) is conditioned on the prefix token, as lm-eval conditions an empty
+        loglikelihood context: one column is added on the left and dropped from the output, so the output keeps
+        HFLM's layout `(batch, width + new tokens)`.
+        """
+        mask = generation_kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(context) if mask is None else mask.to(context.device)
+        empty = ~mask.bool().any(dim=1)
+        added = int(empty.any())
+        if added:
+            pad = context.new_full((context.shape[0], 1), self.tokenizer.pad_token_id)
+            context, mask = torch.cat([pad, context], dim=1), torch.cat([torch.zeros_like(pad), mask], dim=1)
+            context[empty, -1], mask[empty, -1] = self.prefix_token_id, 1
+        latents = self.fit_context_latents([row[keep.bool()].tolist() for row, keep in zip(context, mask)])
+        output = super()._model_generate(
+            context, max_length + added, stop, attention_mask=mask, latents=latents, **generation_kwargs
+        )
+        return output[:, added:]
 
 
 __all__ = ["LTMLM", "MODEL_ARGS", "content_seed"]

@@ -6,10 +6,12 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import lm_eval
 import pytest
 import torch
+import transformers
 from conftest import REPO_ROOT, small_tokenizer, tiny_config
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
@@ -20,6 +22,7 @@ from modeling_ltm import LTMForCausalLM, PosteriorFitSettings
 from modeling_ltm.inference import RECONSTRUCTION_CAVEAT
 
 
+WORKER = Path(__file__).resolve().parent / "lmeval_worker.py"
 STEPS = 2  # fast steps per posterior fit: enough to exercise the loop, cheap on 2 CPU cores
 
 WIKITEXT_SAMPLE = """ = Robert Boulter = 
@@ -238,17 +241,52 @@ def test_long_context_is_left_truncated(lm):
     assert math.isfinite(logprob) and logprob == pytest.approx(expected, abs=1e-5)
 
 
-def test_bad_inputs_get_clear_errors(checkpoint, lm):
+def test_bad_inputs_get_clear_errors(checkpoint, lm, monkeypatch):
     with pytest.raises(ValueError, match="empty continuation"):
         lm.loglikelihood([request("loglikelihood", "ROMEO:", "")], disable_tqdm=True)
-    with pytest.raises(ValueError, match=r"Unknown model_args.*\['max_length'\].*Valid model_args: pretrained"):
-        LTMLM(pretrained=str(checkpoint), max_length=32)
+    with pytest.raises(ValueError, match=r"Unknown model_args.*\['num_inference_step'\].*num_inference_steps"):
+        LTMLM(pretrained=str(checkpoint), num_inference_step=16)
+    with pytest.raises(ValueError, match="max_length=65 exceeds the model's max_position_embeddings"):
+        LTMLM(pretrained=str(checkpoint), max_length=65)
+    with pytest.raises(ValueError, match="`backend` must be 'causal'"):
+        LTMLM(pretrained=str(checkpoint), backend="seq2seq")
+    with monkeypatch.context() as patch:  # torchrun on CPU without ACCELERATE_USE_CPU: accelerate sees 1 process
+        patch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ValueError, match="WORLD_SIZE=2.*set ACCELERATE_USE_CPU=1"):
+            LTMLM(pretrained=str(checkpoint), device="cpu")
     with pytest.raises(ValueError, match="batch_size='auto' is not supported"):
         LTMLM(pretrained=str(checkpoint), batch_size="auto")
     with pytest.raises(ValueError, match="`iw_samples` must be an integer >= 0"):
         LTMLM(pretrained=str(checkpoint), iw_samples=-1)
     with pytest.raises(ValueError, match="continuation of 70 tokens is longer than the model's context"):
         lm._loglikelihood_tokens([(None, [1], [5] * 70)], disable_tqdm=True)
+
+
+def test_hflm_model_args_apply(checkpoint):
+    """model_args are lm-eval's `hf` model's (HFLM), forwarded to `from_pretrained` when HFLM does not know them."""
+    short = LTMLM(pretrained=str(checkpoint), max_length=32, eval_inference_steps=3, device="cpu")
+    assert short.max_length == 32 and short.fit_settings.num_steps == 3  # a config field, through from_pretrained
+    assert all(len(c) + len(p) <= 32 for c, p in short.rolling_windows("ROMEO: " + "speak, " * 40))
+    calls, handle = capture_forward_calls(short.model)
+    try:
+        short.loglikelihood([request("loglikelihood", "ROMEO: " + "speak, " * 40, " again")], disable_tqdm=True)
+    finally:
+        handle.remove()
+    assert calls and all(input_ids.shape[1] <= 32 for input_ids, _ in calls)
+
+
+def test_model_instance_and_non_ltm_models(lm):
+    same = LTMLM(pretrained=lm.model, tokenizer=lm.tokenizer, num_inference_steps=STEPS, batch_size=4)
+    requests = loglikelihood_requests()[:4]
+    assert same.loglikelihood(requests, disable_tqdm=True) == lm.loglikelihood(requests, disable_tqdm=True)
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(lm.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2,
+        )
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="LlamaForCausalLM, not a Latent-Thought LM.*--model hf"):
+        LTMLM(pretrained=llama, tokenizer=lm.tokenizer)
 
 
 # ------------------------------------------------------------------------------------- loglikelihood_rolling
@@ -304,8 +342,109 @@ def test_generate_until_stops_at_until(lm):
     outputs = lm.generate_until(requests, disable_tqdm=True)
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
     assert "\n" not in outputs[0] and "e" not in outputs[0]
+    # An empty context is conditioned on the prefix token (z: the prior mean), alone or padded beside another.
+    kwargs = {"until": ["QQQ"], "max_gen_toks": 4, "min_new_tokens": 4}  # gen_kwargs go on to generate()
+    (alone,) = lm.generate_until([request("generate_until", "", kwargs)], disable_tqdm=True)
+    together = lm.generate_until(
+        [request("generate_until", "", kwargs), request("generate_until", "ROMEO: But soft", kwargs)],
+        disable_tqdm=True,
+    )
+    prefix = torch.tensor([[lm.prefix_token_id]])
+    with torch.no_grad():
+        expected = lm.model.generate(
+            prefix, latents=lm.fit_context_latents([[]]), max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
+    assert together[0] == alone == lm.tok_decode(expected[0, 1:].tolist()) and len(alone) > 0
     with pytest.raises(ValueError, match="max_gen_toks=64 leaves no room"):
         lm.generate_until([request("generate_until", "ROMEO:", {"until": ["\n"], "max_gen_toks": 64})])
+
+
+def test_generate_until_fits_latents_on_the_truncated_context(lm):
+    """HFLM's generate_until truncates the context to `max_length - max_gen_toks` tokens; z is fitted on exactly
+    those tokens and passed to every forward of `generate`."""
+    context, max_gen_toks = "ROMEO: " + "speak, " * 40, 8
+    kept = lm.tok_encode(context)[-(lm.max_length - max_gen_toks) :]
+    calls, handle = capture_forward_calls(lm.model)
+    try:
+        (text,) = lm.generate_until(
+            [request("generate_until", context, {"until": ["QQQ"], "max_gen_toks": max_gen_toks})], disable_tqdm=True
+        )
+    finally:
+        handle.remove()
+    fit, generation = calls[: STEPS + 1], calls[STEPS + 1 :]
+    assert all(torch.equal(ids, torch.tensor([kept])) for ids, _ in fit)
+    assert torch.equal(generation[0][0], torch.tensor([kept])) and 1 <= len(generation) <= max_gen_toks
+    expected = lm.fit_context_latents([kept])
+    assert all(torch.equal(latents, expected) for _, latents in generation)
+    assert isinstance(text, str)
+
+
+def flatten(value) -> list:
+    """The leaves of nested lists/tuples, in order."""
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in flatten(item)]
+    return [value]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_results(checkpoint, tmp_path, tiny_shakespeare_path):
+    """`torchrun --nproc_per_node 2` (gloo, CPU) through HFLM's accelerate support: each process evaluates part of
+    every task, and lm-eval's gathered results equal one process's (tests/lmeval_worker.py). Three documents per task
+    over two processes, so lm-eval pads one process's share with a repeated request, which the rolling totals count
+    once."""
+    from lmeval_worker import evaluate_local
+
+    wikitext = tmp_path / "wiki.raw"
+    wikitext.write_text(WIKITEXT_SAMPLE + " = Li Bai = \n Li Bai was a Chinese poet of the Tang dynasty .\n")
+    metadata = {"wikitext_path": str(wikitext), "lambada_source": str(tiny_shakespeare_path)}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+        str(WORKER), str(checkpoint), str(tmp_path / "two"), "--metadata", json.dumps(metadata),
+    ]  # fmt: skip
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = json.loads(json.dumps(evaluate_local(str(checkpoint), str(tmp_path / "one"), metadata), default=str))
+    finally:
+        torch.set_num_threads(threads)
+
+    shares = [json.loads((tmp_path / "two" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    single = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert single["world_size"] == 1 and single["requests"] == {
+        "loglikelihood_rolling": 3,
+        "loglikelihood": 3,  # lambada_local: one request per document
+        "generate_until": 3,
+    }
+    for rank, share in enumerate(shares):
+        assert share["rank"] == rank and share["world_size"] == 2
+        assert share["requests"] == {kind: 2 for kind in single["requests"]}  # 2 of 3, one of them repeated
+    for task in one["results"]:
+        assert one["results"][task]["sample_len"] == two["results"][task]["sample_len"] == 3
+        metrics = finite_metrics(one, task)
+        assert metrics == pytest.approx(finite_metrics(two, task), rel=1e-5), task
+        samples_one = sorted(one["samples"][task], key=lambda sample: sample["doc_id"])
+        samples_two = sorted(two["samples"][task], key=lambda sample: sample["doc_id"])
+        assert [s["doc_id"] for s in samples_two] == [0, 1, 2]
+        for a, b in zip(samples_one, samples_two, strict=True):
+            assert a["arguments"] == b["arguments"]
+            values_a, values_b = flatten(a["filtered_resps"]), flatten(b["filtered_resps"])
+            assert [type(v) for v in values_a] == [type(v) for v in values_b], task
+            for x, y in zip(values_a, values_b, strict=True):
+                assert x == (pytest.approx(y, rel=1e-5) if type(x) is float else y), task
+    for key in ("ltm_rolling_tokens", "ltm_rolling_nll_per_token", "ltm_rolling_kl_per_token"):
+        assert one["config"][key] == pytest.approx(two["config"][key], rel=1e-5), key
 
 
 # ------------------------------------------------------------------------------------------------- tasks, metric

@@ -419,11 +419,14 @@ class LTMPrefix:
             layer uses (causal, sliding window, padding), as built by transformers' mask functions.
         position_embeddings (`tuple` of two `torch.FloatTensor` of shape `(batch or 1, seq, head_dim)`): the tokens'
             RoPE `cos`, `sin`.
+        input_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*): the token ids it was computed from (None
+            for `inputs_embeds`), so hooks and debugging see which tokens a `forward(prefix=...)` scores.
     """
 
     hidden_states: torch.Tensor
     causal_mask: torch.Tensor | None
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    input_ids: torch.LongTensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -440,7 +443,7 @@ class LTMPrefix:
         if self.causal_mask is not None and not isinstance(self.causal_mask, torch.Tensor):
             raise TypeError(f"Cannot select rows of a {type(self.causal_mask).__name__} attention mask.")
         cos, sin = self.position_embeddings
-        return LTMPrefix(rows(self.hidden_states), rows(self.causal_mask), (rows(cos), rows(sin)))
+        return LTMPrefix(rows(self.hidden_states), rows(self.causal_mask), (rows(cos), rows(sin)), rows(self.input_ids))
 
 
 class LTMModel(LTMPreTrainedModel):
@@ -697,7 +700,7 @@ class LTMModel(LTMPreTrainedModel):
             inputs_embeds, attention_mask, position_ids, None, 0
         )
         hidden_states = self.layers[0].self_attention_block(hidden_states, position_embeddings, causal_mask)
-        return LTMPrefix(hidden_states, causal_mask, position_embeddings)
+        return LTMPrefix(hidden_states, causal_mask, position_embeddings, input_ids)
 
 
 class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):

@@ -17,10 +17,9 @@ def test_logged_transformers_deprecation_is_recorded(model, config):
     recorder that fails tests on such notices sees it, and a forward through the current name logs nothing."""
     import conftest
     import torch
+    from transformers.utils import logging as hf_logging
 
     from modeling_ltm.modeling_ltm import CACHE_NAME
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.get_logger("transformers.utils.generic").warning("`past_key_values` is deprecated. Use `cache`.")
     assert any("deprecated" in message for message in conftest._DEPRECATION_LOG.messages)

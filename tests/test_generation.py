@@ -10,8 +10,8 @@ from transformers.generation.streamers import BaseStreamer
 
 import modeling_ltm.generation_ltm as generation_ltm
 from modeling_ltm import LTMForCausalLM
-from modeling_ltm.generation_ltm import LTMGenerationConfig
 from modeling_ltm.generate_cli import main as generate_main
+from modeling_ltm.generation_ltm import LTMGenerationConfig
 from modeling_ltm.modeling_ltm import LTMCrossAttention
 
 

@@ -9,8 +9,7 @@ import torch
 from conftest import tiny_config
 from torch.testing import assert_close
 
-from modeling_ltm import LTMForCausalLM, PosteriorFitSettings, fit_posterior
-from modeling_ltm import inference
+from modeling_ltm import LTMForCausalLM, PosteriorFitSettings, fit_posterior, inference
 from modeling_ltm.inference import _smoothed_gain, next_token_targets, sequence_nll
 
 

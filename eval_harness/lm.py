@@ -29,7 +29,6 @@ result does not depend on the batch it lands in, on batch size, on request order
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -46,23 +45,13 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from tqdm import tqdm
 
 import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
-from modeling_ltm.inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
+from modeling_ltm.inference import PosteriorFitSettings, content_seed, evaluate_posterior, fit_posterior
 
 
 logger = transformers.utils.logging.get_logger(__name__)
 
 # The model_args model `ltm` adds to lm-eval's `hf` model (HFLM); every other model_arg is HFLM's.
 MODEL_ARGS = ("num_inference_steps", "inference_lr", "iw_samples", "seed")
-
-
-def content_seed(base_seed: int, tokens: Sequence[int], purpose: str) -> int:
-    """A stable 31-bit seed for one sequence's posterior fit, from the base seed, a purpose tag and the token ids.
-
-    Deterministic across processes and platforms (sha256, not Python's salted `hash`), so the fit of a sequence
-    does not depend on its batch, the batch size, the order of requests or the process that runs it.
-    """
-    digest = hashlib.sha256(f"{base_seed}|{purpose}|{','.join(map(str, tokens))}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _register(cls: type) -> type:

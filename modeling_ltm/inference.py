@@ -22,6 +22,7 @@ This file imports only torch and transformers, so `save_pretrained` can copy it 
 """
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,9 +100,7 @@ class PosteriorOutput:
         """The posterior of rows `index` (e.g. `repeat_interleave`d for beams), every field indexed on dim 0."""
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
         fields["elbo_trace"] = fields["elbo_trace"][:, index]
-        return PosteriorOutput(
-            **{k: (v if k == "elbo_trace" or v is None else v[index]) for k, v in fields.items()}
-        )
+        return PosteriorOutput(**{k: (v if k == "elbo_trace" or v is None else v[index]) for k, v in fields.items()})
 
 
 @dataclass(frozen=True)
@@ -224,6 +223,19 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor | None = None, logvar: t
     return log_density.flatten(1).sum(-1)
 
 
+def position_ids_from_attention_mask(
+    attention_mask: torch.Tensor, past_length: int = 0, seq_length: int | None = None
+) -> torch.LongTensor:
+    """Positions that skip padding, so a left-padded row gets the positions it would have alone: `(batch, seq)`.
+
+    `attention_mask` covers the cached tokens and the new ones: shape `(batch, past_length + seq_length)`;
+    `seq_length=None` keeps every position after the cached ones.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    end = None if seq_length is None else past_length + seq_length
+    return position_ids[:, past_length:end]
+
+
 def next_token_targets(
     input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, labels: torch.LongTensor | None = None
 ) -> torch.LongTensor:
@@ -270,6 +282,16 @@ def sequence_nll(
         logits.reshape(-1, logits.shape[-1]).float(), shift_targets.reshape(-1), ignore_index=-100, reduction="none"
     )
     return token_nll.view(shift_targets.shape).sum(-1), (shift_targets != -100).sum(-1)
+
+
+def content_seed(base_seed: int, tokens: Sequence[int], purpose: str) -> int:
+    """A stable 31-bit seed for one sequence's posterior fit, from the base seed, a purpose tag and the token ids.
+
+    Deterministic across processes and platforms (sha256, not Python's salted `hash`), so the fit of a sequence
+    does not depend on its batch, the batch size, the order of requests or the process that runs it.
+    """
+    digest = hashlib.sha256(f"{base_seed}|{purpose}|{','.join(map(str, tokens))}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _row_generators(seed, generator, batch_size: int) -> list[torch.Generator] | torch.Generator | None:
@@ -408,9 +430,7 @@ def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, gen
     device = input_ids.device
     generators = _row_generators(seed, generator, batch_size)
     targets = next_token_targets(input_ids, attention_mask, labels)
-    position_ids = None
-    if attention_mask is not None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = None if attention_mask is None else position_ids_from_attention_mask(attention_mask)
     prefix = _compute_prefix(model, input_ids, attention_mask, position_ids)
 
     num_steps, lr = settings.num_steps, settings.lr
@@ -643,7 +663,9 @@ def _fit(model, input_ids, attention_mask, labels, settings, seed, generator) ->
             nll = kl = torch.full((input_ids.shape[0],), float("nan"), device=input_ids.device)
         if not bool(torch.isfinite(nll).all() and torch.isfinite(kl).all()):
             _raise_non_finite(
-                model, f"is non-finite after {settings.num_steps} fast steps (lr={settings.lr})", settings.num_steps + 1
+                model,
+                f"is non-finite after {settings.num_steps} fast steps (lr={settings.lr})",
+                settings.num_steps + 1,
             )
         z = mu + torch.exp(0.5 * logvar) * noise
     elbo = -(nll + kl)
@@ -748,7 +770,7 @@ def _importance_sample(
     batch_size, seq_length = input_ids.shape
     generators = _row_generators(None if generator is not None else _next_seed(seed), generator, batch_size)
     targets = next_token_targets(input_ids, attention_mask, labels)
-    position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = None if attention_mask is None else position_ids_from_attention_mask(attention_mask)
     prefix = _compute_prefix(model, input_ids, attention_mask, position_ids)
     mu, logvar = posterior.mu, posterior.logvar
     noise = torch.stack([_standard_normal(mu.shape, generators, mu.device) for _ in range(num_samples)])  # (K, B, ...)
@@ -905,6 +927,7 @@ def evaluate_posterior(
 
 
 __all__ = [
+    "content_seed",
     "RECONSTRUCTION_CAVEAT",
     "NonFiniteELBOError",
     "PosteriorEvaluation",

@@ -32,6 +32,7 @@ from .inference import (
     evaluate_posterior,
     fit_posterior,
     importance_weighted_bound,
+    position_ids_from_attention_mask,
 )
 
 
@@ -395,15 +396,6 @@ def latent_position_ids(config: LTMConfig, device: torch.device | None = None) -
     """
     stride = config.max_position_embeddings // config.n_latents_per_layer
     return torch.arange(0, config.n_latents_per_layer, device=device) * stride
-
-
-def position_ids_from_attention_mask(attention_mask: torch.Tensor, past_length: int, seq_length: int):
-    """Positions that skip padding, so a left-padded row gets the positions it would have alone: `(batch, seq)`.
-
-    `attention_mask` covers the cached tokens and the new ones: shape `(batch, past_length + seq_length)`.
-    """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return position_ids[:, past_length : past_length + seq_length]
 
 
 @dataclass

@@ -12,15 +12,13 @@ fitted on the same text by the training fast loop (fixed `eps`), no KL: not a bo
 with an autoregressive model's perplexity.
 """
 
-import hashlib
-
 import datasets
 import evaluate
 import torch
 import transformers
 
 import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
-from modeling_ltm.inference import RECONSTRUCTION_CAVEAT, PosteriorFitSettings, evaluate_posterior
+from modeling_ltm.inference import RECONSTRUCTION_CAVEAT, PosteriorFitSettings, content_seed, evaluate_posterior
 
 
 _DESCRIPTION = """
@@ -75,11 +73,6 @@ _CITATION = """
   year={2025}
 }
 """
-
-
-def _text_seed(base_seed: int, tokens: list[int]) -> int:
-    digest = hashlib.sha256(f"{base_seed}|metric|{','.join(map(str, tokens))}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -151,7 +144,7 @@ class ElboPerplexity(evaluate.Metric):
                 ids[row, longest - len(tokens) :] = torch.tensor(tokens)
                 mask[row, longest - len(tokens) :] = 1
             ids, mask = ids.to(device), mask.to(device)
-            seeds = [_text_seed(int(seed), tokens) for tokens in batch]
+            seeds = [content_seed(int(seed), tokens, "metric") for tokens in batch]
             result = evaluate_posterior(
                 model,
                 ids,

@@ -21,7 +21,7 @@ import torch
 from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.utils import logging
 
-from .inference import fit_posterior
+from .inference import _row_generators, _standard_normal, fit_posterior
 
 
 logger = logging.get_logger(__name__)
@@ -380,13 +380,10 @@ class LTMGenerationMixin(GenerationMixin):
         An int `seed` seeds one generator for the batch (each row gets its own draw); a list seeds each row."""
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"`latent_temperature` must be a number >= 0, got {temperature!r}.")
-        shape = (batch_size, *self.config.latent_shape)
         if generator is None and not isinstance(seed, int):
-            seeds = self._row_seeds(seed, batch_size)
-            noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
-        else:
-            noise = torch.randn(shape, generator=generator or torch.Generator().manual_seed(seed))
-        return (temperature * noise).to(self.device)
+            seed = self._row_seeds(seed, batch_size)  # names `inference_seed` when the count is wrong
+        generators = _row_generators(None if generator is not None else seed, generator, batch_size)
+        return temperature * _standard_normal((batch_size, *self.config.latent_shape), generators, self.device)
 
 
 __all__ = ["LTMGenerationConfig", "LTMGenerationMixin", "NonFiniteWeightsError", "check_finite_weights"]

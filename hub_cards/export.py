@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from modeling_ltm import LTMForCausalLM  # importing the package registers the classes for `auto_map`
 from modeling_ltm.cli_errors import check_model_folder
-from modeling_ltm.generation_ltm import check_finite_weights
+from modeling_ltm.generation_ltm import LTMGenerationConfig, check_finite_weights
 
 from .card import build_model_card, load_lm_eval_results, trainer_eval_results
 
@@ -263,17 +263,14 @@ def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None, max_length: 
 
 
 def hub_generation_config(model):
-    """`model.generation_config` with the LTM's inference defaults (`num_inference_steps`, `inference_lr` from the
-    config, unless already set) as custom attributes that survive `save_pretrained` / `from_pretrained`."""
+    """The model's `LTMGenerationConfig` with every default stated: inference fields and special tokens left `None`
+    (meaning "the model config's", e.g. in a checkpoint saved before they were set) are filled from the model config,
+    so the Hub file says the numbers `generate()` uses."""
     generation_config = copy.deepcopy(model.generation_config)
-    for name in ("num_inference_steps", "inference_lr"):
+    defaults = LTMGenerationConfig.from_model_config(model.config)
+    for name in (*LTMGenerationConfig.inference_fields, "bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(generation_config, name, None) is None:
-            setattr(generation_config, name, getattr(model.config, name))
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if getattr(generation_config, name, None) is None and getattr(model.config, name, None) is not None:
-            setattr(generation_config, name, getattr(model.config, name))
-    # A config derived from the model config drops custom attributes when loaded back: mark it as a real one.
-    generation_config._from_model_config = False
+            setattr(generation_config, name, getattr(defaults, name, None))
     return generation_config
 
 

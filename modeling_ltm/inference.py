@@ -179,16 +179,31 @@ def negative_elbo(
     noise: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
+    kl_weight: float = 1.0,
+    free_bits: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fast loop's objective and its parts at `z = mu + exp(logvar / 2) * noise`.
 
-    Returns `(loss, nll, kl, num_tokens)`: `loss` is the scalar `sum_i (nll_i + kl_i) / num_tokens_i`, so each
-    sequence's `(mu_i, logvar_i)` gets the gradient of its own per-token negative ELBO, whatever the batch.
+    Returns `(loss, nll, kl, num_tokens)`: `loss` is the scalar `sum_i (nll_i + kl_weight * kl'_i) / num_tokens_i`,
+    so each sequence's `(mu_i, logvar_i)` gets the gradient of its own per-token objective, whatever the batch.
+    With the defaults (`kl_weight=1`, `free_bits=0`) `kl'` is the KL and the loss is the negative ELBO.
+
+    Training-only knobs (a bound is always evaluated at `kl_weight=1`, `free_bits=0`):
+        kl_weight: beta of a KL-weighted objective (0 = the NLL alone; warm-up schedules move it from 0 to 1).
+        free_bits: nats per latent dimension *per sequence* that cost nothing: `kl'_i = sum_d max(kl_id, free_bits)`,
+            so a dimension whose KL is below the floor gets gradients from the NLL only (Kingma et al., 2016, with
+            one group per dimension of a local posterior).
+
+    The returned `kl` is always the true `KL(q || p)` in nats per sequence, shape `(batch,)`.
     """
     z = mu + torch.exp(0.5 * logvar) * noise
     nll, num_tokens = sequence_nll(model, input_ids, z, targets, attention_mask, position_ids)
     kl = gaussian_kl(mu, logvar)
-    loss = ((nll + kl) / num_tokens.clamp(min=1)).sum()
+    penalty = kl
+    if free_bits > 0:
+        kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1)
+        penalty = kl_per_dim.clamp(min=free_bits).sum(-1)
+    loss = ((nll + kl_weight * penalty) / num_tokens.clamp(min=1)).sum()
     return loss, nll, kl, num_tokens
 
 
@@ -226,6 +241,8 @@ def fit_posterior(
     fixed_noise: bool | None = None,
     seed: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    kl_weight: float = 1.0,
+    free_bits: float = 0.0,
 ) -> PosteriorOutput:
     """Fit `q(z|x) = N(mu, diag(exp(logvar)))` to each sequence by `num_steps` Adam steps on `(mu, logvar)`.
 
@@ -248,6 +265,9 @@ def fit_posterior(
         fixed_noise: keep one `eps` for all steps (the paper's code) or redraw it every step.
         seed: an int seeds one generator for the batch; a sequence of ints (one per row) seeds each row on its own,
             so a row's result does not depend on the batch it is in. `generator` may be given instead.
+        kl_weight, free_bits: training-only objective of the fast loop (see `negative_elbo`): the KL's weight beta
+            and a floor in nats per latent dimension per sequence. The defaults (1, 0) fit the ELBO; the returned
+            `kl`, `elbo` and `elbo_trace` are always the true KL and ELBO whatever the objective.
 
     Raises:
         NonFiniteELBOError: if the ELBO becomes NaN/inf at some step (lower `lr`).
@@ -268,6 +288,10 @@ def fit_posterior(
         raise ValueError(f"`lr_min_ratio` must be in (0, 1], got {lr_min_ratio!r}.")
     if not init_logvar_noise >= 0:
         raise ValueError(f"`init_logvar_noise` must be >= 0, got {init_logvar_noise!r}.")
+    if not kl_weight >= 0:
+        raise ValueError(f"`kl_weight` (beta of the fast loop's KL term) must be >= 0, got {kl_weight!r}.")
+    if not free_bits >= 0:
+        raise ValueError(f"`free_bits` (nats per latent dimension) must be >= 0, got {free_bits!r}.")
     if torch.is_inference_mode_enabled():
         # `torch.inference_mode()` forbids autograd even under `enable_grad()`: leave it for the fast loop, with
         # copies of the inputs that are ordinary tensors (inference tensors cannot be saved for backward).
@@ -277,7 +301,7 @@ def fit_posterior(
             )
             return fit_posterior(
                 model, input_ids, attention_mask, labels, num_steps, lr, lr_min_ratio, init_logvar,
-                init_logvar_noise, fixed_noise, seed, generator,
+                init_logvar_noise, fixed_noise, seed, generator, kl_weight, free_bits,
             )  # fmt: skip
 
     batch_size = input_ids.shape[0]
@@ -303,7 +327,7 @@ def fit_posterior(
             if step > 0 and not fixed_noise:
                 noise = _standard_normal(shape, generators, device)
             loss, nll, kl, num_tokens = negative_elbo(
-                model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids
+                model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids, kl_weight, free_bits
             )
             if not torch.isfinite(loss):
                 raise NonFiniteELBOError(

@@ -130,6 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=3, help="models trained in parallel processes")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "quality.json"))
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "bench-quality"))
+    p.add_argument("--collect", action="store_true", help="train nothing: tabulate the models' JSONs in --workdir")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -405,6 +406,10 @@ def run_model(args, name: str) -> dict:
         for eval_steps in [int(s) for s in args.eval_steps.split(",") if s.strip()]:
             metrics = ltm_metrics(model, blocks["validation"], args, spec, num_steps=eval_steps)
             result["sweep"].append({"inference_steps": eval_steps, **metrics})
+        if result["sweep"] and args.eval_fit_steps not in [s["inference_steps"] for s in result["sweep"]]:
+            # The main evaluation is the sweep's last point (its reconstruction ppl used T training steps: left out).
+            main_point = {k: v for k, v in result["held_out"].items() if k != "reconstruction_ppl"}
+            result["sweep"].append({"inference_steps": args.eval_fit_steps, **main_point})
         if not args.no_wikitext:
             result["wikitext"] = ltm_metrics(model, blocks["wikitext"], args, spec)
     else:
@@ -505,7 +510,8 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
                 ax.plot(x, [s["elbo_ppl"] for s in r["sweep"]], "o-", color=color, label=f"{r['model']}: ELBO bound")
                 if "iw_ppl" in r["sweep"][0]:
                     ax.plot(x, [s["iw_ppl"] for s in r["sweep"]], "s--", color=color, label=f"{r['model']}: IW bound")
-                ax.plot(x, [s["reconstruction_ppl"] for s in r["sweep"]], "^:", color=color,
+                rec = [s for s in r["sweep"] if "reconstruction_ppl" in s]
+                ax.plot([s["inference_steps"] for s in rec], [s["reconstruction_ppl"] for s in rec], "^:", color=color,
                         label=f"{r['model']}: reconstruction ppl (not a bound)")  # fmt: skip
             if llama:
                 ax.axhline(llama["held_out"]["perplexity"], color="k", lw=1.2,
@@ -570,6 +576,9 @@ def main(argv=None) -> int:
     child_argv = list(argv if argv is not None else sys.argv[1:])  # flags pass through; `--models` is overridden
     pending, running, failed = list(models), [], []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.collect:
+        pending = [m for m in models if not (workdir / f"{m}.json").exists()]
+        failed, pending = pending, []
     while pending or running:
         while pending and len(running) < args.jobs:
             name = pending.pop(0)

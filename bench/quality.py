@@ -417,6 +417,7 @@ def run_model(args, name: str) -> dict:
         if not args.no_wikitext:
             result["wikitext"] = llama_metrics(model, blocks["wikitext"])
     result["eval_seconds"] = time.time() - eval_start
+    trainer.save_model(str(workdir / name / "model"))  # for evaluations after the fact (other fit settings)
     result["held_out_tokens"] = len(blocks["validation"]) * (args.block - 1)
     result["wikitext_tokens"] = len(blocks["wikitext"]) * (args.block - 1)
     return result
@@ -493,6 +494,14 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    def plain_log_y(ax):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=range(1, 10)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
     written = []
     Path(img_dir).mkdir(parents=True, exist_ok=True)
@@ -516,8 +525,8 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
             if llama:
                 ax.axhline(llama["held_out"]["perplexity"], color="k", lw=1.2,
                            label=f"Llama peer: exact ppl {llama['held_out']['perplexity']:.1f}")  # fmt: skip
-            ax.set_yscale("log")
-            ax.set_xlabel("inference (fast) steps at evaluation")
+            plain_log_y(ax)
+            ax.set_xlabel("inference (fast) steps of the evaluation fit")
             ax.set_ylabel("held-out perplexity / bound")
             ax.set_title(f"Tiny Shakespeare held out, {data['meta']['args']['train_tokens']:,} training tokens", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
@@ -534,12 +543,12 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
                 pts = [c for c in r["curve"] if c["train_tokens"] > 0]
                 x = [c["train_tokens"] for c in pts]
                 if r["model"] == "llama":
-                    ax.plot(x, [c["perplexity"] for c in pts], "k-o", label="Llama peer: exact ppl")
+                    ax.plot(x, [c["perplexity"] for c in pts], "k-o", label="Llama peer: exact ppl", zorder=3)
                 else:
                     ax.plot(x, [c["elbo_ppl"] for c in pts], "o-", color=f"C{i}", label=f"{r['model']}: ELBO bound")
                     if "iw_ppl" in pts[0]:
                         ax.plot(x, [c["iw_ppl"] for c in pts], "s--", color=f"C{i}", label=f"{r['model']}: IW bound")
-            ax.set_yscale("log")
+            plain_log_y(ax)
             ax.set_xlabel("training tokens")
             ax.set_ylabel(f"held-out perplexity / bound (first {curves[0]['curve_blocks']} blocks)")
             ax.set_title("Bound vs training tokens (evaluation fit from the prior)", fontsize=10)

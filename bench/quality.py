@@ -130,6 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=3, help="models trained in parallel processes")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "quality.json"))
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "bench-quality"))
+    p.add_argument("--reevaluate", action="store_true", help="evaluate saved models of --workdir, no training")
     p.add_argument("--collect", action="store_true", help="train nothing: tabulate the models' JSONs in --workdir")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -225,6 +226,34 @@ def reconstruction_nll(model, input_ids, seeds, spec: dict, num_steps=None) -> d
     with torch.no_grad():
         nll, tokens = sequence_nll(model, input_ids, z, next_token_targets(input_ids, None))
     return {"nll": nll, "tokens": tokens.double()}
+
+
+def reevaluate(args, names: list[str]) -> list[dict]:
+    """Evaluate models saved by an earlier run (`<workdir>/<name>/model`) with this command's evaluation settings
+    (`--eval-fit-steps`, `--eval-lr`, `--iw-samples`): the held-out bounds only, no training."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import LlamaForCausalLM
+
+    from modeling_ltm import LTMForCausalLM
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    validation = load_from_disk(workdir / "data")["validation"]
+    results = []
+    for name in names:
+        began = time.time()
+        if name == "llama":
+            model = LlamaForCausalLM.from_pretrained(workdir / name / "model")
+            held_out = llama_metrics(model, validation)
+        else:
+            model = LTMForCausalLM.from_pretrained(workdir / name / "model")
+            held_out = ltm_metrics(model, validation, args, parse_variant(name, args), reconstruction=False)
+        results.append({"model": name, "held_out": held_out, "eval_seconds": time.time() - began,
+                        "eval_fit": {"steps": args.eval_fit_steps, "lr": args.eval_lr, "iw_samples": args.iw_samples,
+                                     "start": "prior (mu 0, logvar 0, no noise)", "eps": "redrawn every step"}})  # fmt: skip
+        print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 def _eval_seeds(first_row: int, num_rows: int) -> list[int]:
@@ -574,6 +603,13 @@ def main(argv=None) -> int:
         if name != "llama":
             parse_variant(name, args)  # fails early on a bad name
     workdir = Path(args.workdir)
+    if args.reevaluate:
+        results = reevaluate(args, models)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        out.write_text(json.dumps({"meta": {"command": command, "args": vars(args)}, "results": results}, indent=1))
+        return 0
     if args.child:
         (result,) = [run_model(args, name) for name in models]
         (workdir / f"{models[0]}.json").write_text(json.dumps(result, indent=1))

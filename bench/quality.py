@@ -527,7 +527,7 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
 
     def plain_log_y(ax):
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
         ax.yaxis.set_minor_locator(LogLocator(base=10, subs=range(1, 10)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -557,7 +557,9 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
             plain_log_y(ax)
             ax.set_xlabel("inference (fast) steps of the evaluation fit")
             ax.set_ylabel("held-out perplexity / bound")
-            ax.set_title(f"Tiny Shakespeare held out, {data['meta']['args']['train_tokens']:,} training tokens", fontsize=10)
+            a = data["meta"]["args"]
+            ax.set_title(f"Tiny Shakespeare held out, {a['train_tokens']:,} training tokens\nbounds: fit from the prior, "
+                         f"eps redrawn, lr {a['eval_lr']:g}; IW K = {a['iw_samples']}", fontsize=9)  # fmt: skip
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
             fig.tight_layout()

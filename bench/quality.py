@@ -541,7 +541,7 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
         llama = next((r for r in results if r["model"] == "llama"), None)
         sweeps = [r for r in results if r.get("sweep")]
         if sweeps:
-            fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+            fig, ax = plt.subplots(figsize=(9.5, 4.4), dpi=90)
             for i, r in enumerate(sweeps):
                 color = f"C{i}"
                 x = [s["inference_steps"] for s in r["sweep"]]
@@ -561,7 +561,7 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
             ax.set_title(f"Tiny Shakespeare held out, {a['train_tokens']:,} training tokens\nbounds: fit from the prior, "
                          f"eps redrawn, lr {a['eval_lr']:g}; IW K = {a['iw_samples']}", fontsize=9)  # fmt: skip
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
             fig.tight_layout()
             out = Path(img_dir) / f"{stem}-vs-eval-steps.png"
             fig.savefig(out)
@@ -569,7 +569,7 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
             written.append(str(out))
         curves = [r for r in results if r.get("curve")]
         if curves:
-            fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+            fig, ax = plt.subplots(figsize=(9.5, 4.4), dpi=90)
             for i, r in enumerate(curves):
                 pts = [c for c in r["curve"] if c["train_tokens"] > 0]
                 x = [c["train_tokens"] for c in pts]
@@ -584,7 +584,7 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
             ax.set_ylabel(f"held-out perplexity / bound (first {curves[0]['curve_blocks']} blocks)")
             ax.set_title("Bound vs training tokens (evaluation fit from the prior)", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
             fig.tight_layout()
             out = Path(img_dir) / f"{stem}-vs-train-tokens.png"
             fig.savefig(out)

@@ -45,6 +45,8 @@ e.g. `ltm_T8_lv-2_redraw_warm0.3`. Every LTM is evaluated the same way, whatever
 `--curve-points N` also evaluates every model N times during training on the first `--curve-blocks` held-out blocks
 (the LTM's bounds, the Llama's exact perplexity; the time is excluded from tokens/s). `--plot` draws the figures
 of `docs/fidelity.md` from result JSONs (`python bench/quality.py --plot a.json b.json --img-dir docs/img`).
+Models are saved under `<workdir>/<name>/model`; `--reevaluate` scores them again with other evaluation-fit flags,
+and `--collect` tabulates finished models of a workdir without training.
 """
 
 from __future__ import annotations

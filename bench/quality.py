@@ -19,6 +19,34 @@ Zero-shot: the same bounds / perplexity on the first `--wikitext-blocks` blocks 
 
 Models train in parallel processes (`--jobs`, each with `--threads` torch threads); training tokens/s are measured
 per process while the others run, so compare them within one run only.
+
+Training-recipe study (issue 10). Besides `llama`, `ltm-T8` and `ltm-T16` (the paper's fast loop), `--models` takes
+LTM variants named `ltm_<token>_<token>...`, each token one setting of the *training* fast loop or of the model:
+
+    T<int>       fast steps per training batch (default 16)
+    lv<float>    training posterior start logvar (default -5, the paper's; 0 = the prior)
+    lvn<float>   noise on that start (default 0.1, the paper's)
+    fixed|redraw one eps for all fast steps (default, the paper's) or a fresh eps every step
+    warm<frac>   KL warm-up: the fast loop's KL weight beta goes 0 -> 1 over this fraction of the training steps
+    fb<float>    free bits, nats per latent dimension per sequence (training only)
+    nz<int>      latents per layer (default --latents);  dz<int>: latent width (default --latent-dim)
+    lr<float>    fast learning rate in training (default 0.3, cosine to a tenth inside the T steps)
+
+e.g. `ltm_T8_lv-2_redraw_warm0.3`. Every LTM is evaluated the same way, whatever its training:
+
+- **bounds** (`evaluate_posterior`, the one place that sets the evaluation fit): fit from the prior (mu = 0,
+  logvar = 0, no init noise), eps redrawn every step, `--eval-fit-steps` Adam steps at `--eval-lr` (cosine to a
+  tenth), beta 1, no free bits; then the ELBO bound `exp((NLL + KL) / tokens)` at a fresh draw of z and the
+  importance-weighted bound with `--iw-samples` draws. Both are upper bounds on perplexity.
+- **reconstruction ppl** (`reconstruction_nll`, the paper's protocol): fit with the model's *training* fast-loop
+  settings (its start, fixed eps, T steps), then `exp(NLL(x|z) / tokens)` at the fitted z *with the loop's own eps*,
+  no KL. Not a bound on perplexity; not comparable with an autoregressive model's perplexity.
+
+`--curve-points N` also evaluates every model N times during training on the first `--curve-blocks` held-out blocks
+(the LTM's bounds, the Llama's exact perplexity; the time is excluded from tokens/s). `--plot` draws the figures
+of `docs/fidelity.md` from result JSONs (`python bench/quality.py --plot a.json b.json --img-dir docs/img`).
+Models are saved under `<workdir>/<name>/model`; `--reevaluate` scores them again with other evaluation-fit flags,
+and `--collect` tabulates finished models of a workdir without training.
 """
 
 from __future__ import annotations
@@ -39,6 +67,36 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 WIKITEXT2_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 MODELS = ("llama", "ltm-T8", "ltm-T16")
+ALIASES = {"ltm-T8": "ltm_T8", "ltm-T16": "ltm_T16"}  # the paper's fast loop at T = 8 / 16
+NOT_A_BOUND = "reconstruction ppl: not a bound on perplexity; not comparable with an autoregressive model's perplexity"
+
+
+def parse_variant(name: str, args) -> dict:
+    """Training settings of an LTM model name (see the module docstring), e.g. `ltm_T8_lv-2_redraw_warm0.3`."""
+    spec = dict(
+        T=16, init_logvar=-5.0, init_logvar_noise=0.1, fixed_noise=True, kl_warmup=0.0, free_bits=0.0,
+        latents=args.latents, latent_dim=args.latent_dim, inference_lr=0.3,
+    )  # fmt: skip
+    tokens = ALIASES.get(name, name).split("_")
+    if tokens[0] != "ltm":
+        raise SystemExit(f"--models: {name!r} is neither 'llama' nor an LTM variant 'ltm_<setting>_...'")
+    prefixes = (("lvn", "init_logvar_noise", float), ("lv", "init_logvar", float), ("warm", "kl_warmup", float),
+                ("fb", "free_bits", float), ("nz", "latents", int), ("dz", "latent_dim", int),
+                ("lr", "inference_lr", float), ("T", "T", int))  # fmt: skip
+    for token in tokens[1:]:
+        if token in ("fixed", "redraw"):
+            spec["fixed_noise"] = token == "fixed"
+            continue
+        for prefix, key, cast in prefixes:
+            if token.startswith(prefix):
+                try:
+                    spec[key] = cast(token[len(prefix) :])
+                except ValueError:
+                    raise SystemExit(f"--models: bad setting {token!r} in {name!r}") from None
+                break
+        else:
+            raise SystemExit(f"--models: unknown setting {token!r} in {name!r} (see `bench/quality.py --help`)")
+    return spec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +116,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--iw-samples", type=int, default=16)
-    p.add_argument("--eval-steps", default="0,4,8,16,32", help="eval inference steps of the sweep")
+    p.add_argument("--eval-fit-steps", type=int, default=64, help="evaluation fit: Adam steps from the prior")
+    p.add_argument("--eval-lr", type=float, default=0.3, help="evaluation fit: lr (cosine to a tenth)")
+    p.add_argument("--eval-steps", default="", help="eval inference steps of the sweep (e.g. 0,8,16,32,64)")
+    p.add_argument("--curve-points", type=int, default=0, help="evaluations during training (bound vs tokens)")
+    p.add_argument("--curve-blocks", type=int, default=16, help="held-out blocks of those evaluations")
+    p.add_argument("--no-wikitext", action="store_true", help="skip the zero-shot WikiText-2 evaluation")
+    p.add_argument("--quick", action="store_true", help="smoke run: 20k tokens, 8 eval blocks, few steps")
+    p.add_argument("--plot", nargs="+", default=None, metavar="JSON", help="only draw figures from result JSONs")
+    p.add_argument("--img-dir", default=str(REPO_ROOT / "docs" / "img"))
     p.add_argument("--max-eval-blocks", type=int, default=None, help="held-out blocks evaluated (default: all)")
     p.add_argument("--wikitext-blocks", type=int, default=128)
     p.add_argument("--seed", type=int, default=1337)
@@ -66,8 +132,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=3, help="models trained in parallel processes")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "quality.json"))
     p.add_argument("--workdir", default=str(REPO_ROOT / "runs" / "bench-quality"))
+    p.add_argument("--reevaluate", action="store_true", help="evaluate saved models of --workdir, no training")
+    p.add_argument("--collect", action="store_true", help="train nothing: tabulate the models' JSONs in --workdir")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_tokens, args.max_eval_blocks, args.wikitext_blocks = 20_000, 8, 8
+        args.eval_fit_steps, args.iw_samples, args.curve_points, args.curve_blocks = 8, 4, 2, 4
+        args.eval_steps = args.eval_steps and "0,8"
+        if args.workdir == p.get_default("workdir"):
+            args.workdir += "-quick"
+        if args.out == p.get_default("out"):
+            args.out = str(REPO_ROOT / "bench" / "results" / "quality-quick.json")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,10 +181,131 @@ def prepare_data(args) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def evaluate_posterior(model, input_ids, seeds, args, num_steps=None, iw_samples=None) -> dict:
+    """The study's *evaluation* fit and bounds, per sequence (shape `(batch,)`, nats, summed over predicted tokens):
+    `nll` and `kl` of the ELBO at a fresh draw of z, `iw_logp` (importance-weighted lower bound on log p(x), when
+    `iw_samples` > 0) and `tokens`.
+
+    Honest settings, the same for every model whatever its training: start at the prior (mu = 0, logvar = 0, no
+    init noise), eps redrawn every step, `num_steps` (default `--eval-fit-steps`) Adam steps at `--eval-lr` cosine
+    to a tenth, beta 1, no free bits. The one place to swap in the library's evaluation settings later."""
+    from modeling_ltm.inference import fit_posterior, importance_weighted_bound
+
+    num_steps = args.eval_fit_steps if num_steps is None else num_steps
+    iw_samples = args.iw_samples if iw_samples is None else iw_samples
+    posterior = fit_posterior(
+        model, input_ids, num_steps=num_steps, lr=args.eval_lr, lr_min_ratio=0.1, init_logvar=0.0,
+        init_logvar_noise=0.0, fixed_noise=False, seed=seeds,
+    )  # fmt: skip
+    out = {"nll": posterior.nll, "kl": posterior.kl, "tokens": posterior.num_tokens.double()}
+    if iw_samples > 0:
+        out["iw_logp"] = importance_weighted_bound(
+            model, input_ids, num_samples=iw_samples, posterior=posterior, seed=seeds
+        )
+    return out
+
+
+def reconstruction_nll(model, input_ids, seeds, spec: dict, num_steps=None) -> dict:
+    """The paper's reconstruction protocol, per sequence, through the library's `inference.reconstruction_nll`: fit z
+    on x with the *training* fast loop (the model's start `logvar` and its noise, T = `num_steps` or the training T,
+    the training fast lr, one fixed eps), then `-log p(x|z)` with that eps, and no KL. Not a bound on `-log p(x)`."""
+    from modeling_ltm.inference import PosteriorFitSettings
+    from modeling_ltm.inference import reconstruction_nll as library_reconstruction_nll
+
+    settings = PosteriorFitSettings(
+        num_steps=spec["T"] if num_steps is None else num_steps,
+        lr=spec["inference_lr"],
+        lr_min_ratio=0.1,
+        init_logvar=spec["init_logvar"],
+        init_logvar_noise=spec["init_logvar_noise"],
+        fixed_noise=True,
+    )
+    nll, tokens = library_reconstruction_nll(model, input_ids, settings=settings, seed=seeds)
+    return {"nll": nll, "tokens": tokens.double()}
+
+
+def reevaluate(args, names: list[str]) -> list[dict]:
+    """Evaluate models saved by an earlier run (`<workdir>/<name>/model`) with this command's evaluation settings
+    (`--eval-fit-steps`, `--eval-lr`, `--iw-samples`): the held-out bounds only, no training."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import LlamaForCausalLM
+
+    from modeling_ltm import LTMForCausalLM
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    validation = load_from_disk(workdir / "data")["validation"]
+    results = []
+    for name in names:
+        began = time.time()
+        if name == "llama":
+            model = LlamaForCausalLM.from_pretrained(workdir / name / "model")
+            held_out = llama_metrics(model, validation)
+        else:
+            model = LTMForCausalLM.from_pretrained(workdir / name / "model")
+            held_out = ltm_metrics(model, validation, args, parse_variant(name, args), reconstruction=False)
+        results.append({"model": name, "held_out": held_out, "eval_seconds": time.time() - began,
+                        "eval_fit": {"steps": args.eval_fit_steps, "lr": args.eval_lr, "iw_samples": args.iw_samples,
+                                     "start": "prior (mu 0, logvar 0, no noise)", "eps": "redrawn every step"}})  # fmt: skip
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def _eval_seeds(first_row: int, num_rows: int) -> list[int]:
+    return [10_007 * (row + 1) for row in range(first_row, first_row + num_rows)]
+
+
+def ltm_metrics(model, dataset, args, spec, num_steps=None, iw_samples=None, reconstruction=True, batch=32) -> dict:
+    """Token-weighted bounds (and the reconstruction ppl) of an LTM over `dataset` (a packed `input_ids` set)."""
+    import torch
+
+    model.eval()
+    sums = {}
+    for start in range(0, len(dataset), batch):
+        input_ids = torch.tensor(dataset[start : start + batch]["input_ids"])
+        seeds = _eval_seeds(start, input_ids.shape[0])
+        parts = evaluate_posterior(model, input_ids, seeds, args, num_steps, iw_samples)
+        if reconstruction:
+            parts["rec_nll"] = reconstruction_nll(model, input_ids, seeds, spec, num_steps)["nll"]
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + float(value.double().sum())
+    tokens = sums["tokens"]
+    nll, kl = sums["nll"] / tokens, sums["kl"] / tokens
+    out = {
+        "nll_per_token": nll,
+        "kl_per_token": kl,
+        "elbo_ppl": math.exp(nll + kl),
+        "eval_fit_steps": args.eval_fit_steps if num_steps is None else num_steps,
+        "tokens": int(tokens),
+    }
+    if "iw_logp" in sums:
+        out.update(iw_ppl=math.exp(-sums["iw_logp"] / tokens), iw_samples=args.iw_samples if iw_samples is None else iw_samples)
+    if "rec_nll" in sums:
+        out["reconstruction_ppl"] = math.exp(sums["rec_nll"] / tokens)
+    return out
+
+
+def llama_metrics(model, dataset, batch=32) -> dict:
+    import torch
+
+    model.eval()
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch):
+            input_ids = torch.tensor(dataset[start : start + batch]["input_ids"])
+            logits = model(input_ids).logits[:, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum"
+            ))  # fmt: skip
+            tokens += input_ids[:, 1:].numel()
+    return {"perplexity": math.exp(nll / tokens), "nll_per_token": nll / tokens, "tokens": int(tokens)}
+
+
 def run_model(args, name: str) -> dict:
     import torch
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from modeling_ltm import LTMConfig, LTMForCausalLM
     from modeling_ltm.data import collate_blocks
@@ -118,6 +316,8 @@ def run_model(args, name: str) -> dict:
     workdir = Path(args.workdir)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     blocks = load_from_disk(workdir / "data")
+    is_ltm = name != "llama"
+    spec = parse_variant(name, args) if is_ltm else parse_variant("ltm", args)
     config = LTMConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden,
@@ -126,8 +326,13 @@ def run_model(args, name: str) -> dict:
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.block,
-        n_latents_per_layer=args.latents,
-        latent_dim=args.latent_dim,
+        n_latents_per_layer=spec["latents"],
+        latent_dim=spec["latent_dim"],
+        num_inference_steps=spec["T"],
+        inference_lr=spec["inference_lr"],
+        posterior_init_logvar=spec["init_logvar"],
+        posterior_init_logvar_noise=spec["init_logvar_noise"],
+        posterior_fixed_noise=spec["fixed_noise"],
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -155,74 +360,92 @@ def run_model(args, name: str) -> dict:
         disable_tqdm=True,
         prediction_loss_only=True,
         dataloader_num_workers=0,
+        use_cpu=True,
     )
+    curve_data = blocks["validation"].select(range(min(args.curve_blocks, len(blocks["validation"]))))
+    curve, curve_seconds = [], [0.0]
+
+    def measure():
+        return (
+            ltm_metrics(model, curve_data, args, spec, reconstruction=False)
+            if is_ltm
+            else llama_metrics(model, curve_data)
+        )
+
+    class Curve(TrainerCallback):
+        """Evaluates `--curve-points` times during training; its time is subtracted from the training time."""
+
+        def on_step_end(self, _args, state, control, **kwargs):
+            every = max(1, max_steps // max(args.curve_points, 1))
+            if args.curve_points and (state.global_step % every == 0 or state.global_step == max_steps):
+                began = time.time()
+                curve.append({"step": state.global_step, "train_tokens": state.global_step * tokens_per_step,
+                              **measure()})  # fmt: skip
+                model.train()
+                curve_seconds[0] += time.time() - began
+
     set_seed(args.seed)
-    is_ltm = name.startswith("ltm")
     if is_ltm:
-        steps = int(name.split("T")[-1])
         model = LTMForCausalLM(config)
         training_args = LTMTrainingArguments(
-            **common, num_inference_steps=steps, eval_inference_steps=steps, eval_iw_samples=args.iw_samples
+            **common,
+            num_inference_steps=spec["T"],
+            inference_lr=spec["inference_lr"],
+            kl_warmup_steps=int(round(spec["kl_warmup"] * max_steps)),
+            free_bits=spec["free_bits"],
         )
-        trainer = LTMTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=blocks["train"],
-            eval_dataset=blocks["validation"],
-            data_collator=collate_blocks,
-        )
+        trainer_class = LTMTrainer
     else:
         model = LlamaForCausalLM(llama_peer_config(config))
         training_args = TrainingArguments(**common)
-        trainer = Trainer(
-            model=model,
-            args=training_args,
-            train_dataset=blocks["train"],
-            eval_dataset=blocks["validation"],
-            data_collator=collate_blocks,
-        )
+        trainer_class = Trainer
+    trainer = trainer_class(
+        model=model, args=training_args, train_dataset=blocks["train"], data_collator=collate_blocks,
+        callbacks=[Curve()],
+    )  # fmt: skip
 
     result = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "max_steps": max_steps}
+    if is_ltm:
+        result["training_fast_loop"] = spec
+    if args.curve_points:
+        began = time.time()
+        curve.append({"step": 0, "train_tokens": 0, **measure()})
+        model.train()
+        curve_seconds[0] += time.time() - began
     train_metrics = trainer.train().metrics
     tokens = trainer.state.global_step * tokens_per_step
+    train_seconds = train_metrics["train_runtime"] - curve_seconds[0]
     result.update(
         train_tokens=tokens,
-        train_seconds=train_metrics["train_runtime"],
-        train_tokens_per_second=tokens / train_metrics["train_runtime"],
+        train_seconds=train_seconds,
+        train_tokens_per_second=tokens / train_seconds,
         train_loss=train_metrics["train_loss"],
         train_log=[entry for entry in trainer.state.log_history if "loss" in entry],
+        curve=curve,
+        curve_blocks=len(curve_data),
     )
     eval_start = time.time()
     if is_ltm:
-        held_out = trainer.evaluate(inference_steps=steps, iw_samples=args.iw_samples)
-        result["held_out"] = _ltm_metrics(held_out)
+        result["held_out"] = ltm_metrics(model, blocks["validation"], args, spec)
         result["sweep"] = []
         for eval_steps in [int(s) for s in args.eval_steps.split(",") if s.strip()]:
-            metrics = held_out if eval_steps == steps else trainer.evaluate(inference_steps=eval_steps, iw_samples=0)
-            result["sweep"].append({"inference_steps": eval_steps, **_ltm_metrics(metrics, iw=False)})
-        wiki = trainer.evaluate(
-            blocks["wikitext"], inference_steps=steps, iw_samples=args.iw_samples, metric_key_prefix="eval"
-        )
-        result["wikitext"] = _ltm_metrics(wiki)
+            metrics = ltm_metrics(model, blocks["validation"], args, spec, num_steps=eval_steps)
+            result["sweep"].append({"inference_steps": eval_steps, **metrics})
+        if result["sweep"] and args.eval_fit_steps not in [s["inference_steps"] for s in result["sweep"]]:
+            # The main evaluation is the sweep's last point (its reconstruction ppl used T training steps: left out).
+            main_point = {k: v for k, v in result["held_out"].items() if k != "reconstruction_ppl"}
+            result["sweep"].append({"inference_steps": args.eval_fit_steps, **main_point})
+        if not args.no_wikitext:
+            result["wikitext"] = ltm_metrics(model, blocks["wikitext"], args, spec)
     else:
-        result["held_out"] = {"perplexity": math.exp(trainer.evaluate()["eval_loss"])}
-        result["wikitext"] = {"perplexity": math.exp(trainer.evaluate(blocks["wikitext"])["eval_loss"])}
+        result["held_out"] = llama_metrics(model, blocks["validation"])
+        if not args.no_wikitext:
+            result["wikitext"] = llama_metrics(model, blocks["wikitext"])
     result["eval_seconds"] = time.time() - eval_start
+    trainer.save_model(str(workdir / name / "model"))  # for evaluations after the fact (other fit settings)
     result["held_out_tokens"] = len(blocks["validation"]) * (args.block - 1)
     result["wikitext_tokens"] = len(blocks["wikitext"]) * (args.block - 1)
     return result
-
-
-def _ltm_metrics(metrics: dict, iw: bool = True) -> dict:
-    out = {
-        "nll_per_token": metrics["eval_nll_per_token"],
-        "kl_per_token": metrics["eval_kl_per_token"],
-        "elbo_ppl": metrics["eval_elbo_ppl"],
-        "inference_steps": metrics["eval_inference_steps"],
-    }
-    if iw and "eval_iw_ppl" in metrics:
-        out.update(iw_ppl=metrics["eval_iw_ppl"], iw_samples=metrics["eval_iw_samples"])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,61 +453,161 @@ def _ltm_metrics(metrics: dict, iw: bool = True) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def describe(spec: dict) -> str:
+    """The training fast loop of a variant in words (for tables)."""
+    parts = [f"T={spec['T']}", f"start logvar {spec['init_logvar']:g}", "fixed eps" if spec["fixed_noise"] else "redrawn eps"]
+    if spec["kl_warmup"]:
+        parts.append(f"KL warm-up {spec['kl_warmup']:g} of training")
+    if spec["free_bits"]:
+        parts.append(f"free bits {spec['free_bits']:g}/dim")
+    parts.append(f"{spec['latents']}x{spec['latent_dim']} latents/layer")
+    if spec["inference_lr"] != 0.3:
+        parts.append(f"fast lr {spec['inference_lr']:g}")
+    return ", ".join(parts)
+
+
 def markdown(results: list[dict], meta: dict) -> str:
-    by_name = {r["model"]: r for r in results}
+    args = meta["args"]
+    llama = next((r for r in results if r["model"] == "llama"), None)
     lines = [
         f"Tiny Shakespeare, {meta['train_blocks']:,} training blocks / {meta['held_out_tokens']:,} held-out predicted "
-        f"tokens of {meta['args']['block']}-token blocks, BPE vocabulary {meta['vocab_size']}; "
-        f"{meta['args']['train_tokens']:,} training tokens per model.",
+        f"tokens of {args['block']}-token blocks, BPE vocabulary {meta['vocab_size']}; "
+        f"{args['train_tokens']:,} training tokens per model. LTM bounds: evaluation fit from the prior "
+        f"(mu 0, logvar 0, no init noise), eps redrawn every step, {args['eval_fit_steps']} Adam steps at lr "
+        f"{args['eval_lr']:g} (cosine to a tenth); IW with K = {args['iw_samples']}. Reconstruction ppl: the paper's "
+        f"protocol ({NOT_A_BOUND}).",
         "",
-        "| model | params | train tokens | train tokens/s | train wall (s) | held-out NLL/token | held-out KL/token "
-        "| held-out ppl (ELBO bound) | held-out ppl (IW bound) | wikitext-2 ppl (ELBO / IW bound) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | training fast loop | params | train tokens/s | held-out NLL/token | KL/token "
+        "| ELBO bound | IW bound | / Llama (IW) | reconstruction ppl (not a bound) | WikiText-2 ELBO / IW bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in MODELS:
-        r = by_name.get(name)
-        if r is None:
-            continue
-        common = (
-            f"| {name} | {r['parameters'] / 1e6:.3f}M | {r['train_tokens']:,} | {r['train_tokens_per_second']:,.0f} "
-            f"| {r['train_seconds']:.0f} "
-        )
-        h, w = r["held_out"], r["wikitext"]
-        if name == "llama":
-            lines.append(
-                common + f"| {math.log(h['perplexity']):.3f} | - | {h['perplexity']:.2f} (exact) | - "
-                f"| {w['perplexity']:.2f} (exact) |"
-            )
+    for r in results:
+        h, w = r["held_out"], r.get("wikitext")
+        common = f"| {r['model']} | {describe(r['training_fast_loop']) if 'training_fast_loop' in r else '-'} " \
+            f"| {r['parameters'] / 1e6:.3f}M | {r['train_tokens_per_second']:,.0f} "
+        if r["model"] == "llama":
+            wiki = f"{w['perplexity']:.2f} (exact)" if w else "-"
+            lines.append(common + f"| {h['nll_per_token']:.3f} | - | **{h['perplexity']:.2f} (exact)** | - | 1.000 | - | {wiki} |")
         else:
+            ratio = f"{h['iw_ppl'] / llama['held_out']['perplexity']:.3f}" if llama and "iw_ppl" in h else "-"
+            wiki = f"{w['elbo_ppl']:.2f} / {w.get('iw_ppl', float('nan')):.2f} (KL {w['kl_per_token']:.3f})" if w else "-"
             lines.append(
                 common + f"| {h['nll_per_token']:.3f} | {h['kl_per_token']:.3f} | {h['elbo_ppl']:.2f} "
-                f"| {h.get('iw_ppl', float('nan')):.2f} (K={h.get('iw_samples', '-')}) "
-                f"| {w['elbo_ppl']:.2f} / {w.get('iw_ppl', float('nan')):.2f} (KL {w['kl_per_token']:.3f}) |"
+                f"| {h.get('iw_ppl', float('nan')):.2f} | {ratio} | {h.get('reconstruction_ppl', float('nan')):.2f} | {wiki} |"
             )
-    sweeps = [by_name[n] for n in MODELS if n in by_name and "sweep" in by_name[n]]
+    sweeps = [r for r in results if r.get("sweep")]
     if sweeps:
         steps = [s["inference_steps"] for s in sweeps[0]["sweep"]]
         lines += [
             "",
-            "Held-out ELBO perplexity bound vs eval inference steps (NLL + KL nats/token in brackets):",
+            "Held-out bounds vs evaluation fit steps: ELBO / IW bound [reconstruction ppl, not a bound]:",
             "",
-            "| model | " + " | ".join(f"T_eval = {s}" for s in steps) + " |",
+            "| model | " + " | ".join(f"{s} steps" for s in steps) + " |",
             "|---|" + "---|" * len(steps),
         ]
         for r in sweeps:
-            cells = [f"{s['elbo_ppl']:.2f} ({s['nll_per_token']:.3f} + {s['kl_per_token']:.3f})" for s in r["sweep"]]
+            cells = [f"{s['elbo_ppl']:.2f} / {s.get('iw_ppl', float('nan')):.2f} [{s.get('reconstruction_ppl', float('nan')):.2f}]"
+                     for s in r["sweep"]]  # fmt: skip
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def plot(paths: list[str], img_dir: str) -> list[str]:
+    """Figures from result JSONs: (a) held-out bounds and reconstruction ppl vs evaluation fit steps, the Llama as
+    a line (runs with a sweep); (b) bound vs training tokens (runs with a curve). Returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    def plain_log_y(ax):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=range(1, 10)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+    written = []
+    Path(img_dir).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        stem = Path(path).stem
+        results = data["results"]
+        llama = next((r for r in results if r["model"] == "llama"), None)
+        sweeps = [r for r in results if r.get("sweep")]
+        if sweeps:
+            fig, ax = plt.subplots(figsize=(9.5, 4.4), dpi=90)
+            for i, r in enumerate(sweeps):
+                color = f"C{i}"
+                x = [s["inference_steps"] for s in r["sweep"]]
+                ax.plot(x, [s["elbo_ppl"] for s in r["sweep"]], "o-", color=color, label=f"{r['model']}: ELBO bound")
+                if "iw_ppl" in r["sweep"][0]:
+                    ax.plot(x, [s["iw_ppl"] for s in r["sweep"]], "s--", color=color, label=f"{r['model']}: IW bound")
+                rec = [s for s in r["sweep"] if "reconstruction_ppl" in s]
+                ax.plot([s["inference_steps"] for s in rec], [s["reconstruction_ppl"] for s in rec], "^:", color=color,
+                        label=f"{r['model']}: reconstruction ppl (not a bound)")  # fmt: skip
+            if llama:
+                ax.axhline(llama["held_out"]["perplexity"], color="k", lw=1.2,
+                           label=f"Llama peer: exact ppl {llama['held_out']['perplexity']:.1f}")  # fmt: skip
+            plain_log_y(ax)
+            ax.set_xlabel("inference (fast) steps of the evaluation fit")
+            ax.set_ylabel("held-out perplexity / bound")
+            a = data["meta"]["args"]
+            ax.set_title(f"Tiny Shakespeare held out, {a['train_tokens']:,} training tokens\nbounds: fit from the prior, "
+                         f"eps redrawn, lr {a['eval_lr']:g}; IW K = {a['iw_samples']}", fontsize=9)  # fmt: skip
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            fig.tight_layout()
+            out = Path(img_dir) / f"{stem}-vs-eval-steps.png"
+            fig.savefig(out)
+            plt.close(fig)
+            written.append(str(out))
+        curves = [r for r in results if r.get("curve")]
+        if curves:
+            fig, ax = plt.subplots(figsize=(9.5, 4.4), dpi=90)
+            for i, r in enumerate(curves):
+                pts = [c for c in r["curve"] if c["train_tokens"] > 0]
+                x = [c["train_tokens"] for c in pts]
+                if r["model"] == "llama":
+                    ax.plot(x, [c["perplexity"] for c in pts], "k-o", label="Llama peer: exact ppl", zorder=3)
+                else:
+                    ax.plot(x, [c["elbo_ppl"] for c in pts], "o-", color=f"C{i}", label=f"{r['model']}: ELBO bound")
+                    if "iw_ppl" in pts[0]:
+                        ax.plot(x, [c["iw_ppl"] for c in pts], "s--", color=f"C{i}", label=f"{r['model']}: IW bound")
+            plain_log_y(ax)
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel(f"held-out perplexity / bound (first {curves[0]['curve_blocks']} blocks)")
+            ax.set_title("Bound vs training tokens (evaluation fit from the prior)", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            fig.tight_layout()
+            out = Path(img_dir) / f"{stem}-vs-train-tokens.png"
+            fig.savefig(out)
+            plt.close(fig)
+            written.append(str(out))
+    return written
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        for path in plot(args.plot, args.img_dir):
+            print(path)
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        raise SystemExit(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    for name in models:
+        if name != "llama":
+            parse_variant(name, args)  # fails early on a bad name
     workdir = Path(args.workdir)
+    if args.reevaluate:
+        results = reevaluate(args, models)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        out.write_text(json.dumps({"meta": {"command": command, "args": vars(args)}, "results": results}, indent=1))
+        return 0
     if args.child:
         (result,) = [run_model(args, name) for name in models]
         (workdir / f"{models[0]}.json").write_text(json.dumps(result, indent=1))
@@ -296,6 +619,9 @@ def main(argv=None) -> int:
     child_argv = list(argv if argv is not None else sys.argv[1:])  # flags pass through; `--models` is overridden
     pending, running, failed = list(models), [], []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.collect:
+        pending = [m for m in models if not (workdir / f"{m}.json").exists()]
+        failed, pending = pending, []
     while pending or running:
         while pending and len(running) < args.jobs:
             name = pending.pop(0)

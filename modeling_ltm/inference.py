@@ -132,6 +132,8 @@ class PosteriorFitSettings:
     init_logvar: float = 0.0
     init_logvar_noise: float = 0.0
     fixed_noise: bool = False
+    kl_weight: float = 1.0
+    free_bits: float = 0.0
     stop_tol: float | None = None
     stop_window: int = 4
     min_steps: int = 0
@@ -151,6 +153,10 @@ class PosteriorFitSettings:
             raise ValueError(f"`init_logvar_noise` must be >= 0, got {self.init_logvar_noise!r}.")
         if not isinstance(self.fixed_noise, bool):
             raise ValueError(f"`fixed_noise` must be True or False, got {self.fixed_noise!r}.")
+        if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0):
+            raise ValueError(f"`kl_weight` (beta of the fast loop's KL term) must be >= 0, got {self.kl_weight!r}.")
+        if not (isinstance(self.free_bits, (int, float)) and self.free_bits >= 0):
+            raise ValueError(f"`free_bits` (nats per latent dimension) must be >= 0, got {self.free_bits!r}.")
         if self.stop_tol is not None and (
             isinstance(self.stop_tol, bool) or not isinstance(self.stop_tol, (int, float)) or math.isnan(self.stop_tol)
         ):
@@ -337,17 +343,32 @@ def negative_elbo(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
     prefix=None,
+    kl_weight: float = 1.0,
+    free_bits: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fast loop's objective and its parts at `z = mu + exp(logvar / 2) * noise`.
 
-    Returns `(loss, nll, kl, num_tokens)`: `loss` is the scalar `sum_i (nll_i + kl_i) / num_tokens_i`, so each
-    sequence's `(mu_i, logvar_i)` gets the gradient of its own per-token negative ELBO, whatever the batch.
+    Returns `(loss, nll, kl, num_tokens)`: `loss` is the scalar `sum_i (nll_i + kl_weight * kl'_i) / num_tokens_i`,
+    so each sequence's `(mu_i, logvar_i)` gets the gradient of its own per-token objective, whatever the batch.
+    With the defaults (`kl_weight=1`, `free_bits=0`) `kl'` is the KL and the loss is the negative ELBO.
     `prefix`: as in [`sequence_nll`].
+
+    Training-only knobs (a bound is always evaluated at `kl_weight=1`, `free_bits=0`):
+        kl_weight: beta of a KL-weighted objective (0 = the NLL alone; warm-up schedules move it from 0 to 1).
+        free_bits: nats per latent dimension *per sequence* that cost nothing: `kl'_i = sum_d max(kl_id, free_bits)`,
+            so a dimension whose KL is below the floor gets gradients from the NLL only (Kingma et al., 2016, with
+            one group per dimension of a local posterior).
+
+    The returned `kl` is always the true `KL(q || p)` in nats per sequence, shape `(batch,)`.
     """
     z = mu + torch.exp(0.5 * logvar) * noise
     nll, num_tokens = sequence_nll(model, input_ids, z, targets, attention_mask, position_ids, prefix)
     kl = gaussian_kl(mu, logvar)
-    loss = ((nll + kl) / num_tokens.clamp(min=1)).sum()
+    penalty = kl
+    if free_bits > 0:
+        kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1)
+        penalty = kl_per_dim.clamp(min=free_bits).sum(-1)
+    loss = ((nll + kl_weight * penalty) / num_tokens.clamp(min=1)).sum()
     return loss, nll, kl, num_tokens
 
 
@@ -452,8 +473,9 @@ def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, gen
                 noise = _standard_normal(shape, generators, device)
             try:
                 loss, nll, kl, num_tokens = negative_elbo(
-                    model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids, prefix
-                )
+                    model, input_ids, targets, mu, logvar, noise, attention_mask, position_ids, prefix,
+                    settings.kl_weight, settings.free_bits,
+                )  # fmt: skip
             except NonFiniteLatentsError:  # the previous step sent mu / logvar to inf
                 _raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})", step + 1)
             mu.grad, logvar.grad = _finite_latent_gradients(model, loss, mu, logvar, step, settings)
@@ -509,7 +531,9 @@ def _run_adaptive_fast_loop(
                 else:
                     noise = _standard_normal((batch_size, *mu.shape[1:]), generators, device).index_select(0, active)
             try:
-                loss, nll, kl, num_tokens = negative_elbo(model, ids, tgt, mu, logvar, noise, mask, pos, sub_prefix)
+                loss, nll, kl, num_tokens = negative_elbo(
+                    model, ids, tgt, mu, logvar, noise, mask, pos, sub_prefix, settings.kl_weight, settings.free_bits
+                )
             except NonFiniteLatentsError:  # the previous step sent mu / logvar to inf
                 what = f"became non-finite at fast step {step + 1}/{num_steps} (lr={lr})"
                 _raise_non_finite(model, what, step + 1)
@@ -599,6 +623,8 @@ def fit_posterior(
     seed: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     settings: PosteriorFitSettings | None = None,
+    kl_weight: float | None = None,
+    free_bits: float | None = None,
 ) -> PosteriorOutput:
     """Fit `q(z|x) = N(mu, diag(exp(logvar)))` to each sequence by `num_steps` Adam steps on `(mu, logvar)`.
 
@@ -624,6 +650,9 @@ def fit_posterior(
         fixed_noise: keep one `eps` for all steps (the paper's code) or redraw it every step.
         seed: an int seeds one generator for the batch; a sequence of ints (one per row) seeds each row on its own,
             so a row's result does not depend on the batch it is in. `generator` may be given instead.
+        kl_weight, free_bits: training-only objective of the fast loop (see `negative_elbo`): the KL's weight beta
+            and a floor in nats per latent dimension per sequence. The defaults (1, 0) fit the ELBO; the returned
+            `kl`, `elbo` and `elbo_trace` are always the true KL and ELBO whatever the objective.
 
     Returns a [`PosteriorOutput`] whose `nll`, `kl`, `elbo` are scored at a fresh draw `z ~ q` (an unbiased
     single-sample ELBO estimate).
@@ -641,6 +670,8 @@ def fit_posterior(
         init_logvar=init_logvar,
         init_logvar_noise=init_logvar_noise,
         fixed_noise=fixed_noise,
+        kl_weight=kl_weight,
+        free_bits=free_bits,
     )
     if torch.is_inference_mode_enabled():
         return _without_inference_mode(_fit, model, input_ids, attention_mask, labels, settings, seed, generator)

@@ -87,6 +87,21 @@ class LTMTrainingArguments(TrainingArguments):
             "this value over `max_steps` (the paper's code goes 0.3 -> 0.34). None keeps it constant."
         },
     )
+    kl_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Training only: the fast loop's KL weight beta rises linearly from 0 (step 0) to 1 (this step "
+            "and later), so the decoder learns to use z before the KL pushes the posterior to the prior. 0 = beta 1 "
+            "throughout (the ELBO). Evaluation always fits the ELBO (beta 1)."
+        },
+    )
+    free_bits: float = field(
+        default=0.0,
+        metadata={
+            "help": "Training only: free bits of the fast loop's KL, in nats per latent dimension per sequence "
+            "(each dimension's KL below this floor costs nothing). 0 = off. Evaluation never uses free bits."
+        },
+    )
     eval_inference_steps: int | None = field(
         default=None,
         metadata={
@@ -130,6 +145,11 @@ class LTMTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"`{name}` (a fast learning rate) must be > 0 or None, got {value!r}.")
+        value = self.kl_warmup_steps
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`kl_warmup_steps` must be an integer >= 0 (0 = no warm-up), got {value!r}.")
+        if not self.free_bits >= 0:
+            raise ValueError(f"`free_bits` must be >= 0 nats per latent dimension (0 = off), got {self.free_bits!r}.")
         value = self.eval_iw_samples
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(
@@ -264,6 +284,12 @@ class LTMTrainer(Trainer):
         fraction = min(max(step, 0) / (max_steps - 1), 1.0)
         return start + fraction * (end - start)
 
+    def kl_weight_at(self, step: int) -> float:
+        """The training fast loop's KL weight beta at optimizer step `step`: `min(1, step / kl_warmup_steps)`, 1
+        without warm-up."""
+        warmup = getattr(self.args, "kl_warmup_steps", 0) or 0
+        return 1.0 if warmup <= 0 else min(max(step, 0) / warmup, 1.0)
+
     # ---- training ----------------------------------------------------------------------------------------------
 
     def _first_global_row(self, batch_index: int, batch_size: int) -> int:
@@ -300,6 +326,8 @@ class LTMTrainer(Trainer):
             num_steps=self.num_inference_steps,
             lr=lr,
             seed=_row_seeds(self.args.seed, _TRAIN_STREAM, step, first_row, input_ids.shape[0]),
+            kl_weight=self.kl_weight_at(step),
+            free_bits=getattr(self.args, "free_bits", 0.0) or 0.0,
         )
         self._record_train_stats(posterior, lr)
 

@@ -393,11 +393,16 @@ def test_evaluate_posterior_is_the_evaluation_fit_with_its_bounds(sensitive_mode
     plain = evaluate_posterior(model, input_ids, seed=seeds)
     for name in ("nll", "kl", "elbo", "num_tokens"):
         assert torch.equal(getattr(plain, name), getattr(posterior, name)), name
-    assert plain.iw is None and plain.reconstruction_nll is None and set(plain.summary()) == {
-        "nll_per_token",
-        "kl_per_token",
-        "elbo_ppl",
-    }
+    assert (
+        plain.iw is None
+        and plain.reconstruction_nll is None
+        and set(plain.summary())
+        == {
+            "nll_per_token",
+            "kl_per_token",
+            "elbo_ppl",
+        }
+    )
     with pytest.raises(ValueError, match="iw_samples"):
         evaluate_posterior(model, input_ids, iw_samples=-1)
 
@@ -422,9 +427,7 @@ def test_reconstruction_nll_is_the_nll_at_z_fitted_on_the_same_tokens(sensitive_
     z = fitted.mu + torch.exp(0.5 * fitted.logvar) * torch.stack(eps)
     with torch.no_grad():
         logits = model(input_ids, latents=z).logits[:, :-1]
-    expected = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
-    ).sum(-1)
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none").sum(-1)
     torch.testing.assert_close(result.reconstruction_nll, expected, atol=1e-4, rtol=1e-5)
     nll, num_tokens = reconstruction_nll(model, input_ids, seed=seeds)
     torch.testing.assert_close(nll, expected, atol=1e-4, rtol=1e-5)
@@ -457,3 +460,75 @@ def test_evaluation_elbo_beats_the_prior_and_iw_beats_the_elbo_on_average(sensit
     assert elbo.mean() >= prior_elbo(model, input_ids).mean()
     assert iw.mean() >= elbo.mean()
     assert (iw <= 0).all()  # a bound on log p(x): never above 0 nats
+
+
+# ---- training-only objective of the fast loop: KL weight (warm-up) and free bits ---------------------------------
+
+
+def _objective_grads(model, input_ids, targets, mu, logvar, noise, **kwargs):
+    loss, nll, kl, num_tokens = negative_elbo(model, input_ids, targets, mu, logvar, noise, **kwargs)
+    return torch.autograd.grad(loss, [mu, logvar]), nll.detach(), kl.detach(), num_tokens
+
+
+def test_kl_weight_zero_gives_gradients_from_the_nll_only(sensitive_model):
+    model, config = sensitive_model, sensitive_model.config
+    input_ids = random_ids(config, 2, 12)
+    targets = next_token_targets(input_ids, None)
+    mu, logvar, noise = posterior_params(config, 2)
+    (g_mu, g_logvar), nll, kl, num_tokens = _objective_grads(
+        model, input_ids, targets, mu, logvar, noise, kl_weight=0.0
+    )
+    z = mu + torch.exp(0.5 * logvar) * noise
+    from modeling_ltm.inference import sequence_nll
+
+    nll_only = (sequence_nll(model, input_ids, z, targets)[0] / num_tokens).sum()
+    e_mu, e_logvar = torch.autograd.grad(nll_only, [mu, logvar])
+    torch.testing.assert_close(g_mu, e_mu)
+    torch.testing.assert_close(g_logvar, e_logvar)
+    # The returned KL is the true KL whatever the weight.
+    torch.testing.assert_close(kl, gaussian_kl(mu, logvar).detach())
+
+    # Beta scales the KL's gradient linearly: grad(beta) = grad(NLL) + beta * grad(KL).
+    (f_mu, f_logvar), *_ = _objective_grads(model, input_ids, targets, mu, logvar, noise)
+    (h_mu, h_logvar), *_ = _objective_grads(model, input_ids, targets, mu, logvar, noise, kl_weight=0.5)
+    torch.testing.assert_close(h_mu, 0.5 * (e_mu + f_mu))
+    torch.testing.assert_close(h_logvar, 0.5 * (e_logvar + f_logvar))
+
+
+def test_free_bits_floor_each_latent_dimension(sensitive_model):
+    model, config = sensitive_model, sensitive_model.config
+    input_ids = random_ids(config, 2, 12)
+    targets = next_token_targets(input_ids, None)
+    mu, logvar, noise = posterior_params(config, 2)
+    kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).detach()
+    floor = float(kl_per_dim.median())
+    loss, nll, kl, num_tokens = negative_elbo(model, input_ids, targets, mu, logvar, noise, free_bits=floor)
+    expected = ((nll + kl_per_dim.clamp(min=floor).flatten(1).sum(-1)) / num_tokens).sum()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(kl, gaussian_kl(mu, logvar))  # reported KL is the true one
+
+    # Below the floor a dimension's gradient is the NLL's alone; above it, the full negative ELBO's.
+    (fb_mu, fb_logvar), *_ = _objective_grads(model, input_ids, targets, mu, logvar, noise, free_bits=floor)
+    (nll_mu, nll_logvar), *_ = _objective_grads(model, input_ids, targets, mu, logvar, noise, kl_weight=0.0)
+    (full_mu, full_logvar), *_ = _objective_grads(model, input_ids, targets, mu, logvar, noise)
+    below = kl_per_dim < floor
+    assert below.any() and (~below).any()
+    torch.testing.assert_close(fb_mu[below], nll_mu[below])
+    torch.testing.assert_close(fb_logvar[below], nll_logvar[below])
+    torch.testing.assert_close(fb_mu[~below], full_mu[~below])
+    torch.testing.assert_close(fb_logvar[~below], full_logvar[~below])
+
+
+def test_fit_posterior_objective_knobs_default_to_the_elbo(model):
+    input_ids = random_ids(model.config, 2, 8)
+    default = fit_posterior(model, input_ids, num_steps=3, seed=0)
+    explicit = fit_posterior(model, input_ids, num_steps=3, seed=0, kl_weight=1.0, free_bits=0.0)
+    assert torch.equal(default.mu, explicit.mu) and torch.equal(default.logvar, explicit.logvar)
+    nll_only = fit_posterior(model, input_ids, num_steps=3, seed=0, kl_weight=0.0)
+    assert not torch.equal(default.logvar, nll_only.logvar)
+    # Whatever the objective, the reported terms are the true KL and ELBO of the fitted q.
+    torch.testing.assert_close(nll_only.kl, gaussian_kl(nll_only.mu, nll_only.logvar))
+    torch.testing.assert_close(nll_only.elbo, -(nll_only.nll + nll_only.kl))
+    for name in ("kl_weight", "free_bits"):
+        with pytest.raises(ValueError, match=name):
+            fit_posterior(model, input_ids, num_steps=1, **{name: -0.1})

@@ -107,3 +107,39 @@ def test_recipe_parses_as_ltm_training_arguments(path, tmp_path):
     assert args.lr_scheduler_type.value == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert args.warmup_steps > 0
     assert args.inference_lr == 0.3
+
+
+# Fields an honest variant may change: the training fast loop and the evaluation fit. Everything else (the
+# architecture, the tokenizer, the context) stays the paper's, so the variant trains the same-size model.
+HONEST_VARIANT_FIELDS = {
+    "num_inference_steps",
+    "inference_lr",
+    "inference_lr_min_ratio",
+    "posterior_init_logvar",
+    "posterior_init_logvar_noise",
+    "posterior_fixed_noise",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PRESETS))
+def test_each_paper_preset_has_a_documented_honest_variant(name, tmp_path):
+    honest_name = name.replace(".json", "-honest.json")
+    paper = json.loads((CONFIG_DIR / name).read_text())
+    honest = json.loads((CONFIG_DIR / honest_name).read_text())
+    for key in set(paper) | set(honest):
+        if key in HONEST_VARIANT_FIELDS or key.startswith("eval_"):
+            continue
+        assert honest.get(key) == paper.get(key), f"{honest_name} changes {key}, which is not a fit setting"
+    # The evaluation fit of the honest variant: from the prior, eps redrawn every step.
+    assert honest["eval_posterior_init_logvar"] == 0.0 and honest["eval_posterior_init_logvar_noise"] == 0.0
+    assert honest["eval_posterior_fixed_noise"] is False
+    assert honest["eval_inference_steps"] >= 32
+    assert honest_name in readme_table(), f"{honest_name} has no row in configuration/README.md"
+    assert honest_name in (CONFIG_DIR / "README.md").read_text()
+
+    trainer = pytest.importorskip("modeling_ltm.trainer")
+    recipe = json.loads((CONFIG_DIR / "recipes" / honest_name).read_text())
+    recipe.update(output_dir=str(tmp_path), bf16=False)
+    (args,) = HfArgumentParser(trainer.LTMTrainingArguments).parse_dict(recipe)
+    assert args.eval_iw_samples >= 16
+    assert args.num_inference_steps == honest["num_inference_steps"]

@@ -217,7 +217,14 @@ def test_training_arguments_parse_from_the_command_line(tmp_path):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("num_inference_steps", -1), ("inference_lr", 0.0), ("inference_lr_end", -0.3), ("eval_iw_samples", -2)],
+    [
+        ("num_inference_steps", -1),
+        ("inference_lr", 0.0),
+        ("inference_lr_end", -0.3),
+        ("eval_iw_samples", -2),
+        ("kl_warmup_steps", -1),
+        ("free_bits", -0.5),
+    ],
 )
 def test_invalid_training_arguments_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
@@ -323,3 +330,49 @@ def test_push_to_hub_card_is_the_ltm_card(tmp_path, tiny_shakespeare_path):
     results = {result.metric_type: result.metric_value for result in card.data.eval_results}
     assert results["perplexity"] in (metrics["eval_elbo_ppl"], metrics["eval_iw_ppl"])
     assert card.data.datasets == ["tiny-corpus"] and "custom_code" in card.data.tags
+
+
+def test_kl_warmup_schedule_and_free_bits_reach_the_training_fit_only(tmp_path, tiny_shakespeare_path, monkeypatch):
+    from modeling_ltm import trainer as trainer_module
+
+    calls = []
+    real_fit = trainer_module.fit_posterior
+
+    def recording_fit(*args, **kwargs):
+        calls.append((kwargs.get("kl_weight", 1.0), kwargs.get("free_bits", 0.0)))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "fit_posterior", recording_fit)
+    args = make_args(tmp_path, max_steps=5, kl_warmup_steps=4, free_bits=0.05)
+    trainer = LTMTrainer(
+        model=byte_model(),
+        args=args,
+        train_dataset=byte_blocks(tiny_shakespeare_path, 32, 20),
+        eval_dataset=heldout_blocks(tiny_shakespeare_path, 32, 4),
+    )
+    assert [trainer.kl_weight_at(step) for step in (0, 1, 2, 4, 10)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    trainer.train()
+    assert calls == [(0.0, 0.05), (0.25, 0.05), (0.5, 0.05), (0.75, 0.05), (1.0, 0.05)]
+    # Evaluation fits the ELBO (beta 1, no free bits): every objective the evaluation's fits compute says so.
+    import inspect
+
+    from modeling_ltm import inference
+
+    objectives, real_objective = [], inference.negative_elbo
+
+    def recording_objective(*args, **kwargs):
+        bound = inspect.signature(real_objective).bind(*args, **kwargs)
+        bound.apply_defaults()
+        objectives.append((bound.arguments["kl_weight"], bound.arguments["free_bits"]))
+        return real_objective(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "negative_elbo", recording_objective)
+    trainer.evaluate()
+    assert objectives and all(call == (1.0, 0.0) for call in objectives)
+
+    no_warmup = LTMTrainer(model=byte_model(), args=make_args(tmp_path / "plain"))
+    assert no_warmup.kl_weight_at(0) == 1.0
+    (parsed,) = HfArgumentParser(LTMTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--kl_warmup_steps", "100", "--free_bits", "0.25", "--use_cpu"]
+    )
+    assert (parsed.kl_warmup_steps, parsed.free_bits) == (100, 0.25)

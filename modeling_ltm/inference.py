@@ -420,10 +420,19 @@ class _FastLoopState:
     num_steps_taken: torch.Tensor | None = None
 
 
+def _is_fsdp_sharded(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed support
+        return False
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def _compute_prefix(model, input_ids, attention_mask, position_ids):
-    """The batch's latent-independent `LTMPrefix` (once per fit), or None for a model without `compute_prefix`."""
+    """The batch's latent-independent `LTMPrefix` (once per fit), or None for a model without `compute_prefix` or one
+    sharded by FSDP2 (`fully_shard`), whose parameters are gathered only by the hooks of a full `model(...)` call."""
     base = getattr(model, "model", None)
-    if base is None or not hasattr(base, "compute_prefix"):
+    if base is None or not hasattr(base, "compute_prefix") or _is_fsdp_sharded(model):
         return None
     return base.compute_prefix(input_ids, attention_mask=attention_mask, position_ids=position_ids)
 

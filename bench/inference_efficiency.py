@@ -191,7 +191,7 @@ def run_fit(model, batches, settings, seeds, args, plain: bool) -> dict:
     if plain:  # the baseline as it ran before issue 13: every forward from the tokens
         inference._compute_prefix = lambda *a: None
     neg_elbo = tokens = row_steps = rows = 0.0
-    seconds = 0.0
+    seconds, row_elbo = 0.0, []
     try:
         for input_ids, row_seeds in zip(batches, seeds):
             start = time.perf_counter()
@@ -202,6 +202,7 @@ def run_fit(model, batches, settings, seeds, args, plain: bool) -> dict:
                     model, input_ids, None, None, args.score_samples, fit, row_seeds, None
                 )
             neg_elbo += float((nll + fit.kl).sum())
+            row_elbo += (-(nll + fit.kl) / fit.num_tokens).tolist()
             tokens += float(fit.num_tokens.sum())
             row_steps += float(fit.num_steps_taken.sum())
             rows += input_ids.shape[0]
@@ -212,6 +213,7 @@ def run_fit(model, batches, settings, seeds, args, plain: bool) -> dict:
         "compute_per_sequence": (row_steps + args.forward_cost * rows) / rows,
         "mean_steps": row_steps / rows,
         "seconds": seconds,
+        "row_elbo_per_token": row_elbo,
     }
 
 
@@ -304,19 +306,20 @@ def main(argv=None) -> int:
     new_settings = PosteriorFitSettings.evaluation(ltm.config)
     llama_nll = llama_nats_per_token(llama, batches)
 
-    def timed(settings, plain):
-        runs = [run_fit(ltm, batches, settings, seeds, args, plain) for _ in range(args.repeats)]
-        point = dict(runs[0], seconds=statistics.median(r["seconds"] for r in runs))
-        return {**point, "settings": settings.describe()}
-
     baseline_sweep = QUICK_BASELINE_SWEEP if args.quick else BASELINE_SWEEP
-    baseline_curve = [timed(baseline_settings.replace(num_steps=t), plain=True) for t in baseline_sweep]
-    baseline = baseline_curve[baseline_sweep.index(32)]
     tol_sweep = QUICK_TOL_SWEEP if args.quick else TOL_SWEEP
-    new_curve = [timed(new_settings.replace(stop_tol=tol), plain=False) for tol in tol_sweep]
-    new = timed(new_settings, plain=False)
-    new_curve.append(new)
+    jobs = [(baseline_settings.replace(num_steps=t), True) for t in baseline_sweep]
+    jobs += [(new_settings.replace(stop_tol=tol), False) for tol in (*tol_sweep, new_settings.stop_tol)]
+    # Rounds over all points, so that the machine's load drifts over every point alike; median wall time per point.
+    rounds = [[run_fit(ltm, batches, s, seeds, args, plain) for s, plain in jobs] for _ in range(args.repeats)]
+    points = []
+    for i, (settings, _) in enumerate(jobs):
+        runs = [r[i] for r in rounds]
+        points.append(dict(runs[0], seconds=statistics.median(r["seconds"] for r in runs), settings=settings.describe()))
+    baseline_curve, new_curve = points[: len(baseline_sweep)], points[len(baseline_sweep) :]
+    baseline, new = baseline_curve[baseline_sweep.index(32)], new_curve[-1]
     target = baseline["elbo_per_token"]
+    diff = [a - b for a, b in zip(new["row_elbo_per_token"], baseline["row_elbo_per_token"])]
     result = {
         "baseline": baseline,
         "new_default": new,
@@ -328,6 +331,9 @@ def main(argv=None) -> int:
         "wall_ratio": compute_at(new_curve, target, "seconds") / baseline["seconds"],
         "default_compute_ratio": new["compute_per_sequence"] / baseline["compute_per_sequence"],
         "default_wall_ratio": new["seconds"] / baseline["seconds"],
+        # Paired per-sequence difference of the ELBO (new default - baseline), nats/token, and its standard error.
+        "default_elbo_diff": statistics.mean(diff),
+        "default_elbo_diff_stderr": statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan,
     }
     training = {n: json.loads((workdir / n / "done.json").read_text()) for n in ("ltm", "llama")}
     result["meta"] = {
@@ -371,7 +377,9 @@ def markdown(result: dict) -> str:
         "",
         f"At the baseline's ELBO ({result['baseline']['elbo_per_token']:.4f}): compute ratio "
         f"{result['compute_ratio']:.3f}, wall-time ratio {result['wall_ratio']:.3f} (new / baseline). The new default "
-        f"itself: compute ratio {result['default_compute_ratio']:.3f}, wall ratio {result['default_wall_ratio']:.3f}.",
+        f"itself: compute ratio {result['default_compute_ratio']:.3f}, wall ratio {result['default_wall_ratio']:.3f}, "
+        f"ELBO {result['default_elbo_diff']:+.4f} +- {result['default_elbo_diff_stderr']:.4f} nats/token vs the "
+        "baseline (paired over sequences, mean +- standard error).",
     ]
     return "\n".join(lines)
 

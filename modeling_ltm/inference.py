@@ -265,11 +265,10 @@ def sequence_nll(
     # Logits of the first T - 1 positions only, contiguous: slicing (B, T, V) logits afterwards would cost a copy
     # of the largest activation forward and a zero-filled (B, T, V) gradient backward.
     token_inputs = (
-        dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if prefix is None
-        else dict(prefix=prefix)
+        dict(attention_mask=attention_mask, position_ids=position_ids) if prefix is None else dict(prefix=prefix)
     )
     logits = model(
+        input_ids=input_ids,
         **token_inputs,
         latents=latents,
         use_cache=False,

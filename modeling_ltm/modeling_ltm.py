@@ -503,8 +503,9 @@ class LTMModel(LTMPreTrainedModel):
                 The name of `cache` before transformers 5.24 (what `generate()` passes there); deprecated after.
             prefix ([`LTMPrefix`], *optional*):
                 The latent-independent start of the forward, from [`LTMModel.compute_prefix`]: it replaces
-                `input_ids`/`inputs_embeds`, `attention_mask` and `position_ids` (pass none of them) and the work
-                up to layer 0's cross-attention. No cache. Same numbers as the plain call.
+                `inputs_embeds`, `attention_mask` and `position_ids` (pass none of them; `input_ids` may be passed
+                along for hooks and logging, the prefix's own tokens, unused) and the work up to layer 0's
+                cross-attention. No cache. Same numbers as the plain call.
 
         Returns:
             [`LTMModelOutput`] (transformers' `BaseModelOutputWithPastAndCrossAttentions`) with `last_hidden_state` of
@@ -518,12 +519,16 @@ class LTMModel(LTMPreTrainedModel):
         """
         cache = resolve_cache_argument(cache, past_key_values)
         if prefix is not None:
-            given = [n for n, v in [("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
-                                    ("attention_mask", attention_mask), ("position_ids", position_ids),
-                                    ("cache", cache)] if v is not None]  # fmt: skip
+            given = [n for n, v in [("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
+                                    ("position_ids", position_ids), ("cache", cache)] if v is not None]  # fmt: skip
             if given or use_cache:
                 raise ValueError(
                     f"`prefix` already holds the tokens, mask and positions; do not also pass {given or 'use_cache'}."
+                )
+            if input_ids is not None and tuple(input_ids.shape) != tuple(prefix.hidden_states.shape[:2]):
+                raise ValueError(
+                    f"`input_ids` of shape {tuple(input_ids.shape)} are not the prefix's tokens "
+                    f"{tuple(prefix.hidden_states.shape[:2])}; pass the ids the prefix was computed from, or none."
                 )
             inputs_embeds, use_cache = prefix.hidden_states, False
         elif (input_ids is None) == (inputs_embeds is None):

@@ -632,7 +632,8 @@ class LTMModel(LTMPreTrainedModel):
 
         Computed under `torch.no_grad()`: it carries no gradient to the weights (the fast loop needs gradients with
         respect to the latents only, which never reach this part). Arguments as in `forward`; under an autocast,
-        compute it inside the same autocast as the forwards that use it.
+        compute it inside the same autocast as the forwards that use it. With `config.dropout > 0` in training mode,
+        its dropout masks are drawn once and shared by every forward that reuses it.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")

@@ -103,11 +103,22 @@ class PosteriorOutput:
         return PosteriorOutput(**{k: (v if k == "elbo_trace" or v is None else v[index]) for k, v in fields.items()})
 
 
+# The evaluation fit's adaptive-stopping tolerance, nats per token per fast step (bench/inference_efficiency.py).
+EVAL_STOP_TOL = 0.002
+EVAL_STOP_WINDOW = 8
+
+
 @dataclass(frozen=True)
 class PosteriorFitSettings:
     """How one posterior fit runs: `num_steps` Adam steps on `(mu, logvar)` from `mu = 0`,
     `logvar = init_logvar + init_logvar_noise * N(0, 1)`, learning rate cosine-decayed from `lr` to
     `lr * lr_min_ratio`, with one `eps` for all steps (`fixed_noise=True`) or a new one at every step.
+
+    Adaptive stopping (`stop_tol` not None): a row stops once its ELBO gain per step falls below `stop_tol` nats per
+    token, measured as the difference of the means of its last two windows of `stop_window` ELBO estimates divided by
+    `stop_window` (checked from step `max(min_steps, 2 * stop_window)` on); stopped rows leave the batch, so the
+    remaining rows' steps cost less. `num_steps` is then the most steps any row takes, and the cosine schedule runs
+    over it. Off (`None`) in the training fast loop.
 
     Two named sets come from an [`LTMConfig`]:
 
@@ -116,7 +127,9 @@ class PosteriorFitSettings:
       In the paper's presets: 16 steps, lr 0.3 -> 0.03, `logvar = -5 + 0.1 * N(0, 1)`, fixed `eps`.
     - [`PosteriorFitSettings.evaluation`]: the fit behind every reported bound (the config's `eval_*` fields).
       Defaults: start at the prior (`mu = 0`, `logvar = 0`, no jitter, so the initial KL is 0), `eps` redrawn at
-      every step, 32 steps at lr 0.1 -> 0.01, chosen from the measurements in docs/evaluation.md.
+      every step, at most 32 steps at lr 0.1 -> 0.01, chosen from the measurements in docs/evaluation.md; a row
+      stops early once its ELBO gains less than `EVAL_STOP_TOL` nats per token per step (measured in
+      docs/benchmarks.md, "Evaluation-fit efficiency"; `stop_tol=None` turns it off).
 
     Example:
 
@@ -183,7 +196,7 @@ class PosteriorFitSettings:
     def evaluation(cls, config, **overrides) -> "PosteriorFitSettings":
         """The evaluation fit's settings from `config` (its `eval_*` fields; the class defaults for a config saved
         before they existed); `overrides` that are not None replace fields."""
-        default = cls(num_steps=32, lr=0.1)
+        default = cls(num_steps=32, lr=0.1, stop_tol=EVAL_STOP_TOL, stop_window=EVAL_STOP_WINDOW)
         base = cls(
             num_steps=getattr(config, "eval_inference_steps", default.num_steps),
             lr=getattr(config, "eval_inference_lr", default.lr),
@@ -191,6 +204,8 @@ class PosteriorFitSettings:
             init_logvar=getattr(config, "eval_posterior_init_logvar", default.init_logvar),
             init_logvar_noise=getattr(config, "eval_posterior_init_logvar_noise", default.init_logvar_noise),
             fixed_noise=getattr(config, "eval_posterior_fixed_noise", default.fixed_noise),
+            stop_tol=getattr(config, "eval_stop_tol", default.stop_tol),
+            stop_window=getattr(config, "eval_stop_window", default.stop_window),
         )
         return base.replace(**overrides)
 
@@ -213,7 +228,13 @@ class PosteriorFitSettings:
         elif self.init_logvar == 0:
             start += " (the prior)"
         noise = "one fixed eps" if self.fixed_noise else "eps redrawn every step"
-        return f"T={self.num_steps}, lr {self.lr:g} -> {self.lr * self.lr_min_ratio:g} (cosine), {start}, {noise}"
+        line = f"T={self.num_steps}, lr {self.lr:g} -> {self.lr * self.lr_min_ratio:g} (cosine), {start}, {noise}"
+        if self.stop_tol is not None:
+            line += (
+                f", a row stops when its ELBO gains < {self.stop_tol:g} nats/token/step (window {self.stop_window}"
+                + (f", at least {self.min_steps} steps)" if self.min_steps else ")")
+            )
+        return line
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -271,11 +292,10 @@ def sequence_nll(
     # Logits of the first T - 1 positions only, contiguous: slicing (B, T, V) logits afterwards would cost a copy
     # of the largest activation forward and a zero-filled (B, T, V) gradient backward.
     token_inputs = (
-        dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if prefix is None
-        else dict(prefix=prefix)
+        dict(attention_mask=attention_mask, position_ids=position_ids) if prefix is None else dict(prefix=prefix)
     )
     logits = model(
+        input_ids=input_ids,
         **token_inputs,
         latents=latents,
         use_cache=False,

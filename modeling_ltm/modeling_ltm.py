@@ -411,14 +411,11 @@ class LTMPrefix:
             layer uses (causal, sliding window, padding), as built by transformers' mask functions.
         position_embeddings (`tuple` of two `torch.FloatTensor` of shape `(batch or 1, seq, head_dim)`): the tokens'
             RoPE `cos`, `sin`.
-        input_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*): the token ids it was computed from (None
-            for `inputs_embeds`), so hooks and debugging see which tokens a `forward(prefix=...)` scores.
     """
 
     hidden_states: torch.Tensor
     causal_mask: torch.Tensor | None
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    input_ids: torch.LongTensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -435,7 +432,7 @@ class LTMPrefix:
         if self.causal_mask is not None and not isinstance(self.causal_mask, torch.Tensor):
             raise TypeError(f"Cannot select rows of a {type(self.causal_mask).__name__} attention mask.")
         cos, sin = self.position_embeddings
-        return LTMPrefix(rows(self.hidden_states), rows(self.causal_mask), (rows(cos), rows(sin)), rows(self.input_ids))
+        return LTMPrefix(rows(self.hidden_states), rows(self.causal_mask), (rows(cos), rows(sin)))
 
 
 class LTMModel(LTMPreTrainedModel):
@@ -526,16 +523,19 @@ class LTMModel(LTMPreTrainedModel):
                 gradient checkpointing.
             past_key_values (`Cache`, *optional*):
                 The name of `cache` before transformers 5.24 (what `generate()` passes there); deprecated after.
-        self_cache = cache.self_attention_cache if cache is not None else None
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, self_cache, **kwargs
-        )
-        hidden_states = residual + self.dropout(hidden_states)
-        if not skip_self_attention:  # skipped when `hidden_states` is an `LTMPrefix` that already went through it
-            hidden_states = self.self_attention_block(
-                hidden_states, position_embeddings, attention_mask, cache, **kwargs
-            )
+            output_hidden_states (`bool`, *optional*):
+                Also return `hidden_states`. Defaults to `config.output_hidden_states`.
+            output_attentions (`bool`, *optional*):
+                Also return `attentions` and `cross_attentions`. Needs the eager attention (the fused kernels do not
+                compute the weights): load with `attn_implementation="eager"` or call
+                `model.set_attn_implementation("eager")`. Defaults to `config.output_attentions`.
+            return_dict (`bool`, *optional*):
+                `False` returns a tuple of the output's non-`None` fields, in order. Defaults to `config.return_dict`.
+            prefix ([`LTMPrefix`], *optional*):
+                The latent-independent start of the forward, from [`LTMModel.compute_prefix`]: it replaces
+                `inputs_embeds`, `attention_mask` and `position_ids` (pass none of them; `input_ids` may be passed
+                along for hooks and logging, the prefix's own tokens, unused) and the work up to layer 0's
+                cross-attention. No cache. Same numbers as the plain call.
 
         Returns:
             [`LTMModelOutput`] (transformers' `BaseModelOutputWithPastAndCrossAttentions`) with
@@ -566,12 +566,16 @@ class LTMModel(LTMPreTrainedModel):
                 "`model.set_attn_implementation(\"eager\")` first."
             )
         if prefix is not None:
-            given = [n for n, v in [("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
-                                    ("attention_mask", attention_mask), ("position_ids", position_ids),
-                                    ("cache", cache)] if v is not None]  # fmt: skip
+            given = [n for n, v in [("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
+                                    ("position_ids", position_ids), ("cache", cache)] if v is not None]  # fmt: skip
             if given or use_cache:
                 raise ValueError(
                     f"`prefix` already holds the tokens, mask and positions; do not also pass {given or 'use_cache'}."
+                )
+            if input_ids is not None and tuple(input_ids.shape) != tuple(prefix.hidden_states.shape[:2]):
+                raise ValueError(
+                    f"`input_ids` of shape {tuple(input_ids.shape)} are not the prefix's tokens "
+                    f"{tuple(prefix.hidden_states.shape[:2])}; pass the ids the prefix was computed from, or none."
                 )
             inputs_embeds, use_cache = prefix.hidden_states, False
         elif (input_ids is None) == (inputs_embeds is None):
@@ -677,7 +681,8 @@ class LTMModel(LTMPreTrainedModel):
 
         Computed under `torch.no_grad()`: it carries no gradient to the weights (the fast loop needs gradients with
         respect to the latents only, which never reach this part). Arguments as in `forward`; under an autocast,
-        compute it inside the same autocast as the forwards that use it.
+        compute it inside the same autocast as the forwards that use it. With `config.dropout > 0` in training mode,
+        its dropout masks are drawn once and shared by every forward that reuses it.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -692,7 +697,7 @@ class LTMModel(LTMPreTrainedModel):
             inputs_embeds, attention_mask, position_ids, None, 0
         )
         hidden_states = self.layers[0].self_attention_block(hidden_states, position_embeddings, causal_mask)
-        return LTMPrefix(hidden_states, causal_mask, position_embeddings, input_ids)
+        return LTMPrefix(hidden_states, causal_mask, position_embeddings)
 
 
 class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):

@@ -149,14 +149,12 @@ def test_double_import_does_not_reregister():
 
 
 def capture_forward_calls(model):
-    """Record `(input_ids, latents)` of every forward call of `model` (the ids of its `prefix` when it is given one:
-    the fast loop computes the latent-independent prefix once and passes it instead of the ids)."""
+    """Record `(input_ids, latents)` of every forward call of `model`."""
     calls = []
 
     def hook(module, args, kwargs):
         latents = kwargs.get("latents")
-        input_ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["prefix"].input_ids
-        calls.append((input_ids.clone(), None if latents is None else latents.detach().clone()))
+        calls.append((kwargs["input_ids"].clone(), None if latents is None else latents.detach().clone()))
 
     return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
 

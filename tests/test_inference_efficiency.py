@@ -71,7 +71,9 @@ def test_prefix_refuses_token_inputs_too():
     input_ids = random_ids(model.config, 2, 8)
     prefix = model.model.compute_prefix(input_ids)
     with pytest.raises(ValueError, match="prefix"):
-        model(input_ids, prefix=prefix)
+        model(input_ids[:, :4], prefix=prefix)
+    with pytest.raises(ValueError, match="prefix"):
+        model(prefix=prefix, attention_mask=torch.ones_like(input_ids))
     with pytest.raises(ValueError, match="prefix"):
         model(prefix=prefix, use_cache=True)
 

@@ -53,7 +53,9 @@ def load_quality_module():
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small training budget and evaluation set (< 5 min)")
     p.add_argument("--train-tokens", type=int, default=None, help="training tokens per model (quick: 49,152)")
     p.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks scored (quick: 16)")
@@ -160,7 +162,10 @@ def train_models(args) -> None:
         else:
             model = LlamaForCausalLM(llama_peer_config(config))
             trainer = Trainer(
-                model=model, args=TrainingArguments(**common), train_dataset=blocks["train"], data_collator=collate_blocks
+                model=model,
+                args=TrainingArguments(**common),
+                train_dataset=blocks["train"],
+                data_collator=collate_blocks,
             )
         start = time.time()
         trainer.train()
@@ -174,8 +179,6 @@ def train_models(args) -> None:
                 }
             )
         )
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,7 +321,9 @@ def main(argv=None) -> int:
     points = []
     for i, (settings, _) in enumerate(jobs):
         runs = [r[i] for r in rounds]
-        points.append(dict(runs[0], seconds=statistics.median(r["seconds"] for r in runs), settings=settings.describe()))
+        points.append(
+            dict(runs[0], seconds=statistics.median(r["seconds"] for r in runs), settings=settings.describe())
+        )
     baseline_curve, new_curve = points[: len(baseline_sweep)], points[len(baseline_sweep) :]
     baseline, new = baseline_curve[baseline_sweep.index(32)], new_curve[-1]
     target = baseline["elbo_per_token"]

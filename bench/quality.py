@@ -280,7 +280,10 @@ def ltm_metrics(model, dataset, args, spec, num_steps=None, iw_samples=None, rec
         "tokens": int(tokens),
     }
     if "iw_logp" in sums:
-        out.update(iw_ppl=math.exp(-sums["iw_logp"] / tokens), iw_samples=args.iw_samples if iw_samples is None else iw_samples)
+        out.update(
+            iw_ppl=math.exp(-sums["iw_logp"] / tokens),
+            iw_samples=args.iw_samples if iw_samples is None else iw_samples,
+        )
     if "rec_nll" in sums:
         out["reconstruction_ppl"] = math.exp(sums["rec_nll"] / tokens)
     return out
@@ -455,7 +458,11 @@ def run_model(args, name: str) -> dict:
 
 def describe(spec: dict) -> str:
     """The training fast loop of a variant in words (for tables)."""
-    parts = [f"T={spec['T']}", f"start logvar {spec['init_logvar']:g}", "fixed eps" if spec["fixed_noise"] else "redrawn eps"]
+    parts = [
+        f"T={spec['T']}",
+        f"start logvar {spec['init_logvar']:g}",
+        "fixed eps" if spec["fixed_noise"] else "redrawn eps",
+    ]
     if spec["kl_warmup"]:
         parts.append(f"KL warm-up {spec['kl_warmup']:g} of training")
     if spec["free_bits"]:
@@ -483,14 +490,21 @@ def markdown(results: list[dict], meta: dict) -> str:
     ]
     for r in results:
         h, w = r["held_out"], r.get("wikitext")
-        common = f"| {r['model']} | {describe(r['training_fast_loop']) if 'training_fast_loop' in r else '-'} " \
+        common = (
+            f"| {r['model']} | {describe(r['training_fast_loop']) if 'training_fast_loop' in r else '-'} "
             f"| {r['parameters'] / 1e6:.3f}M | {r['train_tokens_per_second']:,.0f} "
+        )
         if r["model"] == "llama":
             wiki = f"{w['perplexity']:.2f} (exact)" if w else "-"
-            lines.append(common + f"| {h['nll_per_token']:.3f} | - | **{h['perplexity']:.2f} (exact)** | - | 1.000 | - | {wiki} |")
+            lines.append(
+                common
+                + f"| {h['nll_per_token']:.3f} | - | **{h['perplexity']:.2f} (exact)** | - | 1.000 | - | {wiki} |"
+            )
         else:
             ratio = f"{h['iw_ppl'] / llama['held_out']['perplexity']:.3f}" if llama and "iw_ppl" in h else "-"
-            wiki = f"{w['elbo_ppl']:.2f} / {w.get('iw_ppl', float('nan')):.2f} (KL {w['kl_per_token']:.3f})" if w else "-"
+            wiki = (
+                f"{w['elbo_ppl']:.2f} / {w.get('iw_ppl', float('nan')):.2f} (KL {w['kl_per_token']:.3f})" if w else "-"
+            )
             lines.append(
                 common + f"| {h['nll_per_token']:.3f} | {h['kl_per_token']:.3f} | {h['elbo_ppl']:.2f} "
                 f"| {h.get('iw_ppl', float('nan')):.2f} | {ratio} | {h.get('reconstruction_ppl', float('nan')):.2f} | {wiki} |"
@@ -523,7 +537,9 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
 
     def plain_log_y(ax):
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
+        ax.yaxis.set_major_locator(
+            LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0))
+        )
         ax.yaxis.set_minor_locator(LogLocator(base=10, subs=range(1, 10)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

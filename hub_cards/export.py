@@ -34,7 +34,6 @@ from .card import build_model_card, load_lm_eval_results, trainer_eval_results
 logger = logging.get_logger(__name__)
 
 
-
 def remote_code_files() -> tuple[str, ...]:
     """What `save_pretrained` copies next to the weights for `trust_remote_code=True`: the model's module and the
     siblings it imports relatively, found by transformers' own `get_relative_import_files`."""
@@ -177,7 +176,8 @@ def read_pickled_training_args(path: Path) -> dict[str, Any]:
     import torch
 
     refused = sorted(
-        set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - {*_TRAINING_ARGS_CLASSES, *_TRAINING_ARGS_ENUMS}
+        set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        - {*_TRAINING_ARGS_CLASSES, *_TRAINING_ARGS_ENUMS}
     )
     if refused:  # listed from the pickle's opcodes, nothing executed
         raise ValueError(f"it refers to {', '.join(refused)}, outside the allow-list")

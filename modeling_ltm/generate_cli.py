@@ -111,12 +111,16 @@ def _main(argv: list[str]) -> int:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as error:
-        raise CLIError(f"no tokenizer could be loaded from {model_path} ({error}); save one next to the model.") from error
+        raise CLIError(
+            f"no tokenizer could be loaded from {model_path} ({error}); save one next to the model."
+        ) from error
     model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
     check_finite_weights(model, "generating", source=str(model_path))
     context = model.config.max_position_embeddings
     if args.max_new_tokens >= context:
-        raise CLIError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the context is {context}.")
+        raise CLIError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the context is {context}."
+        )
 
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"

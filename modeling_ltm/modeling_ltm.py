@@ -42,7 +42,9 @@ logger = logging.get_logger(__name__)
 # transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
 # `past_key_values` to `cache`. The installed version's own output class says which name it expects, so the same file
 # runs (and is exported as remote code) on both sides of the rename.
-CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
+CACHE_NAME = (
+    "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
+)
 
 # `LTMModel` returns transformers' own output classes: `last_hidden_state`, the cache (`EncoderDecoderCache`: the
 # tokens' self-attention keys/values and the latents' cross-attention keys/values, computed once per sequence) under
@@ -562,8 +564,8 @@ class LTMModel(LTMPreTrainedModel):
             # As `PretrainedConfig.output_attentions` does: the fused kernels never form the weights.
             raise ValueError(
                 f"`output_attentions=True` needs the eager attention, but this model uses "
-                f"{self.config._attn_implementation!r}. Load it with `attn_implementation=\"eager\"` or call "
-                "`model.set_attn_implementation(\"eager\")` first."
+                f'{self.config._attn_implementation!r}. Load it with `attn_implementation="eager"` or call '
+                '`model.set_attn_implementation("eager")` first.'
             )
         if prefix is not None:
             given = [n for n, v in [("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
@@ -595,8 +597,7 @@ class LTMModel(LTMPreTrainedModel):
             use_cache = False
 
         if use_cache and (
-            cache is None
-            or (not isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0)
+            cache is None or (not isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0)
         ):
             # generate() hands over an empty DynamicCache; the latents' keys/values need a cache of their own.
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache())
@@ -629,7 +630,9 @@ class LTMModel(LTMPreTrainedModel):
             )
         else:
             hidden_states, causal_mask, position_embeddings = (
-                prefix.hidden_states, prefix.causal_mask, prefix.position_embeddings
+                prefix.hidden_states,
+                prefix.causal_mask,
+                prefix.position_embeddings,
             )
         latent_position_embeddings = None
         if not cross_cached:  # while decoding, the latents' keys (already rotated) come from the cache
@@ -843,4 +846,12 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         return evaluate_posterior(self, input_ids, attention_mask, **kwargs)
 
 
-__all__ = ["CACHE_NAME", "LTMForCausalLM", "LTMModel", "LTMPrefix", "LTMPreTrainedModel", "LTMCausalLMOutput", "LTMModelOutput"]
+__all__ = [
+    "CACHE_NAME",
+    "LTMForCausalLM",
+    "LTMModel",
+    "LTMPrefix",
+    "LTMPreTrainedModel",
+    "LTMCausalLMOutput",
+    "LTMModelOutput",
+]

@@ -235,8 +235,13 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
         print(f"ltm train: flag defaults from recipe {recipe_path}")
     else:
         recipe = {}
-    if recipe.get("output_dir") is None and not {"-h", "--help"} & set(argv) and not any(
-        arg in ("--output_dir", "--output-dir") or arg.startswith(("--output_dir=", "--output-dir=")) for arg in argv
+    if (
+        recipe.get("output_dir") is None
+        and not {"-h", "--help"} & set(argv)
+        and not any(
+            arg in ("--output_dir", "--output-dir") or arg.startswith(("--output_dir=", "--output-dir="))
+            for arg in argv
+        )
     ):
         argv = [*argv, "--output_dir", _fresh_output_dir(known.config)]
     try:
@@ -306,7 +311,9 @@ def load_preset(path: Path) -> LTMConfig:
             '{"hidden_size": 128, ...}; see configuration/ltm-tiny.json.'
         )
     if preset.get("model_type", "ltm") != "ltm":
-        raise TrainCLIError(f"--config {str(path)!r} has model_type {preset['model_type']!r}; an LTM preset is needed.")
+        raise TrainCLIError(
+            f"--config {str(path)!r} has model_type {preset['model_type']!r}; an LTM preset is needed."
+        )
     preset.pop("model_type", None)
     unknown = sorted(set(preset) - _known_config_keys())
     if unknown:
@@ -667,7 +674,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
                 corpus_cache_dir=data_args.corpus_cache_dir,
             )
             text_column = data_args.text_column if data_args.dataset is not None else "text"
-            tokenizer = build_tokenizer(model_args, config, continued, raw["train"], text_column, block_size, resume_from)
+            tokenizer = build_tokenizer(
+                model_args, config, continued, raw["train"], text_column, block_size, resume_from
+            )
             _sync_config_with_tokenizer(config, tokenizer, continued)
             blocks = {
                 split: ltm_data.tokenize_and_pack(

@@ -105,7 +105,11 @@ def test_paper_defaults():
     )
     assert config.tie_word_embeddings is True
     # The evaluation fit (issue 10): start at the prior, eps redrawn, 32 steps at lr 0.1 -> 0.01.
-    assert (config.eval_inference_steps, config.eval_inference_lr, config.eval_inference_lr_min_ratio) == (32, 0.1, 0.1)
+    assert (config.eval_inference_steps, config.eval_inference_lr, config.eval_inference_lr_min_ratio) == (
+        32,
+        0.1,
+        0.1,
+    )
     assert (
         config.eval_posterior_init_logvar,
         config.eval_posterior_init_logvar_noise,

@@ -118,7 +118,11 @@ def test_batched_importance_samples_equal_sequential_passes(max_rows):
     input_ids, attention_mask = left_padded(model.config)
     seed = [4, 5, 6]
     posterior = fit_posterior(
-        model, input_ids, attention_mask, settings=PosteriorFitSettings.evaluation(model.config, num_steps=3), seed=seed
+        model,
+        input_ids,
+        attention_mask,
+        settings=PosteriorFitSettings.evaluation(model.config, num_steps=3),
+        seed=seed,
     )
     with torch.no_grad():
         bound, mean_nll = inference._importance_sample(

@@ -130,25 +130,11 @@ def train_models(args) -> None:
     max_steps = math.ceil(args.train_tokens / (qargs.batch * qargs.block))
     torch.set_num_threads(args.threads)
     for name in ("llama", "ltm"):
+        # The study's optimizer and schedule (bench/quality.py), with this bench's seed.
+        recipe = argparse.Namespace(**{**vars(qargs), "seed": args.seed})
         common = dict(
-            output_dir=str(workdir / f"{name}-trainer"),
-            max_steps=max_steps,
-            per_device_train_batch_size=qargs.batch,
-            learning_rate=qargs.lr,
-            lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs={"min_lr_rate": 0.1},
-            warmup_steps=max(1, max_steps // 20),
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            weight_decay=0.1,
-            max_grad_norm=1.0,
+            quality.training_arguments(recipe, workdir / f"{name}-trainer", max_steps),
             logging_steps=max(1, max_steps // 10),
-            save_strategy="no",
-            report_to="none",
-            seed=args.seed,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            use_cpu=True,
         )
         set_seed(args.seed)
         if name == "ltm":

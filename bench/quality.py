@@ -181,6 +181,32 @@ def prepare_data(args) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def training_arguments(args, output_dir, max_steps: int) -> dict:
+    """The keyword arguments of `TrainingArguments` that every model of the study trains with (LTM and Llama alike):
+    AdamW at `--lr`, betas 0.9/0.95, weight decay 0.1, clip 1.0, cosine to a tenth after a 5% warm-up, batch
+    `--batch`, seed `--seed`, CPU, no checkpoints. `bench/inference_efficiency.py` trains with the same."""
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=max(1, max_steps // 20),
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        logging_steps=max(1, max_steps // 20),
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
+
+
 def evaluate_posterior(model, input_ids, seeds, args, num_steps=None, iw_samples=None) -> dict:
     """The study's *evaluation* fit and bounds, per sequence (shape `(batch,)`, nats, summed over predicted tokens):
     `nll` and `kl` of the ELBO at a fresh draw of z, `iw_logp` (importance-weighted lower bound on log p(x), when
@@ -343,27 +369,10 @@ def run_model(args, name: str) -> dict:
     tokens_per_step = args.batch * args.block
     max_steps = math.ceil(args.train_tokens / tokens_per_step)
     common = dict(
-        output_dir=str(workdir / name),
-        max_steps=max_steps,
-        per_device_train_batch_size=args.batch,
+        training_arguments(args, workdir / name, max_steps),
         per_device_eval_batch_size=32,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        warmup_steps=max(1, max_steps // 20),
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        weight_decay=0.1,
-        max_grad_norm=1.0,
-        logging_steps=max(1, max_steps // 20),
-        save_strategy="no",
         eval_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        disable_tqdm=True,
         prediction_loss_only=True,
-        dataloader_num_workers=0,
-        use_cpu=True,
     )
     curve_data = blocks["validation"].select(range(min(args.curve_blocks, len(blocks["validation"]))))
     curve, curve_seconds = [], [0.0]

@@ -8,10 +8,10 @@
 
 from pathlib import Path
 
-from .lm import LTMLM, MODEL_ARGS, content_seed
+from .lm import LTMLM, MODEL_ARGS, content_seed, finish_processes
 
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
-__all__ = ["LTMLM", "MODEL_ARGS", "METRICS_DIR", "TASKS_DIR", "content_seed"]
+__all__ = ["LTMLM", "MODEL_ARGS", "METRICS_DIR", "TASKS_DIR", "content_seed", "finish_processes"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lm_eval.__main__ import cli_evaluate
 
-import eval_harness  # noqa: F401  (registers model "ltm")
+import eval_harness  # registers model "ltm"
 from modeling_ltm.cli_errors import check_finite_safetensors, check_model_folder, resolve_device, run_cli
 
 
@@ -63,6 +63,7 @@ def _main(argv: list[str]) -> int:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:
         sys.argv = saved_argv
+    eval_harness.finish_processes()
     return 0
 
 

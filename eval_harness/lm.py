@@ -54,6 +54,19 @@ logger = transformers.utils.logging.get_logger(__name__)
 MODEL_ARGS = ("num_inference_steps", "inference_lr", "iw_samples", "seed")
 
 
+def finish_processes() -> None:
+    """End a multi-process evaluation (`accelerate launch` / `torchrun`) cleanly: wait for every process, then destroy
+    the process group. A process that exits while another still talks to it over gloo can abort at interpreter exit
+    ("terminate called without an active exception"), failing the launch after the results were written. A no-op in
+    a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        state = PartialState()
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 def _register(cls: type) -> type:
     """`@register_model("ltm")` that tolerates a second import of this module (e.g. under another name or after a
     reload): lm-eval raises when a name is re-registered with a different class object."""

@@ -765,6 +765,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
         sample = _print_summary(
             trainer, tokenizer, model_args, data_args, train_metrics, eval_metrics, eval_blocks, source, wall_start
         )
+    # Under torchrun every process leaves together, process group destroyed: a rank that exits while another still
+    # holds a gloo connection can abort at interpreter exit and fail the launch after the model was saved.
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()
     return {"train": train_metrics, "eval": eval_metrics, "sample": sample}
 
 

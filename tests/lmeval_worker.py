@@ -60,3 +60,4 @@ if __name__ == "__main__":
     parser.add_argument("--metadata", type=json.loads, default={})
     args = parser.parse_args()
     evaluate_local(args.checkpoint, args.output_dir, args.metadata)
+    eval_harness.finish_processes()

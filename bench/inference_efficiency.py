@@ -30,11 +30,9 @@ the baseline's ELBO, interpolated linearly; `inf` if none does).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,12 +42,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-
-def load_quality_module():
-    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).with_name("quality.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench.common import load_bench, run_metadata  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def quality_args(args):
-    quality = load_quality_module()
+    quality = load_bench("quality")
     qargs = quality.parse_args(
         ["--workdir", args.workdir, "--train-tokens", str(args.train_tokens), "--seed", str(args.seed)]
     )
@@ -330,18 +323,12 @@ def main(argv=None) -> int:
         "default_elbo_diff_stderr": statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan,
     }
     training = {n: json.loads((workdir / n / "done.json").read_text()) for n in ("ltm", "llama")}
-    result["meta"] = {
-        "command": "python bench/inference_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": vars(args),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "wall_seconds": time.time() - wall_start,
-        "training": training,
-        "held_out_sequences": int(ids.shape[0]),
-        "held_out_tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
-    }
+    result["meta"] = run_metadata("inference_efficiency.py", argv, args, load_before, wall_start)
+    result["meta"].update(
+        training=training,
+        held_out_sequences=int(ids.shape[0]),
+        held_out_tokens=int(ids.shape[0] * (ids.shape[1] - 1)),
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -519,7 +519,7 @@ class LTMModel(LTMPreTrainedModel):
             latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
                 The latent thought vectors `z`, any floating dtype (cast to the weights' dtype). `None` means the
                 prior mean `z = 0`: `forward` never fits a posterior by itself (use `LTMForCausalLM.infer_latents`).
-                Ignored for layers whose cross-attention keys/values are already in `cache`.
+                Ignored, and not checked, once every layer's cross-attention keys/values are in `cache` (decoding).
             use_cache (`bool`, *optional*):
                 Return the caches for further decoding. Defaults to `config.use_cache`; off while training with
                 gradient checkpointing.
@@ -621,7 +621,7 @@ class LTMModel(LTMPreTrainedModel):
         if latents is None:
             if not cross_cached:
                 latents = inputs_embeds.new_zeros(batch_size, *self.config.latent_shape)
-        else:
+        elif not cross_cached:  # decoding steps ignore them: no per-token check (and its host sync)
             self.check_latents(latents, batch_size)
 
         if prefix is None:
@@ -657,7 +657,9 @@ class LTMModel(LTMPreTrainedModel):
         """`(hidden_states, causal_mask, position_embeddings)` entering layer 0, from the token embeddings."""
         seq_length = inputs_embeds.shape[1]
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            if attention_mask is not None and attention_mask.dim() == 2:
+                # Counting over the mask is `past_length + arange` for a mask without padding, with no host sync
+                # deciding which case it is (a graph break under torch.compile).
                 position_ids = position_ids_from_attention_mask(attention_mask, past_length, seq_length)
             else:
                 position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)

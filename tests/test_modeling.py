@@ -287,6 +287,44 @@ def test_cache_is_accepted_under_both_names_of_the_transformers_5_24_rename(mode
         model(input_ids[:, 4:], cache=prefix, past_key_values=prefix)
 
 
+@pytest.mark.parametrize("call", ["fast step", "fast step, padded", "fast step on a prefix", "cached decoding"])
+def test_forward_compiles_without_graph_breaks(model, config, call):
+    """`torch.compile(..., fullgraph=True)` (dynamo with the eager backend: tracing only) of the forwards on the hot
+    paths: the fast step's forward with gradients to the latents (plain, with a padded attention mask, on a
+    precomputed `LTMPrefix`) and a cached one-token decoding step. A host sync (`bool(mask.all())`, a finiteness
+    check, `.item()`) would be a graph break and fail here."""
+    torch._dynamo.reset()
+    input_ids = random_ids(config, 2, 10)
+    latents = random_latents(config, 2).requires_grad_(True)
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0
+    if call == "cached decoding":
+        with torch.no_grad():
+            prompt_caches = [getattr(model(input_ids, latents=latents, use_cache=True), CACHE_NAME) for _ in "ab"]
+        next_ids, positions = random_ids(config, 2, 1, seed=1), torch.full((2, 1), 10)
+
+        def forward(z):  # each call extends its own cache (eager first, then compiled)
+            cache = prompt_caches.pop(0)
+            return model(input_ids=next_ids, position_ids=positions, latents=z, cache=cache, use_cache=True).logits
+
+        latents = latents.detach()
+    else:
+        prefix = model.model.compute_prefix(input_ids) if call == "fast step on a prefix" else None
+
+        def forward(z):
+            if prefix is not None:
+                return model(prefix=prefix, latents=z).logits
+            return model(input_ids, attention_mask=mask if call == "fast step, padded" else None, latents=z).logits
+
+    expected = forward(latents)
+    compiled = torch.compile(forward, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(latents), expected)
+    if latents.requires_grad:  # the fast step's backward goes through the compiled graph
+        (grad,) = torch.autograd.grad(compiled(latents).square().mean(), latents)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    torch._dynamo.reset()
+
+
 def test_latents_of_wrong_shape_raise_value_error_with_expected_shape(model, config):
     input_ids = random_ids(config, 2, 8)
     expected = str((2, *config.latent_shape))

@@ -50,7 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="small training budget and evaluation set (< 5 min)")
-    p.add_argument("--train-tokens", type=int, default=None, help="training tokens per model (quick: 49,152)")
+    p.add_argument(
+        "--train-tokens",
+        type=int,
+        default=None,
+        help="training tokens per model (quick: 245,760 = 120 steps of 16 x 128)",
+    )
     p.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks scored (quick: 16)")
     p.add_argument("--batch", type=int, default=16, help="held-out sequences per fit")
     p.add_argument("--score-samples", type=int, default=8, help="draws z ~ q averaged in each ELBO estimate")
@@ -66,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--png", default=str(REPO_ROOT / "docs" / "img" / "inference_efficiency.png"))
     args = p.parse_args(argv)
     if args.train_tokens is None:
-        args.train_tokens = 49_152 if args.quick else 1_000_000
+        args.train_tokens = 245_760 if args.quick else 1_000_000
     if args.eval_blocks is None:
         args.eval_blocks = 16 if args.quick else 64
     return args

@@ -7,6 +7,7 @@ Importing this package registers `LTMConfig` / `LTMModel` / `LTMForCausalLM` wit
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .amortized import fit_posterior_encoder
 from .configuration_ltm import LTMConfig
 from .generation_ltm import LTMGenerationConfig, NonFiniteWeightsError, check_finite_weights
 from .inference import (
@@ -18,7 +19,7 @@ from .inference import (
     fit_posterior,
     importance_weighted_bound,
 )
-from .modeling_ltm import LTMForCausalLM, LTMModel, LTMPreTrainedModel
+from .modeling_ltm import LTMForCausalLM, LTMModel, LTMPosteriorEncoder, LTMPreTrainedModel
 
 
 AutoConfig.register("ltm", LTMConfig, exist_ok=True)
@@ -47,6 +48,7 @@ __all__ = [
     "LTMForCausalLM",
     "LTMGenerationConfig",
     "LTMModel",
+    "LTMPosteriorEncoder",
     "LTMPreTrainedModel",
     "LTMTrainer",
     "LTMTrainingArguments",
@@ -58,5 +60,6 @@ __all__ = [
     "check_finite_weights",
     "evaluate_posterior",
     "fit_posterior",
+    "fit_posterior_encoder",
     "importance_weighted_bound",
 ]

@@ -89,6 +89,16 @@ class LTMConfig(PreTrainedConfig):
             Standard deviation of the jitter added to that initial `logvar`.
         eval_posterior_fixed_noise (`bool`, *optional*, defaults to `False`):
             Keep one `eps` for all evaluation fast steps (`True`) or draw a new one at every step (`False`).
+        posterior_encoder_size (`int`, *optional*, defaults to 0):
+            Width of the amortized posterior encoder (`LTMPosteriorEncoder`: pooled layer-0 hidden states -> MLP ->
+            an initial `(mu, logvar)`); 0 means none. With an encoder, the evaluation fit starts from its proposal
+            (a warm start) and runs `eval_warm_start_steps` steps at `eval_warm_start_lr` instead of the
+            `eval_inference_*` settings. Train it with `modeling_ltm.amortized.fit_posterior_encoder`.
+        eval_warm_start_steps (`int`, *optional*, defaults to 8):
+            Fast steps of the evaluation fit when it starts from the encoder's proposal.
+        eval_warm_start_lr (`float`, *optional*, defaults to 0.03):
+            Fast learning rate of that fit (cosine-decayed to `eval_inference_lr_min_ratio` of it): smaller than
+            from the prior, as the fit starts near its optimum (measured in docs/benchmarks.md).
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether `forward` returns key/value caches for generation.
 
@@ -133,6 +143,9 @@ class LTMConfig(PreTrainedConfig):
     eval_posterior_init_logvar: float = 0.0
     eval_posterior_init_logvar_noise: float = 0.0
     eval_posterior_fixed_noise: bool = False
+    posterior_encoder_size: int = 0
+    eval_warm_start_steps: int = 8
+    eval_warm_start_lr: float = 0.03
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -206,6 +219,13 @@ class LTMConfig(PreTrainedConfig):
             )
         if self.sliding_window is not None:
             positive_int("sliding_window")
+        for name in ("posterior_encoder_size", "eval_warm_start_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"LTMConfig.{name} must be an integer >= 0, got {value!r}.")
+        lr = self.eval_warm_start_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"LTMConfig.eval_warm_start_lr must be a finite number > 0, got {lr!r}.")
         for name in (
             "rope_theta",
             "rms_norm_eps",

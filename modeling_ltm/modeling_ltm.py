@@ -9,12 +9,14 @@ This file imports only torch, transformers and its siblings (relative imports), 
 next to the weights for `trust_remote_code=True` loading.
 """
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -367,6 +369,37 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
         return residual + self.dropout(hidden_states)
 
 
+class LTMPosteriorEncoder(nn.Module):
+    """Amortized proposal of the posterior, the start of a warm-started fit (semi-amortized inference, Kim et al.,
+    2018): the masked mean over tokens of the latent-independent prefix's hidden states (layer 0's self-attention
+    output, which every fit computes anyway), RMSNorm, a SiLU MLP of width `config.posterior_encoder_size`, and
+    `(mu, logvar)` of shape `(batch, *config.latent_shape)` in float32. Its output layer starts at zero, so an
+    untrained encoder proposes the prior (`mu = 0`, `logvar = 0`). Not part of `forward`: the fast loop calls it
+    (`PosteriorFitSettings(warm_start=True)`), and `modeling_ltm.amortized.fit_posterior_encoder` trains it."""
+
+    def __init__(self, config: LTMConfig):
+        super().__init__()
+        self.latent_shape = config.latent_shape
+        self.norm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.fc_in = nn.Linear(config.hidden_size, config.posterior_encoder_size)
+        self.act_fn = nn.SiLU()
+        self.fc_out = nn.Linear(config.posterior_encoder_size, 2 * math.prod(config.latent_shape))
+        self.fc_out.zero_init = True  # read by `LTMPreTrainedModel._init_weights`
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hidden_states` `(batch, seq, hidden_size)` (an `LTMPrefix`'s), `attention_mask` `(batch, seq)` with 0 for
+        padding → `(mu, logvar)`, each `(batch, num_hidden_layers, n_latents_per_layer, latent_dim)`, float32."""
+        if attention_mask is None:
+            pooled = hidden_states.mean(1)
+        else:
+            weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+            pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        mu, logvar = self.fc_out(self.act_fn(self.fc_in(self.norm(pooled)))).float().chunk(2, dim=-1)
+        return mu.reshape(-1, *self.latent_shape), logvar.reshape(-1, *self.latent_shape)
+
+
 class LTMPreTrainedModel(PreTrainedModel):
     """Holds the flags shared by the LTM models; weights are initialised by `PreTrainedModel._init_weights` (normal
     with `config.initializer_range` for linear and embedding weights, ones for RMSNorm scales, RoPE tables rebuilt),
@@ -389,6 +422,14 @@ class LTMPreTrainedModel(PreTrainedModel):
         "attentions": LTMSelfAttention,
         "cross_attentions": LTMCrossAttention,
     }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # The posterior encoder's output layer: an untrained encoder proposes the prior. (Marked on the layer: for
+        # remote code, transformers skips `_init_weights` on modules without parameters of their own.)
+        if getattr(module, "zero_init", False):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
 
 def latent_position_ids(config: LTMConfig, device: torch.device | None = None) -> torch.LongTensor:
@@ -448,6 +489,7 @@ class LTMModel(LTMPreTrainedModel):
         self.norm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LTMRotaryEmbedding(config)
         self.dropout = nn.Dropout(config.dropout)
+        self.posterior_encoder = LTMPosteriorEncoder(config) if config.posterior_encoder_size else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -841,8 +883,8 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
     def evaluate_posterior(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> PosteriorEvaluation:
-        """Bounds on `log p(x)` per sequence under the evaluation fit (`config.eval_*`: start at the prior, `eps`
-        redrawn), optionally the importance-weighted bound (`iw_samples=K`) and the reconstruction NLL
+        """Bounds on `log p(x)` per sequence under the evaluation fit (`config.eval_*`: start at the prior, or at the
+        posterior encoder's proposal when the model has one; `eps` redrawn), optionally the importance-weighted bound (`iw_samples=K`) and the reconstruction NLL
         (`reconstruction=True`, not a bound); see [`inference.evaluate_posterior`]. `.summary()` gives per-token
         figures (`elbo_ppl`, ...)."""
         return evaluate_posterior(self, input_ids, attention_mask, **kwargs)

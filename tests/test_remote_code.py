@@ -65,10 +65,13 @@ CHILD = textwrap.dedent(
     assert type(model).__name__ == "LTMForCausalLM"
     logits = model(inputs["input_ids"], latents=inputs["latents"]).logits
     posterior = model.infer_latents(inputs["input_ids"], num_steps=2, seed=[0, 1])
+    warm = model.evaluate_posterior(inputs["input_ids"], seed=[0, 1]).posterior  # from the posterior encoder
     greedy = model.generate(inputs["input_ids"], latents=inputs["latents"], max_new_tokens=8, do_sample=False)
     assert not any(name.split(".")[0] in OUR_PACKAGES for name in sys.modules), "our package got imported"
     save_file(
-        {{"logits": logits.contiguous(), "mu": posterior.mu.contiguous(), "greedy": greedy.contiguous()}}, tensors_out
+        {{"logits": logits.contiguous(), "mu": posterior.mu.contiguous(), "warm_mu": warm.mu.contiguous(),
+          "greedy": greedy.contiguous()}},
+        tensors_out,
     )
     """
 ).format(our_packages=OUR_PACKAGES)
@@ -131,7 +134,10 @@ def run_clean_child(folder, tmp_path, tensors_in, build="installed"):
 @pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
-    model = LTMForCausalLM(tiny_config(sliding_window=8)).eval()
+    # With a posterior encoder whose output layer is not at its zero init, so a loader that re-initialised it (or
+    # dropped it) would change the warm-started fit.
+    model = LTMForCausalLM(tiny_config(sliding_window=8, posterior_encoder_size=16, eval_warm_start_steps=2)).eval()
+    torch.nn.init.normal_(model.model.posterior_encoder.fc_out.weight, std=0.1)
     folder = tmp_path / "saved"
     model.save_pretrained(folder)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -189,6 +195,10 @@ def test_remote_code_loads_without_the_package(saved, tmp_path, build):
     assert torch.equal(outputs["logits"], expected)
     posterior = model.infer_latents(inputs["input_ids"], num_steps=2, seed=[0, 1])
     torch.testing.assert_close(outputs["mu"], posterior.mu)
+    evaluation = model.evaluate_posterior(inputs["input_ids"], seed=[0, 1])
+    assert evaluation.settings.warm_start
+    warm = evaluation.posterior
+    torch.testing.assert_close(outputs["warm_mu"], warm.mu)
     greedy = model.generate(inputs["input_ids"], latents=inputs["latents"], max_new_tokens=8, do_sample=False)
     assert torch.equal(outputs["greedy"], greedy)
     assert (tmp_path / "hf_modules" / "transformers_modules").is_dir()  # the code came from the temporary cache

@@ -1,0 +1,82 @@
+"""Training the amortized posterior encoder of a trained LTM (semi-amortized inference).
+
+`LTMPosteriorEncoder` (in `modeling_ltm.py`, present when `config.posterior_encoder_size > 0`) maps a sequence's
+latent-independent prefix to an initial `(mu, logvar)`; a warm-started fit (`PosteriorFitSettings(warm_start=True)`,
+the evaluation default for a model with an encoder) refines it with a few fast steps instead of walking from the
+prior. `fit_posterior_encoder` trains it for a frozen decoder by amortized variational inference: Adam on the
+encoder's weights only, minimizing the negative ELBO per token at the encoder's `q` (one reparameterized draw per
+sequence and step). The decoder's weights get no gradient and do not change.
+
+    >>> model = LTMForCausalLM.from_pretrained("runs/ltm-tiny", posterior_encoder_size=512)   # encoder proposes the prior
+    >>> history = fit_posterior_encoder(model, train_blocks, num_steps=300)                    # (N, seq) token ids
+    >>> model.save_pretrained("runs/ltm-tiny-encoder")
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .inference import (
+    _compute_prefix,
+    _row_generators,
+    _standard_normal,
+    negative_elbo,
+    next_token_targets,
+    position_ids_from_attention_mask,
+)
+
+
+def fit_posterior_encoder(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    num_steps: int = 300,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Train `model.model.posterior_encoder` on random batches of the rows of `input_ids` (`(N, seq)`, with an
+    optional `(N, seq)` `attention_mask`), decoder frozen. Returns the ELBO per token (nats, one draw) of each step's
+    batch, before that step's update. The model is left in the mode it was in.
+
+    Raises:
+        ValueError: the model has no encoder (`config.posterior_encoder_size = 0`), or `input_ids` is not 2-D.
+    """
+    encoder = getattr(getattr(model, "model", None), "posterior_encoder", None)
+    if encoder is None:
+        raise ValueError(
+            "This model has no posterior encoder (config.posterior_encoder_size = 0); load it with "
+            "`LTMForCausalLM.from_pretrained(path, posterior_encoder_size=N)` (e.g. N = 4 * hidden_size) first."
+        )
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must be (num_sequences, seq_length) token ids, got {tuple(input_ids.shape)}.")
+    parameters = [p for p in encoder.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    sampler = torch.Generator().manual_seed(seed)
+    noise_generator = _row_generators(seed, None, 1)
+    was_training = model.training
+    model.eval()
+    history = []
+    try:
+        with torch.enable_grad():
+            for _ in range(num_steps):
+                rows = torch.randint(0, input_ids.shape[0], (min(batch_size, input_ids.shape[0]),), generator=sampler)
+                ids = input_ids[rows.to(input_ids.device)]
+                mask = None if attention_mask is None else attention_mask[rows.to(attention_mask.device)]
+                positions = None if mask is None else position_ids_from_attention_mask(mask)
+                prefix = _compute_prefix(model, ids, mask, positions)
+                mu, logvar = encoder(prefix.hidden_states, mask)
+                noise = _standard_normal(mu.shape, noise_generator, mu.device)
+                loss, nll, kl, tokens = negative_elbo(
+                    model, ids, next_token_targets(ids, mask), mu, logvar, noise, mask, positions, prefix
+                )
+                grads = torch.autograd.grad(loss / ids.shape[0], parameters)
+                for parameter, grad in zip(parameters, grads):
+                    parameter.grad = grad
+                optimizer.step()
+                history.append(float(-(nll + kl).detach().sum() / tokens.sum()))
+    finally:
+        for parameter in parameters:
+            parameter.grad = None
+        model.train(was_training)
+    return history

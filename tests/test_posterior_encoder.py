@@ -1,0 +1,127 @@
+"""The amortized posterior encoder and warm-started fits (issue 13): an untrained encoder proposes the prior, training
+it changes only its own weights and raises the ELBO at its proposal, it round-trips through save/load and can be
+added to a saved model, padding does not change a row's proposal, and the evaluation fit starts from it."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from modeling_ltm import LTMConfig, LTMForCausalLM, PosteriorFitSettings
+from modeling_ltm.amortized import fit_posterior_encoder
+from modeling_ltm.inference import fit_posterior, gaussian_kl, next_token_targets, sequence_nll
+
+
+def encoder_model(size: int = 32, seed: int = 0) -> LTMForCausalLM:
+    """A tiny model whose latents matter: at the default init (std 0.02) the cross-attention barely moves the
+    logits, so its value and output projections are scaled up."""
+    torch.manual_seed(seed)
+    model = LTMForCausalLM(tiny_config(posterior_encoder_size=size)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.cross_attn.v_proj.weight.mul_(10)
+            layer.cross_attn.o_proj.weight.mul_(10)
+    return model
+
+
+def ids(config, rows: int, length: int = 12, seed: int = 0) -> torch.LongTensor:
+    return torch.randint(3, config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def proposal(model, input_ids, attention_mask=None):
+    prefix = model.model.compute_prefix(input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        return model.model.posterior_encoder(prefix.hidden_states, attention_mask)
+
+
+def elbo_at(model, input_ids, mu, logvar, draws: int = 8) -> float:
+    """ELBO per token (nats) of q = N(mu, exp(logvar)), averaged over fixed draws."""
+    generator = torch.Generator().manual_seed(123)
+    targets = next_token_targets(input_ids, None)
+    with torch.no_grad():
+        nll = sum(
+            sequence_nll(model, input_ids, mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator),
+                         targets)[0]
+            for _ in range(draws)
+        ) / draws  # fmt: skip
+        tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        return float(-(nll + gaussian_kl(mu, logvar)).sum() / tokens)
+
+
+def test_untrained_encoder_proposes_the_prior_and_a_warm_start_equals_the_prior_start():
+    model = encoder_model()
+    input_ids = ids(model.config, 3)
+    mu, logvar = proposal(model, input_ids)
+    assert mu.shape == logvar.shape == (3, *model.config.latent_shape) and mu.dtype == torch.float32
+    assert not mu.any() and not logvar.any()
+    settings = PosteriorFitSettings(num_steps=4, lr=0.1)
+    cold = fit_posterior(model, input_ids, settings=settings, seed=[0, 1, 2])
+    warm = fit_posterior(model, input_ids, settings=settings.replace(warm_start=True), seed=[0, 1, 2])
+    for name in ("mu", "logvar", "elbo"):
+        torch.testing.assert_close(getattr(warm, name), getattr(cold, name), rtol=0, atol=0)
+
+
+def test_fit_posterior_encoder_trains_only_the_encoder_and_raises_the_elbo():
+    model = encoder_model()
+    # Each row repeats one token: what the latents can carry, and the encoder can read off the pooled prefix.
+    input_ids = torch.arange(3, 19).unsqueeze(1).repeat(1, 12)
+    decoder_before = {k: v.clone() for k, v in model.state_dict().items() if "posterior_encoder" not in k}
+    elbo_before = elbo_at(model, input_ids, *proposal(model, input_ids))
+    history = fit_posterior_encoder(model, input_ids, num_steps=40, batch_size=8, lr=1e-2, seed=0)
+    assert len(history) == 40 and all(torch.isfinite(torch.tensor(history)))
+    elbo_after = elbo_at(model, input_ids, *proposal(model, input_ids))
+    assert elbo_after > elbo_before + 0.05, (elbo_before, elbo_after)  # measured: +0.095
+    for key, value in model.state_dict().items():
+        if "posterior_encoder" not in key:
+            assert torch.equal(value, decoder_before[key]), key
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+
+
+def test_encoder_survives_save_and_load_and_can_be_added_to_a_saved_model(tmp_path):
+    model = encoder_model()
+    input_ids = ids(model.config, 4)
+    fit_posterior_encoder(model, input_ids, num_steps=5, batch_size=4)
+    model.save_pretrained(tmp_path / "with")
+    loaded = LTMForCausalLM.from_pretrained(tmp_path / "with").eval()
+    assert loaded.config.posterior_encoder_size == 32
+    for a, b in zip(proposal(model, input_ids), proposal(loaded, input_ids)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    plain = LTMForCausalLM(tiny_config()).eval()
+    plain.save_pretrained(tmp_path / "without")
+    added = LTMForCausalLM.from_pretrained(tmp_path / "without", posterior_encoder_size=16).eval()
+    mu, logvar = proposal(added, input_ids)
+    assert not mu.any() and not logvar.any()  # the new encoder proposes the prior; the decoder is the saved one
+    torch.testing.assert_close(added(input_ids).logits, plain(input_ids).logits, rtol=0, atol=0)
+
+
+def test_a_padded_row_gets_the_proposal_of_the_row_alone():
+    model = encoder_model()
+    fit_posterior_encoder(model, ids(model.config, 8), num_steps=5, batch_size=8, lr=1e-2)
+    row = ids(model.config, 1, length=9, seed=1)
+    padded = torch.cat([torch.full((1, 3), model.config.pad_token_id or 0), row], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], dim=1)
+    for alone, with_padding in zip(proposal(model, row), proposal(model, padded, mask)):
+        torch.testing.assert_close(with_padding, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_fit_starts_from_the_encoder_when_there_is_one():
+    with_encoder = PosteriorFitSettings.evaluation(tiny_config(posterior_encoder_size=8))
+    assert with_encoder.warm_start and (with_encoder.num_steps, with_encoder.lr) == (8, 0.03)
+    assert "posterior encoder" in with_encoder.describe()
+    assert PosteriorFitSettings.evaluation(with_encoder_config := tiny_config(posterior_encoder_size=8),
+                                           num_steps=3).num_steps == 3  # fmt: skip
+    assert with_encoder_config.eval_warm_start_steps == 8
+    without = PosteriorFitSettings.evaluation(tiny_config())
+    assert not without.warm_start and (without.num_steps, without.lr) == (32, 0.1)
+
+
+def test_warm_start_without_an_encoder_and_bad_sizes_are_named():
+    model = LTMForCausalLM(tiny_config()).eval()
+    with pytest.raises(ValueError, match="posterior_encoder_size"):
+        fit_posterior(model, ids(model.config, 2), settings=PosteriorFitSettings(num_steps=1, lr=0.1, warm_start=True))
+    with pytest.raises(ValueError, match="posterior_encoder_size"):
+        fit_posterior_encoder(model, ids(model.config, 2), num_steps=1)
+    for field, value in (("posterior_encoder_size", -1), ("eval_warm_start_steps", 1.5), ("eval_warm_start_lr", 0)):
+        with pytest.raises(ValueError, match=field):
+            LTMConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, **{field: value})

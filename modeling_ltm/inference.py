@@ -483,6 +483,11 @@ def _encoder_proposal(model, input_ids, attention_mask, position_ids, prefix) ->
             "(config.posterior_encoder_size = 0). Load it with `posterior_encoder_size=N` and train the encoder with "
             "`modeling_ltm.amortized.fit_posterior_encoder`, or fit from the prior (`warm_start=False`)."
         )
+    if prefix is None and _is_fsdp_sharded(model):
+        raise ValueError(
+            "Warm starts need the latent-independent prefix, which a model sharded by FSDP2 (`fully_shard`) does not "
+            "compute outside its forward; fit from the prior (`warm_start=False`) or evaluate the unsharded model."
+        )
     with torch.no_grad():
         if prefix is None:
             prefix = model.model.compute_prefix(input_ids, attention_mask=attention_mask, position_ids=position_ids)

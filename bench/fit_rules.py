@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from bench.common import run_metadata, save_json  # noqa: E402
-from modeling_ltm import LTMForCausalLM, PosteriorFitSettings, inference  # noqa: E402
+from modeling_ltm import LTMConfig, LTMForCausalLM, PosteriorFitSettings, inference  # noqa: E402
 
 
 # (label, rule, steps, options): the baseline's curve over T, then each alternative at T = 16 (half the baseline's
@@ -96,8 +96,8 @@ def warm_start_rows(args, fitter, block_size: int) -> list[dict]:
     (`fit_posterior_encoder`, decoder frozen), then warm-started evaluation fits over `WARM_STEPS`."""
     from modeling_ltm.amortized import fit_posterior_encoder
 
-    base = LTMForCausalLM.from_pretrained(args.model)
-    model = LTMForCausalLM.from_pretrained(args.model, posterior_encoder_size=4 * base.config.hidden_size).eval()
+    width = 4 * LTMConfig.from_pretrained(args.model).hidden_size
+    model = LTMForCausalLM.from_pretrained(args.model, posterior_encoder_size=width).eval()
     train = corpus_blocks(args.model, block_size, "train")
     start = time.time()
     fit_posterior_encoder(model, train, num_steps=args.encoder_steps, batch_size=16, lr=3e-3, seed=0)

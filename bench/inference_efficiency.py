@@ -184,12 +184,12 @@ def train_encoder(args) -> None:
     import torch
     from datasets import load_from_disk
 
-    from modeling_ltm import LTMForCausalLM
+    from modeling_ltm import LTMConfig, LTMForCausalLM
     from modeling_ltm.amortized import fit_posterior_encoder
 
     torch.set_num_threads(args.threads)
-    model = LTMForCausalLM.from_pretrained(workdir / "ltm")
-    model = LTMForCausalLM.from_pretrained(workdir / "ltm", posterior_encoder_size=4 * model.config.hidden_size)
+    width = 4 * LTMConfig.from_pretrained(workdir / "ltm").hidden_size
+    model = LTMForCausalLM.from_pretrained(workdir / "ltm", posterior_encoder_size=width)
     blocks = torch.tensor(load_from_disk(workdir / "data")["train"]["input_ids"])
     start = time.time()
     history = fit_posterior_encoder(

@@ -50,7 +50,7 @@ def fit_posterior_encoder(
         )
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must be (num_sequences, seq_length) token ids, got {tuple(input_ids.shape)}.")
-    parameters = [p for p in encoder.parameters()]
+    parameters = list(encoder.parameters())
     optimizer = torch.optim.Adam(parameters, lr=lr)
     sampler = torch.Generator().manual_seed(seed)
     noise_generator = _row_generators(seed, None, 1)

@@ -107,8 +107,8 @@ def trainer_eval_results(
     """`EvalResult`s for the LTM metrics of a trainer `eval_results.json` (keys in `TRAINER_METRICS`; others are
     skipped). `dataset_name` names the evaluation split, `dataset_type` its Hub id (defaults to the name). The fit
     settings, when recorded, go into the metric names: the evaluation fit's (`eval_inference_steps`,
-    `eval_inference_lr`, `eval_posterior_init_logvar`, `eval_posterior_fixed_noise`) for the bounds and their parts,
-    samples `eval_iw_samples` for the importance-weighted bound, and the training fit's
+    `eval_inference_lr`, `eval_posterior_init_logvar` or `eval_posterior_warm_start`, `eval_posterior_fixed_noise`) for
+    the bounds and their parts, samples `eval_iw_samples` for the importance-weighted bound, and the training fit's
     (`eval_reconstruction_inference_steps`, ...) for the reconstruction perplexity."""
     results = []
     for key, (metric_type, metric_name) in TRAINER_METRICS.items():
@@ -122,7 +122,9 @@ def trainer_eval_results(
         if _finite_number(metrics.get(f"{prefix}inference_lr")):
             settings.append(f"lr={metrics[f'{prefix}inference_lr']:g}")
         init_logvar = metrics.get(f"{prefix}posterior_init_logvar", metrics.get(f"{prefix}init_logvar"))
-        if _finite_number(init_logvar):
+        if key != "eval_reconstruction_ppl" and metrics.get("eval_posterior_warm_start") is True:
+            settings.append("warm start from the posterior encoder")
+        elif _finite_number(init_logvar):
             settings.append("start at the prior" if init_logvar == 0 else f"start logvar={init_logvar:g}")
         if key == "eval_reconstruction_ppl":
             settings.append("one fixed eps")

@@ -476,6 +476,7 @@ class LTMTrainer(Trainer):
                 "inference_lr_min_ratio": settings.lr_min_ratio,
                 "posterior_init_logvar": settings.init_logvar,
                 "posterior_fixed_noise": settings.fixed_noise,
+                "posterior_warm_start": settings.warm_start,  # from the posterior encoder: init_logvar unused
             }
             if self.eval_iw_samples > 0:
                 metrics["iw_ppl"] = float(np.exp(-stats[_EXTRA] / tokens))

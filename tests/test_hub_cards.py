@@ -304,6 +304,13 @@ def test_trainer_results_name_their_fits_and_the_reconstruction_perplexity():
         reconstruction.metric_name
     )
     assert reconstruction.metric_name.endswith("T=16, lr=0.3, start logvar=-5, one fixed eps")
+    # A model with a posterior encoder evaluates from its proposal: the names say so, not "start at the prior".
+    warm = {**metrics, "eval_inference_steps": 8, "eval_inference_lr": 0.03, "eval_posterior_warm_start": True}
+    names = [r.metric_name for r in trainer_eval_results(warm, dataset_name=DATASET)]
+    elbo_name = next(n for n in names if n.startswith("ELBO perplexity bound"))
+    assert elbo_name.endswith("T=8, lr=0.03, warm start from the posterior encoder, eps redrawn")
+    assert not any("start at the prior" in n for n in names)
+    assert next(n for n in names if "reconstruction" in n).endswith("start logvar=-5, one fixed eps")
 
 
 def test_lm_eval_results_folder_keeps_the_newest_run(tmp_path):

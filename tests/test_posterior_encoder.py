@@ -125,3 +125,23 @@ def test_warm_start_without_an_encoder_and_bad_sizes_are_named():
     for field, value in (("posterior_encoder_size", -1), ("eval_warm_start_steps", 1.5), ("eval_warm_start_lr", 0)):
         with pytest.raises(ValueError, match=field):
             LTMConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, **{field: value})
+
+
+def test_trainer_evaluate_warm_starts_and_says_so(tmp_path):
+    """`LTMTrainer.evaluate` on a model with an encoder fits from its proposal (8 steps at lr 0.03 by default) and
+    records `eval_posterior_warm_start`, which the card turns into "warm start from the posterior encoder"."""
+    from datasets import Dataset
+
+    from hub_cards.card import trainer_eval_results
+    from modeling_ltm import LTMTrainer, LTMTrainingArguments
+
+    model = encoder_model()
+    args = LTMTrainingArguments(
+        str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=8, disable_tqdm=True, seed=0
+    )
+    held_out = Dataset.from_dict({"input_ids": ids(model.config, 8, length=16, seed=2).tolist()})
+    metrics = LTMTrainer(model=model, args=args, eval_dataset=held_out).evaluate()
+    assert metrics["eval_posterior_warm_start"] is True
+    assert (metrics["eval_inference_steps"], metrics["eval_inference_lr"]) == (8, 0.03)
+    names = [r.metric_name for r in trainer_eval_results(metrics, dataset_name="held-out")]
+    assert any("warm start from the posterior encoder" in n for n in names)

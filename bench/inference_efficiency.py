@@ -109,7 +109,7 @@ def train_models(args) -> None:
     from datasets import load_from_disk
     from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
-    from modeling_ltm import LTMConfig, LTMForCausalLM
+    from modeling_ltm import LTMForCausalLM
     from modeling_ltm.data import collate_blocks
     from modeling_ltm.train_cli import llama_peer_config
     from modeling_ltm.trainer import LTMTrainer, LTMTrainingArguments
@@ -118,20 +118,7 @@ def train_models(args) -> None:
     quality.prepare_data(qargs)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     blocks = load_from_disk(workdir / "data")
-    config = LTMConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=qargs.hidden,
-        intermediate_size=64 * -(-(8 * qargs.hidden // 3) // 64),
-        num_hidden_layers=qargs.layers,
-        num_attention_heads=qargs.heads,
-        num_key_value_heads=qargs.kv_heads,
-        max_position_embeddings=qargs.block,
-        n_latents_per_layer=qargs.latents,
-        latent_dim=qargs.latent_dim,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = quality.ltm_config(qargs, tokenizer, n_latents_per_layer=qargs.latents, latent_dim=qargs.latent_dim)
     max_steps = math.ceil(args.train_tokens / (qargs.batch * qargs.block))
     torch.set_num_threads(args.threads)
     for name in ("llama", "ltm"):

@@ -331,12 +331,32 @@ def llama_metrics(model, dataset, batch=32) -> dict:
     return {"perplexity": math.exp(nll / tokens), "nll_per_token": nll / tokens, "tokens": int(tokens)}
 
 
+def ltm_config(args, tokenizer, **fields):
+    """The study's `LTMConfig`: the shape in `args` (hidden, layers, heads, kv heads, block; SwiGLU width 8/3 x hidden
+    rounded up to 64), the tokenizer's vocabulary and special tokens, and `fields` (latents, fast-loop settings)."""
+    from modeling_ltm import LTMConfig
+
+    return LTMConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=64 * -(-(8 * args.hidden // 3) // 64),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.block,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **fields,
+    )
+
+
 def run_model(args, name: str) -> dict:
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    from modeling_ltm import LTMConfig, LTMForCausalLM
+    from modeling_ltm import LTMForCausalLM
     from modeling_ltm.data import collate_blocks
     from modeling_ltm.train_cli import llama_peer_config
     from modeling_ltm.trainer import LTMTrainer, LTMTrainingArguments
@@ -347,14 +367,9 @@ def run_model(args, name: str) -> dict:
     blocks = load_from_disk(workdir / "data")
     is_ltm = name != "llama"
     spec = parse_variant(name, args) if is_ltm else parse_variant("ltm", args)
-    config = LTMConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=64 * -(-(8 * args.hidden // 3) // 64),
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.block,
+    config = ltm_config(
+        args,
+        tokenizer,
         n_latents_per_layer=spec["latents"],
         latent_dim=spec["latent_dim"],
         num_inference_steps=spec["T"],
@@ -362,9 +377,6 @@ def run_model(args, name: str) -> dict:
         posterior_init_logvar=spec["init_logvar"],
         posterior_init_logvar_noise=spec["init_logvar_noise"],
         posterior_fixed_noise=spec["fixed_noise"],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
     tokens_per_step = args.batch * args.block
     max_steps = math.ceil(args.train_tokens / tokens_per_step)

@@ -31,6 +31,8 @@ LTM variants named `ltm_<token>_<token>...`, each token one setting of the *trai
     fb<float>    free bits, nats per latent dimension per sequence (training only)
     nz<int>      latents per layer (default --latents);  dz<int>: latent width (default --latent-dim)
     lr<float>    fast learning rate in training (default 0.3, cosine to a tenth inside the T steps)
+    enc<int>     posterior encoder of this width, trained alongside the decoder; each batch's fast loop starts at
+                 its proposal of mu (`LTMTrainingArguments.posterior_warm_start`; default 0: none, mu starts at 0)
 
 e.g. `ltm_T8_lv-2_redraw_warm0.3`. Every LTM is evaluated the same way, whatever its training:
 
@@ -75,14 +77,14 @@ def parse_variant(name: str, args) -> dict:
     """Training settings of an LTM model name (see the module docstring), e.g. `ltm_T8_lv-2_redraw_warm0.3`."""
     spec = dict(
         T=16, init_logvar=-5.0, init_logvar_noise=0.1, fixed_noise=True, kl_warmup=0.0, free_bits=0.0,
-        latents=args.latents, latent_dim=args.latent_dim, inference_lr=0.3,
+        latents=args.latents, latent_dim=args.latent_dim, inference_lr=0.3, encoder=0,
     )  # fmt: skip
     tokens = ALIASES.get(name, name).split("_")
     if tokens[0] != "ltm":
         raise SystemExit(f"--models: {name!r} is neither 'llama' nor an LTM variant 'ltm_<setting>_...'")
     prefixes = (("lvn", "init_logvar_noise", float), ("lv", "init_logvar", float), ("warm", "kl_warmup", float),
                 ("fb", "free_bits", float), ("nz", "latents", int), ("dz", "latent_dim", int),
-                ("lr", "inference_lr", float), ("T", "T", int))  # fmt: skip
+                ("lr", "inference_lr", float), ("T", "T", int), ("enc", "encoder", int))  # fmt: skip
     for token in tokens[1:]:
         if token in ("fixed", "redraw"):
             spec["fixed_noise"] = token == "fixed"
@@ -377,6 +379,7 @@ def run_model(args, name: str) -> dict:
         posterior_init_logvar=spec["init_logvar"],
         posterior_init_logvar_noise=spec["init_logvar_noise"],
         posterior_fixed_noise=spec["fixed_noise"],
+        posterior_encoder_size=spec["encoder"],
     )
     tokens_per_step = args.batch * args.block
     max_steps = math.ceil(args.train_tokens / tokens_per_step)
@@ -417,6 +420,7 @@ def run_model(args, name: str) -> dict:
             inference_lr=spec["inference_lr"],
             kl_warmup_steps=int(round(spec["kl_warmup"] * max_steps)),
             free_bits=spec["free_bits"],
+            posterior_warm_start=spec["encoder"] > 0,
         )
         trainer_class = LTMTrainer
     else:
@@ -491,6 +495,8 @@ def describe(spec: dict) -> str:
     parts.append(f"{spec['latents']}x{spec['latent_dim']} latents/layer")
     if spec["inference_lr"] != 0.3:
         parts.append(f"fast lr {spec['inference_lr']:g}")
+    if spec.get("encoder"):
+        parts.append(f"mu starts at the posterior encoder's proposal (width {spec['encoder']})")
     return ", ".join(parts)
 
 

@@ -51,6 +51,9 @@ def fit_posterior_encoder(
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must be (num_sequences, seq_length) token ids, got {tuple(input_ids.shape)}.")
     parameters = list(encoder.parameters())
+    trainable = [parameter.requires_grad for parameter in parameters]
+    for parameter in parameters:  # e.g. frozen by an `LTMTrainer` run that did not train it
+        parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(parameters, lr=lr)
     sampler = torch.Generator().manual_seed(seed)
     noise_generator = _row_generators(seed, None, 1)
@@ -76,7 +79,8 @@ def fit_posterior_encoder(
                 optimizer.step()
                 history.append(float(-(nll + kl).detach().sum() / tokens.sum()))
     finally:
-        for parameter in parameters:
+        for parameter, requires_grad in zip(parameters, trainable):
             parameter.grad = None
+            parameter.requires_grad_(requires_grad)
         model.train(was_training)
     return history

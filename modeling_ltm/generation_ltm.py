@@ -127,18 +127,21 @@ def check_finite_weights(model, action: str = "using it", source: str | None = N
         action: what is about to happen ("generating", "exporting", "pushing"), for the message.
         source: the folder or file the weights came from, for the message.
 
-    The counts of bad values are gathered on the device and read back with one host sync.
+    Fast path: one float32 sum per tensor, read back with one host sync (a sum is finite when every value is, NaN
+    and inf propagate); only when some sum is not finite are the bad values counted, to name the parameter.
     """
     named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
-    names, counts = [], []
+    names, tensors, sums = [], [], []
     for name, tensor in named:
         if tensor.is_floating_point() and tensor.numel() > 0:
-            device = counts[0].device if counts else tensor.device
+            device = sums[0].device if sums else tensor.device
             names.append((name, tensor.numel()))
-            counts.append((~torch.isfinite(tensor.detach())).sum().to(device))
-    if not counts:
+            tensors.append(tensor.detach())
+            sums.append(tensors[-1].sum(dtype=torch.float32).to(device))
+    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
         return
-    counts = torch.stack(counts)
+    # A float32 sum of finite values can also overflow: count the bad values themselves.
+    counts = torch.stack([(~torch.isfinite(tensor)).sum().to(sums[0].device) for tensor in tensors])
     if not bool(counts.any()):
         return
     bad_index = counts.nonzero()[:, 0]

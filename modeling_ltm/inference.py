@@ -503,11 +503,14 @@ def _smoothed_gain(trace: torch.Tensor, window: int) -> torch.Tensor:
     return (recent - before) / window
 
 
-def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, generator) -> _FastLoopState:
+def _run_fast_loop(
+    model, input_ids, attention_mask, labels, settings, seed, generator, init_mu=None, prefix=None
+) -> _FastLoopState:
     """The fast loop itself: `settings.num_steps` Adam steps on `(mu, logvar)`, gradients w.r.t. those only.
 
-    The batch's latent-independent prefix (embeddings, masks, layer 0's self-attention) is computed once and reused
-    by every step. With `settings.stop_tol`, a row stops once `_smoothed_gain` of its per-token ELBO trace falls below
+    The batch's latent-independent prefix (embeddings, masks, layer 0's self-attention) is computed once (unless
+    given) and reused by every step. `init_mu` replaces the settings' start of `mu` (the warm start's included).
+    With `settings.stop_tol`, a row stops once `_smoothed_gain` of its per-token ELBO trace falls below
     `stop_tol` (after at least `max(min_steps, 2 * stop_window)` steps), and leaves the batch: the remaining rows
     continue in a smaller batch, with their Adam state.
     """
@@ -518,7 +521,8 @@ def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, gen
     generators = _row_generators(seed, generator, batch_size)
     targets = next_token_targets(input_ids, attention_mask, labels)
     position_ids = None if attention_mask is None else position_ids_from_attention_mask(attention_mask)
-    prefix = _compute_prefix(model, input_ids, attention_mask, position_ids)
+    if prefix is None:
+        prefix = _compute_prefix(model, input_ids, attention_mask, position_ids)
 
     num_steps, lr = settings.num_steps, settings.lr
     jitter = _standard_normal(shape, generators, device)  # drawn either way: the eps stream is the same for any start
@@ -527,6 +531,8 @@ def _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, gen
     else:
         mu_init = torch.zeros(shape, device=device, dtype=torch.float32)
         logvar_init = settings.init_logvar + settings.init_logvar_noise * jitter
+    if init_mu is not None:
+        mu_init = init_mu.float()
     mu = mu_init.detach().clone().requires_grad_(True)
     logvar = logvar_init.detach().clone().requires_grad_(True)
     noise = _standard_normal(shape, generators, device)
@@ -696,6 +702,8 @@ def fit_posterior(
     settings: PosteriorFitSettings | None = None,
     kl_weight: float | None = None,
     free_bits: float | None = None,
+    init_mu: torch.Tensor | None = None,
+    prefix=None,
 ) -> PosteriorOutput:
     """Fit `q(z|x) = N(mu, diag(exp(logvar)))` to each sequence by `num_steps` Adam steps on `(mu, logvar)`.
 
@@ -724,6 +732,11 @@ def fit_posterior(
         kl_weight, free_bits: training-only objective of the fast loop (see `negative_elbo`): the KL's weight beta
             and a floor in nats per latent dimension per sequence. The defaults (1, 0) fit the ELBO; the returned
             `kl`, `elbo` and `elbo_trace` are always the true KL and ELBO whatever the objective.
+        init_mu (`torch.Tensor` of shape `(batch, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
+            where `mu` starts instead of 0 (or the warm start's proposal), e.g. `LTMTrainer`'s warm start from the
+            posterior encoder; `logvar` starts as the settings say. Not differentiated through.
+        prefix ([`LTMPrefix`], *optional*): `model.model.compute_prefix(input_ids, attention_mask, ...)` when the
+            caller already has it (reused instead of computed again).
 
     Returns a [`PosteriorOutput`] whose `nll`, `kl`, `elbo` are scored at a fresh draw `z ~ q` (an unbiased
     single-sample ELBO estimate).
@@ -744,13 +757,21 @@ def fit_posterior(
         kl_weight=kl_weight,
         free_bits=free_bits,
     )
+    if init_mu is not None and tuple(init_mu.shape) != (input_ids.shape[0], *model.config.latent_shape):
+        raise ValueError(
+            f"`init_mu` must have shape {(input_ids.shape[0], *model.config.latent_shape)} (batch, *latent_shape), "
+            f"got {tuple(init_mu.shape)}."
+        )
+    extra = (init_mu, prefix)
     if torch.is_inference_mode_enabled():
-        return _without_inference_mode(_fit, model, input_ids, attention_mask, labels, settings, seed, generator)
-    return _fit(model, input_ids, attention_mask, labels, settings, seed, generator)
+        return _without_inference_mode(
+            _fit, model, input_ids, attention_mask, labels, settings, seed, generator, *extra
+        )
+    return _fit(model, input_ids, attention_mask, labels, settings, seed, generator, *extra)
 
 
-def _fit(model, input_ids, attention_mask, labels, settings, seed, generator) -> PosteriorOutput:
-    state = _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, generator)
+def _fit(model, input_ids, attention_mask, labels, settings, seed, generator, init_mu=None, prefix=None):
+    state = _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, generator, init_mu, prefix)
     mu, logvar, noise = state.mu, state.logvar, state.noise
     with torch.no_grad():
         if settings.num_steps > 0:

@@ -17,6 +17,8 @@ token-weighted over all processes and over the steps since the previous log:
 - `kl_per_token`: `KL(q || p)`, nats per token;
 - `elbo_ppl`: `exp((nll + kl) / tokens)`, the training batches' ELBO perplexity bound;
 - `elbo_gain`: how much the fast loop raised the ELBO, nats per token;
+- with `posterior_warm_start`, `posterior_encoder_error`: `1/2 ||mu_encoder - mu_fitted||^2`, nats per token (the
+  term that trains the posterior encoder, whose proposal of `mu` starts the fast loop);
 - `inference_lr`: the fast learning rate used at the last step (see `LTMTrainingArguments.inference_lr_end`).
 
 `trainer.evaluate()` reports, token-weighted over the whole eval set, the numbers of
@@ -52,8 +54,9 @@ logger = logging.get_logger(__name__)
 # Streams of the per-sequence seeds: training draws and evaluation draws never share a seed.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 # Columns of the per-sequence statistics tensors: nll, kl, num_tokens, elbo gain (train) / iw log p(x) (eval), and
-# (eval only) the reconstruction NLL.
+# the posterior encoder's squared error (train) / the reconstruction NLL (eval).
 _NLL, _KL, _TOKENS, _EXTRA, _RECONSTRUCTION = range(5)
+_ENCODER = _RECONSTRUCTION
 
 
 @dataclass
@@ -100,6 +103,16 @@ class LTMTrainingArguments(TrainingArguments):
         metadata={
             "help": "Training only: free bits of the fast loop's KL, in nats per latent dimension per sequence "
             "(each dimension's KL below this floor costs nothing). 0 = off. Evaluation never uses free bits."
+        },
+    )
+    posterior_warm_start: bool = field(
+        default=False,
+        metadata={
+            "help": "Training only: start each batch's fast loop at the model's posterior encoder's proposal of mu "
+            "(logvar starts as usual) instead of mu = 0, and train the encoder alongside the decoder to propose the "
+            "fitted mu (a squared-error term on the encoder's weights only, added to the loss). Needs a model with "
+            "`posterior_encoder_size > 0`. Experimental: measured at half the fast steps, it does not reach the plain "
+            "loop's held-out bound (docs/benchmarks.md, 'Training fast-loop compute')."
         },
     )
     eval_inference_steps: int | None = field(
@@ -188,6 +201,17 @@ def _unpack(inputs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | N
     return inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
 
 
+def _base_ltm(model):
+    """The `LTMForCausalLM` inside `model` (bare, or wrapped by DDP or PEFT)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _posterior_encoder(model):
+    """The `LTMPosteriorEncoder` of an `LTMForCausalLM` (bare, or wrapped by DDP or PEFT), or None."""
+    return getattr(getattr(_base_ltm(model), "model", None), "posterior_encoder", None)
+
+
 def _row_seeds(base_seed: int, stream: int, step: int, first_row: int, num_rows: int) -> list[int]:
     """One well-mixed 64-bit seed per sequence, a function of `(base_seed, stream, step, global row index)` only."""
     return [
@@ -222,8 +246,14 @@ class LTMTrainer(Trainer):
                 "Use transformers.Trainer for an ordinary causal LM."
             )
         super().__init__(model, args, data_collator, *trainer_args, **trainer_kwargs)
+        if getattr(self.args, "posterior_warm_start", False) and _posterior_encoder(self.model) is None:
+            raise ValueError(
+                "`posterior_warm_start=True` starts the fast loop at the posterior encoder's proposal, and this model "
+                "has none (config.posterior_encoder_size = 0). Create or load the model with "
+                "`posterior_encoder_size=N` (e.g. N = 4 * hidden_size), or leave `posterior_warm_start` off."
+            )
         self.data_collator = _CausalLMLabels(self.data_collator or default_data_collator)
-        self._train_sums = None  # (4,) float64: nll, kl, tokens, elbo gain since the last log, this process
+        self._train_sums = None  # (5,) float64: nll, kl, tokens, elbo gain, encoder error since the last log
         self._last_inference_lr = None
         self._micro_step_of = (-1, 0)  # (global step, micro-steps taken in it)
         self._eval_overrides = {}
@@ -305,6 +335,28 @@ class LTMTrainer(Trainer):
         self._micro_step_of = (step, taken + 1)
         return taken
 
+    def train(self, *args, **kwargs):
+        """[`Trainer.train`]. A posterior encoder that this run does not train (`posterior_warm_start` off) is frozen
+        for the run (`requires_grad=False`, restored afterwards): the optimizer then holds no idle weights, and DDP,
+        whose reducer expects a gradient for every trainable weight, does not fail on it. Its proposals age as the
+        decoder changes; refit it afterwards with `modeling_ltm.amortized.fit_posterior_encoder`."""
+        encoder = _posterior_encoder(self.model)
+        idle = []
+        if encoder is not None and not getattr(self.args, "posterior_warm_start", False):
+            idle = [parameter for parameter in encoder.parameters() if parameter.requires_grad]
+            logger.warning(
+                "The model's posterior encoder is not trained by this run (posterior_warm_start=False) and stays "
+                "frozen; refit it after training (modeling_ltm.amortized.fit_posterior_encoder) before relying on "
+                "warm-started evaluations."
+            )
+        for parameter in idle:
+            parameter.requires_grad_(False)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            for parameter in idle:
+                parameter.requires_grad_(True)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Fit the batch's posterior with the decoder frozen, then hand the batch with the fitted `latents` to
         `Trainer.compute_loss`: one forward of the wrapped `model`, whose loss is `-log p(x|z)` per token.
@@ -318,8 +370,14 @@ class LTMTrainer(Trainer):
         batch_size = getattr(self, "_train_batch_size", None) or self.args.per_device_train_batch_size
         first_row = self._first_global_row(self._next_micro_step(), batch_size)
         lr = self.inference_lr_at(step)
+        unwrapped = self.accelerator.unwrap_model(model)
+        encoder_mu = prefix = None
+        if getattr(self.args, "posterior_warm_start", False):
+            # The prefix (no gradient) is the fit's own, computed once; the encoder's forward keeps its graph.
+            prefix = _base_ltm(unwrapped).model.compute_prefix(input_ids, attention_mask=attention_mask)
+            encoder_mu, _ = _posterior_encoder(unwrapped)(prefix.hidden_states, attention_mask)
         posterior = fit_posterior(
-            self.accelerator.unwrap_model(model),
+            unwrapped,
             input_ids,
             attention_mask,
             labels=labels,
@@ -328,17 +386,41 @@ class LTMTrainer(Trainer):
             seed=_row_seeds(self.args.seed, _TRAIN_STREAM, step, first_row, input_ids.shape[0]),
             kl_weight=self.kl_weight_at(step),
             free_bits=getattr(self.args, "free_bits", 0.0) or 0.0,
+            init_mu=None if encoder_mu is None else encoder_mu.detach(),
+            prefix=prefix,
         )
-        self._record_train_stats(posterior, lr)
+        encoder_error = None
+        if encoder_mu is not None:
+            # 1/2 ||mu_encoder - mu_fitted||^2 per sequence (nats: the KL between unit-variance Gaussians at the two).
+            encoder_error = 0.5 * (encoder_mu - posterior.mu).pow(2).flatten(1).sum(-1)
+        self._record_train_stats(posterior, lr, encoder_error)
 
         inputs = {**inputs, "latents": posterior.z, "use_cache": False}
-        return super().compute_loss(
+        loss = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
+        if encoder_error is None:
+            return loss
+        encoder_loss = self._per_token_like_trainer(encoder_error.sum(), posterior.num_tokens, num_items_in_batch)
+        return (loss[0] + encoder_loss, loss[1]) if return_outputs else loss + encoder_loss
 
-    def _record_train_stats(self, posterior, lr: float) -> None:
+    def _per_token_like_trainer(self, total, num_tokens, num_items_in_batch):
+        """`total` (nats, summed over this micro-batch) divided as `Trainer.compute_loss` divides the decoder's summed
+        NLL: by the accumulated batch's predicted tokens over all processes times the processes (`num_items_in_batch`
+        given), else by this micro-batch's tokens (Trainer then divides by the accumulation steps)."""
+        if num_items_in_batch is None:
+            return total / num_tokens.sum().clamp(min=1)
+        total = total / num_items_in_batch
+        if getattr(self.args, "average_tokens_across_devices", False):
+            total = total * self.accelerator.num_processes
+        return total
+
+    def _record_train_stats(self, posterior, lr: float, encoder_error: torch.Tensor | None = None) -> None:
         gain = posterior.elbo_trace[-1] - posterior.elbo_trace[0]
-        sums = torch.stack([posterior.nll.sum(), posterior.kl.sum(), posterior.num_tokens.sum(), gain.sum()])
+        encoder_sum = gain.new_zeros(()) if encoder_error is None else encoder_error.detach().sum()
+        sums = torch.stack(
+            [posterior.nll.sum(), posterior.kl.sum(), posterior.num_tokens.sum(), gain.sum(), encoder_sum]
+        )
         sums = sums.to(torch.float64)
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         self._last_inference_lr = lr
@@ -399,6 +481,8 @@ class LTMTrainer(Trainer):
             logs["kl_per_token"] = sums[_KL] / tokens
             logs["elbo_ppl"] = float(np.exp((sums[_NLL] + sums[_KL]) / tokens))
             logs["elbo_gain"] = sums[_EXTRA] / tokens
+            if getattr(self.args, "posterior_warm_start", False):
+                logs["posterior_encoder_error"] = sums[_ENCODER] / tokens
             logs["inference_lr"] = self._last_inference_lr
         super().log(logs, start_time)
 

@@ -26,12 +26,18 @@ from modeling_ltm import LTMForCausalLM, LTMTrainer, LTMTrainingArguments  # noq
 BLOCK_SIZE, NUM_BLOCKS = 32, 48
 
 
-def run_training(output_dir: str, per_device_batch: int, accumulation: int, max_steps: int = 3) -> LTMTrainer:
-    """Same model, data order and seeds whatever the process layout: only the split of the global batch changes."""
+def run_training(
+    output_dir: str, per_device_batch: int, accumulation: int, max_steps: int = 3, posterior_encoder: str = "none"
+) -> LTMTrainer:
+    """Same model, data order and seeds whatever the process layout: only the split of the global batch changes.
+    `posterior_encoder`: "none"; "warm-start", an encoder that starts the fast loop and trains alongside the decoder;
+    "idle", an encoder that this run does not train."""
     text_bytes = corpus_text(BLOCK_SIZE * NUM_BLOCKS).encode()[: BLOCK_SIZE * NUM_BLOCKS]
     ids = torch.tensor(list(text_bytes)).view(NUM_BLOCKS, BLOCK_SIZE)
     torch.manual_seed(0)
-    model = LTMForCausalLM(tiny_config(vocab_size=256))
+    model = LTMForCausalLM(
+        tiny_config(vocab_size=256, posterior_encoder_size=0 if posterior_encoder == "none" else 32)
+    )
     args = LTMTrainingArguments(
         output_dir=output_dir,
         use_cpu=True,
@@ -52,6 +58,7 @@ def run_training(output_dir: str, per_device_batch: int, accumulation: int, max_
         per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=accumulation,
         train_sampling_strategy="sequential",
+        posterior_warm_start=posterior_encoder == "warm-start",
     )
     trainer = LTMTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids.tolist()}))
     trainer.train()
@@ -64,8 +71,11 @@ def main() -> None:
     parser.add_argument("--per-device-batch", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=3)
+    parser.add_argument("--posterior-encoder", choices=["none", "warm-start", "idle"], default="none")
     cli = parser.parse_args()
-    trainer = run_training(cli.output_dir, cli.per_device_batch, cli.accumulation, cli.max_steps)
+    trainer = run_training(
+        cli.output_dir, cli.per_device_batch, cli.accumulation, cli.max_steps, cli.posterior_encoder
+    )
     rank = int(os.environ.get("RANK", 0))
     torch.save(trainer.accelerator.unwrap_model(trainer.model).state_dict(), Path(cli.output_dir) / f"rank{rank}.pt")
     if rank == 0:

@@ -23,7 +23,12 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_path):
+@pytest.mark.parametrize("posterior_encoder", ["none", "warm-start", "idle"])
+def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_path, posterior_encoder):
+    """With `posterior_warm_start` ("warm-start"), the posterior encoder (run outside the wrapped forward, its loss
+    added to Trainer's) gets the single-process gradient too: DDP averages it, and its scale follows the decoder
+    loss's. An encoder the run does not train ("idle") is frozen for the run: DDP's reducer would otherwise wait for
+    its gradient and fail."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # 2 processes x 2 sequences x 2 accumulation steps = a global batch of 8 per optimizer step.
     command = [
@@ -39,6 +44,8 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_
         "2",
         "--max-steps",
         "3",
+        "--posterior-encoder",
+        posterior_encoder,
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -51,13 +58,20 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = run_training(str(tmp_path / "single"), per_device_batch=8, accumulation=1)
+        single = run_training(
+            str(tmp_path / "single"), per_device_batch=8, accumulation=1, posterior_encoder=posterior_encoder
+        )
     finally:
         torch.set_num_threads(threads)
     reference = single.model.state_dict()
     torch.manual_seed(0)
-    initial = LTMForCausalLM(tiny_config(vocab_size=256)).state_dict()
+    encoder_size = 0 if posterior_encoder == "none" else 32
+    initial = LTMForCausalLM(tiny_config(vocab_size=256, posterior_encoder_size=encoder_size)).state_dict()
     assert not torch.equal(rank0["model.embed_tokens.weight"], initial["model.embed_tokens.weight"]), "no step taken"
+    for name in [key for key in initial if "posterior_encoder" in key]:
+        trained = not torch.equal(rank0[name], initial[name])
+        assert trained == (posterior_encoder == "warm-start"), f"{name}: trained {trained} in mode {posterior_encoder}"
+    assert all(p.requires_grad for p in single.model.parameters()), "a frozen encoder was not restored"
     for name, value in rank0.items():
         torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5, msg=f"{name}: DDP vs 1 process")
 
@@ -65,7 +79,9 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_
     single_logs = [e for e in single.state.log_history if "loss" in e]
     assert len(ddp_logs) == len(single_logs) == 3
     for ddp_entry, single_entry in zip(ddp_logs, single_logs):
-        for key in ("loss", "nll_per_token", "kl_per_token", "elbo_gain"):
+        for key in ("loss", "nll_per_token", "kl_per_token", "elbo_gain", "posterior_encoder_error"):
+            if key not in single_entry:
+                continue
             assert ddp_entry[key] == pytest.approx(single_entry[key], rel=1e-4), key
 
 

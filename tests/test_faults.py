@@ -216,6 +216,14 @@ def test_generate_refuses_non_finite_weights_naming_the_parameter(model):
         model.infer_latents(ids, num_steps=2)
 
 
+def test_weight_check_passes_finite_weights_whose_sum_overflows_and_counts_inf_minus_inf():
+    from modeling_ltm.generation_ltm import check_finite_weights
+
+    check_finite_weights([("huge", torch.full((4,), 3e38)), ("half", torch.full((3,), 6e4, dtype=torch.float16))])
+    with pytest.raises(NonFiniteWeightsError, match=re.escape("`both` holds 2 NaN/inf values of 3")):
+        check_finite_weights([("fine", torch.ones(2)), ("both", torch.tensor([float("inf"), 1.0, -float("inf")]))])
+
+
 def test_export_and_push_refuse_non_finite_weights(saved_model, tmp_path, capsys):
     bad = nan_model(saved_model, tmp_path / "nan")
     with pytest.raises(NonFiniteWeightsError, match=re.escape(BAD_PARAMETER)):

@@ -145,3 +145,79 @@ def test_trainer_evaluate_warm_starts_and_says_so(tmp_path):
     assert (metrics["eval_inference_steps"], metrics["eval_inference_lr"]) == (8, 0.03)
     names = [r.metric_name for r in trainer_eval_results(metrics, dataset_name="held-out")]
     assert any("warm start from the posterior encoder" in n for n in names)
+
+
+def test_fit_posterior_starts_mu_at_init_mu_and_reuses_a_given_prefix():
+    model = encoder_model()
+    input_ids = ids(model.config, 3)
+    init_mu = torch.randn(3, *model.config.latent_shape, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(fit_posterior(model, input_ids, num_steps=0, init_mu=init_mu, seed=[0, 1, 2]).mu, init_mu)
+    prefix = model.model.compute_prefix(input_ids)
+    plain = fit_posterior(model, input_ids, num_steps=3, init_mu=init_mu, seed=[0, 1, 2])
+    reused = fit_posterior(model, input_ids, num_steps=3, init_mu=init_mu, seed=[0, 1, 2], prefix=prefix)
+    for name in ("mu", "logvar", "elbo"):
+        torch.testing.assert_close(getattr(reused, name), getattr(plain, name), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="init_mu"):
+        fit_posterior(model, input_ids, num_steps=1, init_mu=init_mu[:2])
+
+
+def _train(model, tmp_path, name, max_steps, **overrides):
+    from datasets import Dataset
+
+    from modeling_ltm import LTMTrainer, LTMTrainingArguments
+
+    # Each row repeats one token, so the latents can carry the row and the encoder can read it off the prefix.
+    rows = torch.arange(3, 19).unsqueeze(1).repeat(1, 12)
+    args = dict(
+        output_dir=str(tmp_path / name), use_cpu=True, report_to="none", disable_tqdm=True, seed=0, max_steps=max_steps,
+        per_device_train_batch_size=16, learning_rate=1e-2, logging_steps=1, save_strategy="no", max_grad_norm=0.0,
+        num_inference_steps=2,
+    )  # fmt: skip
+    trainer = LTMTrainer(
+        model=model,
+        args=LTMTrainingArguments(**{**args, **overrides}),
+        train_dataset=Dataset.from_dict({"input_ids": rows.tolist()}),
+    )
+    trainer.train()
+    return trainer, rows
+
+
+def test_training_warm_start_with_an_untrained_encoder_is_the_plain_training_step(tmp_path):
+    """The untrained encoder proposes mu = 0, the plain loop's start: the first decoder update is the plain one (no
+    clipping, which would couple the encoder's gradient norm to the decoder's), and only the encoder learns more."""
+    plain, warm = encoder_model(), encoder_model()
+    _train(plain, tmp_path, "plain", 1)
+    _train(warm, tmp_path, "warm", 1, posterior_warm_start=True)
+    changed = []
+    for (key, value), (_, warm_value) in zip(plain.state_dict().items(), warm.state_dict().items()):
+        if "posterior_encoder" in key:
+            changed.append(not torch.equal(value, warm_value))
+        else:
+            torch.testing.assert_close(warm_value, value, rtol=0, atol=0, msg=key)
+    assert any(changed)
+
+
+def test_training_warm_start_learns_to_propose_the_fitted_mu_and_logs_its_error(tmp_path):
+    model = encoder_model()
+    decoder = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer, rows = _train(model, tmp_path, "warm", 30, posterior_warm_start=True)
+    errors = [entry["posterior_encoder_error"] for entry in trainer.state.log_history if "loss" in entry]
+    # Not driven to 0: Adam's first fast steps move every coordinate by about the fast lr, whatever the start.
+    assert len(errors) == 30 and all(0 < error < float("inf") for error in errors)
+    model.eval()
+    mu, _ = proposal(model, rows)
+    assert mu.abs().sum() > 0
+    # The proposal is where the fast loop would go: it starts above the plain start (mu = 0) in ELBO.
+    start = PosteriorFitSettings.training(model.config, num_steps=0)
+    plain_start = fit_posterior(model, rows, settings=start, seed=list(range(16)))
+    warm_start = fit_posterior(model, rows, settings=start, seed=list(range(16)), init_mu=mu)
+    assert float(warm_start.elbo.sum()) > float(plain_start.elbo.sum())
+    assert any(not torch.equal(v, decoder[k]) for k, v in model.state_dict().items() if "posterior_encoder" not in k)
+
+
+def test_training_warm_start_needs_an_encoder(tmp_path):
+    from modeling_ltm import LTMTrainer, LTMTrainingArguments
+
+    args = LTMTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", posterior_warm_start=True)
+    with pytest.raises(ValueError, match="posterior_encoder_size"):
+        LTMTrainer(model=LTMForCausalLM(tiny_config()), args=args)

@@ -508,7 +508,8 @@ class LTMTrainer(Trainer):
             reconstruction (`bool`, *optional*): report the reconstruction perplexity (default
                 `args.eval_reconstruction`).
 
-        Returns (each prefixed with `metric_key_prefix`): `eval_loss` (= `eval_nll_per_token`),
+        Returns (each prefixed with `metric_key_prefix`): `eval_loss` (the negative ELBO per token,
+        `eval_nll_per_token + eval_kl_per_token`: what `metric_for_best_model="loss"` and early stopping compare),
         `eval_nll_per_token`, `eval_kl_per_token`, `eval_elbo_ppl` and the evaluation fit's settings
         (`eval_inference_steps`, `eval_inference_lr`, `eval_inference_lr_min_ratio`, `eval_posterior_init_logvar`,
         `eval_posterior_fixed_noise`); `eval_iw_ppl`, `eval_iw_samples` when K > 0; `eval_reconstruction_ppl`,
@@ -551,7 +552,7 @@ class LTMTrainer(Trainer):
             nll, kl = stats[_NLL] / tokens, stats[_KL] / tokens
             settings = self.eval_fit_settings
             metrics = {
-                "loss": nll,
+                "loss": nll + kl,
                 "nll_per_token": nll,
                 "kl_per_token": kl,
                 "elbo_ppl": float(np.exp(nll + kl)),
@@ -578,8 +579,8 @@ class LTMTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """`inference.evaluate_posterior` on each eval batch (the fits re-enable gradients under Trainer's
         `no_grad`): record its per-sequence NLL, KL, token count, importance-weighted bound and reconstruction NLL
-        (gathered over processes), and return the batch's NLL per token (plus the logits given the evaluation fit's
-        `z` unless `prediction_loss_only`)."""
+        (gathered over processes), and return the batch's negative ELBO per token (plus the logits given the
+        evaluation fit's `z` unless `prediction_loss_only`)."""
         inputs = self._prepare_inputs(inputs)
         input_ids, attention_mask, labels = _unpack(inputs)
         bare_model = self.accelerator.unwrap_model(model)
@@ -608,7 +609,7 @@ class LTMTrainer(Trainer):
         ]
         stats = torch.stack(columns, -1)
         self._eval_stats.append(self.accelerator.gather_for_metrics(stats.to(torch.float64)).cpu())
-        loss = (result.nll.sum() / result.num_tokens.sum().clamp(min=1)).detach()
+        loss = ((result.nll + result.kl).sum() / result.num_tokens.sum().clamp(min=1)).detach()
         if prediction_loss_only:
             return loss, None, None
         with torch.no_grad():

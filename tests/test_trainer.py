@@ -101,7 +101,8 @@ def test_evaluate_reports_bounds_and_follows_inference_steps(tmp_path, tiny_shak
     )
     metrics = trainer.evaluate()
     assert metrics["eval_inference_steps"] == 8
-    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll_per_token"])
+    # eval_loss, what best-model selection and early stopping compare, is the negative ELBO per token.
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll_per_token"] + metrics["eval_kl_per_token"])
     elbo_ppl = math.exp(metrics["eval_nll_per_token"] + metrics["eval_kl_per_token"])
     assert metrics["eval_elbo_ppl"] == pytest.approx(elbo_ppl)
     # The importance-weighted bound is tighter than the ELBO.

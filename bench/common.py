@@ -1,4 +1,5 @@
-"""What the benches share: loading a sibling bench as a module, and the metadata every result file records."""
+"""What the benches share: loading a sibling bench as a module, the metadata every result file records, and the
+`--device` / `--dtype` flags every bench takes (CUDA and bf16 on a GPU, fp32 on CPU by default)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,57 @@ def save_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=1))
+
+
+DTYPES = ("fp32", "bf16")
+
+
+def add_device_arguments(parser) -> None:
+    """`--device` (`cpu`, `cuda`, `cuda:N`) and `--dtype` (`fp32`, `bf16`): see `resolve_device`."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=DTYPES,
+        help="bf16: inference benches run the models in bfloat16, training benches train in bf16 mixed precision",
+    )
+
+
+def resolve_device(device: str, dtype: str):
+    """`(torch.device, torch.dtype)` for the `--device` / `--dtype` flags.
+
+    Raises:
+        ValueError: (one line, naming the flag and the fix) a device that is neither CPU nor CUDA, CUDA asked for
+            where torch sees none, or bf16 on a GPU without bf16 support.
+    """
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: use cpu, cuda or cuda:N.")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is visible to torch here; use --device cpu.")
+        if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--dtype bf16: this GPU has no bf16 support; use --dtype fp32.")
+    return resolved, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+
+def precision_arguments(device: str, dtype: str) -> dict:
+    """`TrainingArguments` keywords for the `--device` / `--dtype` flags (bf16 = mixed precision; Trainer places the
+    model on the one visible GPU, or on the CPU with `use_cpu`). Raises as `resolve_device` does."""
+    resolved, _ = resolve_device(device, dtype)
+    return {"use_cpu": resolved.type == "cpu", "bf16": dtype == "bf16"}
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA), so that wall times cover it."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()

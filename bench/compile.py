@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import load_bench, run_metadata, save_json  # noqa: E402
+from bench.common import add_device_arguments, load_bench, resolve_device, run_metadata, save_json, synchronize  # noqa: E402
 from modeling_ltm.inference import negative_elbo, next_token_targets  # noqa: E402
 from modeling_ltm.modeling_ltm import CACHE_NAME  # noqa: E402
 
@@ -53,19 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decoding batch sizes")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mode", default="default", help="torch.compile mode (e.g. reduce-overhead on a GPU)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    add_device_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     args.max_position_embeddings = max(args.seq_length, args.prompt_length + args.new_tokens)
     args.num_inference_steps = 1
     return args
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def median_seconds(fns: dict, repeats: int, device: str) -> dict[str, float]:
@@ -168,7 +162,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    _, dtype = resolve_device(args.device, args.dtype)
     ltm, llama = load_bench("generate").build_models(args)  # same shapes, same peer
     ltm, llama = ltm.to(args.device), llama.to(args.device)
     started, load_before = time.time(), os.getloadavg()

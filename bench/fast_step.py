@@ -33,14 +33,19 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 from transformers import LlamaForCausalLM
 
-from modeling_ltm import LTMConfig, LTMForCausalLM
-from modeling_ltm.inference import negative_elbo, next_token_targets
-from modeling_ltm.train_cli import llama_peer_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import add_device_arguments, resolve_device, synchronize  # noqa: E402
+from modeling_ltm import LTMConfig, LTMForCausalLM  # noqa: E402
+from modeling_ltm.inference import negative_elbo, next_token_targets  # noqa: E402
+from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
 
 
 MEASUREMENTS = ("fast", "full", "reference", "llama")
@@ -69,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS, one subprocess each")
     parser.add_argument("--only", choices=MEASUREMENTS, default=None, help=argparse.SUPPRESS)  # --memory's child
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_device_arguments(parser)  # bf16: every step under bf16 autocast (mixed precision, fp32 weights)
     return parser.parse_args(argv)
 
 
@@ -86,61 +92,74 @@ def build(args):
     )
     llama_config = llama_peer_config(ltm_config)
     torch.manual_seed(0)
-    ltm = LTMForCausalLM(ltm_config).train()  # dropout is 0: train mode only matters for flags, as in training
-    llama = LlamaForCausalLM(llama_config).train()
+    device, _ = resolve_device(args.device, args.dtype)
+    ltm = LTMForCausalLM(ltm_config).train().to(device)  # dropout is 0: train mode only matters for flags
+    llama = LlamaForCausalLM(llama_config).train().to(device)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_length), generator=generator)
     shape = (args.batch_size, *ltm_config.latent_shape)
     batch = {
-        "input_ids": input_ids,
-        "targets": next_token_targets(input_ids, None),
-        "mu": (0.1 * torch.randn(shape, generator=generator)).requires_grad_(True),
-        "logvar": (-5.0 + 0.1 * torch.randn(shape, generator=generator)).requires_grad_(True),
-        "noise": torch.randn(shape, generator=generator),
+        "input_ids": input_ids.to(device),
+        "targets": next_token_targets(input_ids, None).to(device),
+        "mu": (0.1 * torch.randn(shape, generator=generator)).to(device).requires_grad_(True),
+        "logvar": (-5.0 + 0.1 * torch.randn(shape, generator=generator)).to(device).requires_grad_(True),
+        "noise": torch.randn(shape, generator=generator).to(device),
     }
     return ltm, llama, batch
 
 
-def make_steps(ltm, llama, batch):
-    """One callable per measurement; each runs exactly one step on the batch."""
+def make_steps(ltm, llama, batch, dtype=torch.float32):
+    """One callable per measurement; each runs exactly one step on the batch (forwards under bf16 autocast when
+    `dtype` is bf16)."""
     mu, logvar, noise = batch["mu"], batch["logvar"], batch["noise"]
     input_ids, targets = batch["input_ids"], batch["targets"]
     fast_optimizer = torch.optim.Adam([mu, logvar], lr=1e-3)  # tiny lr: the batch stays where it was
     reference_optimizer = torch.optim.Adam([mu, logvar], lr=1e-3)
 
+    def autocast():
+        return torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
     def fast():
-        loss, *_ = negative_elbo(ltm, input_ids, targets, mu, logvar, noise)
+        with autocast():
+            loss, *_ = negative_elbo(ltm, input_ids, targets, mu, logvar, noise)
         mu.grad, logvar.grad = torch.autograd.grad(loss, [mu, logvar])
         fast_optimizer.step()
 
     def full():
         ltm.zero_grad(set_to_none=True)
         z = (mu + torch.exp(0.5 * logvar) * noise).detach()
-        ltm(input_ids, latents=z, labels=input_ids, use_cache=False).loss.backward()
+        with autocast():
+            loss = ltm(input_ids, latents=z, labels=input_ids, use_cache=False).loss
+        loss.backward()
 
     def reference():
         # As in the paper's code: weight gradients are computed (and accumulated) at every fast step.
         reference_optimizer.zero_grad(set_to_none=True)
-        loss, *_ = negative_elbo(ltm, input_ids, targets, mu, logvar, noise)
+        with autocast():
+            loss, *_ = negative_elbo(ltm, input_ids, targets, mu, logvar, noise)
         loss.backward()
         reference_optimizer.step()
 
     def peer():
         llama.zero_grad(set_to_none=True)
-        llama(input_ids, labels=input_ids, use_cache=False).loss.backward()
+        with autocast():
+            loss = llama(input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
 
     return {"fast": fast, "full": full, "reference": reference, "llama": peer}
 
 
-def time_steps(steps, warmup: int, repeats: int) -> dict[str, list[float]]:
+def time_steps(steps, warmup: int, repeats: int, device="cpu") -> dict[str, list[float]]:
     for _ in range(warmup):
         for step in steps.values():
             step()
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():  # round-robin: load drift hits every measurement alike
+            synchronize(device)
             start = time.perf_counter()
             step()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -188,8 +207,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device, dtype = resolve_device(args.device, args.dtype)
     ltm, llama, batch = build(args)
-    steps = make_steps(ltm, llama, batch)
+    steps = make_steps(ltm, llama, batch, dtype)
 
     if args.only is not None:  # a --memory child: run one measurement, report this process's peak RSS
         for _ in range(args.warmup + args.repeats):
@@ -198,7 +218,7 @@ def main(argv=None) -> int:
         return 0
 
     load_before = os.getloadavg()
-    times = time_steps(steps, args.warmup, args.repeats)
+    times = time_steps(steps, args.warmup, args.repeats, device)
     load_after = os.getloadavg()
     medians = {name: statistics.median(values) for name, values in times.items()}
     results = {

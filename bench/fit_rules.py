@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import run_metadata, save_json  # noqa: E402
+from bench.common import add_device_arguments, resolve_device, run_metadata, save_json  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM, PosteriorFitSettings, inference  # noqa: E402
 
 
@@ -77,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    add_device_arguments(p)  # bf16: the model's weights in bfloat16 (the posteriors stay float32)
     return p.parse_args(argv)
 
 
@@ -97,8 +98,9 @@ def warm_start_rows(args, fitter, block_size: int) -> list[dict]:
     from modeling_ltm.amortized import fit_posterior_encoder
 
     width = 4 * LTMConfig.from_pretrained(args.model).hidden_size
-    model = LTMForCausalLM.from_pretrained(args.model, posterior_encoder_size=width).eval()
-    train = corpus_blocks(args.model, block_size, "train")
+    device, dtype = resolve_device(args.device, args.dtype)
+    model = LTMForCausalLM.from_pretrained(args.model, posterior_encoder_size=width, dtype=dtype).to(device).eval()
+    train = corpus_blocks(args.model, block_size, "train").to(device)
     start = time.time()
     fit_posterior_encoder(model, train, num_steps=args.encoder_steps, batch_size=16, lr=3e-3, seed=0)
     seconds = time.time() - start
@@ -153,8 +155,8 @@ class Fitter:
     def torch_optimizer(self, steps, make_optimizer, schedule=True, avg=None):
         """Minimise the negative ELBO per token with a torch optimizer on `(mu, logvar)`; `schedule`: cosine
         `lr -> lr/10` on every group; `avg`: return the mean of the last `avg` iterates."""
-        mu = torch.zeros(self.shape, requires_grad=True)
-        logvar = torch.zeros(self.shape, requires_grad=True)
+        mu = torch.zeros(self.shape, device=self.input_ids.device, requires_grad=True)
+        logvar = torch.zeros(self.shape, device=self.input_ids.device, requires_grad=True)
         optimizer = make_optimizer(mu, logvar)
         base = [group["lr"] for group in optimizer.param_groups]
         draw, kept = self.draws(), []
@@ -175,7 +177,8 @@ class Fitter:
         return mu.detach(), logvar.detach()
 
     def ngvi(self, steps, beta, hessian):
-        mu, precision = torch.zeros(self.shape), torch.ones(self.shape)
+        mu = torch.zeros(self.shape, device=self.input_ids.device)
+        precision = torch.ones(self.shape, device=self.input_ids.device)
         draw = self.draws()
         for _ in range(steps):
             eps = draw()
@@ -220,10 +223,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start, load_before = time.time(), os.getloadavg()
-    model = LTMForCausalLM.from_pretrained(args.model).eval()
+    device, dtype = resolve_device(args.device, args.dtype)
+    model = LTMForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     input_ids = corpus_blocks(args.model, model.config.max_position_embeddings, "validation", args.blocks)
+    input_ids = input_ids.to(device)
     fitter = Fitter(model, input_ids)
-    zeros = torch.zeros(fitter.shape)
+    zeros = torch.zeros(fitter.shape, device=device)
     prior_elbo, _ = fitter.score(zeros, zeros, args.score_samples)
     rows = [{"label": "no fit: q = prior", "rule": "prior", "steps": 0, "elbo": prior_elbo, "kl": 0.0}]
     for label, rule, steps, options in RULES:

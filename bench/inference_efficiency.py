@@ -49,7 +49,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import load_bench, run_metadata  # noqa: E402
+from bench.common import add_device_arguments, load_bench, resolve_device, run_metadata  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,8 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score-samples", type=int, default=8, help="draws z ~ q averaged in each ELBO estimate")
     p.add_argument("--forward-cost", type=float, default=0.5, help="a forward, in forward+backward equivalents")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per point (median)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_device_arguments(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--retrain", action="store_true", help="ignore the models cached in --workdir")
@@ -92,7 +91,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def quality_args(args):
     quality = load_bench("quality")
     qargs = quality.parse_args(
-        ["--workdir", args.workdir, "--train-tokens", str(args.train_tokens), "--seed", str(args.seed)]
+        [
+            "--workdir",
+            args.workdir,
+            "--train-tokens",
+            str(args.train_tokens),
+            "--seed",
+            str(args.seed),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+        ]  # fmt: skip
     )
     qargs.threads = args.threads
     return quality, qargs
@@ -176,8 +186,9 @@ def train_encoder(args) -> None:
 
     torch.set_num_threads(args.threads)
     width = 4 * LTMConfig.from_pretrained(workdir / "ltm").hidden_size
-    model = LTMForCausalLM.from_pretrained(workdir / "ltm", posterior_encoder_size=width)
-    blocks = torch.tensor(load_from_disk(workdir / "data")["train"]["input_ids"])
+    device, _ = resolve_device(args.device, args.dtype)
+    model = LTMForCausalLM.from_pretrained(workdir / "ltm", posterior_encoder_size=width).to(device)
+    blocks = torch.tensor(load_from_disk(workdir / "data")["train"]["input_ids"], device=device)
     start = time.time()
     history = fit_posterior_encoder(
         model, blocks, num_steps=ENCODER_STEPS, batch_size=ENCODER_BATCH, lr=ENCODER_LR, seed=args.seed
@@ -320,7 +331,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
-    dtype = getattr(torch, args.dtype)
+    _, dtype = resolve_device(args.device, args.dtype)
     ltm = LTMForCausalLM.from_pretrained(workdir / "ltm", dtype=dtype).to(args.device).eval()
     warm_ltm = LTMForCausalLM.from_pretrained(workdir / "ltm-encoder", dtype=dtype).to(args.device).eval()
     llama = LlamaForCausalLM.from_pretrained(workdir / "llama", dtype=dtype).to(args.device).eval()

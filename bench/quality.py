@@ -65,6 +65,11 @@ from pathlib import Path
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import add_device_arguments, precision_arguments, resolve_device  # noqa: E402
+
+
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 WIKITEXT2_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
@@ -137,6 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reevaluate", action="store_true", help="evaluate saved models of --workdir, no training")
     p.add_argument("--collect", action="store_true", help="train nothing: tabulate the models' JSONs in --workdir")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_device_arguments(p)  # bf16: training in bf16 mixed precision; evaluation in float32
     args = p.parse_args(argv)
     if args.quick:
         args.train_tokens, args.max_eval_blocks, args.wikitext_blocks = 20_000, 8, 8
@@ -186,7 +192,7 @@ def prepare_data(args) -> None:
 def training_arguments(args, output_dir, max_steps: int) -> dict:
     """The keyword arguments of `TrainingArguments` that every model of the study trains with (LTM and Llama alike):
     AdamW at `--lr`, betas 0.9/0.95, weight decay 0.1, clip 1.0, cosine to a tenth after a 5% warm-up, batch
-    `--batch`, seed `--seed`, CPU, no checkpoints. `bench/inference_efficiency.py` trains with the same."""
+    `--batch`, seed `--seed`, `--device` / `--dtype` (bf16 mixed precision), no checkpoints. `bench/inference_efficiency.py` trains with the same."""
     return dict(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -205,7 +211,7 @@ def training_arguments(args, output_dir, max_steps: int) -> dict:
         seed=args.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        use_cpu=True,
+        **precision_arguments(args.device, args.dtype),
     )
 
 
@@ -264,14 +270,15 @@ def reevaluate(args, names: list[str]) -> list[dict]:
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     validation = load_from_disk(workdir / "data")["validation"]
+    device, _ = resolve_device(args.device, args.dtype)
     results = []
     for name in names:
         began = time.time()
         if name == "llama":
-            model = LlamaForCausalLM.from_pretrained(workdir / name / "model")
+            model = LlamaForCausalLM.from_pretrained(workdir / name / "model").to(device)
             held_out = llama_metrics(model, validation)
         else:
-            model = LTMForCausalLM.from_pretrained(workdir / name / "model")
+            model = LTMForCausalLM.from_pretrained(workdir / name / "model").to(device)
             held_out = ltm_metrics(model, validation, args, parse_variant(name, args), reconstruction=False)
         results.append({"model": name, "held_out": held_out, "eval_seconds": time.time() - began,
                         "eval_fit": {"steps": args.eval_fit_steps, "lr": args.eval_lr, "iw_samples": args.iw_samples,
@@ -291,7 +298,7 @@ def ltm_metrics(model, dataset, args, spec, num_steps=None, iw_samples=None, rec
     model.eval()
     sums = {}
     for start in range(0, len(dataset), batch):
-        input_ids = torch.tensor(dataset[start : start + batch]["input_ids"])
+        input_ids = torch.tensor(dataset[start : start + batch]["input_ids"], device=model.device)
         seeds = _eval_seeds(start, input_ids.shape[0])
         parts = evaluate_posterior(model, input_ids, seeds, args, num_steps, iw_samples)
         if reconstruction:
@@ -324,7 +331,7 @@ def llama_metrics(model, dataset, batch=32) -> dict:
     nll = tokens = 0.0
     with torch.no_grad():
         for start in range(0, len(dataset), batch):
-            input_ids = torch.tensor(dataset[start : start + batch]["input_ids"])
+            input_ids = torch.tensor(dataset[start : start + batch]["input_ids"], device=model.device)
             logits = model(input_ids).logits[:, :-1].float()
             nll += float(torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum"

@@ -36,6 +36,7 @@ from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArg
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.common import add_device_arguments, precision_arguments  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM, LTMTrainer, LTMTrainingArguments  # noqa: E402
 from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
 
@@ -43,8 +44,7 @@ from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=str(REPO_ROOT / "configuration" / "ltm-s.json"))
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    add_device_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=None, help="default: the preset's context")
     parser.add_argument("--num-inference-steps", type=int, default=None, help="fast steps T; default: the preset's")
@@ -54,18 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", default="llama,ltm")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
-
-
-def precision_arguments(device: str, dtype: str) -> dict:
-    """`TrainingArguments` keywords for `device` ("cpu" / "cuda") and `dtype` ("fp32" / "bf16").
-
-    Raises ValueError when CUDA is asked for and not available, or bf16 on a GPU without bf16 support."""
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible to torch here; use --device cpu.")
-        if dtype == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ValueError("--dtype bf16: this GPU has no bf16 support; use --dtype fp32.")
-    return {"use_cpu": device == "cpu", "bf16": dtype == "bf16"}
 
 
 def matmul_parameters(model) -> int:
@@ -105,7 +93,7 @@ class StepTimer(TrainerCallback):
 
 
 def peak_memory_mib(device: str) -> float:
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     with open("/proc/self/status") as f:
         for line in f:
@@ -116,7 +104,7 @@ def peak_memory_mib(device: str) -> float:
 
 def run_model(name: str, config: LTMConfig, args, blocks: Dataset, workdir: Path) -> dict:
     torch.manual_seed(0)
-    if args.device == "cuda":
+    if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     common = dict(
         output_dir=str(workdir / name),
@@ -129,7 +117,7 @@ def run_model(name: str, config: LTMConfig, args, blocks: Dataset, workdir: Path
         save_strategy="no",
         logging_strategy="no",
         report_to="none",
-        dataloader_pin_memory=args.device == "cuda",
+        dataloader_pin_memory=args.device.startswith("cuda"),
         seed=0,
         **precision_arguments(args.device, args.dtype),
     )
@@ -182,7 +170,7 @@ def main(argv=None) -> int:
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": vars(args),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
-        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "tokens_per_step": args.batch_size * seq_length,

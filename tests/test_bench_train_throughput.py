@@ -2,8 +2,6 @@
 
 import importlib.util
 
-import pytest
-import torch
 from conftest import REPO_ROOT, tiny_config
 from transformers import LlamaForCausalLM
 
@@ -14,21 +12,6 @@ from modeling_ltm.train_cli import llama_peer_config
 spec = importlib.util.spec_from_file_location("train_throughput", REPO_ROOT / "bench" / "train_throughput.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
-
-
-def test_precision_arguments_cpu_and_cuda(monkeypatch):
-    assert bench.precision_arguments("cpu", "fp32") == {"use_cpu": True, "bf16": False}
-    assert bench.precision_arguments("cpu", "bf16") == {"use_cpu": True, "bf16": True}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="no CUDA device"):
-        bench.precision_arguments("cuda", "bf16")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert bench.precision_arguments("cuda", "bf16") == {"use_cpu": False, "bf16": True}
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    with pytest.raises(ValueError, match="no bf16 support"):
-        bench.precision_arguments("cuda", "bf16")
-    assert bench.precision_arguments("cuda", "fp32") == {"use_cpu": False, "bf16": False}
 
 
 def test_flops_per_token_counts_fast_steps_and_the_tied_embedding_once():

@@ -67,12 +67,12 @@ def finite_metrics(results, task):
 # --------------------------------------------------------------------------------------- lm-eval end to end
 
 
-def test_simple_evaluate_runs_every_local_task(checkpoint, tmp_path):
+def test_simple_evaluate_runs_every_local_task(checkpoint, tmp_path, tiny_shakespeare_path):
     wikitext = tmp_path / "wiki.raw"
     wikitext.write_text(WIKITEXT_SAMPLE)
-    task_manager = TaskManager(
-        include_path=str(eval_harness.TASKS_DIR), include_defaults=False, metadata={"wikitext_path": str(wikitext)}
-    )
+    # lambada_local's source is named, so a checkout without ../shared/data runs on the generated stand-in.
+    metadata = {"wikitext_path": str(wikitext), "lambada_source": str(tiny_shakespeare_path)}
+    task_manager = TaskManager(include_path=str(eval_harness.TASKS_DIR), include_defaults=False, metadata=metadata)
     results = lm_eval.simple_evaluate(
         model="ltm",
         model_args={"pretrained": str(checkpoint), "num_inference_steps": STEPS, "batch_size": "4", "device": "cpu"},
@@ -100,7 +100,7 @@ def test_simple_evaluate_runs_every_local_task(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_writes_results_json(checkpoint, tmp_path):
+def test_cli_writes_results_json(checkpoint, tmp_path, tiny_shakespeare_path):
     output = tmp_path / "out"
     wikitext = tmp_path / "wiki.raw"
     wikitext.write_text(WIKITEXT_SAMPLE)
@@ -111,7 +111,7 @@ def test_cli_writes_results_json(checkpoint, tmp_path):
         "--model_args", f"pretrained={checkpoint},num_inference_steps={STEPS}",
         "--tasks", "wikitext2_local,lambada_local,arithmetic_local",
         "--include_path", "eval_harness/tasks",
-        "--metadata", json.dumps({"wikitext_path": str(wikitext)}),
+        "--metadata", json.dumps({"wikitext_path": str(wikitext), "lambada_source": str(tiny_shakespeare_path)}),
         "--num_fewshot", "1",
         "--limit", "2",
         "--batch_size", "2",

@@ -23,6 +23,7 @@ from .inference import (
     negative_elbo,
     next_token_targets,
     position_ids_from_attention_mask,
+    posterior_encoder_of,
 )
 
 
@@ -42,7 +43,7 @@ def fit_posterior_encoder(
     Raises:
         ValueError: the model has no encoder (`config.posterior_encoder_size = 0`), or `input_ids` is not 2-D.
     """
-    encoder = getattr(getattr(model, "model", None), "posterior_encoder", None)
+    encoder = posterior_encoder_of(model)
     if encoder is None:
         raise ValueError(
             "This model has no posterior encoder (config.posterior_encoder_size = 0); load it with "

@@ -474,9 +474,21 @@ def _compute_prefix(model, input_ids, attention_mask, position_ids):
     return base.compute_prefix(input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
 
+def _bare_ltm(model):
+    """The `LTMForCausalLM` inside `model` (bare, or wrapped by DDP or PEFT)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def posterior_encoder_of(model):
+    """The amortized `LTMPosteriorEncoder` of an `LTMForCausalLM` (bare, or wrapped by DDP or PEFT), or None when
+    `config.posterior_encoder_size = 0`."""
+    return getattr(getattr(_bare_ltm(model), "model", None), "posterior_encoder", None)
+
+
 def _encoder_proposal(model, input_ids, attention_mask, position_ids, prefix) -> tuple[torch.Tensor, torch.Tensor]:
     """The amortized posterior encoder's `(mu, logvar)` for these rows (no gradient), from the fit's prefix."""
-    encoder = getattr(getattr(model, "model", None), "posterior_encoder", None)
+    encoder = posterior_encoder_of(model)
     if encoder is None:
         raise ValueError(
             "`warm_start=True` needs an amortized posterior encoder, and this model has none "

@@ -46,7 +46,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 from transformers.utils import logging
 
-from .inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
+from .inference import PosteriorFitSettings, _bare_ltm, evaluate_posterior, fit_posterior, posterior_encoder_of
 
 
 logger = logging.get_logger(__name__)
@@ -201,17 +201,6 @@ def _unpack(inputs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | N
     return inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
 
 
-def _base_ltm(model):
-    """The `LTMForCausalLM` inside `model` (bare, or wrapped by DDP or PEFT)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _posterior_encoder(model):
-    """The `LTMPosteriorEncoder` of an `LTMForCausalLM` (bare, or wrapped by DDP or PEFT), or None."""
-    return getattr(getattr(_base_ltm(model), "model", None), "posterior_encoder", None)
-
-
 def _row_seeds(base_seed: int, stream: int, step: int, first_row: int, num_rows: int) -> list[int]:
     """One well-mixed 64-bit seed per sequence, a function of `(base_seed, stream, step, global row index)` only."""
     return [
@@ -246,7 +235,7 @@ class LTMTrainer(Trainer):
                 "Use transformers.Trainer for an ordinary causal LM."
             )
         super().__init__(model, args, data_collator, *trainer_args, **trainer_kwargs)
-        if getattr(self.args, "posterior_warm_start", False) and _posterior_encoder(self.model) is None:
+        if getattr(self.args, "posterior_warm_start", False) and posterior_encoder_of(self.model) is None:
             raise ValueError(
                 "`posterior_warm_start=True` starts the fast loop at the posterior encoder's proposal, and this model "
                 "has none (config.posterior_encoder_size = 0). Create or load the model with "
@@ -340,7 +329,7 @@ class LTMTrainer(Trainer):
         for the run (`requires_grad=False`, restored afterwards): the optimizer then holds no idle weights, and DDP,
         whose reducer expects a gradient for every trainable weight, does not fail on it. Its proposals age as the
         decoder changes; refit it afterwards with `modeling_ltm.amortized.fit_posterior_encoder`."""
-        encoder = _posterior_encoder(self.model)
+        encoder = posterior_encoder_of(self.model)
         idle = []
         if encoder is not None and not getattr(self.args, "posterior_warm_start", False):
             idle = [parameter for parameter in encoder.parameters() if parameter.requires_grad]
@@ -374,8 +363,8 @@ class LTMTrainer(Trainer):
         encoder_mu = prefix = None
         if getattr(self.args, "posterior_warm_start", False):
             # The prefix (no gradient) is the fit's own, computed once; the encoder's forward keeps its graph.
-            prefix = _base_ltm(unwrapped).model.compute_prefix(input_ids, attention_mask=attention_mask)
-            encoder_mu, _ = _posterior_encoder(unwrapped)(prefix.hidden_states, attention_mask)
+            prefix = _bare_ltm(unwrapped).model.compute_prefix(input_ids, attention_mask=attention_mask)
+            encoder_mu, _ = posterior_encoder_of(unwrapped)(prefix.hidden_states, attention_mask)
         posterior = fit_posterior(
             unwrapped,
             input_ids,

@@ -176,7 +176,12 @@ def train_encoder(args) -> None:
     workdir = Path(args.workdir)
     done = workdir / "ltm-encoder" / "done.json"
     ltm_done = json.loads((workdir / "ltm" / "done.json").read_text())
-    if done.exists() and json.loads(done.read_text()).get("decoder_train_seconds") == ltm_done["train_seconds"]:
+    fitted = workdir / "ltm-encoder" / "config.json"
+    if (
+        done.exists()
+        and json.loads(done.read_text()).get("decoder_train_seconds") == ltm_done["train_seconds"]
+        and json.loads(fitted.read_text()).get("posterior_encoder_fit") == "evaluation"  # saved before the field
+    ):
         return
     import torch
     from datasets import load_from_disk
@@ -344,6 +349,7 @@ def main(argv=None) -> int:
     baseline_settings = PosteriorFitSettings(num_steps=32, lr=0.1)
     prior_settings = PosteriorFitSettings.evaluation(ltm.config)  # no encoder: from the prior, as the baseline
     new_settings = PosteriorFitSettings.evaluation(warm_ltm.config)  # the new default: warm start from the encoder
+    assert new_settings.warm_start, "the encoder in <workdir>/ltm-encoder is not marked as fitted for evaluation"
     llama_nll = llama_nats_per_token(llama, batches)
 
     baseline_sweep = QUICK_BASELINE_SWEEP if args.quick else BASELINE_SWEEP

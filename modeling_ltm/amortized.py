@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .inference import (
+    _bare_ltm,
     _compute_prefix,
     _row_generators,
     _standard_normal,
@@ -38,7 +39,8 @@ def fit_posterior_encoder(
 ) -> list[float]:
     """Train `model.model.posterior_encoder` on random batches of the rows of `input_ids` (`(N, seq)`, with an
     optional `(N, seq)` `attention_mask`), decoder frozen. Returns the ELBO per token (nats, one draw) of each step's
-    batch, before that step's update. The model is left in the mode it was in.
+    batch, before that step's update. The model is left in the mode it was in, with
+    `config.posterior_encoder_fit = "evaluation"`: its evaluation fits start from the encoder's proposal.
 
     Raises:
         ValueError: the model has no encoder (`config.posterior_encoder_size = 0`), or `input_ids` is not 2-D.
@@ -79,6 +81,8 @@ def fit_posterior_encoder(
                     parameter.grad = grad
                 optimizer.step()
                 history.append(float(-(nll + kl).detach().sum() / tokens.sum()))
+        # Evaluation now warm-starts from it by default (`PosteriorFitSettings.evaluation`).
+        _bare_ltm(model).config.posterior_encoder_fit = "evaluation"
     finally:
         for parameter, requires_grad in zip(parameters, trainable):
             parameter.grad = None

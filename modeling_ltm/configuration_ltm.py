@@ -14,6 +14,9 @@ from transformers.configuration_utils import PreTrainedConfig
 # user of the remote code knows the release it needs.
 MIN_TRANSFORMERS_VERSION = "5.23.0"
 
+# `LTMConfig.posterior_encoder_fit`: what a posterior encoder's proposals were fitted to (None: untrained or stale).
+POSTERIOR_ENCODER_FITS = (None, "evaluation", "training")
+
 
 class LTMConfig(PreTrainedConfig):
     r"""
@@ -91,9 +94,16 @@ class LTMConfig(PreTrainedConfig):
             Keep one `eps` for all evaluation fast steps (`True`) or draw a new one at every step (`False`).
         posterior_encoder_size (`int`, *optional*, defaults to 0):
             Width of the amortized posterior encoder (`LTMPosteriorEncoder`: pooled layer-0 hidden states -> MLP ->
-            an initial `(mu, logvar)`); 0 means none. With an encoder, the evaluation fit starts from its proposal
-            (a warm start) and runs `eval_warm_start_steps` steps at `eval_warm_start_lr` instead of the
-            `eval_inference_*` settings. Train it with `modeling_ltm.amortized.fit_posterior_encoder`.
+            an initial `(mu, logvar)`); 0 means none. Train it with `modeling_ltm.amortized.fit_posterior_encoder`.
+        posterior_encoder_fit (`str`, *optional*):
+            What the encoder's proposals were fitted to, kept up to date by the code that trains it: `"evaluation"`
+            (`fit_posterior_encoder`: amortized VI on the ELBO, decoder frozen, so it proposes `mu` and `logvar` for
+            this decoder), `"training"` (trained alongside the decoder by `LTMTrainingArguments.posterior_warm_start`:
+            it proposes the training loop's `mu`; its `logvar` output is untrained), or `None` (untrained, or stale:
+            the decoder was trained since). Only with `"evaluation"` does the evaluation fit start from the encoder's
+            proposal (a warm start) and run `eval_warm_start_steps` steps at `eval_warm_start_lr` instead of the
+            `eval_inference_*` settings; otherwise it starts from the prior (a warm start from the training
+            encoder measured 0.7% looser, docs/training.md).
         eval_warm_start_steps (`int`, *optional*, defaults to 8):
             Fast steps of the evaluation fit when it starts from the encoder's proposal.
         eval_warm_start_lr (`float`, *optional*, defaults to 0.03):
@@ -144,6 +154,7 @@ class LTMConfig(PreTrainedConfig):
     eval_posterior_init_logvar_noise: float = 0.0
     eval_posterior_fixed_noise: bool = False
     posterior_encoder_size: int = 0
+    posterior_encoder_fit: str | None = None
     eval_warm_start_steps: int = 8
     eval_warm_start_lr: float = 0.03
     use_cache: bool = True
@@ -223,6 +234,11 @@ class LTMConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"LTMConfig.{name} must be an integer >= 0, got {value!r}.")
+        if self.posterior_encoder_fit not in POSTERIOR_ENCODER_FITS:
+            raise ValueError(
+                f"LTMConfig.posterior_encoder_fit must be one of {POSTERIOR_ENCODER_FITS}, got "
+                f"{self.posterior_encoder_fit!r}."
+            )
         lr = self.eval_warm_start_lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"LTMConfig.eval_warm_start_lr must be a finite number > 0, got {lr!r}.")

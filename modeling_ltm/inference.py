@@ -136,10 +136,11 @@ class PosteriorFitSettings:
       Defaults: start at the prior (`mu = 0`, `logvar = 0`, no jitter, so the initial KL is 0), `eps` redrawn at
       every step, 32 steps at lr 0.1 -> 0.01, chosen from the measurements in docs/evaluation.md. Adaptive stopping
       is off; `evaluation(config, stop_tol=SUGGESTED_STOP_TOL)` turns it on (window 8): about half the fast steps
-      for a slightly looser bound (docs/benchmarks.md, "Evaluation-fit efficiency"). A model with an amortized
-      posterior encoder (`config.posterior_encoder_size > 0`) starts from the encoder's proposal instead
-      (`warm_start=True`) with `eval_warm_start_steps` (8) steps at `eval_warm_start_lr` (0.03): the 32-step bound
-      for about a quarter of the compute in the same benchmark.
+      for a slightly looser bound (docs/benchmarks.md, "Evaluation-fit efficiency"). A model whose amortized
+      posterior encoder was fitted for evaluation to its decoder (`config.posterior_encoder_fit == "evaluation"`,
+      set by `fit_posterior_encoder`) starts from the encoder's proposal instead (`warm_start=True`) with
+      `eval_warm_start_steps` (8) steps at `eval_warm_start_lr` (0.03): the 32-step bound for about a quarter of
+      the compute in the same benchmark. An untrained, stale or training-fitted encoder leaves the prior start.
 
     Example:
 
@@ -220,7 +221,9 @@ class PosteriorFitSettings:
             stop_tol=getattr(config, "eval_stop_tol", default.stop_tol),
             stop_window=getattr(config, "eval_stop_window", default.stop_window),
         )
-        if getattr(config, "posterior_encoder_size", 0):  # start from the amortized encoder's proposal
+        encoder_fit = getattr(config, "posterior_encoder_fit", None)
+        if getattr(config, "posterior_encoder_size", 0) and encoder_fit == "evaluation":
+            # Start from the proposal of an encoder fitted for evaluation to this decoder (`fit_posterior_encoder`).
             base = base.replace(warm_start=True, num_steps=config.eval_warm_start_steps, lr=config.eval_warm_start_lr)
         return base.replace(**overrides)
 

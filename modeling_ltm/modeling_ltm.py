@@ -190,6 +190,8 @@ class LTMSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.dropout
+        self.sliding_window = config.sliding_window
         self.is_causal = True
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
@@ -222,9 +224,9 @@ class LTMSelfAttention(nn.Module):
             key_states,
             value_states,
             attention_mask,
-            dropout=self.config.dropout if self.training else 0.0,
+            dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            sliding_window=self.config.sliding_window,
+            sliding_window=self.sliding_window,
             **kwargs,
         )
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
@@ -245,6 +247,7 @@ class LTMCrossAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.dropout
         self.is_causal = False
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.latent_dim, config.num_key_value_heads * self.head_dim, bias=False)
@@ -300,7 +303,7 @@ class LTMCrossAttention(nn.Module):
             key_states,
             value_states,
             None,
-            dropout=self.config.dropout if self.training else 0.0,
+            dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             is_causal=False,
             **kwargs,
@@ -319,7 +322,7 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.cross_attn_layernorm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.residual_dropout = config.dropout
 
     def forward(
         self,
@@ -346,11 +349,18 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
             cache,
             **kwargs,
         )
-        hidden_states = residual + self.dropout(hidden_states)
+        hidden_states = residual + self._dropout(hidden_states)
 
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + self.dropout(hidden_states)
+        return residual + self._dropout(hidden_states)
+
+    def _dropout(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Dropout on a sublayer's output before the residual sum; no call at all outside training (a decoding step
+        is a chain of small kernels, where each call's overhead counts)."""
+        if self.training and self.residual_dropout:
+            return nn.functional.dropout(hidden_states, self.residual_dropout, training=True)
+        return hidden_states
 
     def self_attention_block(
         self,
@@ -366,7 +376,7 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, self_cache, **kwargs
         )
-        return residual + self.dropout(hidden_states)
+        return residual + self._dropout(hidden_states)
 
 
 class LTMPosteriorEncoder(nn.Module):
@@ -660,10 +670,11 @@ class LTMModel(LTMPreTrainedModel):
         cross_cached = cache is not None and all(
             cache.is_updated.get(i, False) for i in range(self.config.num_hidden_layers)
         )
-        if latents is None:
-            if not cross_cached:
-                latents = inputs_embeds.new_zeros(batch_size, *self.config.latent_shape)
-        elif not cross_cached:  # decoding steps ignore them: no per-token check (and its host sync)
+        if cross_cached:  # decoding steps ignore them: no per-token check (and its host sync), no slicing
+            latents = None
+        elif latents is None:
+            latents = inputs_embeds.new_zeros(batch_size, *self.config.latent_shape)
+        else:
             self.check_latents(latents, batch_size)
 
         if prefix is None:

@@ -328,15 +328,20 @@ class LTMTrainer(Trainer):
         """[`Trainer.train`]. A posterior encoder that this run does not train (`posterior_warm_start` off) is frozen
         for the run (`requires_grad=False`, restored afterwards): the optimizer then holds no idle weights, and DDP,
         whose reducer expects a gradient for every trainable weight, does not fail on it. Its proposals age as the
-        decoder changes; refit it afterwards with `modeling_ltm.amortized.fit_posterior_encoder`."""
+        decoder changes, so `config.posterior_encoder_fit` becomes `None` (evaluation fits start from the prior
+        until it is refitted with `modeling_ltm.amortized.fit_posterior_encoder`); an encoder trained by the run
+        (`posterior_warm_start`) is marked `"training"`, which evaluation does not warm-start from either."""
         encoder = posterior_encoder_of(self.model)
         idle = []
-        if encoder is not None and not getattr(self.args, "posterior_warm_start", False):
+        warm_start = getattr(self.args, "posterior_warm_start", False)
+        if encoder is not None:
+            _bare_ltm(self.model).config.posterior_encoder_fit = "training" if warm_start else None
+        if encoder is not None and not warm_start:
             idle = [parameter for parameter in encoder.parameters() if parameter.requires_grad]
             logger.warning(
                 "The model's posterior encoder is not trained by this run (posterior_warm_start=False) and stays "
-                "frozen; refit it after training (modeling_ltm.amortized.fit_posterior_encoder) before relying on "
-                "warm-started evaluations."
+                "frozen; evaluation fits start from the prior until it is refitted to the trained decoder "
+                "(modeling_ltm.amortized.fit_posterior_encoder)."
             )
         for parameter in idle:
             parameter.requires_grad_(False)

@@ -1,6 +1,8 @@
 """LTMForCausalLM as a transformers model: Auto classes, shapes, tied weights, latents, save/load, padding,
 sliding window, loss, gradient checkpointing, mixed precision, attention back-ends, caching, bad input."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,6 +191,25 @@ def test_labels_loss_is_shifted_cross_entropy(model, config):
         out.logits[:, :-1].reshape(-1, config.vocab_size), labels[:, 1:].reshape(-1), ignore_index=-100
     )
     torch.testing.assert_close(out.loss, manual)
+
+
+def test_dropout_applies_in_training_only(config):
+    """`config.dropout` drops in training mode (a fresh mask per forward) and is the identity in eval mode."""
+    torch.manual_seed(0)
+    plain = LTMForCausalLM(config).eval()
+    dropout_config = copy.deepcopy(config)
+    dropout_config.dropout = 0.5
+    with_dropout = same_weights(plain, dropout_config)
+    input_ids, latents = random_ids(config, 2, 10), random_latents(config, 2)
+    torch.testing.assert_close(
+        with_dropout.eval()(input_ids, latents=latents).logits,
+        plain(input_ids, latents=latents).logits,
+        rtol=0,
+        atol=0,
+    )
+    with_dropout.train()
+    first, second = (with_dropout(input_ids, latents=latents).logits for _ in range(2))
+    assert not torch.allclose(first, second)
 
 
 def test_gradient_checkpointing_training_step(config):

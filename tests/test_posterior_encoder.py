@@ -1,6 +1,7 @@
 """The amortized posterior encoder and warm-started fits (issue 13): an untrained encoder proposes the prior, training
 it changes only its own weights and raises the ELBO at its proposal, it round-trips through save/load and can be
-added to a saved model, padding does not change a row's proposal, and the evaluation fit starts from it."""
+added to a saved model, padding does not change a row's proposal, and the evaluation fit starts from it once it is
+fitted for evaluation to the current decoder (`config.posterior_encoder_fit`)."""
 
 import pytest
 import torch
@@ -105,15 +106,33 @@ def test_a_padded_row_gets_the_proposal_of_the_row_alone():
         torch.testing.assert_close(with_padding, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_evaluation_fit_starts_from_the_encoder_when_there_is_one():
-    with_encoder = PosteriorFitSettings.evaluation(tiny_config(posterior_encoder_size=8))
+def test_evaluation_fit_starts_from_an_encoder_fitted_for_evaluation_only():
+    fitted = tiny_config(posterior_encoder_size=8, posterior_encoder_fit="evaluation")
+    with_encoder = PosteriorFitSettings.evaluation(fitted)
     assert with_encoder.warm_start and (with_encoder.num_steps, with_encoder.lr) == (8, 0.03)
     assert "posterior encoder" in with_encoder.describe()
-    assert PosteriorFitSettings.evaluation(with_encoder_config := tiny_config(posterior_encoder_size=8),
-                                           num_steps=3).num_steps == 3  # fmt: skip
-    assert with_encoder_config.eval_warm_start_steps == 8
-    without = PosteriorFitSettings.evaluation(tiny_config())
-    assert not without.warm_start and (without.num_steps, without.lr) == (32, 0.1)
+    assert PosteriorFitSettings.evaluation(fitted, num_steps=3).num_steps == 3
+    assert fitted.eval_warm_start_steps == 8
+    # No encoder, an untrained or stale one (None), or one trained alongside the decoder: the prior start.
+    for config in (tiny_config(), tiny_config(posterior_encoder_size=8),
+                   tiny_config(posterior_encoder_size=8, posterior_encoder_fit="training")):  # fmt: skip
+        prior_start = PosteriorFitSettings.evaluation(config)
+        assert not prior_start.warm_start and (prior_start.num_steps, prior_start.lr) == (32, 0.1)
+
+
+def test_the_config_records_what_the_encoder_was_fitted_to(tmp_path):
+    """`fit_posterior_encoder` marks it "evaluation" (kept by save/load); training the decoder without training the
+    encoder marks it stale (None); training it alongside the decoder marks it "training"."""
+    model = encoder_model()
+    assert model.config.posterior_encoder_fit is None
+    fit_posterior_encoder(model, ids(model.config, 4), num_steps=2, batch_size=4)
+    assert model.config.posterior_encoder_fit == "evaluation"
+    model.save_pretrained(tmp_path / "fitted")
+    assert LTMForCausalLM.from_pretrained(tmp_path / "fitted").config.posterior_encoder_fit == "evaluation"
+    _train(model, tmp_path, "decoder-only", 1)
+    assert model.config.posterior_encoder_fit is None
+    _train(model, tmp_path, "warm", 1, posterior_warm_start=True)
+    assert model.config.posterior_encoder_fit == "training"
 
 
 def test_warm_start_without_an_encoder_and_bad_sizes_are_named():
@@ -122,7 +141,8 @@ def test_warm_start_without_an_encoder_and_bad_sizes_are_named():
         fit_posterior(model, ids(model.config, 2), settings=PosteriorFitSettings(num_steps=1, lr=0.1, warm_start=True))
     with pytest.raises(ValueError, match="posterior_encoder_size"):
         fit_posterior_encoder(model, ids(model.config, 2), num_steps=1)
-    for field, value in (("posterior_encoder_size", -1), ("eval_warm_start_steps", 1.5), ("eval_warm_start_lr", 0)):
+    for field, value in (("posterior_encoder_size", -1), ("eval_warm_start_steps", 1.5), ("eval_warm_start_lr", 0),
+                         ("posterior_encoder_fit", "eval")):  # fmt: skip
         with pytest.raises(ValueError, match=field):
             LTMConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, **{field: value})
 
@@ -136,6 +156,7 @@ def test_trainer_evaluate_warm_starts_and_says_so(tmp_path):
     from modeling_ltm import LTMTrainer, LTMTrainingArguments
 
     model = encoder_model()
+    fit_posterior_encoder(model, ids(model.config, 8), num_steps=2, batch_size=8)
     args = LTMTrainingArguments(
         str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=8, disable_tqdm=True, seed=0
     )

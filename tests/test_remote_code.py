@@ -136,7 +136,11 @@ def saved(tmp_path):
     torch.manual_seed(0)
     # With a posterior encoder whose output layer is not at its zero init, so a loader that re-initialised it (or
     # dropped it) would change the warm-started fit.
-    model = LTMForCausalLM(tiny_config(sliding_window=8, posterior_encoder_size=16, eval_warm_start_steps=2)).eval()
+    model = LTMForCausalLM(
+        tiny_config(
+            sliding_window=8, posterior_encoder_size=16, posterior_encoder_fit="evaluation", eval_warm_start_steps=2
+        )
+    ).eval()
     torch.nn.init.normal_(model.model.posterior_encoder.fc_out.weight, std=0.1)
     folder = tmp_path / "saved"
     model.save_pretrained(folder)

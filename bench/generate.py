@@ -11,7 +11,9 @@ pass the fitted `latents` to `generate`, so they measure prefill + decoding only
 Prints a Markdown table (for docs/benchmarks.md) with decode tokens/s = batch * new_tokens / time of `generate`,
 the median over `--repeats` rounds (the cache-less LTM runs once at batch > 1: it is slow by design), by two clocks:
 `cpu` (this process's CPU time: with `--threads 1`, the cost of the code, which other processes sharing the cores
-do not inflate) and `wall`.
+do not inflate) and `wall`. `LTM / Llama` is the median over the rounds of each round's ratio (the two models run
+back to back in every round, their order reversed every other round), which a drift of the machine's speed
+between rounds does not move; the per-round ratios are in the JSON (`*_ltm_vs_llama_rounds`).
 """
 
 import argparse
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_device_arguments, resolve_device, synchronize  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM  # noqa: E402
+from modeling_ltm.modeling_ltm import CACHE_NAME  # noqa: E402
 from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
 
 
@@ -81,25 +84,53 @@ def build_models(args):
 
 
 def timed(fns: dict, repeats: int, device: str = "cpu") -> tuple[dict, dict, dict]:
-    """Median wall time and median CPU time (this process, all its threads) in seconds of each callable over
+    """Wall times and CPU times (this process, all its threads) in seconds of each callable, one per round over
     `repeats` rounds, and each one's last result.
 
-    The callables take turns within a round, so a change of machine load hits them alike. With one torch thread the
-    CPU time is the time the code actually ran, which other processes sharing the cores do not inflate. On CUDA the
-    clocks stop after the device's queued work (`synchronize`)."""
+    The callables take turns within a round, in reversed order every other round (A B, B A, ...), so a drift of the
+    machine's speed hits them alike. With one torch thread the CPU time is the time the code actually ran, which
+    other processes sharing the cores do not inflate. On CUDA the clocks stop after the device's queued work
+    (`synchronize`)."""
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
     results = {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_index in range(repeats):
+        order = list(fns.items()) if round_index % 2 == 0 else list(fns.items())[::-1]
+        for name, fn in order:
             synchronize(device)
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             results[name] = fn()
             synchronize(device)
             wall[name].append(time.perf_counter() - start_wall)
             cpu[name].append(time.process_time() - start_cpu)
-    median = statistics.median
-    return {n: median(t) for n, t in wall.items()}, {n: median(t) for n, t in cpu.items()}, results
+    return wall, cpu, results
+
+
+def median_times(times: dict) -> dict:
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def paired_ratio(times: dict, numerator: str, denominator: str) -> float:
+    """Median over rounds of `times[numerator][i] / times[denominator][i]`: each round's two runs were adjacent in
+    time, so the machine's speed changes between rounds (seen here: 2x on this VM within minutes) cancel out."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
+def ops_per_decoding_step(model, prompt: torch.Tensor, **model_kwargs) -> int:
+    """Top-level ATen operators (kernel launches on a GPU, dispatcher calls on a CPU) of one cached decoding step
+    after `prompt`, counted with `torch.profiler`: a machine-independent measure of the per-token overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        out = model(prompt, use_cache=True, **model_kwargs)
+        mask = torch.ones(prompt.shape[0], prompt.shape[1] + 1, dtype=torch.long, device=prompt.device)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(prompt[:, -1:], attention_mask=mask, use_cache=True, **{CACHE_NAME: getattr(out, CACHE_NAME)})
+    return sum(
+        1
+        for event in prof.events()
+        if event.name.startswith("aten::") and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::"))
+    )
 
 
 def main(argv=None) -> int:
@@ -148,15 +179,19 @@ def main(argv=None) -> int:
         tokens = batch_size * args.new_tokens
         row = {"batch_size": batch_size, "num_inference_steps": args.num_inference_steps, "load_average_1min": load}
         row["cache_matches_no_cache"] = same_tokens
-        for clock, fit_s, times, no_cache_s in (
+        row["ltm_ops_per_decoding_step"] = ops_per_decoding_step(ltm, prompt, latents=z)
+        row["llama_ops_per_decoding_step"] = ops_per_decoding_step(llama, prompt)
+        for clock, fit_rounds, rounds, no_cache_rounds in (
             ("cpu", fit_cpu, cpu, no_cache_cpu),
             ("wall", fit_wall, wall, no_cache_wall),
         ):
+            fit_s, times, no_cache_s = median_times(fit_rounds), median_times(rounds), median_times(no_cache_rounds)
             row[f"{clock}_posterior_fit_s"] = fit_s["fit"]
             row[f"{clock}_ltm_cache_tok_s"] = tokens / times["ltm"]
             row[f"{clock}_ltm_no_cache_tok_s"] = tokens / no_cache_s["ltm"]
             row[f"{clock}_llama_tok_s"] = tokens / times["llama"]
-            row[f"{clock}_ltm_vs_llama"] = times["llama"] / times["ltm"]
+            row[f"{clock}_ltm_vs_llama"] = paired_ratio(rounds, "llama", "ltm")
+            row[f"{clock}_ltm_vs_llama_rounds"] = [b / a for a, b in zip(rounds["ltm"], rounds["llama"])]
             row[f"{clock}_cache_speedup"] = no_cache_s["ltm"] / times["ltm"]
             row[f"{clock}_llama_no_cache_tok_s"] = tokens / no_cache_s["llama"]
             row[f"{clock}_llama_cache_speedup"] = no_cache_s["llama"] / times["llama"]
@@ -192,9 +227,9 @@ def main(argv=None) -> int:
     print(
         "| batch | clock | LTM + cache (tok/s) | LTM, no cache (tok/s) | Llama + cache (tok/s) | LTM / Llama "
         "| LTM cache speed-up | Llama, no cache (tok/s) | Llama cache speed-up | posterior fit on the prompt (s) "
-        "| load avg |"
+        "| ATen ops per decoding step, LTM / Llama | load avg |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         for clock in ("cpu", "wall"):
             print(
@@ -203,6 +238,7 @@ def main(argv=None) -> int:
                 f"{row[f'{clock}_ltm_vs_llama']:.2f}x | {row[f'{clock}_cache_speedup']:.1f}x | "
                 f"{row[f'{clock}_llama_no_cache_tok_s']:.1f} | {row[f'{clock}_llama_cache_speedup']:.1f}x | "
                 f"{row[f'{clock}_posterior_fit_s']:.2f} ({row['num_inference_steps']} steps) | "
+                f"{row['ltm_ops_per_decoding_step']} / {row['llama_ops_per_decoding_step']} | "
                 f"{row['load_average_1min']:.1f} |"
             )
     if args.json:

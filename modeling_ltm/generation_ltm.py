@@ -8,7 +8,8 @@ transformers' own code:
 - `latents` (a `forward` argument) is expanded by transformers for beams and `num_return_sequences` like any other
   tensor kwarg, and forwarded at every step by the default `prepare_inputs_for_generation`;
 - the latents' cross-attention keys/values are projected once, on the first forward pass, into the
-  `cross_attention_cache` of the model's `EncoderDecoderCache` and reused at every later step; beam search reorders
+  `cross_attention_cache` of the model's `EncoderDecoderCache` (the values already taken through the
+  cross-attention's output projection, see `LTMCrossAttention`) and reused at every later step; beam search reorders
   both the self-attention and the cross-attention caches (`EncoderDecoderCache.reorder_cache`).
 
 The defaults of the latents' settings live in `LTMGenerationConfig`, the model's `generation_config_class`, so

@@ -84,11 +84,13 @@ class LTMRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # `x * rsqrt(mean(x^2) + eps)` in float32 in one fused op (a decoding step is a chain of small kernels,
+        # where each op's overhead counts), then the scale in the input's dtype, as Llama's RMSNorm does.
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        if input_dtype == torch.float32:
+            return self.weight * nn.functional.rms_norm(hidden_states, self.weight.shape, eps=self.variance_epsilon)
+        normed = nn.functional.rms_norm(hidden_states.float(), self.weight.shape, eps=self.variance_epsilon)
+        return self.weight * normed.to(input_dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -114,22 +116,24 @@ class LTMRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`position_ids` of shape `(batch, seq)` or `(1, seq)` → `cos`, `sin` of shape `(..., seq, head_dim)`."""
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+        """`position_ids` of shape `(batch, seq)` or `(1, seq)` → the tables [`apply_rotary_pos_emb`] takes: `cos`
+        and the signed `sin` (its first half negated, the sign of Llama's `rotate_half`), each of shape
+        `(batch or 1, 1, seq, head_dim)`, ready to broadcast over the heads. Computed once per forward and shared by
+        every layer."""
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1).to(dtype=x.dtype), torch.cat((-sin, sin), dim=-1).to(dtype=x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` of shape `(batch, heads, seq, head_dim)` by the tables of [`LTMRotaryEmbedding`] (shape
+    `(batch or 1, 1, seq, head_dim)`).
 
-
-def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` of shape `(batch, heads, seq, head_dim)` by `cos`/`sin` of shape `(batch or 1, seq, head_dim)`."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
+    The same numbers as Llama's `x * cos + rotate_half(x) * sin` (`rotate_half(x) = cat(-x2, x1)`): swapping the
+    halves is a `roll` and the sign sits in `signed_sin`, so each call is 4 kernels instead of 7 (a decoding step is
+    a chain of small kernels, where each one's overhead counts).
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -235,9 +239,10 @@ class LTMSelfAttention(nn.Module):
 class LTMCrossAttention(nn.Module):
     """Attention from the tokens to this layer's latent vectors `z_l` (no mask: every token sees every latent).
 
-    Queries carry the tokens' RoPE positions, keys the latents' positions (spread evenly over the context). The
-    latents' keys and values are computed once per sequence when an `EncoderDecoderCache` is given and reused at
-    every decoding step.
+    Queries carry the tokens' RoPE positions, keys the latents' positions (spread evenly over the context). With an
+    `EncoderDecoderCache`, the first call attends as without one and stores the latents' keys and values in the form
+    later calls use (see `_decoding_keys_values`: values already through `o_proj`), so a decoding step reads a few
+    rows per sequence instead of the output projection's weight.
     """
 
     def __init__(self, config: LTMConfig, layer_idx: int):
@@ -289,13 +294,12 @@ class LTMCrossAttention(nn.Module):
 
         cross_cache = cache.cross_attention_cache if cache is not None else None
         if cross_cache is not None and cache.is_updated.get(self.layer_idx, False):
-            key_states = cross_cache.layers[self.layer_idx].keys
-            value_states = cross_cache.layers[self.layer_idx].values
-        else:
-            key_states, value_states = self.project_latents(latents, latent_position_embeddings)
-            if cross_cache is not None:
-                key_states, value_states = cross_cache.update(key_states, value_states, self.layer_idx)
-                cache.is_updated[self.layer_idx] = True
+            layer = cross_cache.layers[self.layer_idx]
+            return self._attend_decoding(query_states, layer.keys, layer.values)
+        key_states, value_states = self.project_latents(latents, latent_position_embeddings)
+        if cross_cache is not None:
+            cross_cache.update(*self._decoding_keys_values(key_states, value_states), self.layer_idx)
+            cache.is_updated[self.layer_idx] = True
 
         attn_output, attn_weights = _attention_interface(self.config)(
             self,
@@ -309,6 +313,40 @@ class LTMCrossAttention(nn.Module):
             **kwargs,
         )
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+    def _decoding_keys_values(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents' keys and values in the form the cache keeps for decoding steps, computed once per sequence.
+
+        Keys `(batch, num_attention_heads, n_latents, head_dim)`: rotated, repeated over the query heads' groups and
+        multiplied by `scaling`. Values `(batch, 1, num_attention_heads * n_latents, hidden_size)`: each head's values
+        already taken through `o_proj` (the output projection is linear, so `o_proj(concat_h a_h V_h)` equals
+        `sum_h a_h (V_h through o_proj's head-h block)`). A decoding step then reads these few rows instead of
+        `o_proj`'s whole weight. `o_proj` is called as a module, on block-diagonal inputs, so an adapter on it (LoRA)
+        is folded in as well.
+        """
+        heads = self.config.num_attention_heads
+        key_states = repeat_kv(key_states, self.num_key_value_groups) * self.scaling
+        value_states = repeat_kv(value_states, self.num_key_value_groups)  # (B, nh, nl, hd)
+        batch, _, n_latents, head_dim = value_states.shape
+        per_head = torch.eye(heads, dtype=value_states.dtype, device=value_states.device)
+        block_diagonal = torch.einsum("bhld,hg->bhlgd", value_states, per_head).reshape(batch, heads, n_latents, -1)
+        folded = self.o_proj(block_diagonal)  # (B, nh, nl, hidden): head h's value j through o_proj
+        return key_states, folded.reshape(batch, 1, heads * n_latents, -1)
+
+    def _attend_decoding(
+        self, query_states: torch.Tensor, key_states: torch.Tensor, folded_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of `query_states` `(B, nh, T, hd)` over the cached latents from [`_decoding_keys_values`]:
+        the output `(B, T, hidden_size)` (after the output projection) and the weights `(B, nh, T, n_latents)`."""
+        attn_weights = torch.matmul(query_states, key_states.transpose(2, 3))  # (B, nh, T, nl), keys pre-scaled
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query_states.dtype)
+        if self.training and self.attention_dropout:
+            attn_weights = nn.functional.dropout(attn_weights, p=self.attention_dropout, training=True)
+        batch, _, seq, _ = attn_weights.shape
+        flat_weights = attn_weights.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, nh * nl), head-major
+        return torch.matmul(flat_weights, folded_values.squeeze(1)), attn_weights
 
 
 class LTMDecoderLayer(GradientCheckpointingLayer):
@@ -462,8 +500,8 @@ class LTMPrefix:
             self-attention sublayer.
         causal_mask (`torch.Tensor` of shape `(batch or 1, 1, seq, seq)`, or `None`): the self-attention mask every
             layer uses (causal, sliding window, padding), as built by transformers' mask functions.
-        position_embeddings (`tuple` of two `torch.FloatTensor` of shape `(batch or 1, seq, head_dim)`): the tokens'
-            RoPE `cos`, `sin`.
+        position_embeddings (`tuple` of two `torch.FloatTensor` of shape `(batch or 1, 1, seq, head_dim)`): the
+            tokens' RoPE tables (`cos` and the signed `sin` of [`LTMRotaryEmbedding`]).
     """
 
     hidden_states: torch.Tensor

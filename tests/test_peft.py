@@ -112,6 +112,26 @@ def test_adapter_saves_loads_and_generates(fine_tuned):
     assert torch.equal(merged.generate(prompt, **fitted), expected_fitted)
 
 
+def test_cached_decoding_through_the_adapter_equals_the_full_forward(fine_tuned):
+    """Decoding steps read the latents' values already taken through the cross-attention's `o_proj` (computed once
+    per sequence): with an unmerged LoRA adapter on `o_proj`, the adapter must be in them too."""
+    from modeling_ltm.modeling_ltm import CACHE_NAME
+
+    model = fine_tuned["model"]
+    cross_o_proj = model.base_model.model.model.layers[0].cross_attn.o_proj
+    assert cross_o_proj.lora_B["default"].weight.abs().sum() > 0  # the adapter's update is not zero
+    input_ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    latents = torch.randn(2, *model.config.latent_shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(input_ids=input_ids, latents=latents).logits
+        out = model(input_ids=input_ids[:, :4], latents=latents, use_cache=True)
+        steps = [out.logits]
+        for t in range(4, 10):
+            out = model(input_ids=input_ids[:, t : t + 1], cache=getattr(out, CACHE_NAME), use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_lora_checkpoint_resumes_exactly(tmp_path):
     """Trainer's checkpoints of a PEFT model hold the adapter (no decoder weights); resuming from one ends at the
     adapter weights of the uninterrupted run."""

@@ -23,7 +23,9 @@ per process while the others run, so compare them within one run only.
 Training-recipe study (issue 10). Besides `llama`, `ltm-T8` and `ltm-T16` (the paper's fast loop), `--models` takes
 LTM variants named `ltm_<token>_<token>...`, each token one setting of the *training* fast loop or of the model:
 
-    T<int>       fast steps per training batch (default 16)
+    T<int>       fast steps per training batch (default 16); with Te, the fast steps at the first training step
+    Te<int>      fast steps at the last training step: T moves linearly from T to Te over training
+                 (`LTMTrainingArguments.num_inference_steps_end`; default: T throughout)
     lv<float>    training posterior start logvar (default -5, the paper's; 0 = the prior)
     lvn<float>   noise on that start (default 0.1, the paper's)
     fixed|redraw one eps for all fast steps (default, the paper's) or a fresh eps every step
@@ -82,14 +84,14 @@ def parse_variant(name: str, args) -> dict:
     """Training settings of an LTM model name (see the module docstring), e.g. `ltm_T8_lv-2_redraw_warm0.3`."""
     spec = dict(
         T=16, init_logvar=-5.0, init_logvar_noise=0.1, fixed_noise=True, kl_warmup=0.0, free_bits=0.0,
-        latents=args.latents, latent_dim=args.latent_dim, inference_lr=0.3, encoder=0,
+        latents=args.latents, latent_dim=args.latent_dim, inference_lr=0.3, encoder=0, T_end=None,
     )  # fmt: skip
     tokens = ALIASES.get(name, name).split("_")
     if tokens[0] != "ltm":
         raise SystemExit(f"--models: {name!r} is neither 'llama' nor an LTM variant 'ltm_<setting>_...'")
     prefixes = (("lvn", "init_logvar_noise", float), ("lv", "init_logvar", float), ("warm", "kl_warmup", float),
                 ("fb", "free_bits", float), ("nz", "latents", int), ("dz", "latent_dim", int),
-                ("lr", "inference_lr", float), ("T", "T", int), ("enc", "encoder", int))  # fmt: skip
+                ("lr", "inference_lr", float), ("Te", "T_end", int), ("T", "T", int), ("enc", "encoder", int))  # fmt: skip
     for token in tokens[1:]:
         if token in ("fixed", "redraw"):
             spec["fixed_noise"] = token == "fixed"
@@ -104,6 +106,12 @@ def parse_variant(name: str, args) -> dict:
         else:
             raise SystemExit(f"--models: unknown setting {token!r} in {name!r} (see `bench/quality.py --help`)")
     return spec
+
+
+def final_fast_steps(spec: dict) -> int:
+    """The training fast loop's T at the end of training (the ramp's end, else the constant T): the model config's
+    `num_inference_steps` and the reconstruction protocol's T."""
+    return spec["T"] if spec.get("T_end") is None else spec["T_end"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -247,7 +255,7 @@ def reconstruction_nll(model, input_ids, seeds, spec: dict, num_steps=None) -> d
     from modeling_ltm.inference import reconstruction_nll as library_reconstruction_nll
 
     settings = PosteriorFitSettings(
-        num_steps=spec["T"] if num_steps is None else num_steps,
+        num_steps=final_fast_steps(spec) if num_steps is None else num_steps,
         lr=spec["inference_lr"],
         lr_min_ratio=0.1,
         init_logvar=spec["init_logvar"],
@@ -381,7 +389,7 @@ def run_model(args, name: str) -> dict:
         tokenizer,
         n_latents_per_layer=spec["latents"],
         latent_dim=spec["latent_dim"],
-        num_inference_steps=spec["T"],
+        num_inference_steps=final_fast_steps(spec),
         inference_lr=spec["inference_lr"],
         posterior_init_logvar=spec["init_logvar"],
         posterior_init_logvar_noise=spec["init_logvar_noise"],
@@ -424,6 +432,7 @@ def run_model(args, name: str) -> dict:
         training_args = LTMTrainingArguments(
             **common,
             num_inference_steps=spec["T"],
+            num_inference_steps_end=spec["T_end"],
             inference_lr=spec["inference_lr"],
             kl_warmup_steps=int(round(spec["kl_warmup"] * max_steps)),
             free_bits=spec["free_bits"],
@@ -449,6 +458,10 @@ def run_model(args, name: str) -> dict:
         curve_seconds[0] += time.time() - began
     train_metrics = trainer.train().metrics
     tokens = trainer.state.global_step * tokens_per_step
+    if is_ltm:
+        # Fast-loop compute: forward+backward equivalents per training sequence, averaged over the optimizer steps.
+        steps_taken = [trainer.inference_steps_at(step) for step in range(trainer.state.global_step)]
+        result["mean_fast_steps"] = sum(steps_taken) / max(len(steps_taken), 1)
     train_seconds = train_metrics["train_runtime"] - curve_seconds[0]
     result.update(
         train_tokens=tokens,
@@ -491,7 +504,7 @@ def run_model(args, name: str) -> dict:
 def describe(spec: dict) -> str:
     """The training fast loop of a variant in words (for tables)."""
     parts = [
-        f"T={spec['T']}",
+        f"T={spec['T']}" if spec.get("T_end") is None else f"T={spec['T']}->{spec['T_end']} over training",
         f"start logvar {spec['init_logvar']:g}",
         "fixed eps" if spec["fixed_noise"] else "redrawn eps",
     ]

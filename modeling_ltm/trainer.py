@@ -19,7 +19,8 @@ token-weighted over all processes and over the steps since the previous log:
 - `elbo_gain`: how much the fast loop raised the ELBO, nats per token;
 - with `posterior_warm_start`, `posterior_encoder_error`: `1/2 ||mu_encoder - mu_fitted||^2`, nats per token (the
   term that trains the posterior encoder, whose proposal of `mu` starts the fast loop);
-- `inference_lr`: the fast learning rate used at the last step (see `LTMTrainingArguments.inference_lr_end`).
+- `inference_lr`: the fast learning rate used at the last step (see `LTMTrainingArguments.inference_lr_end`);
+- `inference_steps`: the fast steps T of the last step (see `LTMTrainingArguments.num_inference_steps_end`).
 
 `trainer.evaluate()` reports, token-weighted over the whole eval set, the numbers of
 `inference.evaluate_posterior` (one definition shared with lm-eval, the `evaluate` metric and model cards):
@@ -37,6 +38,7 @@ batch is split into processes and accumulation steps, and a resumed run redraws 
 drew (no generator state needs checkpointing).
 """
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -74,6 +76,14 @@ class LTMTrainingArguments(TrainingArguments):
         metadata={
             "help": "Fast (posterior) Adam steps T per training batch. Default: the model config's "
             "`num_inference_steps` (16 for LTM-S/M in the paper)."
+        },
+    )
+    num_inference_steps_end: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fast steps T at the last training step: T moves linearly from `num_inference_steps` (step 0) to "
+            "this value over `max_steps`, rounded to the nearest integer (a ramp of the training fast loop's compute; "
+            "0 -> 8 costs half of a constant 8). None keeps T constant. Evaluation fits are not affected."
         },
     )
     inference_lr: float | None = field(
@@ -150,7 +160,7 @@ class LTMTrainingArguments(TrainingArguments):
             # graph every step; the one wrapped forward of each micro-step uses every decoder weight.
             self.ddp_find_unused_parameters = False
         super().__post_init__()
-        for name in ("num_inference_steps", "eval_inference_steps"):
+        for name in ("num_inference_steps", "num_inference_steps_end", "eval_inference_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"`{name}` must be an integer >= 0 or None (use the model config), got {value!r}.")
@@ -243,7 +253,7 @@ class LTMTrainer(Trainer):
             )
         self.data_collator = _CausalLMLabels(self.data_collator or default_data_collator)
         self._train_sums = None  # (5,) float64: nll, kl, tokens, elbo gain, encoder error since the last log
-        self._last_inference_lr = None
+        self._last_inference_lr = self._last_inference_steps = None
         self._micro_step_of = (-1, 0)  # (global step, micro-steps taken in it)
         self._eval_overrides = {}
         self._eval_stats = []
@@ -256,9 +266,14 @@ class LTMTrainer(Trainer):
 
     @property
     def num_inference_steps(self) -> int:
-        """Fast steps `T` per training batch (`args.num_inference_steps`, else the model config's)."""
+        """Fast steps `T` per training batch at step 0 (`args.num_inference_steps`, else the model config's)."""
         steps = getattr(self.args, "num_inference_steps", None)
         return self._model_config().num_inference_steps if steps is None else steps
+
+    def inference_steps_at(self, step: int) -> int:
+        """Fast steps `T` of the training batch at optimizer step `step`: linear from `num_inference_steps` (step 0)
+        to `num_inference_steps_end` (step `max_steps - 1`), rounded half up; constant when that is None."""
+        return math.floor(self._linear_in_training(step, self.num_inference_steps, "num_inference_steps_end") + 0.5)
 
     @property
     def eval_fit_settings(self) -> PosteriorFitSettings:
@@ -278,7 +293,7 @@ class LTMTrainer(Trainer):
     def training_fit_settings(self, step: int) -> PosteriorFitSettings:
         """The training fast loop at optimizer step `step` (the reconstruction perplexity's fit, with fixed `eps`)."""
         return PosteriorFitSettings.training(
-            self._model_config(), num_steps=self.num_inference_steps, lr=self.inference_lr_at(step)
+            self._model_config(), num_steps=self.inference_steps_at(step), lr=self.inference_lr_at(step)
         )
 
     @property
@@ -296,7 +311,12 @@ class LTMTrainer(Trainer):
         (step `max_steps - 1`), constant when `inference_lr_end` is None, as in the paper's code."""
         start = getattr(self.args, "inference_lr", None)
         start = self._model_config().inference_lr if start is None else start
-        end = getattr(self.args, "inference_lr_end", None)
+        return self._linear_in_training(step, start, "inference_lr_end")
+
+    def _linear_in_training(self, step: int, start: float, end_argument: str) -> float:
+        """`start` at step 0 moving linearly to `args.<end_argument>` at step `max_steps - 1` (`start` throughout
+        when that argument is None or training has one step)."""
+        end = getattr(self.args, end_argument, None)
         max_steps = self.state.max_steps or 0
         if end is None or max_steps <= 1:
             return start
@@ -375,7 +395,7 @@ class LTMTrainer(Trainer):
             input_ids,
             attention_mask,
             labels=labels,
-            num_steps=self.num_inference_steps,
+            num_steps=self.inference_steps_at(step),
             lr=lr,
             seed=_row_seeds(self.args.seed, _TRAIN_STREAM, step, first_row, input_ids.shape[0]),
             kl_weight=self.kl_weight_at(step),
@@ -418,6 +438,7 @@ class LTMTrainer(Trainer):
         sums = sums.to(torch.float64)
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         self._last_inference_lr = lr
+        self._last_inference_steps = len(posterior.elbo_trace) - 1
 
     def create_model_card(
         self,
@@ -478,6 +499,7 @@ class LTMTrainer(Trainer):
             if getattr(self.args, "posterior_warm_start", False):
                 logs["posterior_encoder_error"] = sums[_ENCODER] / tokens
             logs["inference_lr"] = self._last_inference_lr
+            logs["inference_steps"] = self._last_inference_steps
         super().log(logs, start_time)
 
     # ---- evaluation --------------------------------------------------------------------------------------------

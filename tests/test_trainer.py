@@ -14,7 +14,7 @@ from modeling_ltm.inference import next_token_targets, sequence_nll
 from modeling_ltm.trainer import _CausalLMLabels
 
 
-FAST_LOG_KEYS = ("nll_per_token", "kl_per_token", "elbo_ppl", "elbo_gain", "inference_lr")
+FAST_LOG_KEYS = ("nll_per_token", "kl_per_token", "elbo_ppl", "elbo_gain", "inference_lr", "inference_steps")
 
 
 def byte_blocks(path, block_size: int, num_blocks: int, offset_blocks: int = 0) -> Dataset:
@@ -220,6 +220,7 @@ def test_training_arguments_parse_from_the_command_line(tmp_path):
     "field, value",
     [
         ("num_inference_steps", -1),
+        ("num_inference_steps_end", -2),
         ("inference_lr", 0.0),
         ("inference_lr_end", -0.3),
         ("eval_iw_samples", -2),
@@ -377,3 +378,39 @@ def test_kl_warmup_schedule_and_free_bits_reach_the_training_fit_only(tmp_path, 
         ["--output_dir", str(tmp_path), "--kl_warmup_steps", "100", "--free_bits", "0.25", "--use_cpu"]
     )
     assert (parsed.kl_warmup_steps, parsed.free_bits) == (100, 0.25)
+
+
+def test_fast_steps_ramp_reaches_the_training_fit_only(tmp_path, tiny_shakespeare_path, monkeypatch):
+    """`num_inference_steps_end`: T moves linearly from `num_inference_steps` to it over training (rounded half up);
+    each training batch's fit takes that many steps and logs it; evaluation's fit keeps its own steps, and the
+    reconstruction fit uses the training loop's T of the current step."""
+    from modeling_ltm import trainer as trainer_module
+
+    training_steps = []
+    real_fit = trainer_module.fit_posterior
+
+    def recording_fit(*args, **kwargs):
+        training_steps.append(kwargs["num_steps"])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "fit_posterior", recording_fit)
+    args = make_args(tmp_path, max_steps=5, num_inference_steps=0, num_inference_steps_end=3, eval_inference_steps=6)
+    trainer = LTMTrainer(
+        model=byte_model(),
+        args=args,
+        train_dataset=byte_blocks(tiny_shakespeare_path, 32, 20),
+        eval_dataset=heldout_blocks(tiny_shakespeare_path, 32, 4),
+    )
+    trainer.train()
+    # 0 + 3 * step / 4 for steps 0..4 = 0, 0.75, 1.5, 2.25, 3 -> 0, 1, 2, 2, 3 (mean 1.6 of the constant 3's cost)
+    assert training_steps == [0, 1, 2, 2, 3]
+    assert [entry["inference_steps"] for entry in train_logs(trainer)] == [0, 1, 2, 2, 3]
+    assert trainer.training_fit_settings(trainer.state.global_step).num_steps == 3
+    assert trainer.eval_fit_settings.num_steps == 6
+
+    constant = LTMTrainer(model=byte_model(), args=make_args(tmp_path / "constant", num_inference_steps=4))
+    assert [constant.inference_steps_at(step) for step in (0, 7, 100)] == [4, 4, 4]
+    (parsed,) = HfArgumentParser(LTMTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--num_inference_steps", "0", "--num_inference_steps_end", "8", "--use_cpu"]
+    )
+    assert (parsed.num_inference_steps, parsed.num_inference_steps_end) == (0, 8)

@@ -130,8 +130,8 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.T
     `(batch or 1, 1, seq, head_dim)`).
 
     The same numbers as Llama's `x * cos + rotate_half(x) * sin` (`rotate_half(x) = cat(-x2, x1)`): swapping the
-    halves is a `roll` and the sign sits in `signed_sin`, so each call is 4 kernels instead of 7 (a decoding step is
-    a chain of small kernels, where each one's overhead counts).
+    halves is a `roll` and the sign sits in `signed_sin`, so each call is 4 operators instead of 7 (a decoding step
+    is a chain of small kernels, where each call's overhead counts).
     """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
@@ -320,11 +320,13 @@ class LTMCrossAttention(nn.Module):
         """The latents' keys and values in the form the cache keeps for decoding steps, computed once per sequence.
 
         Keys `(batch, num_attention_heads, n_latents, head_dim)`: rotated, repeated over the query heads' groups and
-        multiplied by `scaling`. Values `(batch, 1, num_attention_heads * n_latents, hidden_size)`: each head's values
-        already taken through `o_proj` (the output projection is linear, so `o_proj(concat_h a_h V_h)` equals
-        `sum_h a_h (V_h through o_proj's head-h block)`). A decoding step then reads these few rows instead of
-        `o_proj`'s whole weight. `o_proj` is called as a module, on block-diagonal inputs, so an adapter on it (LoRA)
-        is folded in as well.
+        multiplied by `scaling`. Values `(batch, 1, num_attention_heads * n_latents, hidden_size)` (4-D like every
+        cache entry, so the cache's batch reordering applies as is): each head's values already taken through
+        `o_proj` (the output projection is linear, so `o_proj(concat_h a_h V_h)` equals `sum_h a_h (V_h through
+        o_proj's head-h block)`). A decoding step then reads these few rows instead of `o_proj`'s whole weight, which
+        pays while `batch * num_attention_heads * n_latents` rows are fewer than `hidden_size` (up to batch 8 for the
+        generation bench's model).
+        `o_proj` is called as a module, on block-diagonal inputs, so an adapter on it (LoRA) is folded in as well.
         """
         heads = self.config.num_attention_heads
         key_states = repeat_kv(key_states, self.num_key_value_groups) * self.scaling

@@ -82,7 +82,7 @@ class LTMTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Fast steps T at the last training step: T moves linearly from `num_inference_steps` (step 0) to "
-            "this value over `max_steps`, rounded to the nearest integer (a ramp of the training fast loop's compute; "
+            "this value over `max_steps`, rounded half up (a ramp of the training fast loop's compute; "
             "0 -> 8 costs half of a constant 8). None keeps T constant. Evaluation fits are not affected."
         },
     )

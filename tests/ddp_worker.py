@@ -80,6 +80,9 @@ def main() -> None:
     torch.save(trainer.accelerator.unwrap_model(trainer.model).state_dict(), Path(cli.output_dir) / f"rank{rank}.pt")
     if rank == 0:
         (Path(cli.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+    # End together, as `ltm train` does: a process that tears down while the other still talks to it over gloo can
+    # hang or abort the launch.
+    trainer.accelerator.wait_for_everyone()
     trainer.end()
 
 

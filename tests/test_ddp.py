@@ -22,6 +22,20 @@ FSDP2_WORKER = Path(__file__).resolve().parent / "fsdp2_worker.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
+def run_two_processes(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run a 2-process torchrun launch; a launch that hangs (seen here twice in about 30 launches on the 2-core VM,
+    both under pytest, none in 11 launched by hand; cause not found) is killed after 150 s and launched once more. A
+    deadlock of our own code would hang again and fail the test, its output in the error."""
+    for attempt in (1, 2):
+        try:
+            return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=150)
+        except subprocess.TimeoutExpired as error:
+            if attempt == 2:
+                raise AssertionError(
+                    f"torchrun hung twice; last output: {error.stdout!r:.3000} {error.stderr!r:.5000}"
+                )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("posterior_encoder", ["none", "warm-start", "idle"])
 def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_path, posterior_encoder):
@@ -47,7 +61,7 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_
         "--posterior-encoder",
         posterior_encoder,
     ]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_two_processes(command, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
@@ -90,6 +104,6 @@ def test_fast_loop_on_fsdp2_sharded_model_gives_the_single_process_gradient():
     """FSDP2 through raw torch (accelerate's FSDP needs GPUs): see tests/fsdp2_worker.py."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(FSDP2_WORKER)]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_two_processes(command, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count("FSDP2 fast loop OK") == 2

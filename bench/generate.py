@@ -110,10 +110,10 @@ def median_times(times: dict) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def paired_ratio(times: dict, numerator: str, denominator: str) -> float:
-    """Median over rounds of `times[numerator][i] / times[denominator][i]`: each round's two runs were adjacent in
-    time, so the machine's speed changes between rounds (seen here: 2x on this VM within minutes) cancel out."""
-    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+def round_ratios(times: dict, numerator: str, denominator: str) -> list[float]:
+    """`times[numerator][i] / times[denominator][i]` for each round: each round's two runs were adjacent in time, so
+    the machine's speed changes between rounds (seen here: 2x on this VM within minutes) cancel out of the median."""
+    return [a / b for a, b in zip(times[numerator], times[denominator])]
 
 
 def ops_per_decoding_step(model, prompt: torch.Tensor, **model_kwargs) -> int:
@@ -190,8 +190,9 @@ def main(argv=None) -> int:
             row[f"{clock}_ltm_cache_tok_s"] = tokens / times["ltm"]
             row[f"{clock}_ltm_no_cache_tok_s"] = tokens / no_cache_s["ltm"]
             row[f"{clock}_llama_tok_s"] = tokens / times["llama"]
-            row[f"{clock}_ltm_vs_llama"] = paired_ratio(rounds, "llama", "ltm")
-            row[f"{clock}_ltm_vs_llama_rounds"] = [b / a for a, b in zip(rounds["ltm"], rounds["llama"])]
+            ratios = round_ratios(rounds, "llama", "ltm")
+            row[f"{clock}_ltm_vs_llama"] = statistics.median(ratios)
+            row[f"{clock}_ltm_vs_llama_rounds"] = ratios
             row[f"{clock}_cache_speedup"] = no_cache_s["ltm"] / times["ltm"]
             row[f"{clock}_llama_no_cache_tok_s"] = tokens / no_cache_s["llama"]
             row[f"{clock}_llama_cache_speedup"] = no_cache_s["llama"] / times["llama"]

@@ -83,6 +83,12 @@ def build_models(args):
     return ltm, llama
 
 
+def random_prompt(args, batch_size: int, device) -> torch.Tensor:
+    """`(batch_size, --prompt-length)` token ids, the same for every run (seeded on the CPU, then moved)."""
+    shape = (batch_size, args.prompt_length)
+    return torch.randint(0, args.vocab_size, shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+
 def timed(fns: dict, repeats: int, device: str = "cpu") -> tuple[dict, dict, dict]:
     """Wall times and CPU times (this process, all its threads) in seconds of each callable, one per round over
     `repeats` rounds, and each one's last result.
@@ -143,9 +149,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     results = []
     for batch_size in args.batch_sizes:
-        prompt = torch.randint(
-            0, args.vocab_size, (batch_size, args.prompt_length), generator=torch.Generator().manual_seed(1)
-        ).to(device)
+        prompt = random_prompt(args, batch_size, device)
         # Warm-up (allocator, SDPA dispatch) on a short generation of each model.
         z = ltm.infer_latents(prompt, num_steps=1, seed=0).z
         ltm.generate(prompt, latents=z, max_new_tokens=8, do_sample=False, pad_token_id=0)

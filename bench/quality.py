@@ -26,6 +26,8 @@ LTM variants named `ltm_<token>_<token>...`, each token one setting of the *trai
     T<int>       fast steps per training batch (default 16); with Te, the fast steps at the first training step
     Te<int>      fast steps at the last training step: T moves linearly from T to Te over training
                  (`LTMTrainingArguments.num_inference_steps_end`; default: T throughout)
+    Tw<a>-<b>    with Te, the ramp runs from the fraction a of training to b (T before a, Te after b; a = b is a
+                 switch; `num_inference_steps_ramp_start/stop`; default 0-1)
     lv<float>    training posterior start logvar (default -5, the paper's; 0 = the prior)
     lvn<float>   noise on that start (default 0.1, the paper's)
     fixed|redraw one eps for all fast steps (default, the paper's) or a fresh eps every step
@@ -85,13 +87,15 @@ def parse_variant(name: str, args) -> dict:
     spec = dict(
         T=16, init_logvar=-5.0, init_logvar_noise=0.1, fixed_noise=True, kl_warmup=0.0, free_bits=0.0,
         latents=args.latents, latent_dim=args.latent_dim, inference_lr=0.3, encoder=0, T_end=None,
+        T_window=(0.0, 1.0),
     )  # fmt: skip
     tokens = ALIASES.get(name, name).split("_")
     if tokens[0] != "ltm":
         raise SystemExit(f"--models: {name!r} is neither 'llama' nor an LTM variant 'ltm_<setting>_...'")
     prefixes = (("lvn", "init_logvar_noise", float), ("lv", "init_logvar", float), ("warm", "kl_warmup", float),
                 ("fb", "free_bits", float), ("nz", "latents", int), ("dz", "latent_dim", int),
-                ("lr", "inference_lr", float), ("Te", "T_end", int), ("T", "T", int), ("enc", "encoder", int))  # fmt: skip
+                ("lr", "inference_lr", float), ("Te", "T_end", int), ("Tw", "T_window", fractions_pair), ("T", "T", int),
+                ("enc", "encoder", int))  # fmt: skip
     for token in tokens[1:]:
         if token in ("fixed", "redraw"):
             spec["fixed_noise"] = token == "fixed"
@@ -106,6 +110,12 @@ def parse_variant(name: str, args) -> dict:
         else:
             raise SystemExit(f"--models: unknown setting {token!r} in {name!r} (see `bench/quality.py --help`)")
     return spec
+
+
+def fractions_pair(text: str) -> tuple[float, float]:
+    """`"0.5-1"` -> `(0.5, 1.0)`: a window of training given as two fractions."""
+    start, stop = (float(value) for value in text.split("-"))
+    return start, stop
 
 
 def final_fast_steps(spec: dict) -> int:
@@ -433,6 +443,8 @@ def run_model(args, name: str) -> dict:
             **common,
             num_inference_steps=spec["T"],
             num_inference_steps_end=spec["T_end"],
+            num_inference_steps_ramp_start=spec["T_window"][0],
+            num_inference_steps_ramp_stop=spec["T_window"][1],
             inference_lr=spec["inference_lr"],
             kl_warmup_steps=int(round(spec["kl_warmup"] * max_steps)),
             free_bits=spec["free_bits"],
@@ -503,8 +515,11 @@ def run_model(args, name: str) -> dict:
 
 def describe(spec: dict) -> str:
     """The training fast loop of a variant in words (for tables)."""
+    ramp_start, ramp_stop = spec.get("T_window", (0.0, 1.0))
     parts = [
-        f"T={spec['T']}" if spec.get("T_end") is None else f"T={spec['T']}->{spec['T_end']} over training",
+        f"T={spec['T']}"
+        if spec.get("T_end") is None
+        else f"T={spec['T']}->{spec['T_end']} over training {ramp_start:g}-{ramp_stop:g}",
         f"start logvar {spec['init_logvar']:g}",
         "fixed eps" if spec["fixed_noise"] else "redrawn eps",
     ]

@@ -63,6 +63,9 @@ CARD_HYPERPARAMETERS = (
     "seed",
     "bf16",
     "num_inference_steps",
+    "num_inference_steps_end",
+    "num_inference_steps_ramp_start",
+    "num_inference_steps_ramp_stop",
     "inference_lr",
     "inference_lr_end",
     "eval_inference_steps",
@@ -228,6 +231,9 @@ def read_training_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
     for key in ("warmup_steps", "warmup_ratio"):
         if hyperparameters.get(key) == 0:
             hyperparameters.pop(key)
+    if "num_inference_steps_end" not in hyperparameters:  # constant T: the ramp's window does not apply
+        hyperparameters.pop("num_inference_steps_ramp_start", None)
+        hyperparameters.pop("num_inference_steps_ramp_stop", None)
     state = _read_json(checkpoint / "trainer_state.json") or {}
     if state.get("global_step"):
         hyperparameters["trained_steps"] = state["global_step"]

@@ -86,6 +86,21 @@ class LTMTrainingArguments(TrainingArguments):
             "0 -> 8 costs half of a constant 8). None keeps T constant. Evaluation fits are not affected."
         },
     )
+    num_inference_steps_ramp_start: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of training (0-1) where the ramp of T to `num_inference_steps_end` begins; before it, "
+            "T = `num_inference_steps`."
+        },
+    )
+    num_inference_steps_ramp_stop: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of training (0-1, >= the ramp's start) where the ramp of T ends; after it, T = "
+            "`num_inference_steps_end` (start = stop is a switch). T = 0 until 0.51, then 0 -> 16 costs half of a "
+            "constant 8 (docs/training.md)."
+        },
+    )
     inference_lr: float | None = field(
         default=None,
         metadata={
@@ -164,6 +179,12 @@ class LTMTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"`{name}` must be an integer >= 0 or None (use the model config), got {value!r}.")
+        start, stop = self.num_inference_steps_ramp_start, self.num_inference_steps_ramp_stop
+        if not 0.0 <= start <= stop <= 1.0:
+            raise ValueError(
+                "`num_inference_steps_ramp_start` and `num_inference_steps_ramp_stop` are fractions of training with "
+                f"0 <= start <= stop <= 1, got start={start!r}, stop={stop!r}."
+            )
         for name in ("inference_lr", "inference_lr_end", "eval_inference_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -271,9 +292,15 @@ class LTMTrainer(Trainer):
         return self._model_config().num_inference_steps if steps is None else steps
 
     def inference_steps_at(self, step: int) -> int:
-        """Fast steps `T` of the training batch at optimizer step `step`: linear from `num_inference_steps` (step 0)
-        to `num_inference_steps_end` (step `max_steps - 1`), rounded half up; constant when that is None."""
-        return math.floor(self._linear_in_training(step, self.num_inference_steps, "num_inference_steps_end") + 0.5)
+        """Fast steps `T` of the training batch at optimizer step `step`: `num_inference_steps` until the ramp's
+        start, linear to `num_inference_steps_end` at its stop (fractions of `max_steps - 1`; by default the whole
+        run), rounded half up; constant when `num_inference_steps_end` is None."""
+        window = (
+            getattr(self.args, "num_inference_steps_ramp_start", 0.0),
+            getattr(self.args, "num_inference_steps_ramp_stop", 1.0),
+        )
+        steps = self._linear_in_training(step, self.num_inference_steps, "num_inference_steps_end", window)
+        return math.floor(steps + 0.5)
 
     @property
     def eval_fit_settings(self) -> PosteriorFitSettings:
@@ -313,15 +340,23 @@ class LTMTrainer(Trainer):
         start = self._model_config().inference_lr if start is None else start
         return self._linear_in_training(step, start, "inference_lr_end")
 
-    def _linear_in_training(self, step: int, start: float, end_argument: str) -> float:
-        """`start` at step 0 moving linearly to `args.<end_argument>` at step `max_steps - 1` (`start` throughout
-        when that argument is None or training has one step)."""
+    def _linear_in_training(
+        self, step: int, start: float, end_argument: str, window: tuple[float, float] = (0.0, 1.0)
+    ) -> float:
+        """`start` until the fraction `window[0]` of training (of step `max_steps - 1`), then linear to
+        `args.<end_argument>` at `window[1]`, that value after it (a zero-width window is a switch); `start`
+        throughout when that argument is None or training has one step."""
         end = getattr(self.args, end_argument, None)
         max_steps = self.state.max_steps or 0
         if end is None or max_steps <= 1:
             return start
-        fraction = min(max(step, 0) / (max_steps - 1), 1.0)
-        return start + fraction * (end - start)
+        position = min(max(step, 0) / (max_steps - 1), 1.0)
+        ramp_start, ramp_stop = window
+        if position < ramp_start:
+            return start
+        if position >= ramp_stop:
+            return end
+        return start + (position - ramp_start) / (ramp_stop - ramp_start) * (end - start)
 
     def kl_weight_at(self, step: int) -> float:
         """The training fast loop's KL weight beta at optimizer step `step`: `min(1, step / kl_warmup_steps)`, 1

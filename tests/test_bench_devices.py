@@ -10,7 +10,16 @@ import torch
 from bench.common import load_bench, precision_arguments, resolve_device
 
 
-BENCHES = ("compile", "fast_step", "fit_rules", "generate", "inference_efficiency", "quality", "train_throughput")
+BENCHES = (
+    "compile",
+    "decode_step",
+    "fast_step",
+    "fit_rules",
+    "generate",
+    "inference_efficiency",
+    "quality",
+    "train_throughput",
+)
 
 
 def test_resolve_device_and_precision_arguments_on_cpu_and_faked_cuda(monkeypatch):
@@ -47,6 +56,10 @@ def test_decode_and_fast_step_benches_run_in_bf16_on_cpu(tmp_path, capsys):
     assert load_bench("generate").main([*generate, "--json", str(out)]) == 0
     meta = json.loads(out.read_text())["meta"]
     assert (meta["device"], meta["dtype"]) == ("cpu", "bf16")
+    step = tiny + ["--batch-sizes", "1", "--steps", "2", "--rounds", "1", "--json", str(tmp_path / "step.json")]
+    assert load_bench("decode_step").main(step) == 0
+    step_result = json.loads((tmp_path / "step.json").read_text())
+    assert step_result["meta"]["dtype"] == "bf16" and step_result["results"][0]["llama_us_per_step"] > 0
     fast_step = tiny + ["--seq-length", "8", "--batch-size", "2", "--repeats", "1", "--warmup", "0"]
     assert load_bench("fast_step").main([*fast_step, "--json", str(tmp_path / "fast_step.json")]) == 0
     assert json.loads((tmp_path / "fast_step.json").read_text())["config"]["dtype"] == "bf16"

@@ -26,7 +26,7 @@ from hub_cards.card import (
     usage_snippet,
 )
 from hub_cards.cli import export_main, push_main
-from hub_cards.export import REMOTE_CODE_FILES
+from hub_cards.export import REMOTE_CODE_FILES, read_training_hyperparameters
 from modeling_ltm import LTMForCausalLM, PosteriorFitSettings
 from modeling_ltm.inference import RECONSTRUCTION_CAVEAT
 
@@ -451,3 +451,25 @@ def test_transformers_push_to_hub_uploads_the_same_files(exported, online, monke
         assert api.uploaded[name] == export_files[name], name
     for name in REMOTE_CODE_FILES:  # both copy the package's source (compared to it: it may change mid-run here)
         assert api.uploaded[name] == (REPO_ROOT / "modeling_ltm" / name).read_bytes(), name
+
+
+def test_the_card_lists_the_fast_steps_ramp_only_for_a_ramped_run(tmp_path):
+    """A run whose fast steps T were ramped (`num_inference_steps_end`) shows the ramp and its window; a constant-T
+    run shows neither (the window's defaults would say nothing about it)."""
+    base = {"learning_rate": 3e-3, "max_steps": 10, "num_inference_steps": 0}
+    window = {"num_inference_steps_ramp_start": 0.51, "num_inference_steps_ramp_stop": 1.0}
+    runs = {
+        "ramped": {**base, "num_inference_steps_end": 16, **window},
+        "constant": {**base, "num_inference_steps_end": None, **window},
+    }
+    for name, args in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training_args.json").write_text(json.dumps(args))
+    ramped = read_training_hyperparameters(tmp_path / "ramped")
+    assert (ramped["num_inference_steps"], ramped["num_inference_steps_end"]) == (0, 16)
+    assert (ramped["num_inference_steps_ramp_start"], ramped["num_inference_steps_ramp_stop"]) == (0.51, 1.0)
+    constant = read_training_hyperparameters(tmp_path / "constant")
+    assert constant["num_inference_steps"] == 0
+    assert not {"num_inference_steps_end", "num_inference_steps_ramp_start", "num_inference_steps_ramp_stop"} & set(
+        constant
+    )

@@ -226,11 +226,18 @@ def test_training_arguments_parse_from_the_command_line(tmp_path):
         ("eval_iw_samples", -2),
         ("kl_warmup_steps", -1),
         ("free_bits", -0.5),
+        ("num_inference_steps_ramp_start", -0.1),
+        ("num_inference_steps_ramp_stop", 1.5),
     ],
 )
 def test_invalid_training_arguments_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         LTMTrainingArguments(str(tmp_path), **{field: value})
+
+
+def test_a_ramp_window_that_ends_before_it_starts_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="0 <= start <= stop <= 1"):
+        LTMTrainingArguments(str(tmp_path), num_inference_steps_ramp_start=0.6, num_inference_steps_ramp_stop=0.4)
 
 
 def test_trainer_rejects_a_model_without_latents(tmp_path):
@@ -410,6 +417,20 @@ def test_fast_steps_ramp_reaches_the_training_fit_only(tmp_path, tiny_shakespear
 
     constant = LTMTrainer(model=byte_model(), args=make_args(tmp_path / "constant", num_inference_steps=4))
     assert [constant.inference_steps_at(step) for step in (0, 7, 100)] == [4, 4, 4]
+    windows = {(0.5, 0.5): (8, [0, 0, 0, 0, 8, 8, 8, 8, 8]), (0.5, 1.0): (16, [0, 0, 0, 0, 0, 4, 8, 12, 16])}
+    for (ramp_start, ramp_stop), (end, expected) in windows.items():
+        windowed = LTMTrainer(
+            model=byte_model(),
+            args=make_args(
+                tmp_path / f"window-{ramp_start}-{ramp_stop}",
+                num_inference_steps=0,
+                num_inference_steps_end=end,
+                num_inference_steps_ramp_start=ramp_start,
+                num_inference_steps_ramp_stop=ramp_stop,
+            ),
+        )
+        windowed.state.max_steps = 9  # positions 0, 1/8, ..., 1 of training
+        assert [windowed.inference_steps_at(step) for step in range(9)] == expected
     (parsed,) = HfArgumentParser(LTMTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--num_inference_steps", "0", "--num_inference_steps_end", "8", "--use_cpu"]
     )

@@ -84,11 +84,12 @@ class LTMRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # `x * rsqrt(mean(x^2) + eps)` in float32 in one fused op (a decoding step is a chain of small kernels,
-        # where each op's overhead counts), then the scale in the input's dtype, as Llama's RMSNorm does.
+        # `x * rsqrt(mean(x^2) + eps)` in float32 in one op with the scale (a decoding step is a chain of small
+        # kernels, where each op's overhead counts; bit-identical to scaling afterwards, forward and backward), else
+        # normalized in float32 and scaled in the input's dtype, as Llama's RMSNorm does.
         input_dtype = hidden_states.dtype
-        if input_dtype == torch.float32:
-            return self.weight * nn.functional.rms_norm(hidden_states, self.weight.shape, eps=self.variance_epsilon)
+        if input_dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
         normed = nn.functional.rms_norm(hidden_states.float(), self.weight.shape, eps=self.variance_epsilon)
         return self.weight * normed.to(input_dtype)
 
@@ -343,11 +344,17 @@ class LTMCrossAttention(nn.Module):
         """Attention of `query_states` `(B, nh, T, hd)` over the cached latents from [`_decoding_keys_values`]:
         the output `(B, T, hidden_size)` (after the output projection) and the weights `(B, nh, T, n_latents)`."""
         attn_weights = torch.matmul(query_states, key_states.transpose(2, 3))  # (B, nh, T, nl), keys pre-scaled
-        attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query_states.dtype)
+        if attn_weights.dtype == torch.float32:
+            attn_weights = torch.softmax(attn_weights, dim=-1)
+        else:  # in float32, as the eager attention does
+            attn_weights = torch.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query_states.dtype)
         if self.training and self.attention_dropout:
             attn_weights = nn.functional.dropout(attn_weights, p=self.attention_dropout, training=True)
         batch, _, seq, _ = attn_weights.shape
-        flat_weights = attn_weights.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, nh * nl), head-major
+        if seq == 1:  # one query per row (a decoding step): the head-major layout is already the memory layout
+            flat_weights = attn_weights.view(batch, 1, -1)
+        else:
+            flat_weights = attn_weights.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, nh * nl), head-major
         return torch.matmul(flat_weights, folded_values.squeeze(1)), attn_weights
 
 

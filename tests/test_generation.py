@@ -1,5 +1,6 @@
 """`LTMForCausalLM.generate`: latents settled on the prompt, then transformers' own decoding; caches; pipeline; CLI."""
 
+import inspect
 import json
 
 import pytest
@@ -411,6 +412,13 @@ def test_generate_with_remote_code(tmp_path):
     outputs = load_file(tmp_path / "outputs.safetensors")
     assert torch.equal(outputs["fitted"], model.generate(input_ids, max_new_tokens=6, inference_seed=0))
     assert torch.equal(outputs["beams"], model.generate(input_ids, latents=latents, max_new_tokens=6, num_beams=2))
+
+
+def test_stored_forward_signature_is_the_real_one():
+    """`generate` reads `forward`'s signature at every step for a remote-code class; the one stored to make that
+    cheap must be what unwrapping the decorators gives, so `generate` and `Trainer` see the same arguments."""
+    assert inspect.signature(LTMForCausalLM.forward) == inspect.signature(inspect.unwrap(LTMForCausalLM.forward))
+    assert "latents" in inspect.signature(make_model().forward).parameters
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

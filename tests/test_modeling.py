@@ -282,9 +282,11 @@ def test_incremental_decoding_with_cache_equals_full_forward(model, sliding_wind
     cache = getattr(out, CACHE_NAME)
     assert all(cache.is_updated.get(i, False) for i in range(config.num_hidden_layers))
     steps = [out.logits]
-    for t in range(6, 12):  # past the sliding window: the cache must drop exactly the tokens the mask hides
+    # One token at a time and a chunk of three (the decoding attention over the latents has a path for each), past
+    # the sliding window: the cache must drop exactly the tokens the mask hides.
+    for start, stop in [(6, 7), (7, 10), (10, 11), (11, 12)]:
         # Latents are read from the cross-attention cache: passing none must not fall back to z = 0.
-        out = model(input_ids[:, t : t + 1], cache=cache, use_cache=True)
+        out = model(input_ids[:, start:stop], cache=cache, use_cache=True)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 

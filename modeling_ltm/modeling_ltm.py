@@ -290,11 +290,7 @@ class LTMCrossAttention(nn.Module):
         """Returns the output `(batch, seq, hidden_size)` and, from the eager attention only, the attention weights
         over the latents `(batch, num_attention_heads, seq, n_latents_per_layer)` (else `None`)."""
         input_shape = hidden_states.shape[:-1]
-        query_states = self.q_proj(hidden_states)
-        if input_shape[1] == 1:  # one token per row: `(B, 1, nh * hd)` is already `(B, nh, 1, hd)` in memory
-            query_states = query_states.view(input_shape[0], -1, 1, self.head_dim)
-        else:
-            query_states = query_states.view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         query_states = apply_rotary_pos_emb(query_states, cos, sin)
 

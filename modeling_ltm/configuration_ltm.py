@@ -10,8 +10,8 @@ from transformers.configuration_utils import PreTrainedConfig
 
 
 # The oldest transformers release this configuration and the model code run on: the lower bound of pyproject.toml's
-# range (a test keeps the two equal). `save_pretrained` writes it to config.json as `transformers_version`, so a Hub
-# user of the remote code knows the release it needs.
+# range (a test keeps the two equal). Model cards state it; config.json records, as transformers does, the release that
+# wrote it (`transformers_version`).
 MIN_TRANSFORMERS_VERSION = "5.23.0"
 
 # `LTMConfig.posterior_encoder_fit`: what a posterior encoder's proposals were fitted to (None: untrained or stale).
@@ -171,13 +171,6 @@ class LTMConfig(PreTrainedConfig):
             self.intermediate_size = 64 * -(-(8 * self.hidden_size // 3) // 64)
         self._validate_ltm_fields()
         super().__post_init__(**kwargs)
-
-    def to_dict(self) -> dict:
-        """transformers' `to_dict`, with `transformers_version` set to the minimum the model code needs
-        (`MIN_TRANSFORMERS_VERSION`) rather than the release that happened to write the file."""
-        output = super().to_dict()
-        output["transformers_version"] = MIN_TRANSFORMERS_VERSION
-        return output
 
     @property
     def head_dim(self) -> int:

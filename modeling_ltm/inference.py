@@ -24,6 +24,7 @@ This file imports only torch and transformers, so `save_pretrained` can copy it 
 import dataclasses
 import hashlib
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -45,6 +46,23 @@ class NonFiniteELBOError(FloatingPointError):
 
 class NonFiniteLatentsError(ValueError):
     """Latents given to the model hold NaN or inf (raised by `LTMModel.check_latents`)."""
+
+
+class FitDeadlineExceeded(TimeoutError):
+    """A posterior fit passed its `deadline` (a `time.monotonic()` value) between two fast steps; `fast_step` says
+    how many steps it had taken. Raised by `fit_posterior(..., deadline=...)`, e.g. for `--max_train_minutes`."""
+
+    fast_step: int | None = None
+
+
+def check_deadline(deadline: float | None, step: int, num_steps: int) -> None:
+    """Raise `FitDeadlineExceeded` when `deadline` (a `time.monotonic()` value, or None for none) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        error = FitDeadlineExceeded(
+            f"The posterior fit passed its time budget after {step} of {num_steps} fast steps; stopped there."
+        )
+        error.fast_step = step
+        raise error
 
 
 @dataclass
@@ -519,7 +537,7 @@ def _smoothed_gain(trace: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def _run_fast_loop(
-    model, input_ids, attention_mask, labels, settings, seed, generator, init_mu=None, prefix=None
+    model, input_ids, attention_mask, labels, settings, seed, generator, init_mu=None, prefix=None, deadline=None
 ) -> _FastLoopState:
     """The fast loop itself: `settings.num_steps` Adam steps on `(mu, logvar)`, gradients w.r.t. those only.
 
@@ -553,12 +571,14 @@ def _run_fast_loop(
     noise = _standard_normal(shape, generators, device)
     if settings.stop_tol is not None and num_steps > 0:
         return _run_adaptive_fast_loop(
-            model, input_ids, attention_mask, settings, generators, targets, position_ids, prefix, mu, logvar, noise
-        )
+            model, input_ids, attention_mask, settings, generators, targets, position_ids, prefix, mu, logvar, noise,
+            deadline,
+        )  # fmt: skip
     optimizer = torch.optim.Adam([mu, logvar], lr=lr)
     elbo_trace = []
     with torch.enable_grad():
         for step in range(num_steps):
+            check_deadline(deadline, step, num_steps)
             for group in optimizer.param_groups:
                 group["lr"] = cosine_fast_lr(step, num_steps, lr, settings.lr_min_ratio)
             if step > 0 and not settings.fixed_noise:
@@ -594,8 +614,9 @@ def _select_rows(rows, *tensors):
 
 
 def _run_adaptive_fast_loop(
-    model, input_ids, attention_mask, settings, generators, targets, position_ids, prefix, mu, logvar, noise
-) -> _FastLoopState:
+    model, input_ids, attention_mask, settings, generators, targets, position_ids, prefix, mu, logvar, noise,
+    deadline=None,
+) -> _FastLoopState:  # fmt: skip
     """`_run_fast_loop` with per-row stopping and compaction (see there)."""
     batch_size, device = input_ids.shape[0], input_ids.device
     num_steps, lr, window = settings.num_steps, settings.lr, settings.stop_window
@@ -615,6 +636,7 @@ def _run_adaptive_fast_loop(
     optimizer = torch.optim.Adam([mu, logvar], lr=lr)
     with torch.enable_grad():
         for step in range(num_steps):
+            check_deadline(deadline, step, num_steps)
             for group in optimizer.param_groups:
                 group["lr"] = cosine_fast_lr(step, num_steps, lr, settings.lr_min_ratio)
             if step > 0 and not settings.fixed_noise:
@@ -719,6 +741,7 @@ def fit_posterior(
     free_bits: float | None = None,
     init_mu: torch.Tensor | None = None,
     prefix=None,
+    deadline: float | None = None,
 ) -> PosteriorOutput:
     """Fit `q(z|x) = N(mu, diag(exp(logvar)))` to each sequence by `num_steps` Adam steps on `(mu, logvar)`.
 
@@ -752,12 +775,15 @@ def fit_posterior(
             posterior encoder; `logvar` starts as the settings say. Not differentiated through.
         prefix ([`LTMPrefix`], *optional*): `model.model.compute_prefix(input_ids, attention_mask, ...)` when the
             caller already has it (reused instead of computed again).
+        deadline (`float`, *optional*): a `time.monotonic()` value; the fit raises `FitDeadlineExceeded` when it is
+            passed between two fast steps (a time budget that holds inside one long fit).
 
     Returns a [`PosteriorOutput`] whose `nll`, `kl`, `elbo` are scored at a fresh draw `z ~ q` (an unbiased
     single-sample ELBO estimate).
 
     Raises:
         NonFiniteELBOError: if the ELBO becomes NaN/inf at some step (lower `lr`).
+        FitDeadlineExceeded: if `deadline` passed before the last fast step.
     """
     _check_inputs(model, input_ids, attention_mask)
     settings = _resolve_settings(
@@ -777,7 +803,7 @@ def fit_posterior(
             f"`init_mu` must have shape {(input_ids.shape[0], *model.config.latent_shape)} (batch, *latent_shape), "
             f"got {tuple(init_mu.shape)}."
         )
-    extra = (init_mu, prefix)
+    extra = (init_mu, prefix, deadline)
     if torch.is_inference_mode_enabled():
         return _without_inference_mode(
             _fit, model, input_ids, attention_mask, labels, settings, seed, generator, *extra
@@ -785,8 +811,12 @@ def fit_posterior(
     return _fit(model, input_ids, attention_mask, labels, settings, seed, generator, *extra)
 
 
-def _fit(model, input_ids, attention_mask, labels, settings, seed, generator, init_mu=None, prefix=None):
-    state = _run_fast_loop(model, input_ids, attention_mask, labels, settings, seed, generator, init_mu, prefix)
+def _fit(
+    model, input_ids, attention_mask, labels, settings, seed, generator, init_mu=None, prefix=None, deadline=None
+):
+    state = _run_fast_loop(
+        model, input_ids, attention_mask, labels, settings, seed, generator, init_mu, prefix, deadline
+    )
     mu, logvar, noise = state.mu, state.logvar, state.noise
     with torch.no_grad():
         if settings.num_steps > 0:
@@ -1065,7 +1095,9 @@ def evaluate_posterior(
 
 
 __all__ = [
+    "check_deadline",
     "content_seed",
+    "FitDeadlineExceeded",
     "RECONSTRUCTION_CAVEAT",
     "NonFiniteELBOError",
     "PosteriorEvaluation",

@@ -532,3 +532,16 @@ def test_fit_posterior_objective_knobs_default_to_the_elbo(model):
     for name in ("kl_weight", "free_bits"):
         with pytest.raises(ValueError, match=name):
             fit_posterior(model, input_ids, num_steps=1, **{name: -0.1})
+
+
+def test_fit_stops_at_its_deadline_between_fast_steps():
+    import time
+
+    from modeling_ltm.inference import FitDeadlineExceeded
+
+    model = LTMForCausalLM(tiny_config()).eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FitDeadlineExceeded, match="after 0 of 4 fast steps") as raised:
+        fit_posterior(model, input_ids, num_steps=4, seed=0, deadline=time.monotonic() - 1)
+    assert raised.value.fast_step == 0
+    fit_posterior(model, input_ids, num_steps=4, seed=0, deadline=time.monotonic() + 600)  # far off: runs to the end

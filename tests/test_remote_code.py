@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import REPO_ROOT, tiny_config
 from safetensors.torch import load_file, save_file
 
@@ -156,8 +157,10 @@ def test_save_pretrained_writes_code_files_and_auto_map(saved):
     for name in CODE_FILES:
         assert (folder / name).is_file(), name
     config_json = json.loads((folder / "config.json").read_text())
-    # config.json states the lowest transformers the remote code runs on: pyproject's lower bound.
-    assert config_json["transformers_version"] == MIN_TRANSFORMERS_VERSION == lowest_declared_transformers()
+    # config.json records the release that wrote it (as transformers does); the lowest release the remote code runs
+    # on is pyproject's lower bound, which the model card states.
+    assert config_json["transformers_version"] == transformers.__version__
+    assert MIN_TRANSFORMERS_VERSION == lowest_declared_transformers()
     auto_map = config_json["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_ltm.LTMConfig"
     assert auto_map["AutoModelForCausalLM"] == "modeling_ltm.LTMForCausalLM"

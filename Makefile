@@ -28,7 +28,8 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c $(LOCK) $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
-	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/transformers-min "transformers==$(MIN_TRANSFORMERS)"
+	rm -rf $(VENV)/transformers-min
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/transformers-min "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
 LTM := $(VENV)/bin/ltm

@@ -36,7 +36,6 @@ import torch  # noqa: E402
 
 from bench.common import add_device_arguments, load_bench, resolve_device, run_metadata, save_json, synchronize  # noqa: E402
 from modeling_ltm.inference import negative_elbo, next_token_targets  # noqa: E402
-from modeling_ltm.modeling_ltm import CACHE_NAME  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,11 +132,11 @@ def decode_fns(ltm, llama, args, batch_size, dtype):
         extra = {"latents": latents} if name == "ltm" else {}
         with torch.inference_mode(), autocast:
             out = (ltm if name == "ltm" else llama)(prompt, use_cache=True, **extra)
-            cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
             for step in range(args.new_tokens):
                 positions = torch.full((batch_size, 1), args.prompt_length + step, device=args.device)
-                out = model(input_ids=token, position_ids=positions, use_cache=True, **{CACHE_NAME: cache})
-                cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=token, position_ids=positions, use_cache=True, cache=cache)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         return token
 
     fns = {}

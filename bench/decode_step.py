@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from bench.common import load_bench, resolve_device, run_metadata, save_json  # noqa: E402
-from modeling_ltm.modeling_ltm import CACHE_NAME, LTMCrossAttention  # noqa: E402
+from modeling_ltm.modeling_ltm import LTMCrossAttention  # noqa: E402
 
 
 generate_bench = load_bench("generate")
@@ -66,13 +66,13 @@ def cross_attention_skipped():
 def decoding_step(model, prompt: torch.Tensor, **model_kwargs):
     """A callable running one cached decoding step after `prompt` (the cache cropped back after it)."""
     with torch.no_grad():
-        cache = getattr(model(prompt, use_cache=True, **model_kwargs), CACHE_NAME)
+        cache = model(prompt, use_cache=True, **model_kwargs).cache
     mask = torch.ones(prompt.shape[0], prompt.shape[1] + 1, dtype=torch.long, device=prompt.device)
     token = prompt[:, -1:]
 
     def step():
         with torch.no_grad():
-            model(token, attention_mask=mask, use_cache=True, **{CACHE_NAME: cache}, **model_kwargs)
+            model(token, attention_mask=mask, use_cache=True, cache=cache, **model_kwargs)
         cache.crop(-1)
 
     return step

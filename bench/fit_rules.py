@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from bench.common import add_device_arguments, resolve_device, run_metadata, save_json  # noqa: E402
-from modeling_ltm import LTMConfig, LTMForCausalLM, PosteriorFitSettings, inference  # noqa: E402
+from modeling_ltm import LTMConfig, LTMForCausalLM, PosteriorFitSettings, fast_loop, inference, randomness  # noqa: E402
 
 
 # (label, rule, steps, options): the baseline's curve over T, then each alternative at T = 16 (half the baseline's
@@ -125,11 +125,11 @@ class Fitter:
         self.seeds = list(range(input_ids.shape[0]))
         self.shape = (input_ids.shape[0], *model.config.latent_shape)
         self.targets = inference.next_token_targets(input_ids, None)
-        self.prefix = inference._compute_prefix(model, input_ids, None, None)
+        self.prefix = fast_loop.compute_prefix(model, input_ids, None, None)
 
     def draws(self, offset: int = 0):
-        generators = inference._row_generators([s + offset for s in self.seeds], None, len(self.seeds))
-        return lambda: inference._standard_normal(self.shape, generators, self.input_ids.device)
+        generators = randomness.row_generators([s + offset for s in self.seeds], None, len(self.seeds))
+        return lambda: randomness.standard_normal(self.shape, generators, self.input_ids.device)
 
     def nll(self, z):
         """`-log p(x|z)` per sequence (nats), `(batch,)`, and the scored tokens per sequence."""

@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_device_arguments, resolve_device, synchronize  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM  # noqa: E402
-from modeling_ltm.modeling_ltm import CACHE_NAME  # noqa: E402
 from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
 
 
@@ -131,7 +130,7 @@ def ops_per_decoding_step(model, prompt: torch.Tensor, **model_kwargs) -> int:
         out = model(prompt, use_cache=True, **model_kwargs)
         mask = torch.ones(prompt.shape[0], prompt.shape[1] + 1, dtype=torch.long, device=prompt.device)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(prompt[:, -1:], attention_mask=mask, use_cache=True, **{CACHE_NAME: getattr(out, CACHE_NAME)})
+            model(prompt[:, -1:], attention_mask=mask, use_cache=True, cache=out.cache)
     return sum(
         1
         for event in prof.events()

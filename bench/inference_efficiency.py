@@ -221,11 +221,11 @@ def run_fit(model, batches, settings, seeds, args, plain: bool) -> dict:
     """Fit every batch with `settings`; score ELBO per token with `args.score_samples` draws; count compute."""
     import torch
 
-    from modeling_ltm import inference
+    from modeling_ltm import fast_loop, inference
 
-    saved = inference._compute_prefix
+    saved = fast_loop.compute_prefix
     if plain:  # the baseline as it ran before issue 13: every forward from the tokens
-        inference._compute_prefix = lambda *a: None
+        fast_loop.compute_prefix = lambda *a: None
     neg_elbo = tokens = row_steps = rows = 0.0
     seconds, row_elbo = 0.0, []
     try:
@@ -243,7 +243,7 @@ def run_fit(model, batches, settings, seeds, args, plain: bool) -> dict:
             row_steps += float(fit.num_steps_taken.sum())
             rows += input_ids.shape[0]
     finally:
-        inference._compute_prefix = saved
+        fast_loop.compute_prefix = saved
     return {
         "elbo_per_token": -neg_elbo / tokens,
         "compute_per_sequence": (row_steps + args.forward_cost * rows) / rows,

@@ -16,16 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from .inference import (
-    _bare_ltm,
-    _compute_prefix,
-    _row_generators,
-    _standard_normal,
-    negative_elbo,
-    next_token_targets,
-    position_ids_from_attention_mask,
-    posterior_encoder_of,
-)
+from .fast_loop import FitBatch
+from .randomness import row_generators, standard_normal
+from .weight_checks import bare_ltm, posterior_encoder_of
 
 
 def fit_posterior_encoder(
@@ -59,7 +52,7 @@ def fit_posterior_encoder(
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(parameters, lr=lr)
     sampler = torch.Generator().manual_seed(seed)
-    noise_generator = _row_generators(seed, None, 1)
+    noise_generator = row_generators(seed, None, 1)
     was_training = model.training
     model.eval()
     history = []
@@ -69,20 +62,17 @@ def fit_posterior_encoder(
                 rows = torch.randint(0, input_ids.shape[0], (min(batch_size, input_ids.shape[0]),), generator=sampler)
                 ids = input_ids[rows.to(input_ids.device)]
                 mask = None if attention_mask is None else attention_mask[rows.to(attention_mask.device)]
-                positions = None if mask is None else position_ids_from_attention_mask(mask)
-                prefix = _compute_prefix(model, ids, mask, positions)
-                mu, logvar = encoder(prefix.hidden_states, mask)
-                noise = _standard_normal(mu.shape, noise_generator, mu.device)
-                loss, nll, kl, tokens = negative_elbo(
-                    model, ids, next_token_targets(ids, mask), mu, logvar, noise, mask, positions, prefix
-                )
+                batch = FitBatch.prepare(model, ids, mask)
+                mu, logvar = encoder(batch.prefix.hidden_states, mask)
+                noise = standard_normal(mu.shape, noise_generator, mu.device)
+                loss, nll, kl, tokens = batch.negative_elbo(model, mu, logvar, noise)
                 grads = torch.autograd.grad(loss / ids.shape[0], parameters)
                 for parameter, grad in zip(parameters, grads):
                     parameter.grad = grad
                 optimizer.step()
                 history.append(float(-(nll + kl).detach().sum() / tokens.sum()))
         # Evaluation now warm-starts from it by default (`PosteriorFitSettings.evaluation`).
-        _bare_ltm(model).config.posterior_encoder_fit = "evaluation"
+        bare_ltm(model).config.posterior_encoder_fit = "evaluation"
     finally:
         for parameter, requires_grad in zip(parameters, trainable):
             parameter.grad = None

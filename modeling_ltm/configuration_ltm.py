@@ -12,7 +12,7 @@ from transformers.configuration_utils import PreTrainedConfig
 # The oldest transformers release this configuration and the model code run on: the lower bound of pyproject.toml's
 # range (a test keeps the two equal). Model cards state it; config.json records, as transformers does, the release that
 # wrote it (`transformers_version`).
-MIN_TRANSFORMERS_VERSION = "5.23.0"
+MIN_TRANSFORMERS_VERSION = "5.24.0"
 
 # `LTMConfig.posterior_encoder_fit`: what a posterior encoder's proposals were fitted to (None: untrained or stale).
 POSTERIOR_ENCODER_FITS = (None, "evaluation", "training")
@@ -29,7 +29,12 @@ class LTMConfig(PreTrainedConfig):
 
     Args:
         vocab_size (`int`, *optional*, defaults to 50257):
-            Number of tokens in the vocabulary.
+            Number of tokens in the vocabulary (the tokenizer's).
+        pad_vocab_size_to_multiple_of (`int`, *optional*, defaults to 1):
+            The embedding and the LM head get `vocab_size` rounded up to a multiple of this many rows
+            (`padded_vocab_size`; the paper presets use 128, as nanoGPT's 50304 for GPT-2's 50257), so the LM head's
+            matrix products run the GPU's fast kernels (an unaligned 50257 falls back to slow ones). The padding rows
+            are never predicted: their logits are `-inf` (no probability in any loss or bound; never generated).
         hidden_size (`int`, *optional*, defaults to 768):
             Width of the residual stream.
         intermediate_size (`int`, *optional*):
@@ -47,6 +52,8 @@ class LTMConfig(PreTrainedConfig):
             Base period of the rotary position embeddings.
         rms_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the RMSNorm layers.
+        hidden_act (`str`, *optional*, defaults to `"silu"`):
+            Activation of the gated MLP (a key of transformers' `ACT2FN`; `"silu"` makes it SwiGLU).
         sliding_window (`int`, *optional*):
             Self-attention window in tokens (the paper's code uses 256). `None` means full causal attention.
         n_latents_per_layer (`int`, *optional*, defaults to 8):
@@ -127,6 +134,7 @@ class LTMConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 50257
+    pad_vocab_size_to_multiple_of: int = 1
     hidden_size: int = 768
     intermediate_size: int | None = None
     num_hidden_layers: int = 12
@@ -135,6 +143,7 @@ class LTMConfig(PreTrainedConfig):
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
     sliding_window: int | None = None
     n_latents_per_layer: int = 8
     latent_dim: int | None = None
@@ -173,6 +182,12 @@ class LTMConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the LM head: `vocab_size` rounded up to `pad_vocab_size_to_multiple_of`."""
+        multiple = self.pad_vocab_size_to_multiple_of
+        return -(-self.vocab_size // multiple) * multiple
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
@@ -191,6 +206,7 @@ class LTMConfig(PreTrainedConfig):
 
         for name in (
             "vocab_size",
+            "pad_vocab_size_to_multiple_of",
             "hidden_size",
             "intermediate_size",
             "num_hidden_layers",
@@ -223,6 +239,12 @@ class LTMConfig(PreTrainedConfig):
             )
         if self.sliding_window is not None:
             positive_int("sliding_window")
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"LTMConfig.hidden_act must be one of transformers' ACT2FN keys, got {self.hidden_act!r}."
+            )
         for name in ("posterior_encoder_size", "eval_warm_start_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -19,10 +19,14 @@ Imports only torch, transformers and siblings (copied next to the weights for `t
 """
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.utils import logging
 
-from .inference import _row_generators, _standard_normal, fit_posterior
+from .errors import NonFiniteWeightsError
+from .inference import fit_posterior
+from .randomness import row_generators, standard_normal
+from .weight_checks import check_finite_weights
 
 
 logger = logging.get_logger(__name__)
@@ -115,44 +119,16 @@ class LTMGenerationConfig(GenerationConfig):
             raise ValueError(f"`latent_temperature` must be a number >= 0 or None, got {temperature!r}.")
 
 
-class NonFiniteWeightsError(ValueError):
-    """A model's weights hold NaN or inf values (a diverged training run, or a damaged file)."""
-
-
-def check_finite_weights(model, action: str = "using it", source: str | None = None) -> None:
-    """Raise `NonFiniteWeightsError` naming the first parameter that holds NaN or inf.
-
-    Args:
-        model: a module (its `named_parameters()`, in order) or an iterable of `(name, tensor)` pairs (e.g. read
-            from a `.safetensors` file one tensor at a time).
-        action: what is about to happen ("generating", "exporting", "pushing"), for the message.
-        source: the folder or file the weights came from, for the message.
-
-    Fast path: one float32 sum per tensor, read back with one host sync (a sum is finite when every value is, NaN
-    and inf propagate); only when some sum is not finite are the bad values counted, to name the parameter.
-    """
-    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
-    names, tensors, sums = [], [], []
-    for name, tensor in named:
-        if tensor.is_floating_point() and tensor.numel() > 0:
-            device = sums[0].device if sums else tensor.device
-            names.append((name, tensor.numel()))
-            tensors.append(tensor.detach())
-            sums.append(tensors[-1].sum(dtype=torch.float32).to(device))
-    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
-        return
-    # A float32 sum of finite values can also overflow: count the bad values themselves.
-    counts = torch.stack([(~torch.isfinite(tensor)).sum().to(sums[0].device) for tensor in tensors])
-    if not bool(counts.any()):
-        return
-    bad_index = counts.nonzero()[:, 0]
-    name, numel = names[int(bad_index[0])]
-    where = f" in {source}" if source else ""
-    raise NonFiniteWeightsError(
-        f"The model's weights{where} are not finite: `{name}` holds {int(counts[bad_index[0]])} NaN/inf values of "
-        f"{numel} (first of {len(bad_index)} such parameters), found before {action}. The training run diverged or "
-        "the file is damaged: use an earlier checkpoint, or retrain with a lower learning rate."
-    )
+def latent_cache_like(cache: Cache, config) -> Cache:
+    """An empty cache for the latents' cross-attention keys/values, to pair with the self-attention `cache` in an
+    `EncoderDecoderCache`: for a compilable (static) cache, static layers `n_latents_per_layer` long (full-attention
+    layers whatever the self-attention's sliding window: every token sees every latent), so that compiled decoding
+    reads fixed addresses; a `DynamicCache` otherwise."""
+    if cache.is_compileable:
+        return Cache(
+            layers=[StaticLayer(max_cache_len=config.n_latents_per_layer) for _ in range(config.num_hidden_layers)]
+        )
+    return DynamicCache()
 
 
 class LTMGenerationMixin(GenerationMixin):
@@ -228,6 +204,13 @@ class LTMGenerationMixin(GenerationMixin):
         """
         prompt_in_kwargs = inputs is None and "input_ids" in kwargs
         prompt = kwargs.get("input_ids") if prompt_in_kwargs else inputs
+        # Where they enter: a prompt or mask made on the CPU (`torch.ones_like(cpu_ids)`) goes to the model's device.
+        if isinstance(prompt, torch.Tensor) and prompt.device != self.device:
+            prompt = prompt.to(self.device)
+            if prompt_in_kwargs:
+                kwargs["input_ids"] = prompt
+        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+            kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         attention_mask = kwargs.get("attention_mask")
         generation_defaults = generation_config if generation_config is not None else self.generation_config
 
@@ -310,6 +293,16 @@ class LTMGenerationMixin(GenerationMixin):
             self.model.check_latents(latents, batch_size)  # raises naming the expected shape, or NaN/inf values
         return super().generate(inputs, generation_config, *args, latents=latents, **kwargs)
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`GenerationMixin._prepare_cache_for_generation`, whose cache (dynamic, or static for
+        `cache_implementation="static"`) becomes the self-attention half of an `EncoderDecoderCache`, as transformers
+        does for encoder-decoder models; the other half holds the latents' keys/values (see `latent_cache_like`)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if isinstance(cache, Cache) and not isinstance(cache, EncoderDecoderCache):
+            if not getattr(cache, "_is_user_defined", False):
+                model_kwargs["cache"] = EncoderDecoderCache(cache, latent_cache_like(cache, self.config))
+
     def adjust_generation_fn(self, *args, **kwargs):
         """`GenerationMixin.adjust_generation_fn` (run by `from_pretrained`), which reads `generation_config.json`
         with the base `GenerationConfig` (transformers 5.23 and 5.24 use `generation_config_class` only for a new
@@ -386,8 +379,14 @@ class LTMGenerationMixin(GenerationMixin):
             raise ValueError(f"`latent_temperature` must be a number >= 0, got {temperature!r}.")
         if generator is None and not isinstance(seed, int):
             seed = self._row_seeds(seed, batch_size)  # names `inference_seed` when the count is wrong
-        generators = _row_generators(None if generator is not None else seed, generator, batch_size)
-        return temperature * _standard_normal((batch_size, *self.config.latent_shape), generators, self.device)
+        generators = row_generators(None if generator is not None else seed, generator, batch_size, self.device)
+        return temperature * standard_normal((batch_size, *self.config.latent_shape), generators, self.device)
 
 
-__all__ = ["LTMGenerationConfig", "LTMGenerationMixin", "NonFiniteWeightsError", "check_finite_weights"]
+__all__ = [
+    "LTMGenerationConfig",
+    "LTMGenerationMixin",
+    "NonFiniteWeightsError",
+    "check_finite_weights",
+    "latent_cache_like",
+]

@@ -11,69 +11,45 @@ next to the weights for `trust_remote_code=True` loading.
 
 import inspect
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ltm import LTMConfig
-from .generation_ltm import LTMGenerationConfig, LTMGenerationMixin
+from .errors import NonFiniteLatentsError
+from .generation_ltm import LTMGenerationConfig, LTMGenerationMixin, latent_cache_like
 from .inference import (
-    NonFiniteLatentsError,
     PosteriorEvaluation,
     PosteriorOutput,
     evaluate_posterior,
     fit_posterior,
     importance_weighted_bound,
-    position_ids_from_attention_mask,
 )
+from .scoring import position_ids_from_attention_mask
 
 
 logger = logging.get_logger(__name__)
 
 
-# transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
-# `past_key_values` to `cache`. The installed version's own output class says which name it expects, so the same file
-# runs (and is exported as remote code) on both sides of the rename.
-CACHE_NAME = (
-    "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
-)
-
-# `LTMModel` returns transformers' own output classes: `last_hidden_state`, the cache (`EncoderDecoderCache`: the
-# tokens' self-attention keys/values and the latents' cross-attention keys/values, computed once per sequence) under
-# `CACHE_NAME`, and `hidden_states` / `attentions` / `cross_attentions` when asked for (`output_hidden_states=True`,
+# `LTMModel` returns transformers' own output classes: `last_hidden_state`, the `cache` (`EncoderDecoderCache`: the
+# tokens' self-attention keys/values and the latents' cross-attention keys/values, computed once per sequence), and
+# `hidden_states` / `attentions` / `cross_attentions` when asked for (`output_hidden_states=True`,
 # `output_attentions=True`; recorded by transformers' `capture_outputs` hooks, see `LTMPreTrainedModel`).
 LTMModelOutput = BaseModelOutputWithPastAndCrossAttentions
 LTMCausalLMOutput = CausalLMOutputWithCrossAttentions
-
-
-def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The cache passed to `forward`, under its current name `cache` or its pre-5.24 name `past_key_values`.
-
-    `past_key_values=` is what `generate()` passes on transformers < 5.24; on newer versions it is deprecated, and
-    a `FutureWarning` says so.
-    """
-    if past_key_values is None:
-        return cache
-    if cache is not None:
-        raise ValueError("Got both `cache` and `past_key_values`; pass the cache once, as `cache=`.")
-    if CACHE_NAME == "cache":
-        warnings.warn(
-            "`past_key_values` is deprecated since transformers 5.24; pass the cache as `cache=`.",
-            FutureWarning,
-            stacklevel=3,
-        )
-    return past_key_values
 
 
 class LTMRMSNorm(nn.Module):
@@ -173,17 +149,18 @@ def _attention_interface(config: LTMConfig) -> Callable:
 
 
 class LTMMLP(nn.Module):
-    """SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`, `(..., hidden_size)` → `(..., hidden_size)`."""
+    """Gated feed-forward block (SwiGLU with the default `hidden_act="silu"`): `down(act(gate(x)) * up(x))`,
+    `(..., hidden_size)` → `(..., hidden_size)`."""
 
     def __init__(self, config: LTMConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SiLU as a function, not a module: one module call less per layer and decoding step.
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LTMSelfAttention(nn.Module):
@@ -239,12 +216,13 @@ class LTMSelfAttention(nn.Module):
 
 
 class LTMCrossAttention(nn.Module):
-    """Attention from the tokens to this layer's latent vectors `z_l` (no mask: every token sees every latent).
+    """Attention from the tokens to this layer's latent vectors `z_l` (no mask: every token sees every latent), through
+    the model's attention interface (eager, sdpa, flash or flex), as an encoder-decoder model's cross-attention.
 
     Queries carry the tokens' RoPE positions, keys the latents' positions (spread evenly over the context). With an
-    `EncoderDecoderCache`, the first call attends as without one and stores the latents' keys and values in the form
-    later calls use (see `_decoding_keys_values`: values already through `o_proj`), so a decoding step reads a few
-    rows per sequence instead of the output projection's weight.
+    `EncoderDecoderCache`, the first call projects the latents and stores their keys (rotated) and values in the
+    cross-attention cache, in the standard layout `(batch, num_key_value_heads, n_latents_per_layer, head_dim)`; later
+    calls (decoding steps) read them from there.
     """
 
     def __init__(self, config: LTMConfig, layer_idx: int):
@@ -281,9 +259,9 @@ class LTMCrossAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        latents: torch.Tensor,
+        latents: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        latent_position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        latent_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         cache: EncoderDecoderCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -294,14 +272,14 @@ class LTMCrossAttention(nn.Module):
         cos, sin = position_embeddings
         query_states = apply_rotary_pos_emb(query_states, cos, sin)
 
-        cross_cache = cache.cross_attention_cache if cache is not None else None
-        if cross_cache is not None and cache.is_updated.get(self.layer_idx, False):
-            layer = cross_cache.layers[self.layer_idx]
-            return self._attend_decoding(query_states, layer.keys, layer.values)
-        key_states, value_states = self.project_latents(latents, latent_position_embeddings)
-        if cross_cache is not None:
-            cross_cache.update(*self._decoding_keys_values(key_states, value_states), self.layer_idx)
-            cache.is_updated[self.layer_idx] = True
+        if cache is not None and cache.is_updated.get(self.layer_idx, False):  # decoding: the latents are cached
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            key_states, value_states = layer.keys, layer.values
+        else:
+            key_states, value_states = self.project_latents(latents, latent_position_embeddings)
+            if cache is not None:
+                key_states, value_states = cache.cross_attention_cache.update(key_states, value_states, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
 
         attn_output, attn_weights = _attention_interface(self.config)(
             self,
@@ -315,57 +293,6 @@ class LTMCrossAttention(nn.Module):
             **kwargs,
         )
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
-
-    def _decoding_keys_values(
-        self, key_states: torch.Tensor, value_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The latents' keys and values in the form the cache keeps for decoding steps, computed once per sequence.
-
-        Keys `(batch, num_attention_heads, head_dim, n_latents)`: rotated, repeated over the query heads' groups,
-        multiplied by `scaling` and transposed, the right-hand side of the scores' product as is. Values `(batch, 1,
-        num_attention_heads * n_latents, hidden_size)` (4-D like every cache entry, so the cache's batch reordering
-        applies as is): each head's values already taken through `o_proj` (the output projection is linear, so
-        `o_proj(concat_h a_h V_h)` equals `sum_h a_h (V_h through o_proj's head-h block)`). A decoding step then reads
-        these few rows instead of `o_proj`'s whole weight, which pays while `batch * num_attention_heads * n_latents`
-        rows are fewer than `hidden_size` (up to batch 8 for the generation bench's model).
-        `o_proj` is called as a module, on block-diagonal inputs, so an adapter on it (LoRA) is folded in as well.
-        """
-        heads = self.config.num_attention_heads
-        key_states = repeat_kv(key_states, self.num_key_value_groups) * self.scaling
-        value_states = repeat_kv(value_states, self.num_key_value_groups)  # (B, nh, nl, hd)
-        batch, _, n_latents, head_dim = value_states.shape
-        per_head = torch.eye(heads, dtype=value_states.dtype, device=value_states.device)
-        block_diagonal = torch.einsum("bhld,hg->bhlgd", value_states, per_head).reshape(batch, heads, n_latents, -1)
-        folded = self.o_proj(block_diagonal)  # (B, nh, nl, hidden): head h's value j through o_proj
-        return key_states.transpose(2, 3).contiguous(), folded.reshape(batch, 1, heads * n_latents, -1)
-
-    def _attend_decoding(
-        self, query_states: torch.Tensor, keys_transposed: torch.Tensor, folded_values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of `query_states` `(B, nh, T, hd)` over the cached latents from [`_decoding_keys_values`]:
-        the output `(B, T, hidden_size)` (after the output projection) and the weights `(B, nh, T, n_latents)`.
-
-        One query per row (a decoding step) goes through `bmm` on 3-D views, no copies: `matmul`'s general
-        broadcasting costs more than these products themselves (a decoding step is a chain of small kernels)."""
-        batch, heads, seq, _ = query_states.shape
-        n_latents = keys_transposed.shape[-1]
-        values = folded_values.view(batch, heads * n_latents, -1)  # (B, nh * nl, hidden), head-major
-        if seq == 1:
-            scores = torch.bmm(
-                query_states.view(batch * heads, 1, -1), keys_transposed.view(batch * heads, -1, n_latents)
-            )
-        else:
-            scores = torch.matmul(query_states, keys_transposed)  # (B, nh, T, nl), keys pre-scaled
-        if scores.dtype == torch.float32:
-            attn_weights = torch.softmax(scores, dim=-1)
-        else:  # in float32, as the eager attention does
-            attn_weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query_states.dtype)
-        if self.training and self.attention_dropout:
-            attn_weights = nn.functional.dropout(attn_weights, p=self.attention_dropout, training=True)
-        if seq == 1:  # (B * nh, 1, nl) is (B, 1, nh * nl) in memory: one row of head-major weights
-            return torch.bmm(attn_weights.view(batch, 1, -1), values), attn_weights.view(batch, heads, 1, n_latents)
-        flat_weights = attn_weights.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, nh * nl), head-major
-        return torch.bmm(flat_weights, values), attn_weights
 
 
 class LTMDecoderLayer(GradientCheckpointingLayer):
@@ -483,7 +410,12 @@ class LTMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LTMDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
+    # Decoding with a static cache compiles to one graph (tests/test_static_cache.py), as generate's compiled
+    # decoding (`cache_implementation="static"`) needs.
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": LTMDecoderLayer,
         "attentions": LTMSelfAttention,
@@ -497,6 +429,11 @@ class LTMPreTrainedModel(PreTrainedModel):
         if getattr(module, "zero_init", False):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on `device`'s current stream (no host reads allowed)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def latent_position_ids(config: LTMConfig, device: torch.device | None = None) -> torch.LongTensor:
@@ -539,10 +476,26 @@ class LTMPrefix:
                 return tensor
             return tensor.index_select(0, index)
 
+        return self.map(rows)
+
+    def map(self, function) -> "LTMPrefix":
+        """A prefix whose every tensor is `function(tensor)` (`None` stays `None`), e.g. `prefix.map(torch.clone)`."""
         if self.causal_mask is not None and not isinstance(self.causal_mask, torch.Tensor):
-            raise TypeError(f"Cannot select rows of a {type(self.causal_mask).__name__} attention mask.")
+            raise TypeError(f"Cannot map a {type(self.causal_mask).__name__} attention mask (a tensor is needed).")
         cos, sin = self.position_embeddings
-        return LTMPrefix(rows(self.hidden_states), rows(self.causal_mask), (rows(cos), rows(sin)))
+        return LTMPrefix(*(None if t is None else function(t) for t in (self.hidden_states, self.causal_mask)),
+                         (function(cos), function(sin)))  # fmt: skip
+
+    @torch.no_grad()
+    def copy_(self, other: "LTMPrefix") -> "LTMPrefix":
+        """Copy `other`'s tensors into this prefix's, in place (same shapes; e.g. the static inputs of a CUDA graph)."""
+        for mine, theirs in zip(self._tensors(), other._tensors()):
+            if mine is not None:
+                mine.copy_(theirs)
+        return self
+
+    def _tensors(self) -> tuple:
+        return (self.hidden_states, self.causal_mask, *self.position_embeddings)
 
 
 class LTMModel(LTMPreTrainedModel):
@@ -551,7 +504,7 @@ class LTMModel(LTMPreTrainedModel):
     def __init__(self, config: LTMConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([LTMDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LTMRotaryEmbedding(config)
@@ -566,9 +519,10 @@ class LTMModel(LTMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def check_latents(self, latents: torch.Tensor, batch_size: int) -> None:
+    def check_latents(self, latents: torch.Tensor, batch_size: int, check_finite: bool = True) -> None:
         """Raise unless `latents` is a floating-point tensor of shape `(batch_size, *config.latent_shape)`, on the
-        model's device, with finite values (`TypeError` for the type, `ValueError` otherwise)."""
+        model's device, with finite values (`TypeError` for the type, `ValueError` otherwise). `check_finite=False`
+        skips the one check that reads a value back to the host (the fast loop checks its own numbers)."""
         expected = (batch_size, *self.config.latent_shape)
         if not isinstance(latents, torch.Tensor):
             raise TypeError(
@@ -589,13 +543,17 @@ class LTMModel(LTMPreTrainedModel):
                 f"`latents` is on {latents.device} but the model is on {device}; move it with "
                 "`latents.to(model.device)`."
             )
-        # One host sync, skipped while compiling so that a compiled forward has no graph break.
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(latents).all()):
+        # One host sync, skipped while compiling or capturing a CUDA graph (a graph break, a capture error).
+        if not check_finite or torch.compiler.is_compiling() or _capturing(latents.device):
+            return
+        if not bool(torch.isfinite(latents).all()):
             raise NonFiniteLatentsError(
                 "`latents` contains NaN or inf values; pass finite latents (e.g. `model.infer_latents(...).z`, or "
                 "`latents=None` for the prior mean)."
             )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
+    @merge_with_config_defaults
     @capture_outputs
     def forward(
         self,
@@ -606,7 +564,6 @@ class LTMModel(LTMPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         latents: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         prefix: LTMPrefix | None = None,
         **kwargs,
     ) -> LTMModelOutput:
@@ -621,8 +578,9 @@ class LTMModel(LTMPreTrainedModel):
                 RoPE positions of the tokens. Defaults to `past_length + arange(sequence_length)`, or to positions
                 counted over the real tokens of `attention_mask` when it has padding.
             cache (`Cache`, *optional*):
-                An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache) as returned by a
-                previous call. An empty `DynamicCache` (what `generate()` creates) is converted into one.
+                An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache), as `generate()`
+                prepares it (dynamic or static) or a previous call returned it. An empty self-attention-only cache
+                (`DynamicCache`, `StaticCache`) gets an empty cross-attention cache of the same kind.
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Token embeddings, instead of `input_ids`.
             latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
@@ -633,7 +591,7 @@ class LTMModel(LTMPreTrainedModel):
                 Return the caches for further decoding. Defaults to `config.use_cache`; off while training with
                 gradient checkpointing.
             past_key_values (`Cache`, *optional*):
-                The name of `cache` before transformers 5.24 (what `generate()` passes there); deprecated after.
+                The name of `cache` before transformers 5.24; deprecated (a warning), renamed to `cache`.
             output_hidden_states (`bool`, *optional*):
                 Also return `hidden_states`. Defaults to `config.output_hidden_states`.
             output_attentions (`bool`, *optional*):
@@ -646,14 +604,15 @@ class LTMModel(LTMPreTrainedModel):
                 The latent-independent start of the forward, from [`LTMModel.compute_prefix`]: it replaces
                 `inputs_embeds`, `attention_mask` and `position_ids` (pass none of them; `input_ids` may be passed
                 along for hooks and logging, the prefix's own tokens, unused) and the work up to layer 0's
-                cross-attention. No cache. Same numbers as the plain call.
+                cross-attention. No cache, and no check that the latents are finite (the fast loop checks its own
+                numbers; the check would read a value back to the host at every fast step). Same numbers as the plain
+                call.
 
         Returns:
             [`LTMModelOutput`] (transformers' `BaseModelOutputWithPastAndCrossAttentions`) with
 
             - `last_hidden_state` of shape `(batch_size, sequence_length, hidden_size)`, after the final norm;
-            - when caching, the `EncoderDecoderCache` under `CACHE_NAME` (`cache`, or `past_key_values` before
-              transformers 5.24);
+            - when caching, the `EncoderDecoderCache` as `cache`;
             - with `output_hidden_states`: `hidden_states`, a tuple of `num_hidden_layers + 1` tensors of shape
               `(batch_size, sequence_length, hidden_size)`: the input of the first layer (the embeddings, after
               dropout), then each layer's output, the last one replaced by `last_hidden_state` (as in Llama);
@@ -668,7 +627,27 @@ class LTMModel(LTMPreTrainedModel):
                 or `output_attentions` without the eager attention.
             TypeError: `latents` not a floating-point tensor, or a cache that is not an `EncoderDecoderCache`.
         """
-        cache = resolve_cache_argument(cache, past_key_values)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, prefix, kwargs)
+        if prefix is not None:
+            hidden_states = self._decoder_layers(
+                prefix.hidden_states, latents, prefix.causal_mask, prefix.position_embeddings, None, True, **kwargs
+            )
+            return LTMModelOutput(last_hidden_state=hidden_states)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        cache = self._encoder_decoder_cache(cache, use_cache)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_length(past_length, inputs_embeds.shape[1])
+        hidden_states, causal_mask, position_embeddings = self._layer_inputs(
+            inputs_embeds, attention_mask, position_ids, cache, past_length
+        )
+        hidden_states = self._decoder_layers(
+            hidden_states, latents, causal_mask, position_embeddings, cache, False, **kwargs
+        )
+        return LTMModelOutput(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, prefix, kwargs) -> None:
+        """The argument checks of `forward` (raises `ValueError` naming the argument and the fix)."""
         if kwargs.get("output_attentions") and self.config._attn_implementation != "eager":
             # As `PretrainedConfig.output_attentions` does: the fused kernels never form the weights.
             raise ValueError(
@@ -679,17 +658,15 @@ class LTMModel(LTMPreTrainedModel):
         if prefix is not None:
             given = [n for n, v in [("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
                                     ("position_ids", position_ids), ("cache", cache)] if v is not None]  # fmt: skip
-            if given or use_cache:
-                raise ValueError(
-                    f"`prefix` already holds the tokens, mask and positions; do not also pass {given or 'use_cache'}."
-                )
+            if given:
+                raise ValueError(f"`prefix` already holds the tokens, mask and positions; do not also pass {given}.")
             if input_ids is not None and tuple(input_ids.shape) != tuple(prefix.hidden_states.shape[:2]):
                 raise ValueError(
                     f"`input_ids` of shape {tuple(input_ids.shape)} are not the prefix's tokens "
                     f"{tuple(prefix.hidden_states.shape[:2])}; pass the ids the prefix was computed from, or none."
                 )
-            inputs_embeds, use_cache = prefix.hidden_states, False
-        elif (input_ids is None) == (inputs_embeds is None):
+            return
+        if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(
@@ -698,52 +675,55 @@ class LTMModel(LTMPreTrainedModel):
             )
         if (input_ids if input_ids is not None else inputs_embeds).shape[0] == 0:
             raise ValueError("`input_ids` has 0 rows: pass a batch of at least one sequence.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch_size, seq_length = inputs_embeds.shape[:2]
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False
 
-        if use_cache and (
-            cache is None or (not isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0)
+    def _encoder_decoder_cache(self, cache: Cache | None, use_cache: bool) -> EncoderDecoderCache | None:
+        """The cache this forward reads and fills: `cache` as given when it is an `EncoderDecoderCache`; a new dynamic
+        pair when none is given and `use_cache`; an empty self-attention cache paired with an empty cross-attention
+        cache of its kind (static for static: `n_latents_per_layer` long)."""
+        if cache is None:
+            return EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache()) if use_cache else None
+        if isinstance(cache, EncoderDecoderCache):
+            return cache
+        if (
+            isinstance(cache, Cache)
+            and not isinstance(cache.get_seq_length(), torch.Tensor)
+            and not (cache.get_seq_length())
         ):
-            # generate() hands over an empty DynamicCache; the latents' keys/values need a cache of their own.
-            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache())
-        if cache is not None and not isinstance(cache, EncoderDecoderCache):
-            raise TypeError(
-                "`cache` must be an `EncoderDecoderCache` (self-attention + latent cross-attention) as "
-                f"returned by this model, got {type(cache).__name__}."
-            )
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if past_length + seq_length > self.config.max_position_embeddings:
+            return EncoderDecoderCache(cache, latent_cache_like(cache, self.config))
+        raise TypeError(
+            "`cache` must be an `EncoderDecoderCache` (self-attention + latent cross-attention) as `generate()` "
+            f"prepares it or this model returns it, or an empty `DynamicCache`/`StaticCache`; got {type(cache).__name__}."
+        )
+
+    def _check_length(self, past_length: int | torch.Tensor, seq_length: int) -> None:
+        """Raise when the cached plus the new tokens exceed `max_position_embeddings`. A static cache counts its
+        tokens in a tensor (no host read here): its own length, which `generate` checks against the context before
+        any work, bounds it."""
+        if isinstance(past_length, torch.Tensor):
+            return
+        limit = self.config.max_position_embeddings
+        if past_length + seq_length > limit:
             raise ValueError(
                 f"Input of {past_length + seq_length} tokens (cached {past_length} + new {seq_length}) is longer "
-                f"than max_position_embeddings={self.config.max_position_embeddings}. Truncate the input to the last "
-                f"{self.config.max_position_embeddings} tokens (e.g. tokenizer(..., truncation=True, "
-                f"max_length={self.config.max_position_embeddings}), truncation_side='left')."
+                f"than max_position_embeddings={limit}. Truncate the input to the last {limit} tokens (e.g. "
+                f"tokenizer(..., truncation=True, max_length={limit}), truncation_side='left')."
             )
 
+    def _decoder_layers(
+        self, hidden_states, latents, causal_mask, position_embeddings, cache, prefix_given: bool, **kwargs
+    ) -> torch.Tensor:
+        """The decoder layers and the final norm, `(B, T, hidden)` → `(B, T, hidden)`. `prefix_given`: the input is an
+        `LTMPrefix`'s, which already went through layer 0's self-attention."""
         cross_cached = cache is not None and all(cache.is_updated.get(i, False) for i in range(len(self.layers)))
+        latent_position_embeddings = None
         if cross_cached:  # decoding steps ignore them: no per-token check (and its host sync), no slicing
             latents = None
-        elif latents is None:
-            latents = inputs_embeds.new_zeros(batch_size, *self.config.latent_shape)
         else:
-            self.check_latents(latents, batch_size)
-
-        if prefix is None:
-            hidden_states, causal_mask, position_embeddings = self._layer_inputs(
-                inputs_embeds, attention_mask, position_ids, cache, past_length
-            )
-        else:
-            hidden_states, causal_mask, position_embeddings = (
-                prefix.hidden_states,
-                prefix.causal_mask,
-                prefix.position_embeddings,
-            )
-        latent_position_embeddings = None
-        if not cross_cached:  # while decoding, the latents' keys (already rotated) come from the cache
+            batch_size = hidden_states.shape[0]
+            if latents is None:
+                latents = hidden_states.new_zeros(batch_size, *self.config.latent_shape)
+            else:
+                self.check_latents(latents, batch_size, check_finite=not prefix_given)
             latent_position_embeddings = self.rotary_emb(
                 hidden_states, latent_position_ids(self.config, hidden_states.device).unsqueeze(0)
             )
@@ -755,26 +735,24 @@ class LTMModel(LTMPreTrainedModel):
                 latent_position_embeddings,
                 attention_mask=causal_mask,
                 cache=cache,
-                skip_self_attention=prefix is not None and layer_idx == 0,
+                skip_self_attention=prefix_given and layer_idx == 0,
                 **kwargs,
             )
-        hidden_states = self.norm(hidden_states)
-        return LTMModelOutput(last_hidden_state=hidden_states, **{CACHE_NAME: cache if use_cache else None})
+        return self.norm(hidden_states)
 
     def _layer_inputs(self, inputs_embeds, attention_mask, position_ids, cache, past_length):
         """`(hidden_states, causal_mask, position_embeddings)` entering layer 0, from the token embeddings."""
         seq_length = inputs_embeds.shape[1]
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2:
+            if attention_mask is not None and attention_mask.dim() == 2 and not isinstance(past_length, torch.Tensor):
                 # Counting over the mask is `past_length + arange` for a mask without padding, with no host sync
                 # deciding which case it is (a graph break under torch.compile).
                 position_ids = position_ids_from_attention_mask(attention_mask, past_length, seq_length)
             else:
-                position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
+                position_ids = torch.arange(seq_length, device=inputs_embeds.device) + past_length
                 position_ids = position_ids.unsqueeze(0)
 
         mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        # The cache goes by position: its keyword is `past_key_values` before transformers 5.24 and `cache` after.
         self_cache = cache.self_attention_cache if cache is not None else None
         causal_mask = mask_function(self.config, inputs_embeds, attention_mask, self_cache, position_ids)
 
@@ -836,7 +814,7 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         super().__init__(config)
         self.model = LTMModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -851,6 +829,7 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     @can_return_tuple
     def forward(
         self,
@@ -863,7 +842,6 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         prefix: LTMPrefix | None = None,
         **kwargs,
     ) -> LTMCausalLMOutput:
@@ -880,21 +858,25 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
                 the mean NLL in nats per predicted token given `latents`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 An `int` computes logits for the last `logits_to_keep` positions only (0 keeps all); a 1-D tensor
-                lists the sequence positions to keep.
+                lists the sequence positions to keep (transformers' `slice_logits_to_keep`).
             prefix ([`LTMPrefix`], *optional*):
                 From `model.model.compute_prefix(...)`, instead of `input_ids`/`attention_mask`/`position_ids`; see
                 [`LTMModel.forward`].
 
         Returns:
-            [`LTMCausalLMOutput`] with `logits` of shape `(batch_size, kept_positions, vocab_size)`, `loss` when
+            [`LTMCausalLMOutput`] with `logits` of shape `(batch_size, kept_positions, config.padded_vocab_size)`
+            (the columns past `config.vocab_size`, padding of the embedding for fast matrix shapes, are `-inf`: no
+            probability, never generated, outside every loss and bound), `loss` when
             `labels` is given, `cache` when caching, and the model's `hidden_states`, `attentions` and
             `cross_attentions` when asked for (a tuple of the non-`None` fields with `return_dict=False`).
         """
+        if prefix is not None and use_cache:
+            raise ValueError("`prefix` forwards keep no cache; do not pass `use_cache=True` with it.")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=resolve_cache_argument(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             latents=latents,
             use_cache=use_cache,
@@ -902,20 +884,39 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
             prefix=prefix,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        logits = self.mask_padded_vocab(logits)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
         return LTMCausalLMOutput(
             loss=loss,
             logits=logits,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             cross_attentions=outputs.cross_attentions,
-            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+
+    def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` `(..., padded_vocab_size)` with the padding columns (ids `>= config.vocab_size`, rows that only
+        make the embedding's shape fast) set to `-inf` in place: zero probability in every softmax, loss and bound,
+        and never generated. A no-op without padding."""
+        if logits.shape[-1] > self.config.vocab_size:
+            logits[..., self.config.vocab_size :] = float("-inf")
+        return logits
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """`PreTrainedModel.resize_token_embeddings` with the config's padding: the embedding gets
+        `new_num_tokens` rounded up to `pad_to_multiple_of` (default `config.pad_vocab_size_to_multiple_of`) rows,
+        while `config.vocab_size` becomes `new_num_tokens`, the tokenizer's size (transformers would record the padded
+        size there, and the padding rows would become predictable tokens)."""
+        multiple = pad_to_multiple_of or self.config.pad_vocab_size_to_multiple_of
+        embeddings = super().resize_token_embeddings(new_num_tokens, multiple if multiple > 1 else None, mean_resizing)
+        if new_num_tokens is not None:
+            self.config.vocab_size = self.vocab_size = new_num_tokens
+            self.config.pad_vocab_size_to_multiple_of = multiple
+        return embeddings
 
     def infer_latents(
         self,
@@ -958,13 +959,12 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
 
 # For a class registered with `register_for_auto_class` (as the remote-code export does), transformers'
 # `prepare_inputs_for_generation` reads the forward's signature at every decoding step (a check for remote code that
-# expects `cache_position`). Stored, `inspect.signature` returns it without unwrapping the decorators: 22 -> 6 us per
-# token on the generation bench's CPU.
+# expects `cache_position`). Python's own `__signature__` (PEP 362) caches it, so `inspect.signature` does not unwrap
+# the decorators each time: 22 -> 6 us per token on the generation bench's CPU. transformers has no switch for this.
 LTMForCausalLM.forward.__signature__ = inspect.signature(LTMForCausalLM.forward)
 
 
 __all__ = [
-    "CACHE_NAME",
     "LTMForCausalLM",
     "LTMModel",
     "LTMPrefix",

@@ -272,9 +272,11 @@ def _fresh_output_dir(config: str | None) -> str:
 
 def llama_peer_config(config: LTMConfig) -> LlamaConfig:
     """The `LlamaConfig` of the autoregressive peer of an LTM: same vocabulary, width, depth, heads, kv heads, MLP
-    width, context, RoPE base, norm epsilon and tied embeddings; no latents and no cross-attention."""
+    width, context, RoPE base, norm epsilon and tied embeddings; no latents and no cross-attention. Its embedding has
+    the LTM's padded shape (`padded_vocab_size`), so both run the same matrix shapes; the padding ids are never
+    targets (Llama cannot mask them: it learns to give them no probability, a negligible cost to its perplexity)."""
     return LlamaConfig(
-        vocab_size=config.vocab_size,
+        vocab_size=config.padded_vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers,
@@ -620,7 +622,8 @@ def generate_sample(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: 
     model.eval()
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=True, top_k=50, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    output = model.generate(prompt_ids.to(model.device), attention_mask=torch.ones_like(prompt_ids), **kwargs)
+    prompt_ids = prompt_ids.to(model.device)
+    output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **kwargs)
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 

@@ -48,7 +48,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 from transformers.utils import logging
 
-from .inference import PosteriorFitSettings, _bare_ltm, evaluate_posterior, fit_posterior, posterior_encoder_of
+from .inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
+from .weight_checks import bare_ltm, posterior_encoder_of
 
 
 logger = logging.get_logger(__name__)
@@ -390,7 +391,7 @@ class LTMTrainer(Trainer):
         idle = []
         warm_start = getattr(self.args, "posterior_warm_start", False)
         if encoder is not None:
-            _bare_ltm(self.model).config.posterior_encoder_fit = "training" if warm_start else None
+            bare_ltm(self.model).config.posterior_encoder_fit = "training" if warm_start else None
         if encoder is not None and not warm_start:
             idle = [parameter for parameter in encoder.parameters() if parameter.requires_grad]
             logger.warning(
@@ -421,23 +422,26 @@ class LTMTrainer(Trainer):
         lr = self.inference_lr_at(step)
         unwrapped = self.accelerator.unwrap_model(model)
         encoder_mu = prefix = None
-        if getattr(self.args, "posterior_warm_start", False):
-            # The prefix (no gradient) is the fit's own, computed once; the encoder's forward keeps its graph.
-            prefix = _bare_ltm(unwrapped).model.compute_prefix(input_ids, attention_mask=attention_mask)
-            encoder_mu, _ = posterior_encoder_of(unwrapped)(prefix.hidden_states, attention_mask)
-        posterior = fit_posterior(
-            unwrapped,
-            input_ids,
-            attention_mask,
-            labels=labels,
-            num_steps=self.inference_steps_at(step),
-            lr=lr,
-            seed=_row_seeds(self.args.seed, _TRAIN_STREAM, step, first_row, input_ids.shape[0]),
-            kl_weight=self.kl_weight_at(step),
-            free_bits=getattr(self.args, "free_bits", 0.0) or 0.0,
-            init_mu=None if encoder_mu is None else encoder_mu.detach(),
-            prefix=prefix,
-        )
+        # One autocast region (the mixed precision of the run, if any) around the whole fit, prefix included: the
+        # weights are cast once per fit, not at each fast step's forward (which enters and leaves its own region).
+        with self.accelerator.autocast():
+            if getattr(self.args, "posterior_warm_start", False):
+                # The prefix (no gradient) is the fit's own, computed once; the encoder's forward keeps its graph.
+                prefix = bare_ltm(unwrapped).model.compute_prefix(input_ids, attention_mask=attention_mask)
+                encoder_mu, _ = posterior_encoder_of(unwrapped)(prefix.hidden_states, attention_mask)
+            posterior = fit_posterior(
+                unwrapped,
+                input_ids,
+                attention_mask,
+                labels=labels,
+                num_steps=self.inference_steps_at(step),
+                lr=lr,
+                seed=_row_seeds(self.args.seed, _TRAIN_STREAM, step, first_row, input_ids.shape[0]),
+                kl_weight=self.kl_weight_at(step),
+                free_bits=getattr(self.args, "free_bits", 0.0) or 0.0,
+                init_mu=None if encoder_mu is None else encoder_mu.detach(),
+                prefix=prefix,
+            )
         encoder_error = None
         if encoder_mu is not None:
             # 1/2 ||mu_encoder - mu_fitted||^2 per sequence (nats: the KL between unit-variance Gaussians at the two).

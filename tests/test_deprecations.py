@@ -19,10 +19,8 @@ def test_logged_transformers_deprecation_is_recorded(model, config):
     import torch
     from transformers.utils import logging as hf_logging
 
-    from modeling_ltm.modeling_ltm import CACHE_NAME
-
     hf_logging.get_logger("transformers.utils.generic").warning("`past_key_values` is deprecated. Use `cache`.")
     assert any("deprecated" in message for message in conftest._DEPRECATION_LOG.messages)
     conftest._DEPRECATION_LOG.messages.clear()  # this test's notice is deliberate
     out = model(torch.randint(0, config.vocab_size, (1, 4)), use_cache=True)
-    assert getattr(out, CACHE_NAME) is not None
+    assert out.cache is not None

@@ -28,6 +28,7 @@ from hub_cards.card import (
 from hub_cards.cli import export_main, push_main
 from hub_cards.export import REMOTE_CODE_FILES, read_training_hyperparameters
 from modeling_ltm import LTMForCausalLM, PosteriorFitSettings
+from modeling_ltm.configuration_ltm import MIN_TRANSFORMERS_VERSION
 from modeling_ltm.inference import RECONSTRUCTION_CAVEAT
 
 
@@ -336,7 +337,7 @@ def test_lm_eval_results_folder_keeps_the_newest_run(tmp_path):
 def test_card_body_has_usage_architecture_bounds_and_citation(exported):
     text = ModelCard.load(exported / "README.md").text
     assert usage_snippet(str(exported), num_inference_steps=4) in text  # what the fresh-process test ran
-    assert 'pip install "transformers>=5.23.0"' in text  # the lowest transformers the remote code runs on
+    assert f'pip install "transformers>={MIN_TRANSFORMERS_VERSION}"' in text  # the lowest it runs on
     assert lm_eval_command(str(exported)) in text
     num_parameters = LTMForCausalLM(tiny_config()).num_parameters()
     assert f"| parameters | {num_parameters:,} (" in text

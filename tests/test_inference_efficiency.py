@@ -9,8 +9,9 @@ import torch
 from conftest import tiny_config
 from torch.testing import assert_close
 
-from modeling_ltm import LTMForCausalLM, PosteriorFitSettings, fit_posterior, inference
-from modeling_ltm.inference import _smoothed_gain, next_token_targets, sequence_nll
+from modeling_ltm import LTMForCausalLM, PosteriorFitSettings, fast_loop, fit_posterior, inference
+from modeling_ltm.fast_loop import smoothed_gain
+from modeling_ltm.inference import next_token_targets, sequence_nll
 
 
 def random_ids(config, batch_size, seq_length, seed=0):
@@ -79,7 +80,7 @@ def test_prefix_refuses_token_inputs_too():
 
 
 def plain_path(monkeypatch):
-    monkeypatch.setattr(inference, "_compute_prefix", lambda *args: None)
+    monkeypatch.setattr(fast_loop, "compute_prefix", lambda *args: None)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -154,7 +155,7 @@ def test_adaptive_stopping_never_stops_a_row_still_rising_faster_than_the_tolera
     for row in range(input_ids.shape[0]):
         trace = fit.elbo_trace[:-1, row : row + 1]
         for taken in range(first_check, int(steps[row]) + 1):
-            gain = float(_smoothed_gain(trace[:taken], window)) / float(tokens[row])
+            gain = float(smoothed_gain(trace[:taken], window)) / float(tokens[row])
             if taken < int(steps[row]):
                 assert gain >= tol, f"row {row} kept going at step {taken} with gain {gain} < tol"
             elif taken < settings.num_steps:

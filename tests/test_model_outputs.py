@@ -15,7 +15,6 @@ from test_remote_code import transformers_build
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_ltm import LTMForCausalLM
-from modeling_ltm.modeling_ltm import CACHE_NAME
 
 
 def ids_and_latents(config, batch_size=2, seq_length=7):
@@ -104,7 +103,7 @@ def test_attentions_while_decoding_with_the_cache(eager_model, config):
     input_ids, latents = ids_and_latents(config)
     first = eager_model(input_ids[:, :6], latents=latents, use_cache=True)
     step = eager_model(
-        input_ids[:, 6:], cache=getattr(first, CACHE_NAME), use_cache=True, output_attentions=True
+        input_ids[:, 6:], cache=first.cache, use_cache=True, output_attentions=True
     )  # the latents' keys/values come from the cache
     assert [w.shape for w in step.attentions] == [(2, config.num_attention_heads, 1, 7)] * config.num_hidden_layers
     assert [w.shape for w in step.cross_attentions] == [

@@ -11,7 +11,6 @@ from transformers import AutoModel, AutoModelForCausalLM
 from transformers.cache_utils import EncoderDecoderCache
 
 from modeling_ltm import LTMForCausalLM, LTMModel
-from modeling_ltm.modeling_ltm import CACHE_NAME
 
 
 def random_latents(config, batch_size, seed=0):
@@ -40,10 +39,10 @@ def test_output_shapes(model, config):
     out = model(input_ids, latents=random_latents(config, 3), labels=input_ids)
     assert out.logits.shape == (3, 10, config.vocab_size)
     assert out.loss.shape == ()
-    cache = getattr(out, CACHE_NAME)
+    cache = out.cache
     assert isinstance(cache, EncoderDecoderCache)
     assert cache.get_seq_length() == 10
-    assert getattr(model(input_ids, use_cache=False), CACHE_NAME) is None
+    assert model(input_ids, use_cache=False).cache is None
     assert model(input_ids, logits_to_keep=1).logits.shape == (3, 1, config.vocab_size)
     hidden = model.model(input_ids).last_hidden_state
     assert hidden.shape == (3, 10, config.hidden_size)
@@ -227,7 +226,7 @@ def test_gradient_checkpointing_training_step(config):
         losses.append(out.loss.detach())
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     torch.testing.assert_close(losses[0], losses[1])
-    assert getattr(checkpointed(input_ids, latents=latents), CACHE_NAME) is None  # no cache while checkpointing
+    assert checkpointed(input_ids, latents=latents).cache is None  # no cache while checkpointing
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
     # One optimizer step actually moves the weights.
@@ -279,7 +278,7 @@ def test_incremental_decoding_with_cache_equals_full_forward(model, sliding_wind
     latents = random_latents(config, 2)
     full = model(input_ids, latents=latents).logits
     out = model(input_ids[:, :6], latents=latents, use_cache=True)
-    cache = getattr(out, CACHE_NAME)
+    cache = out.cache
     assert all(cache.is_updated.get(i, False) for i in range(config.num_hidden_layers))
     steps = [out.logits]
     # One token at a time and a chunk of three (the decoding attention over the latents has a path for each), past
@@ -292,21 +291,21 @@ def test_incremental_decoding_with_cache_equals_full_forward(model, sliding_wind
 
 
 def test_cache_is_accepted_under_both_names_of_the_transformers_5_24_rename(model, config):
-    """`cache=` is the name from transformers 5.24 on; `past_key_values=` (the older name, which `generate()` passes
-    on 5.23) gives the same logits, with a FutureWarning only where it is deprecated. Both at once is an error."""
+    """`cache=` is the name from transformers 5.24 on; `past_key_values=` (the older name) gives the same logits, with
+    transformers' own deprecation (`deprecate_kwarg`, a FutureWarning). Both at once is an error."""
     input_ids = random_ids(config, 1, 8)
     latents = random_latents(config, 1)
     expected = model(input_ids, latents=latents).logits[:, 4:]
     for name in ("cache", "past_key_values"):
         prefix = model(input_ids[:, :4], latents=latents, use_cache=True)
-        if name == "past_key_values" and CACHE_NAME == "cache":
+        if name == "past_key_values":
             with pytest.warns(FutureWarning, match="past_key_values"):
-                out = model(input_ids[:, 4:], past_key_values=getattr(prefix, CACHE_NAME), use_cache=True)
+                out = model(input_ids[:, 4:], past_key_values=prefix.cache, use_cache=True)
         else:
-            out = model(input_ids[:, 4:], **{name: getattr(prefix, CACHE_NAME)}, use_cache=True)
+            out = model(input_ids[:, 4:], **{name: prefix.cache}, use_cache=True)
         torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
-    prefix = getattr(model(input_ids[:, :4], latents=latents, use_cache=True), CACHE_NAME)
-    with pytest.raises(ValueError, match="both"):
+    prefix = model(input_ids[:, :4], latents=latents, use_cache=True).cache
+    with pytest.raises(ValueError, match="Both"):
         model(input_ids[:, 4:], cache=prefix, past_key_values=prefix)
 
 
@@ -323,7 +322,7 @@ def test_forward_compiles_without_graph_breaks(model, config, call):
     mask[1, :3] = 0
     if call == "cached decoding":
         with torch.no_grad():
-            prompt_caches = [getattr(model(input_ids, latents=latents, use_cache=True), CACHE_NAME) for _ in "ab"]
+            prompt_caches = [model(input_ids, latents=latents, use_cache=True).cache for _ in "ab"]
         next_ids, positions = random_ids(config, 2, 1, seed=1), torch.full((2, 1), 10)
 
         def forward(z):  # each call extends its own cache (eager first, then compiled)

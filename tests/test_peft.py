@@ -115,7 +115,6 @@ def test_adapter_saves_loads_and_generates(fine_tuned):
 def test_cached_decoding_through_the_adapter_equals_the_full_forward(fine_tuned):
     """Decoding steps read the latents' values already taken through the cross-attention's `o_proj` (computed once
     per sequence): with an unmerged LoRA adapter on `o_proj`, the adapter must be in them too."""
-    from modeling_ltm.modeling_ltm import CACHE_NAME
 
     model = fine_tuned["model"]
     cross_o_proj = model.base_model.model.model.layers[0].cross_attn.o_proj
@@ -127,7 +126,7 @@ def test_cached_decoding_through_the_adapter_equals_the_full_forward(fine_tuned)
         out = model(input_ids=input_ids[:, :4], latents=latents, use_cache=True)
         steps = [out.logits]
         for t in range(4, 10):
-            out = model(input_ids=input_ids[:, t : t + 1], cache=getattr(out, CACHE_NAME), use_cache=True)
+            out = model(input_ids=input_ids[:, t : t + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 

@@ -175,7 +175,13 @@ def test_code_files_import_only_torch_transformers_and_siblings():
     allowed_roots = {"torch", "transformers"} | set(sys.stdlib_module_names)
     for name in CODE_FILES:
         tree = ast.parse((REPO_ROOT / "modeling_ltm" / name).read_text())
+        # transformers' own check of remote code (`check_imports`) skips imports inside try/except blocks: an
+        # optional package with a fallback (accelerate's unwrapping in weight_checks.py).
+        optional = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.Try) for stmt in node.body
+                    for inner in ast.walk(stmt)}  # fmt: skip
         for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
             if isinstance(node, ast.Import):
                 roots = {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom):

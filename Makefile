@@ -3,6 +3,7 @@
 #                 Hub-ready folder
 #   make test   - install (from the lock), run the test suite (what .ci/run calls, with `make test-latest` after it)
 # Other targets:
+#   make test-gpu    - the device suite (tests/test_cuda.py) alone, on a CUDA GPU (docs/gpu.md)
 #   make test-latest - the drift canary: the suite on the newest releases that pyproject.toml allows (fresh venv)
 #   make lock        - refresh constraints.txt from the newest releases (then run `make test` on it and commit)
 PYTHON ?= python3
@@ -20,7 +21,7 @@ TORCH_SPEC ?= $(shell grep -i '^torch==' $(LOCK))
 MIN_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
 SHOW_VERSIONS = -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|safetensors|datasets|evaluate|huggingface.hub|accelerate|lm.eval|peft)=='
 
-.PHONY: install main test test-latest lock clean
+.PHONY: install main main-job test test-gpu test-latest lock clean
 
 install: $(VENV)/.installed
 
@@ -32,11 +33,15 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/transformers-min "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
-LTM := $(VENV)/bin/ltm
+LTM ?= $(VENV)/bin/ltm
 
 # The main job re-runs into its own folder: `make main` replaces the previous `make main` run there (and nothing
-# else; `ltm train` alone refuses a non-empty folder).
+# else; `ltm train` alone refuses a non-empty folder). `main-job` is the job without the install, e.g. on a machine
+# with its own torch: `make main-job LTM="python3 -m modeling_ltm.cli"` (docs/gpu.md).
 main: install
+	$(MAKE) main-job
+
+main-job:
 	$(LTM) train --config configuration/ltm-tiny.json --recipe configuration/recipes/ltm-tiny.json --output_dir $(OUTPUT_DIR) \
 		--overwrite_output_dir
 	$(LTM) generate $(OUTPUT_DIR) --prompt "ROMEO:" --max-new-tokens 64
@@ -45,6 +50,11 @@ main: install
 test: install
 	@echo "== pytest on the lock ($(LOCK)) =="; $(PY) $(SHOW_VERSIONS)
 	LTM_TRANSFORMERS_MIN_SITE=$(CURDIR)/$(VENV)/transformers-min $(PY) -m pytest -q
+
+# The device suite alone (tests/test_cuda.py, every user path on a CUDA GPU; skipped, saying so, where torch sees none).
+# On a GPU machine with no internet, see docs/gpu.md (bench/gpu_check.sh runs it there with the GPU benches).
+test-gpu: install
+	$(PY) -m pytest -q -rs -m gpu tests/test_cuda.py
 
 # A fresh venv every time, so it really holds today's newest releases.
 test-latest:

@@ -7,6 +7,11 @@ pass the fitted `latents` to `generate`, so they measure prefill + decoding only
 
     .venv/bin/python bench/generate.py                      # hidden 256, 4 layers, vocab 8192, batch 1 and 8
     .venv/bin/python bench/generate.py --json runs/bench_generate.json
+    python bench/generate.py --device cuda --dtype bf16     # GPU defaults: the LTM-S preset, 128 new tokens, batch 1,
+                                                            # static cache (compiled decoding) for both models
+
+`--cache-implementation static` gives both models transformers' static cache, whose decoding step `generate` compiles
+(`torch.compile`, CUDA graphs) on a GPU; the LTM's cross-attention cache is a static one too.
 
 Prints a Markdown table (for docs/benchmarks.md) with decode tokens/s = batch * new_tokens / time of `generate`,
 the median over `--repeats` rounds (the cache-less LTM runs once at batch > 1: it is slow by design), by two clocks:
@@ -30,15 +35,21 @@ import transformers
 from transformers import LlamaForCausalLM
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import add_device_arguments, resolve_device, synchronize  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM  # noqa: E402
 from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
 
 
+GPU_DEFAULTS = dict(preset="configuration/ltm-s.json", new_tokens=128, batch_sizes=[1], cache_implementation="static")
+CPU_DEFAULTS = dict(preset=None, new_tokens=256, batch_sizes=[1, 8], cache_implementation=None)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=None, help="an LTM preset JSON (GPU default: LTM-S); else the sizes below")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
@@ -46,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-position-embeddings", type=int, default=512)
     parser.add_argument("--n-latents-per-layer", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 256 on a CPU, 128 on a GPU")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 on a CPU, 1 on a GPU")
+    parser.add_argument("--cache-implementation", default=None, help="e.g. static (the GPU default)")
     parser.add_argument("--num-inference-steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-cache-repeats", type=int, default=1)
@@ -59,10 +71,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_device_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def build_models(args):
+    if args.preset:
+        path = Path(args.preset)
+        ltm_config = LTMConfig.from_json_file(path if path.is_absolute() else REPO_ROOT / path)
+        ltm_config.num_inference_steps = args.num_inference_steps
+        ltm_config.bos_token_id, ltm_config.eos_token_id = 1, 2
+        args.vocab_size = ltm_config.vocab_size
+        torch.manual_seed(0)
+        return LTMForCausalLM(ltm_config).eval(), LlamaForCausalLM(llama_peer_config(ltm_config)).eval()
     ltm_config = LTMConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -145,22 +170,24 @@ def main(argv=None) -> int:
     device, dtype = resolve_device(args.device, args.dtype)
     ltm, llama = (model.to(device=device, dtype=dtype) for model in build_models(args))
     decode = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    cached = dict(decode, cache_implementation=args.cache_implementation) if args.cache_implementation else decode
     load_before = os.getloadavg()
     results = []
     for batch_size in args.batch_sizes:
         prompt = random_prompt(args, batch_size, device)
-        # Warm-up (allocator, SDPA dispatch) on a short generation of each model.
+        # Warm-up (allocator, SDPA dispatch; with a static cache, the compilation of the decoding step) on a
+        # generation of each model as long as the timed ones (the static cache's shape, so no recompilation).
         z = ltm.infer_latents(prompt, num_steps=1, seed=0).z
-        ltm.generate(prompt, latents=z, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        llama.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        ltm.generate(prompt, latents=z, **cached)
+        llama.generate(prompt, **cached)
 
         load = os.getloadavg()[0]
         fit_wall, fit_cpu, fitted = timed({"fit": lambda: ltm.infer_latents(prompt, seed=0)}, args.repeats, device)
         z = fitted["fit"].z
         wall, cpu, out = timed(
             {
-                "ltm": lambda: ltm.generate(prompt, latents=z, **decode),
-                "llama": lambda: llama.generate(prompt, **decode),
+                "ltm": lambda: ltm.generate(prompt, latents=z, **cached),
+                "llama": lambda: llama.generate(prompt, **cached),
             },
             args.repeats,
             device,
@@ -180,7 +207,8 @@ def main(argv=None) -> int:
         # In bf16 the cached and the full forward round differently, and a near-tie may flip one greedy token.
         assert same_tokens or dtype != torch.float32, "LTM greedy output differs with and without cache"
         tokens = batch_size * args.new_tokens
-        row = {"batch_size": batch_size, "num_inference_steps": args.num_inference_steps, "load_average_1min": load}
+        row = {"batch_size": batch_size, "num_inference_steps": args.num_inference_steps, "load_average_1min": load,
+               "cache_implementation": args.cache_implementation or "dynamic"}  # fmt: skip
         row["cache_matches_no_cache"] = same_tokens
         row["ltm_ops_per_decoding_step"] = ops_per_decoding_step(ltm, prompt, latents=z)
         row["llama_ops_per_decoding_step"] = ops_per_decoding_step(llama, prompt)

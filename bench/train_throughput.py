@@ -6,7 +6,13 @@ the LTM with `LTMTrainer` (per micro-batch: `T` fast steps fitting the posterior
 `Trainer`. The first `--warmup-steps` optimizer steps are not timed.
 
     .venv/bin/python bench/train_throughput.py --device cuda --dtype bf16                  # LTM-S, 8 x 1024 tokens
+    .venv/bin/python bench/train_throughput.py --device cuda --dtype bf16 --compile        # both models compiled
     .venv/bin/python bench/train_throughput.py --seq-length 128 --batch-size 4 --steps 4   # a CPU smoke run
+
+`--compile` sets `TrainingArguments(torch_compile=True)` for both models: Trainer compiles the wrapped forward (for
+the LTM, the decoder's slow step; its fast loop runs on the bare module, replayed from CUDA graphs on a GPU).
+`--profile FILE` also profiles one timed LTM step with `torch.profiler` and writes the kernel counts, CPU and CUDA
+totals and the top kernels by CUDA time to FILE (JSON).
 
 Figures:
 - `tokens_per_second`: training tokens per second of wall time over the timed optimizer steps.
@@ -52,6 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (dense, at --dtype)")
     parser.add_argument("--models", default="llama,ltm")
+    parser.add_argument("--compile", action="store_true", help="torch_compile=True for both models (Trainer)")
+    parser.add_argument(
+        "--compile-layers",
+        action="store_true",
+        help="also compile each LTM decoder layer in place (`layer.compile()`), which the fast loop runs too",
+    )
+    parser.add_argument("--profile", default=None, help="profile one LTM step; write the summary to this JSON file")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -72,6 +85,49 @@ def flops_per_token(model, fast_steps: int | None) -> float:
     if fast_steps is None:
         return 6.0 * n
     return 6.0 * n + fast_steps * 4.0 * n + 2.0 * n
+
+
+class StepProfiler(TrainerCallback):
+    """Profiles optimizer step `step` (CPU and CUDA activity) and writes a summary: kernel launches, total CPU and CUDA
+    time, and the 25 kernels with the most CUDA time."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path, self.profiler = step, path, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.key_averages()
+        kernels = [e for e in events if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)]
+        device_time = lambda e: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))  # noqa: E731
+        top = sorted(kernels, key=device_time, reverse=True)[:25]
+        summary = {
+            "kernel_launches": int(sum(e.count for e in kernels)),
+            "cuda_time_ms": sum(device_time(e) for e in kernels) / 1e3,
+            "cpu_time_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+            "top_kernels": [{"name": e.key[:120], "calls": e.count, "cuda_ms": device_time(e) / 1e3} for e in top],
+            "top_cpu_ops": [
+                {"name": e.key[:80], "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+            ],
+        }
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.path).write_text(json.dumps(summary, indent=1))
+        print(f"profile of step {self.step}: {summary['kernel_launches']} kernels, CUDA {summary['cuda_time_ms']:.1f} "
+              f"ms, CPU {summary['cpu_time_ms']:.1f} ms; top: " + "; ".join(
+                  f"{k['name'][:50]} {k['cuda_ms']:.1f}ms" for k in summary["top_kernels"][:6]), flush=True)  # fmt: skip
+        self.profiler = None
 
 
 class StepTimer(TrainerCallback):
@@ -119,14 +175,21 @@ def run_model(name: str, config: LTMConfig, args, blocks: Dataset, workdir: Path
         report_to="none",
         dataloader_pin_memory=args.device.startswith("cuda"),
         seed=0,
+        torch_compile=args.compile,
         **precision_arguments(args.device, args.dtype),
     )
     timer = StepTimer()
+    callbacks = [timer]
+    if name == "ltm" and args.profile:
+        callbacks.append(StepProfiler(args.warmup_steps + 1, args.profile))
     if name == "ltm":
         model = LTMForCausalLM(config)
+        if args.compile_layers:
+            for layer in model.model.layers:
+                layer.compile()
         fast_steps = config.num_inference_steps if args.num_inference_steps is None else args.num_inference_steps
         training_args = LTMTrainingArguments(**common, num_inference_steps=fast_steps)
-        trainer = LTMTrainer(model=model, args=training_args, train_dataset=blocks, callbacks=[timer])
+        trainer = LTMTrainer(model=model, args=training_args, train_dataset=blocks, callbacks=callbacks)
     else:
         model = LlamaForCausalLM(llama_peer_config(config))
         fast_steps = None
@@ -146,6 +209,10 @@ def run_model(name: str, config: LTMConfig, args, blocks: Dataset, workdir: Path
         "step_seconds_median": sorted(timed)[len(timed) // 2],
         "peak_memory_mib": peak_memory_mib(args.device),
         "model_tflops_per_second": tflops,
+        "compiled": args.compile,
+        "compiled_layers": bool(args.compile_layers and name == "ltm"),
+        "cuda_graphs": os.environ.get("LTM_CUDA_GRAPHS", "1") != "0",
+        "token_nll": os.environ.get("LTM_TOKEN_NLL", "auto"),
     }
     if args.peak_tflops:
         result["mfu"] = tflops / args.peak_tflops

@@ -135,6 +135,49 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
+class FitCache:
+    """What fits keep on a model between calls (its low-precision weight copies, its CUDA graphs), in the model's
+    `__dict__`: not a module, a parameter or state. A copy (`copy.deepcopy`, pickling) of the model starts empty."""
+
+    def __init__(self):
+        self.low_precision = None
+        self.graphs = OrderedDict()
+
+    @classmethod
+    def of(cls, model) -> "FitCache":
+        cache = model.__dict__.get("_ltm_fit_cache")
+        if cache is None:
+            cache = model.__dict__["_ltm_fit_cache"] = cls()
+        return cache
+
+    def __deepcopy__(self, memo):
+        return FitCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+class ModelCall(torch.nn.Module):
+    """Calls the model as a fit should: its own forward, without the mixed-precision wrapper that accelerate puts on a
+    prepared model's `forward` (the fit runs inside one autocast region of its own; the wrapper would enter another at
+    every fast step and copy every step's logits to float32). Callable like the model; `config` is the model's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, **kwargs):
+        original = self.model.__dict__.get("_original_forward")  # accelerate's saved, unwrapped forward
+        return original(**kwargs) if original is not None else self.model(**kwargs)
+
+
 class LowPrecisionWeights:
     """Runs the model with its matrix weights (every floating parameter of 2+ dimensions) replaced by copies in the
     enclosing autocast's dtype, refreshed once per fit.
@@ -142,34 +185,39 @@ class LowPrecisionWeights:
     Autocast casts a float32 weight again each time it enters a region, and at every replay of a graph that includes
     the cast; with these copies the weights are cast once per fit and the fast steps read them as they are (autocast
     leaves a tensor already in its dtype alone), with the same numbers: the copies round as autocast's casts do.
-    Callable like the model (`torch.func.functional_call`); the copies live on the model, at fixed addresses, so a
-    CUDA graph that reads them stays valid from one fit to the next.
+    Callable like the model (`torch.func.functional_call` of a [`ModelCall`]); the copies live on the model, at fixed
+    addresses, so a CUDA graph that reads them stays valid from one fit to the next.
     """
 
     def __init__(self, model, dtype: torch.dtype):
-        self.model, self.dtype = model, dtype
+        self.call, self.dtype = ModelCall(model), dtype
         names_of = {}
         for name, parameter in model.named_parameters(remove_duplicate=False):
             if parameter.is_floating_point() and parameter.dim() >= 2 and parameter.dtype != dtype:
-                names_of.setdefault(parameter, []).append(name)
+                names_of.setdefault(parameter, []).append(f"model.{name}")
         self.sources = list(names_of)
         self.copies = [torch.empty_like(p, dtype=dtype) for p in self.sources]
         self.tensors = {name: copy for p, copy in zip(self.sources, self.copies) for name in names_of[p]}
         self.signature = _parameter_signature(model)
 
+    @property
+    def config(self):
+        return self.call.config
+
     @classmethod
     def for_fit(cls, model, device: torch.device):
-        """The callable a fit scores through: `model` itself without autocast (or with nothing to cast), else the
-        model's `LowPrecisionWeights` for the autocast dtype, refreshed from the current weights."""
+        """The callable a fit scores through: the model's own forward ([`ModelCall`]) without autocast (or with nothing
+        to cast), else the model's `LowPrecisionWeights` for the autocast dtype, refreshed from the current weights."""
         dtype = autocast_dtype(device)
         if dtype is None or dtype == torch.float32 or is_fsdp_sharded(model):
-            return model
-        cached = getattr(model, "_ltm_low_precision_weights", None)
+            return ModelCall(model)
+        cache = FitCache.of(model)
+        cached = cache.low_precision
         if cached is None or cached.dtype != dtype or cached.signature != _parameter_signature(model):
             cached = cls(model, dtype)
             if not cached.sources:
-                return model
-            model._ltm_low_precision_weights = cached
+                return ModelCall(model)
+            cache.low_precision = cached
         cached.refresh()
         return cached
 
@@ -179,10 +227,7 @@ class LowPrecisionWeights:
             copy.copy_(source)
 
     def __call__(self, **kwargs):
-        return torch.func.functional_call(self.model, self.tensors, args=(), kwargs=kwargs, strict=False)
-
-    def __getattr__(self, name):  # `config`, `model`, ... of the wrapped model
-        return getattr(self.__dict__["model"], name)
+        return torch.func.functional_call(self.call, self.tensors, args=(), kwargs=kwargs, strict=False)
 
 
 def _parameter_signature(model) -> tuple:
@@ -220,7 +265,7 @@ class FastStep:
 class FastLoopState:
     """Where a fit ended: `mu`, `logvar` `(B, *latent_shape)`; `noise`, the `eps` of the last step (the only one with
     fixed noise); `noise_stream`, for the fit's further draws; `elbo_trace`, a list of `(B,)` ELBO estimates (one per
-    step); `batch`; `num_steps_taken` `(B,)`."""
+    step); `batch`; `num_steps_taken` `(B,)`; `forward`, what the fit scored through (for its final scoring)."""
 
     mu: torch.Tensor
     logvar: torch.Tensor
@@ -229,6 +274,7 @@ class FastLoopState:
     batch: FitBatch
     noise_stream: NoiseStream
     num_steps_taken: torch.Tensor
+    forward: object = None
 
 
 def encoder_proposal(model, batch: FitBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +337,7 @@ def run_fast_loop(
     trace = torch.empty((num_steps, shape[0]), device=device)
     finite_steps = torch.ones(num_steps, dtype=torch.bool, device=device)
     if graph is not None:
-        mu, logvar = graph.run(batch, mu, logvar, noise, noise_stream, settings, trace, finite_steps, deadline)
+        mu, logvar, noise = graph.run(batch, mu, logvar, noise, noise_stream, settings, trace, finite_steps, deadline)
     else:
         mu, logvar, noise = _run_eager(forward, batch, settings, mu, logvar, noise, noise_stream, trace, finite_steps,
                                        deadline, model)  # fmt: skip
@@ -299,7 +345,7 @@ def run_fast_loop(
         step = int(finite_steps.int().argmin()) + 1
         raise_non_finite(model, f"became non-finite at fast step {step}/{num_steps} (lr={settings.lr})", step)
     steps_taken = torch.full((shape[0],), num_steps, dtype=torch.long, device=device)
-    return FastLoopState(mu, logvar, noise, list(trace.unbind(0)), batch, noise_stream, steps_taken)
+    return FastLoopState(mu, logvar, noise, list(trace.unbind(0)), batch, noise_stream, steps_taken, forward)
 
 
 def _run_eager(forward, batch, settings, mu, logvar, noise, noise_stream, trace, finite_steps, deadline, model):
@@ -331,9 +377,12 @@ class FastStepGraph:
     updates `mu` and `logvar` inside the graph. Built on first use: two eager steps on a side stream (lazy state,
     cuBLAS workspaces, compiled kernels), then the capture. Kept on the model, keyed by everything that changes the
     recorded kernels (shapes, dtypes, autocast, training mode, the weights' storage).
+
+    `capture=False` runs the same static-buffer loop with each replay executed eagerly: how the CPU tests check the
+    plumbing (loading, resetting, the schedule) against the plain loop.
     """
 
-    def __init__(self, forward, batch: FitBatch, free_bits: float, autocast: torch.dtype | None):
+    def __init__(self, forward, batch: FitBatch, free_bits: float, autocast: torch.dtype | None, capture: bool = True):
         self.batch = _static_copy(batch)
         device = batch.input_ids.device
         shape = (batch.input_ids.shape[0], *forward.config.latent_shape)
@@ -342,26 +391,39 @@ class FastStepGraph:
         self.noise = torch.zeros(shape, device=device)
         self.lr = torch.zeros((), device=device)
         self.kl_weight = torch.ones((), device=device)
-        self.optimizer = torch.optim.Adam([self.mu, self.logvar], lr=self.lr, capturable=True, foreach=True)
+        on_gpu = device.type == "cuda"
+        self.optimizer = torch.optim.Adam([self.mu, self.logvar], lr=self.lr, capturable=on_gpu, foreach=on_gpu)
         self.step = FastStep(forward, self.batch, self.mu, self.logvar, self.optimizer, self.kl_weight, free_bits)
-        self.autocast = autocast
+        self.autocast, self.graph = autocast, None
+        self.elbo = self.finite = None
+        if capture:
+            self._capture(device)
+
+    def _capture(self, device: torch.device) -> None:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), self._autocast(), torch.enable_grad():
+        with torch.cuda.stream(side), self._autocast(device), torch.enable_grad():
             for _ in range(2):
                 self.lr.fill_(1e-3)
                 self.noise.normal_()
                 self.step(self.noise)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), self._autocast(), torch.enable_grad():
+        with torch.cuda.graph(self.graph), self._autocast(device), torch.enable_grad():
             self.elbo, self.finite = self.step(self.noise)
 
-    def _autocast(self):
+    def _autocast(self, device: torch.device):
         # No weight-cast cache inside a capture: a cached cast would be freed with the region that made it.
         if self.autocast is None:
-            return torch.autocast("cuda", enabled=False)
-        return torch.autocast("cuda", dtype=self.autocast, cache_enabled=False)
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=self.autocast, cache_enabled=False)
+
+    def _replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        with torch.enable_grad():
+            self.elbo, self.finite = self.step(self.noise)
 
     @classmethod
     def for_fit(cls, model, forward, batch: FitBatch, settings) -> "FastStepGraph | None":
@@ -381,7 +443,7 @@ class FastStepGraph:
             _tensor_layout(batch), autocast, float(settings.free_bits), model.training,
             model.config._attn_implementation, _parameter_signature(model), type(forward).__name__,
         )  # fmt: skip
-        graphs = model.__dict__.setdefault("_ltm_fast_step_graphs", OrderedDict())
+        graphs = FitCache.of(model).graphs
         if key in graphs:
             graphs.move_to_end(key)
             return graphs[key]
@@ -398,7 +460,7 @@ class FastStepGraph:
     @torch.no_grad()
     def run(self, batch, mu, logvar, noise, noise_stream, settings, trace, finite_steps, deadline):
         """One fit: load the batch and the starting point, replay the step `settings.num_steps` times; returns the
-        final `(mu, logvar)` (copies, not the graph's buffers)."""
+        final `(mu, logvar)` (copies, not the graph's buffers) and the last step's `eps`."""
         _copy_batch(self.batch, batch)
         self.mu.copy_(mu)
         self.logvar.copy_(logvar)
@@ -413,10 +475,10 @@ class FastStepGraph:
                 noise = noise_stream.next()
             self.lr.fill_(cosine_fast_lr(step, num_steps, settings.lr, settings.lr_min_ratio))
             self.noise.copy_(noise)
-            self.graph.replay()
+            self._replay()
             trace[step].copy_(self.elbo)
             finite_steps[step].copy_(self.finite)
-        return self.mu.detach().clone(), self.logvar.detach().clone()
+        return self.mu.detach().clone(), self.logvar.detach().clone(), noise
 
 
 def _tensor_layout(batch: FitBatch) -> tuple:
@@ -515,7 +577,9 @@ def run_adaptive_fast_loop(
             step_fn = FastStep(forward, sub_batch, mu, logvar, optimizer, settings.kl_weight, settings.free_bits)
     if active.numel():
         mu_out[active], logvar_out[active], noise_out[active] = mu.detach(), logvar.detach(), noise
-    return FastLoopState(mu_out, logvar_out, noise_out, list(trace.unbind(0)), batch, noise_stream, steps_taken)
+    return FastLoopState(
+        mu_out, logvar_out, noise_out, list(trace.unbind(0)), batch, noise_stream, steps_taken, forward
+    )
 
 
 def compact_adam(optimizer, mu, logvar, keep, lr):
@@ -536,8 +600,10 @@ __all__ = [
     "FastLoopState",
     "FastStep",
     "FastStepGraph",
+    "FitCache",
     "FitBatch",
     "LowPrecisionWeights",
+    "ModelCall",
     "check_deadline",
     "compact_adam",
     "compute_prefix",

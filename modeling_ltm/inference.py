@@ -247,9 +247,7 @@ def _fit(
             # estimate there is optimistically biased; a fresh draw makes `elbo` an unbiased single-sample estimate.
             noise = state.noise_stream.next()
         try:
-            _, nll, kl, num_tokens = state.batch.negative_elbo(
-                LowPrecisionWeights.for_fit(model, input_ids.device), mu, logvar, noise
-            )
+            _, nll, kl, num_tokens = state.batch.negative_elbo(state.forward, mu, logvar, noise)
         except NonFiniteLatentsError:
             nll = kl = torch.full((input_ids.shape[0],), float("nan"), device=input_ids.device)
         if not bool(torch.isfinite(nll).all() and torch.isfinite(kl).all()):
@@ -305,9 +303,8 @@ def _reconstruction_nll(model, input_ids, attention_mask, labels, settings, seed
     batch = state.batch
     with torch.no_grad():
         z = state.mu + torch.exp(0.5 * state.logvar) * state.noise
-        forward = LowPrecisionWeights.for_fit(model, input_ids.device)
         nll, num_tokens = sequence_nll(
-            forward, input_ids, z, batch.targets, attention_mask, batch.position_ids, batch.prefix
+            state.forward, input_ids, z, batch.targets, attention_mask, batch.position_ids, batch.prefix
         )
     if not bool(torch.isfinite(nll).all()):
         raise NonFiniteELBOError(

@@ -76,11 +76,14 @@ class NoiseStream:
     read them with no random-number work (or host round trip) of their own, which a CUDA graph needs.
     """
 
-    def __init__(self, shape, generators, device, num_draws: int):
+    def __init__(self, shape, generators, device, num_draws: int, predraw: bool | None = None):
+        """`predraw`: draw all `num_draws` at once (default: on any device but the CPU)."""
         self.shape, self.generators, self.device = tuple(shape), generators, torch.device(device)
         self._next = 0
         self._drawn = None
-        if self.device.type != "cpu" and num_draws > 0:
+        if predraw is None:
+            predraw = self.device.type != "cpu"
+        if predraw and num_draws > 0:
             self._drawn = self._draw_many(num_draws)
 
     def _draw_many(self, num_draws: int) -> torch.Tensor:

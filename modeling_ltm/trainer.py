@@ -241,6 +241,11 @@ def _row_seeds(base_seed: int, stream: int, step: int, first_row: int, num_rows:
     ]
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for running sums of nats and tokens, on a device that has it (Apple's MPS has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class LTMTrainer(Trainer):
     """[`~transformers.Trainer`] for [`LTMForCausalLM`]: posterior fitting (fast learning) before each decoder update.
 
@@ -420,7 +425,9 @@ class LTMTrainer(Trainer):
         batch_size = getattr(self, "_train_batch_size", None) or self.args.per_device_train_batch_size
         first_row = self._first_global_row(self._next_micro_step(), batch_size)
         lr = self.inference_lr_at(step)
-        unwrapped = self.accelerator.unwrap_model(model)
+        # The module itself, not a `torch_compile=True` wrapper: the fast loop replays its own CUDA graphs on it, and
+        # the compiled forward serves the one wrapped (decoder) forward below.
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         encoder_mu = prefix = None
         # One autocast region (the mixed precision of the run, if any) around the whole fit, prefix included: the
         # weights are cast once per fit, not at each fast step's forward (which enters and leaves its own region).
@@ -474,7 +481,7 @@ class LTMTrainer(Trainer):
         sums = torch.stack(
             [posterior.nll.sum(), posterior.kl.sum(), posterior.num_tokens.sum(), gain.sum(), encoder_sum]
         )
-        sums = sums.to(torch.float64)
+        sums = sums.to(_sum_dtype(sums.device))
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         self._last_inference_lr = lr
         self._last_inference_steps = len(posterior.elbo_trace) - 1
@@ -638,22 +645,23 @@ class LTMTrainer(Trainer):
         evaluation fit's `z` unless `prediction_loss_only`)."""
         inputs = self._prepare_inputs(inputs)
         input_ids, attention_mask, labels = _unpack(inputs)
-        bare_model = self.accelerator.unwrap_model(model)
+        bare_model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         first_row = self._first_global_row(self._eval_batches_seen, self.args.eval_batch_size)
         # Eval draws depend on the sequence's place in the eval set only: the same model gets the same numbers.
         seeds = _row_seeds(self.args.seed, _EVAL_STREAM, 0, first_row, input_ids.shape[0])
         self._eval_batches_seen += 1
-        result = evaluate_posterior(
-            bare_model,
-            input_ids,
-            attention_mask,
-            labels=labels,
-            settings=self.eval_fit_settings,
-            iw_samples=self.eval_iw_samples,
-            reconstruction=self.eval_reconstruction,
-            reconstruction_settings=self.training_fit_settings(self.state.global_step),
-            seed=seeds,
-        )
+        with self.accelerator.autocast():  # one region around the fits, as in training
+            result = evaluate_posterior(
+                bare_model,
+                input_ids,
+                attention_mask,
+                labels=labels,
+                settings=self.eval_fit_settings,
+                iw_samples=self.eval_iw_samples,
+                reconstruction=self.eval_reconstruction,
+                reconstruction_settings=self.training_fit_settings(self.state.global_step),
+                seed=seeds,
+            )
         zeros = torch.zeros_like(result.nll)
         columns = [
             result.nll,
@@ -663,7 +671,8 @@ class LTMTrainer(Trainer):
             zeros if result.reconstruction_nll is None else result.reconstruction_nll,
         ]
         stats = torch.stack(columns, -1)
-        self._eval_stats.append(self.accelerator.gather_for_metrics(stats.to(torch.float64)).cpu())
+        gathered = self.accelerator.gather_for_metrics(stats.to(_sum_dtype(stats.device)))
+        self._eval_stats.append(gathered.cpu().double())
         loss = ((result.nll + result.kl).sum() / result.num_tokens.sum().clamp(min=1)).detach()
         if prediction_loss_only:
             return loss, None, None

@@ -38,11 +38,13 @@ def run_training(
     model = LTMForCausalLM(
         tiny_config(vocab_size=256, posterior_encoder_size=0 if posterior_encoder == "none" else 32)
     )
+    on_gpu = os.environ.get("LTM_WORKER_DEVICE", "cpu") == "cuda"  # tests/test_cuda.py: a 1-process NCCL launch
+    distributed = "WORLD_SIZE" in os.environ
     args = LTMTrainingArguments(
         output_dir=output_dir,
-        use_cpu=True,
+        use_cpu=not on_gpu,
         # gloo only when launched as several processes: a backend without a process group breaks a plain run.
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_backend=("nccl" if on_gpu else "gloo") if distributed else None,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,

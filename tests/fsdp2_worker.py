@@ -8,6 +8,7 @@ the fast loop leaves every `.grad` untouched, gives each rank's rows the posteri
 and the one decoder backward afterwards yields the single-process full-batch gradient. Exits non-zero otherwise.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,19 +26,22 @@ from modeling_ltm import LTMForCausalLM, fit_posterior  # noqa: E402
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    device = os.environ.get("LTM_WORKER_DEVICE", "cpu")  # tests/test_cuda.py: a 1-process NCCL launch on a GPU
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        torch.cuda.set_device(rank)
     torch.manual_seed(0)
-    reference = LTMForCausalLM(tiny_config(vocab_size=256))
+    reference = LTMForCausalLM(tiny_config(vocab_size=256)).to(device)
     torch.manual_seed(0)
-    model = LTMForCausalLM(tiny_config(vocab_size=256))
-    mesh = init_device_mesh("cpu", (world_size,))
+    model = LTMForCausalLM(tiny_config(vocab_size=256)).to(device)
+    mesh = init_device_mesh(device, (world_size,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
     rows = 4
-    input_ids = torch.randint(0, 256, (rows * world_size, 32), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(0, 256, (rows * world_size, 32), generator=torch.Generator().manual_seed(0)).to(device)
     mine = slice(rank * rows, (rank + 1) * rows)
     posterior = fit_posterior(model, input_ids[mine], num_steps=2, seed=list(range(mine.start, mine.stop)))
     assert all(p.grad is None for p in model.parameters()), "the fast loop wrote a weight gradient"

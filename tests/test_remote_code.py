@@ -136,10 +136,15 @@ def run_clean_child(folder, tmp_path, tensors_in, build="installed"):
 def saved(tmp_path):
     torch.manual_seed(0)
     # With a posterior encoder whose output layer is not at its zero init, so a loader that re-initialised it (or
-    # dropped it) would change the warm-started fit.
+    # dropped it) would change the warm-started fit; and a padded vocabulary (120 tokens in 128 rows).
     model = LTMForCausalLM(
         tiny_config(
-            sliding_window=8, posterior_encoder_size=16, posterior_encoder_fit="evaluation", eval_warm_start_steps=2
+            vocab_size=120,
+            pad_vocab_size_to_multiple_of=64,
+            sliding_window=8,
+            posterior_encoder_size=16,
+            posterior_encoder_fit="evaluation",
+            eval_warm_start_steps=2,
         )
     ).eval()
     torch.nn.init.normal_(model.model.posterior_encoder.fc_out.weight, std=0.1)

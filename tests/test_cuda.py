@@ -1,0 +1,340 @@
+"""The device suite: every user path on a GPU (issue 20 item 1). Runs whenever torch sees a CUDA device and is
+skipped, with that reason, where it does not; `make test-gpu` runs it alone (docs/gpu.md says how on a machine
+without internet).
+
+`LTM_DEVICE_SUITE=cpu` runs the device-agnostic part of it on the CPU (how its logic is checked without a GPU, and
+`bench/gpu_check.sh --cpu`); the CUDA-only checks (graphs, compiled kernels, host syncs, NCCL) skip there.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, corpus_text, small_tokenizer, tiny_config
+
+from modeling_ltm import LTMForCausalLM, PosteriorFitSettings, evaluate_posterior, fast_loop, fit_posterior
+
+
+DEVICE = os.environ.get("LTM_DEVICE_SUITE", "cuda")
+ON_CUDA = DEVICE == "cuda"
+NO_DEVICE = ON_CUDA and not torch.cuda.is_available()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        NO_DEVICE,
+        reason="no CUDA device visible to torch: the device suite runs on a GPU (make test-gpu; docs/gpu.md)",
+    ),
+]
+cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA-only check (LTM_DEVICE_SUITE=cpu runs the rest)")
+BF16 = torch.bfloat16
+
+
+def make_model(**overrides) -> LTMForCausalLM:
+    torch.manual_seed(0)
+    return LTMForCausalLM(tiny_config(initializer_range=0.3, **overrides)).eval().to(DEVICE)
+
+
+def ids(batch=2, length=12, seed=0, vocab=128):
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def fresh_cuda_state():
+    yield
+    if ON_CUDA and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---- the CLI's main job -----------------------------------------------------------------------------------------
+
+
+TRAIN_PRESET = dict(
+    model_type="ltm", vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, n_latents_per_layer=4, latent_dim=32, num_inference_steps=4,
+    pad_vocab_size_to_multiple_of=128,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`ltm train` on the device (bf16 mixed precision on CUDA), as `make main` runs it: exit 0, then its folder."""
+    from modeling_ltm.cli import main as ltm_main
+
+    root = tmp_path_factory.mktemp("cuda-train")
+    (root / "preset.json").write_text(json.dumps(TRAIN_PRESET))
+    (root / "corpus.txt").write_text(corpus_text(40_000))
+    argv = [
+        "train", "--config", str(root / "preset.json"), "--dataset", str(root / "corpus.txt"),
+        "--output_dir", str(root / "run"), "--cache_dir", str(root / "hf"), "--max_steps", "4",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--logging_steps", "1",
+        "--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true", "--eval_inference_steps", "4",
+        "--eval_iw_samples", "2", "--max_eval_blocks", "4", "--sample_max_new_tokens", "8",
+        "--dataloader_num_workers", "0", *(["--bf16", "true"] if ON_CUDA else ["--use_cpu", "true"]),
+    ]  # fmt: skip
+    assert ltm_main(argv) == 0
+    return root / "run"
+
+
+def test_ltm_train_runs_to_its_summary_and_sample(trained):
+    results = json.loads((trained / "eval_results.json").read_text())
+    assert results["eval_elbo_ppl"] > 1 and results["eval_iw_ppl"] > 1
+    assert (trained / "model.safetensors").is_file() and (trained / "tokenizer.json").is_file()
+
+
+def test_resume_from_checkpoint_on_the_device(trained):
+    from modeling_ltm.cli import main as ltm_main
+
+    argv = [
+        "train", "--config", str(trained), "--dataset", str(trained.parent / "corpus.txt"),
+        "--output_dir", str(trained.parent / "resumed"), "--cache_dir", str(trained.parent / "hf"),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true",
+        "--eval_inference_steps", "2", "--eval_iw_samples", "0", "--max_eval_blocks", "2",
+        "--sample_max_new_tokens", "4", "--dataloader_num_workers", "0",
+        *(["--bf16", "true"] if ON_CUDA else ["--use_cpu", "true"]),
+    ]  # fmt: skip
+    assert ltm_main(argv) == 0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--num-beams", "2", "--do-sample"], ["--unconditional", "--num-samples", "2"]],
+    ids=["greedy", "beams-sampling", "unconditional"],
+)
+def test_ltm_generate(trained, flags, capsys):
+    from modeling_ltm.generate_cli import main as generate_main
+
+    prompt = [] if "--unconditional" in flags else ["--prompt", "ROMEO:"]
+    assert generate_main([str(trained), *prompt, "--max-new-tokens", "8", "--device", DEVICE, *flags]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_ltm_export_and_remote_code_on_the_device(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hub_cards.export import export_for_hub
+
+    hub = tmp_path / "hub"
+    export_for_hub(trained, hub)
+    model = AutoModelForCausalLM.from_pretrained(hub, trust_remote_code=True).to(DEVICE).eval()
+    prompt = ids(1, 6, vocab=300).to(DEVICE)
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False, num_inference_steps=2, inference_seed=0)
+    assert out.shape == (1, 10)
+
+
+def test_pipeline_on_the_device(trained):
+    from transformers import AutoTokenizer, pipeline
+
+    model = LTMForCausalLM.from_pretrained(trained)
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=torch.device(DEVICE))
+    text = generator("ROMEO:", max_new_tokens=6, num_inference_steps=2, do_sample=False)[0]["generated_text"]
+    assert text.startswith("ROMEO:")
+
+
+# ---- the library's paths ------------------------------------------------------------------------------------------
+
+
+def test_generate_from_cpu_prompt_and_mask():
+    """The end-of-training sample's call: a prompt and a mask made on the CPU reach the model's device."""
+    model = make_model()
+    prompt = ids(1, 5)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, inference_seed=0)
+    assert out.device.type == torch.device(DEVICE).type and out.shape == (1, 9)
+
+
+def test_left_padded_batch_equals_rows_alone():
+    model = make_model()
+    long, short = ids(1, 8, seed=1), ids(1, 5, seed=2)
+    batch = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    batch[0], mask[0] = long[0], 1
+    batch[1, 3:], mask[1, 3:] = short[0], 1
+    kwargs = dict(max_new_tokens=5, do_sample=False, inference_seed=3, pad_token_id=0)
+    together = model.generate(batch.to(DEVICE), attention_mask=mask.to(DEVICE), **kwargs)
+    alone = [model.generate(row.to(DEVICE), **kwargs)[0, -5:] for row in (long, short)]
+    assert torch.equal(together[0, -5:], alone[0]) and torch.equal(together[1, -5:], alone[1])
+
+
+def test_posterior_and_bounds_match_the_cpu():
+    """fp32 on the device gives the CPU's bounds to float tolerance, with the same per-row seeds (drawn on each
+    device: the noise differs, the bound's value is close)."""
+    model = make_model()
+    cpu = make_model().to("cpu")
+    input_ids = ids(4, 16)
+    settings = PosteriorFitSettings.evaluation(model.config, num_steps=8)
+    on_device = evaluate_posterior(model, input_ids.to(DEVICE), settings=settings, iw_samples=8, reconstruction=True,
+                                   seed=[0, 1, 2, 3])  # fmt: skip
+    on_cpu = evaluate_posterior(
+        cpu, input_ids, settings=settings, iw_samples=8, reconstruction=True, seed=[0, 1, 2, 3]
+    )
+    per_token = on_cpu.num_tokens.float()
+    for name in ("elbo", "iw", "reconstruction_nll"):
+        device_value = getattr(on_device, name).cpu() / per_token
+        cpu_value = getattr(on_cpu, name) / per_token
+        assert torch.isfinite(device_value).all()
+        torch.testing.assert_close(device_value, cpu_value, rtol=0.05, atol=0.3)  # different noise draws
+    posterior = model.infer_latents(input_ids.to(DEVICE), num_steps=4, seed=0)
+    assert posterior.z.device.type == torch.device(DEVICE).type
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_weights_in_reduced_precision(dtype):
+    if dtype == BF16 and not ON_CUDA:
+        pytest.skip("bf16 weights: checked on the GPU")
+    model = make_model().to(dtype)
+    input_ids = ids(2, 10).to(DEVICE)
+    result = evaluate_posterior(model, input_ids, settings=PosteriorFitSettings.evaluation(model.config, num_steps=4),
+                                iw_samples=2, seed=[0, 1])  # fmt: skip
+    assert torch.isfinite(result.elbo).all() and torch.isfinite(result.iw).all()
+    assert model.generate(input_ids, max_new_tokens=3, inference_seed=0).shape == (2, 13)
+
+
+def test_posterior_encoder_trains_on_the_device():
+    from modeling_ltm.amortized import fit_posterior_encoder
+
+    model = make_model(posterior_encoder_size=32)
+    history = fit_posterior_encoder(model, ids(8, 12).to(DEVICE), num_steps=4, batch_size=4)
+    assert len(history) == 4 and all(torch.isfinite(torch.tensor(history)))
+
+
+def test_trainer_mixed_precision_accumulation_evaluate(tmp_path):
+    from datasets import Dataset
+
+    from modeling_ltm import LTMTrainer, LTMTrainingArguments
+
+    model = make_model()
+    data = Dataset.from_dict({"input_ids": ids(16, 16).tolist()})
+    args = LTMTrainingArguments(
+        str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        per_device_eval_batch_size=4, num_inference_steps=4, eval_inference_steps=4, eval_iw_samples=2,
+        report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=not ON_CUDA, bf16=ON_CUDA,
+    )  # fmt: skip
+    trainer = LTMTrainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(4)))
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_elbo_ppl"] > 1 and metrics["eval_iw_ppl"] > 1
+
+
+def test_compiled_forward_equals_eager():
+    model = make_model()
+    input_ids, latents = ids(2, 12).to(DEVICE), torch.randn(2, *model.config.latent_shape).to(DEVICE)
+    eager = model(input_ids, latents=latents).logits
+    backend = "inductor" if ON_CUDA else "eager"
+    compiled = torch.compile(model, backend=backend, fullgraph=True)(input_ids, latents=latents).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_static_cache_decoding_equals_dynamic():
+    model = make_model(sliding_window=8)
+    prompt, latents = ids(2, 6).to(DEVICE), torch.randn(2, *model.config.latent_shape).to(DEVICE)
+    kwargs = dict(max_new_tokens=12, do_sample=False, latents=latents, pad_token_id=0)
+    dynamic = model.generate(prompt, **kwargs)
+    static = model.generate(prompt, cache_implementation="static", **kwargs)  # compiled on a GPU by transformers
+    assert torch.equal(static, dynamic)
+
+
+def test_lm_eval_ltm_model_on_the_device(tmp_path):
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed here")
+    from lm_eval.tasks import TaskManager
+
+    import eval_harness
+    from eval_harness import LTMLM
+
+    tokenizer = small_tokenizer(num_chars=8000, vocab_size=320)
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    LTMForCausalLM(config).save_pretrained(tmp_path)
+    wikitext = tmp_path / "wiki.raw"
+    wikitext.write_text(" = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor .\n")
+    lm = LTMLM(pretrained=str(tmp_path), num_inference_steps=2, batch_size=4, device=DEVICE)
+    task_manager = TaskManager(include_path=str(eval_harness.TASKS_DIR), include_defaults=False,
+                               metadata={"wikitext_path": str(wikitext)})  # fmt: skip
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=["wikitext2_local"], limit=2, task_manager=task_manager, bootstrap_iters=0
+    )
+    assert results["results"]["wikitext2_local"]["word_perplexity,none"] > 1
+
+
+# ---- what only a GPU shows ----------------------------------------------------------------------------------------
+
+
+@cuda_only
+@pytest.mark.parametrize("autocast", [None, BF16])
+def test_graphed_fast_loop_equals_the_eager_loop(monkeypatch, autocast):
+    """The CUDA-graph fast loop (one capture per batch shape, reused) equals the eager loop: fp32 to float
+    tolerance, bf16 autocast to bf16 tolerance."""
+    model = make_model()
+    input_ids, mask = ids(3, 16).to(DEVICE), torch.ones(3, 16, dtype=torch.long, device=DEVICE)
+    mask[1, :5] = 0
+    fits = []
+    for graphs in ("1", "0"):
+        monkeypatch.setenv(fast_loop.CUDA_GRAPHS_ENV, graphs)
+        with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None):
+            fits.append([fit_posterior(model, input_ids, mask, seed=[s, s + 1, s + 2], num_steps=8) for s in (0, 5)])
+    assert len(fast_loop.FitCache.of(model).graphs) == 1  # captured once, replayed by both fits
+    tolerance = dict(rtol=1e-4, atol=1e-4) if autocast is None else dict(rtol=2e-2, atol=2e-2)
+    for graphed, eager in zip(*fits):
+        for name in ("mu", "logvar", "elbo", "elbo_trace"):
+            torch.testing.assert_close(getattr(graphed, name), getattr(eager, name), **tolerance)
+
+
+@cuda_only
+def test_fast_loop_does_not_synchronise_with_the_host():
+    """Inside the loop, no operation waits for the GPU (torch's sync debug mode raises on one)."""
+    model = make_model()
+    input_ids = ids(4, 16).to(DEVICE)
+    fit_posterior(model, input_ids, seed=[0, 1, 2, 3], num_steps=8)  # capture outside the checked region
+    batch = fast_loop.FitBatch.prepare(model, input_ids, None)
+    settings = PosteriorFitSettings.training(model.config, num_steps=8)
+    graph = fast_loop.FastStepGraph.for_fit(model, model, batch, settings)
+    assert graph is not None
+    generators = [torch.Generator(device=DEVICE).manual_seed(s) for s in range(4)]
+    shape = (4, *model.config.latent_shape)
+    noise = fast_loop.NoiseStream(shape, generators, DEVICE, num_draws=9)
+    trace = torch.empty(8, 4, device=DEVICE)
+    finite = torch.ones(8, dtype=torch.bool, device=DEVICE)
+    mu = torch.zeros(shape, device=DEVICE)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph.run(batch, mu, mu - 5, noise.next(), noise, settings, trace, finite, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(finite.all())
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_compiled_token_nll_equals_cross_entropy(dtype):
+    from modeling_ltm import scoring
+
+    logits = (torch.randn(64, 1000, device=DEVICE) * 3).to(dtype)
+    logits[:, 990:] = float("-inf")
+    targets = torch.randint(0, 990, (64,), device=DEVICE)
+    targets[::7] = -100
+    fused_logits = logits.clone().requires_grad_(True)
+    native_logits = logits.float().requires_grad_(True)
+    fused = scoring._TokenNLL.apply(fused_logits, targets)
+    native = torch.nn.functional.cross_entropy(native_logits, targets, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(fused, native, rtol=1e-4, atol=1e-4)
+    fused.sum().backward()
+    native.sum().backward()
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused_logits.grad.float(), native_logits.grad, **tolerance)
+
+
+@cuda_only
+@pytest.mark.parametrize("worker", ["ddp", "fsdp2"])
+def test_single_process_distributed_launch(tmp_path, worker):
+    """`torchrun --nproc_per_node 1` (NCCL) of the DDP and FSDP2 workers of tests/test_ddp.py, on the GPU."""
+    script = {"ddp": "ddp_worker.py", "fsdp2": "fsdp2_worker.py"}[worker]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               str(Path(__file__).resolve().parent / script)] + ([str(tmp_path)] if worker == "ddp" else [])  # fmt: skip
+    env = {**os.environ, "LTM_WORKER_DEVICE": "cuda", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

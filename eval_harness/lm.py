@@ -449,7 +449,9 @@ class LTMLM(HFLM):
                     totals += torch.tensor([float(p) for p in parts], dtype=torch.float64)
         if self.world_size > 1:
             wire_dtype = torch.float32 if torch.device(self.device).type == "mps" else torch.float64  # MPS: no float64
-            totals = self.all_gather(totals.to(self.device, wire_dtype)).view(self.world_size, -1).sum(0).cpu().double()
+            totals = (
+                self.all_gather(totals.to(self.device, wire_dtype)).view(self.world_size, -1).sum(0).cpu().double()
+            )
         for key, value in zip(("nll", "kl", "bound", "tokens"), totals.tolist(), strict=True):
             self.rolling_totals[key] += int(value) if key == "tokens" else value
 

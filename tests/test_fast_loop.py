@@ -45,7 +45,9 @@ def test_fits_give_the_numbers_they_gave_before_the_gpu_work():
     torch.testing.assert_close(
         result.reconstruction_nll, torch.tensor([54.17264938354492, 34.441131591796875, 53.07829284667969])
     )
-    torch.testing.assert_close(result.kl, torch.tensor([0.05051473528146744, 0.057149942964315414, 0.05657410621643066]))
+    torch.testing.assert_close(
+        result.kl, torch.tensor([0.05051473528146744, 0.057149942964315414, 0.05657410621643066])
+    )
 
 
 def emulated_graphs(monkeypatch):
@@ -226,7 +228,8 @@ def test_graph_runner_is_not_used_off_the_gpu():
 
 def test_training_fit_runs_inside_one_autocast_region(tmp_path, monkeypatch):
     """`LTMTrainer.compute_loss` enters the run's autocast once around the whole fit (prefix included)."""
-    from modeling_ltm import LTMTrainer, LTMTrainingArguments, trainer as trainer_module
+    from modeling_ltm import LTMTrainer, LTMTrainingArguments
+    from modeling_ltm import trainer as trainer_module
 
     model = make_model()
     args = LTMTrainingArguments(
@@ -248,7 +251,9 @@ def test_training_fit_runs_inside_one_autocast_region(tmp_path, monkeypatch):
             return self.region.__exit__(*exc)
 
     monkeypatch.setattr(trainer.accelerator, "autocast", lambda *a, **k: Region())
-    monkeypatch.setattr(trainer_module, "fit_posterior", lambda *a, **k: inside.append(bool(entered)) or real_fit(*a, **k))
+    monkeypatch.setattr(
+        trainer_module, "fit_posterior", lambda *a, **k: inside.append(bool(entered)) or real_fit(*a, **k)
+    )
     trainer.train()
     assert inside == [True]
 

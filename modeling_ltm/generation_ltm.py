@@ -18,6 +18,8 @@ The defaults of the latents' settings live in `LTMGenerationConfig`, the model's
 Imports only torch, transformers and siblings (copied next to the weights for `trust_remote_code=True`).
 """
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.generation import GenerationConfig, GenerationMixin
@@ -95,9 +97,7 @@ class LTMGenerationConfig(GenerationConfig):
         config_dict = model_config if isinstance(model_config, dict) else model_config.to_dict()
         fields = {name: config_dict.get(name) for name in cls.inference_fields}
         common = GenerationConfig.from_model_config(model_config).to_dict()
-        generation_config = cls(**fields, **{**common, "_from_model_config": False})
-        generation_config._original_object_hash = hash(generation_config)  # as transformers does: "unmodified"
-        return generation_config
+        return cls(**fields, **{**common, "_from_model_config": False})
 
     def validate(self, *args, **kwargs):
         """`GenerationConfig.validate`, plus: `ValueError` naming the field when an inference field is out of range."""
@@ -132,7 +132,26 @@ def latent_cache_like(cache: Cache, config) -> Cache:
 
 
 class LTMGenerationMixin(GenerationMixin):
-    """`generate()` for [`LTMForCausalLM`]: fit `z` on the prompt (or sample it from the prior), then decode."""
+    """`generate()` for [`LTMForCausalLM`]: fit `z` on the prompt (or sample it from the prior), then decode with
+    [`~generation.GenerationMixin.generate`] (all its arguments and decoding modes work unchanged).
+
+    How `z` is chosen, per prompt:
+
+    - `latents=None` (default) and a non-empty prompt: the posterior `q(z | prompt)` is fitted with
+      `num_inference_steps` fast Adam steps at `inference_lr` (see [`inference.fit_posterior`]); decoding uses its
+      sample `z = mu + sigma * eps` (`PosteriorOutput.z`, a fresh draw from the fitted posterior). Padding in
+      `attention_mask` is honoured, and each row is fitted with its own seed, so a row of a left-padded batch gets the
+      latents it would get alone.
+    - `latents="prior"`, or no prompt at all (`inputs=None`, or an empty prompt of shape `(batch, 0)`):
+      `z ~ N(0, latent_temperature^2 I)`, i.e. unconditional generation. With no prompt, decoding starts from
+      `bos_token_id`.
+    - `latents=<tensor of shape (batch, num_hidden_layers, n_latents_per_layer, latent_dim)>` or a
+      [`PosteriorOutput`] (its `.z` is used): taken as given.
+
+    All return sequences and beams of one prompt share that prompt's `z`. The latents' settings follow transformers'
+    precedence for every generation setting: a `generate()` argument, then the `generation_config` argument, then
+    `model.generation_config` (saved in `generation_config.json`); still unset, the model config's.
+    """
 
     def generate(
         self,
@@ -149,51 +168,30 @@ class LTMGenerationMixin(GenerationMixin):
         **kwargs,
     ):
         r"""
-        Generate continuations conditioned on latent thought vectors `z`, then decode with
-        [`~generation.GenerationMixin.generate`] (all its arguments and decoding modes work unchanged).
-
-        How `z` is chosen, per prompt:
-
-        - `latents=None` (default) and a non-empty prompt: the posterior `q(z | prompt)` is fitted with
-          `num_inference_steps` fast Adam steps at `inference_lr` (see [`inference.fit_posterior`]); decoding uses
-          its sample `z = mu + sigma * eps` (`PosteriorOutput.z`, a fresh draw from the fitted posterior). Padding
-          in `attention_mask` is honoured, and each row is fitted with its own seed, so a row of a left-padded batch
-          gets the latents it would get alone.
-        - `latents="prior"`, or no prompt at all (`inputs=None`, or an empty prompt of shape `(batch, 0)`):
-          `z ~ N(0, latent_temperature^2 I)`, i.e. unconditional generation. With no prompt, decoding starts from
-          `bos_token_id`.
-        - `latents=<tensor of shape (batch, num_hidden_layers, n_latents_per_layer, latent_dim)>` or a
-          [`PosteriorOutput`] (its `.z` is used): taken as given.
-
-        All return sequences and beams of one prompt share that prompt's `z`.
+        Generate continuations conditioned on latent thought vectors `z` (how `z` is chosen: the class docstring).
 
         Args:
             inputs (`torch.LongTensor` of shape `(batch, prompt_length)`, *optional*):
                 Prompt token ids (also accepted as `input_ids=`). Left-pad batches and pass `attention_mask`.
             latents (`torch.Tensor`, `PosteriorOutput` or `"prior"`, *optional*):
-                See above.
+                The latents to decode with, `"prior"` for samples of the prior; `None` fits them on the prompt.
             num_inference_steps, inference_lr, inference_lr_min_ratio, latent_temperature (*optional*):
-                The latents' settings of [`LTMGenerationConfig`] (fast steps on the prompt, fast learning rate and
-                the floor of its decay, standard deviation of prior samples), for this call. As for every
-                generation setting, a value given here wins over the `generation_config` argument's, which wins over
-                `model.generation_config`'s (saved in `generation_config.json`); still unset, the model config's
-                (`latent_temperature`: 1.0).
+                [`LTMGenerationConfig`]'s fields for this call: fast steps on the prompt, fast learning rate and the
+                floor of its decay, standard deviation of prior samples (default 1.0).
             inference_seed (`int` or `list[int]`, *optional*):
                 Seed of the latents' noise. Posterior fit: an int seeds every row alike (a row's latents do not
-                depend on the batch it is in), a list gives one seed per row. Prior samples: an int seeds one
-                generator for the batch (rows differ), a list seeds each row. When neither this nor
-                `inference_generator` is given, a seed is drawn from torch's global RNG, so `torch.manual_seed(...)`
-                / `transformers.set_seed(...)` before `generate` makes the whole call reproducible.
+                depend on its batch), a list one seed per row. Prior samples: an int seeds one generator for the
+                batch, a list each row. Neither this nor `inference_generator`: a seed from torch's global RNG (so
+                `transformers.set_seed(...)` makes the call reproducible).
             inference_generator (`torch.Generator`, *optional*):
-                A CPU generator for that noise, instead of `inference_seed` (rows then depend on the batch).
+                A generator for that noise, instead of `inference_seed` (rows then depend on the batch).
             kwargs:
                 Everything [`~generation.GenerationMixin.generate`] accepts.
 
         Raises:
-            ValueError: the prompt plus `max_new_tokens` (or `max_length`) exceeds `max_position_embeddings`
-                (checked before any work); `latents` of the wrong shape or with NaN/inf values; fitting requested on
-                `inputs_embeds`.
-            NonFiniteWeightsError (a `ValueError`): the model's weights hold NaN/inf (checked before any work).
+            ValueError: before any work, the prompt plus the new tokens exceed `max_position_embeddings`, or the
+                weights hold NaN/inf (`NonFiniteWeightsError`); `latents` of the wrong shape or with NaN/inf
+                values; fitting asked for on `inputs_embeds`.
 
         Example:
 
@@ -202,68 +200,74 @@ class LTMGenerationMixin(GenerationMixin):
         >>> out = model.generate(max_new_tokens=32, do_sample=True, latents="prior")  # unconditional, from BOS
         ```
         """
-        prompt_in_kwargs = inputs is None and "input_ids" in kwargs
-        prompt = kwargs.get("input_ids") if prompt_in_kwargs else inputs
-        # Where they enter: a prompt or mask made on the CPU (`torch.ones_like(cpu_ids)`) goes to the model's device.
-        if isinstance(prompt, torch.Tensor) and prompt.device != self.device:
-            prompt = prompt.to(self.device)
-            if prompt_in_kwargs:
-                kwargs["input_ids"] = prompt
-        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
-            kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
-        attention_mask = kwargs.get("attention_mask")
-        generation_defaults = generation_config if generation_config is not None else self.generation_config
+        prompt, inputs, kwargs = self._prompt_on_device(inputs, kwargs)
+        batch_size = prompt.shape[0] if prompt is not None else self._unprompted_batch_size(latents, kwargs)
+        if isinstance(inputs, torch.Tensor) and inputs.shape[1] == 0:  # an empty prompt: unconditional, from BOS
+            batch_size, inputs = inputs.shape[0], None
+        inference_arguments = dict(
+            num_inference_steps=num_inference_steps,
+            inference_lr=inference_lr,
+            inference_lr_min_ratio=inference_lr_min_ratio,
+            latent_temperature=latent_temperature,
+        )
+        # transformers' own precedence: this call's arguments, then `generation_config`, then the model's.
+        settings, _ = self._prepare_generation_config(
+            generation_config, **kwargs, **{k: v for k, v in inference_arguments.items() if v is not None}
+        )
+        self._check_generation_length(prompt, kwargs, settings)
+        check_finite_weights(self, "generating")
+        if (
+            prompt is None
+            and "inputs_embeds" not in kwargs
+            and kwargs.get("bos_token_id", settings.bos_token_id) is None
+        ):
+            raise ValueError(
+                "Generating without a prompt starts from the BOS token, but no `bos_token_id` is set. Pass "
+                "`bos_token_id=...` (or set `model.generation_config.bos_token_id`), or give a prompt."
+            )
+        latents = self._settle_latents(
+            latents, prompt, kwargs, settings, batch_size, inference_seed, inference_generator
+        )
+        return super().generate(inputs, generation_config, *args, latents=latents, **kwargs)
 
+    def _prompt_on_device(self, inputs, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+        """`(prompt, inputs, kwargs)`: the prompt token ids (`inputs`, or `input_ids=` in `kwargs`) and the attention
+        mask moved to the model's device where they enter (a prompt or mask made on the CPU, e.g.
+        `torch.ones_like(cpu_ids)`, would otherwise meet the model's tensors on another device). An empty prompt
+        `(batch, 0)` gives `prompt=None` (unconditional generation, its mask dropped) and `inputs` of shape
+        `(batch, 0)`, for the batch size."""
+        in_kwargs = inputs is None and "input_ids" in kwargs
+        prompt = kwargs.get("input_ids") if in_kwargs else inputs
         if prompt is not None and (not isinstance(prompt, torch.Tensor) or prompt.dim() != 2):
             shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
             raise ValueError(
                 f"The prompt must be a (batch, prompt_length) tensor of token ids, got {shape}; add a batch "
                 "dimension with `input_ids.unsqueeze(0)`."
             )
+        if prompt is not None:
+            prompt = prompt.to(self.device)
+        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+            kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         if prompt is not None and prompt.shape[1] == 0:
-            batch_size = prompt.shape[0]
-            prompt = None
             kwargs.pop("attention_mask", None)
-            attention_mask = None
-        else:
-            batch_size = prompt.shape[0] if prompt is not None else self._unprompted_batch_size(latents, kwargs)
-        if prompt is None:
-            if prompt_in_kwargs:
-                kwargs.pop("input_ids")
-            inputs = None
-        elif not prompt_in_kwargs:
-            inputs = prompt
+            kwargs.pop("input_ids", None)
+            return None, prompt, kwargs
+        if in_kwargs:
+            kwargs["input_ids"] = prompt
+            return prompt, None, kwargs
+        return prompt, prompt, kwargs
 
-        self._check_generation_length(prompt, kwargs, generation_defaults)
-        check_finite_weights(self, "generating")
-
-        if prompt is None and "inputs_embeds" not in kwargs:
-            bos = kwargs.get("bos_token_id", generation_defaults.bos_token_id)
-            if bos is None:
-                bos = self.generation_config.bos_token_id
-            if bos is None:
-                raise ValueError(
-                    "Generating without a prompt starts from the BOS token, but no `bos_token_id` is set. Pass "
-                    "`bos_token_id=...` (or set `model.generation_config.bos_token_id`), or give a prompt."
-                )
-
-        settings = self._generation_settings(
-            generation_config,
-            num_inference_steps=num_inference_steps,
-            inference_lr=inference_lr,
-            inference_lr_min_ratio=inference_lr_min_ratio,
-            latent_temperature=latent_temperature,
-        )
+    def _settle_latents(self, latents, prompt, kwargs, settings, batch_size, seed, generator) -> torch.Tensor:
+        """The latents decoding runs with, `(batch, *latent_shape)`: prior samples (`latents="prior"`, or no prompt),
+        the posterior fitted on the prompt (`latents=None`), or the given tensor / `PosteriorOutput`, checked."""
         if isinstance(latents, str) and latents != "prior":
             raise ValueError(f'`latents` must be a tensor, a PosteriorOutput, "prior" or None; got {latents!r}.')
-        seed = inference_seed
-        if seed is None and inference_generator is None:
+        if seed is None and generator is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         if isinstance(latents, str) or (latents is None and prompt is None and "inputs_embeds" not in kwargs):
-            temperature = settings["latent_temperature"]
-            temperature = 1.0 if temperature is None else temperature
-            latents = self._sample_prior_latents(batch_size, temperature, seed, inference_generator)
-        elif latents is None:
+            temperature = getattr(settings, "latent_temperature", None)
+            return self._sample_prior_latents(batch_size, 1.0 if temperature is None else temperature, seed, generator)
+        if latents is None:
             if prompt is None:
                 raise ValueError(
                     "Posterior fitting needs token ids, but only `inputs_embeds` were given. Pass `input_ids`, "
@@ -272,26 +276,25 @@ class LTMGenerationMixin(GenerationMixin):
             posterior = fit_posterior(
                 self,
                 prompt,
-                attention_mask,
-                num_steps=settings["num_inference_steps"],  # None: the model config's
-                lr=settings["inference_lr"],
-                lr_min_ratio=settings["inference_lr_min_ratio"],
-                seed=None if inference_generator is not None else self._row_seeds(seed, batch_size),
-                generator=inference_generator,
+                kwargs.get("attention_mask"),
+                num_steps=getattr(settings, "num_inference_steps", None),  # None: the model config's
+                lr=getattr(settings, "inference_lr", None),
+                lr_min_ratio=getattr(settings, "inference_lr_min_ratio", None),
+                seed=None if generator is not None else self._row_seeds(seed, batch_size),
+                generator=generator,
             )
             logger.info(
                 "Fitted z on the prompt: ELBO gain %s nats/token, KL %s nats.",
                 posterior.elbo_gain.tolist(),
                 posterior.kl.tolist(),
             )
-            latents = posterior.z
-        else:
-            if hasattr(latents, "z") and hasattr(latents, "mu"):  # a PosteriorOutput (duck-typed for remote code)
-                latents = latents.z
-            if isinstance(latents, torch.Tensor):
-                latents = latents.to(self.device)
-            self.model.check_latents(latents, batch_size)  # raises naming the expected shape, or NaN/inf values
-        return super().generate(inputs, generation_config, *args, latents=latents, **kwargs)
+            return posterior.z
+        if hasattr(latents, "z") and hasattr(latents, "mu"):  # a PosteriorOutput (duck-typed for remote code)
+            latents = latents.z
+        if isinstance(latents, torch.Tensor):
+            latents = latents.to(self.device)
+        self.model.check_latents(latents, batch_size)  # raises naming the expected shape, or NaN/inf values
+        return latents
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """`GenerationMixin._prepare_cache_for_generation`, whose cache (dynamic, or static for
@@ -311,16 +314,6 @@ class LTMGenerationMixin(GenerationMixin):
         if not isinstance(self.generation_config, self.generation_config_class):
             self.generation_config = self.generation_config_class.from_dict(self.generation_config.to_dict())
 
-    def _generation_settings(self, generation_config: GenerationConfig | None, **arguments) -> dict:
-        """Generation settings of one `generate()` call, by transformers' precedence: `arguments` (`generate()`'s,
-        when not None), else the `generation_config` argument's, else `self.generation_config`'s, else None (for the
-        latents' settings: the model config's, `fit_posterior`'s defaults)."""
-        for source in (generation_config, self.generation_config):
-            for name, value in arguments.items():
-                if value is None:
-                    arguments[name] = getattr(source, name, None)
-        return arguments
-
     def _unprompted_batch_size(self, latents, kwargs) -> int:
         """Batch size when there is no prompt: from `latents`, `inputs_embeds`, else 1 (transformers' rule)."""
         if isinstance(latents, torch.Tensor):
@@ -331,36 +324,36 @@ class LTMGenerationMixin(GenerationMixin):
             return kwargs["inputs_embeds"].shape[0]
         return 1
 
-    def _check_generation_length(self, prompt, kwargs, generation_defaults) -> None:
-        """Raise `ValueError` before any work when the prompt plus the new tokens exceed the context."""
+    def _check_generation_length(self, prompt, kwargs, settings) -> None:
+        """Raise `ValueError` before any work when the prompt plus the new tokens exceed the context. The total length
+        is transformers' own (`_prepare_generated_length` on the call's resolved `settings`)."""
         limit = self.config.max_position_embeddings
-        if prompt is not None:
-            prompt_length = prompt.shape[1]
-        elif isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
-            prompt_length = kwargs["inputs_embeds"].shape[1]
-        else:
-            prompt_length = 1  # the BOS token
+        embeds = kwargs.get("inputs_embeds")
+        prompt_length = prompt.shape[1] if prompt is not None else embeds.shape[1] if embeds is not None else 1
         if prompt_length > limit:
             raise ValueError(
                 f"The prompt has {prompt_length} tokens, more than max_position_embeddings={limit}. Keep its last "
                 f"tokens, leaving room for the new ones: e.g. tokenizer(..., truncation=True, max_length={limit} - "
                 "max_new_tokens) with tokenizer.truncation_side = 'left'."
             )
-
-        lengths = self._generation_settings(
-            generation_defaults, max_new_tokens=kwargs.get("max_new_tokens"), max_length=kwargs.get("max_length")
+        lengths = self._prepare_generated_length(
+            copy.copy(settings),
+            has_default_max_length=kwargs.get("max_length") is None and settings.max_length is not None,
+            has_default_min_length=kwargs.get("min_length") is None and settings.min_length is not None,
+            model_input_name="input_ids",
+            input_ids_length=prompt_length,
+            inputs_tensor=prompt,
         )
-        max_new_tokens = lengths["max_new_tokens"]
-        if max_new_tokens is not None:
-            total, asked = prompt_length + max_new_tokens, f"max_new_tokens={max_new_tokens}"
-        else:
-            total = lengths["max_length"] or _DEFAULT_MAX_LENGTH
-            asked = f"max_length={total}"
-        if total > limit:
+        if lengths.max_length > limit:
+            asked = (
+                f"max_new_tokens={settings.max_new_tokens}"
+                if settings.max_new_tokens is not None
+                else f"max_length={settings.max_length}"
+            )
             raise ValueError(
-                f"Cannot generate {asked} after a prompt of {prompt_length} tokens: prompt + new tokens = {total} "
-                f"exceeds the model's context, max_position_embeddings={limit}. Use max_new_tokens <= "
-                f"{max(limit - prompt_length, 0)} or a shorter prompt."
+                f"Cannot generate {asked} after a prompt of {prompt_length} tokens: prompt + new tokens = "
+                f"{lengths.max_length} exceeds the model's context, max_position_embeddings={limit}. Use "
+                f"max_new_tokens <= {max(limit - prompt_length, 0)} or a shorter prompt."
             )
 
     @staticmethod

@@ -168,38 +168,31 @@ def fit_posterior(
 ) -> PosteriorOutput:
     """Fit `q(z|x) = N(mu, diag(exp(logvar)))` to each sequence by `num_steps` Adam steps on `(mu, logvar)`.
 
-    The decoder is frozen: gradients are taken with `torch.autograd.grad` with respect to `(mu, logvar)` only, so no
-    weight gradient is computed, no decoder `.grad` changes, and no graph survives the call. Call it on the bare
-    model (`accelerator.unwrap_model(model)` under DDP/FSDP). It runs with gradients enabled even inside
-    `torch.no_grad()` or `torch.inference_mode()` (as `generate()` and evaluation loops are), and honours an
-    enclosing autocast.
+    The decoder is frozen (gradients with respect to `(mu, logvar)` only: no weight gradient, no decoder `.grad`, no
+    graph left behind). Call it on the bare model (`accelerator.unwrap_model(model)` under DDP/FSDP). Gradients are
+    enabled even inside `torch.no_grad()` / `torch.inference_mode()`; an enclosing autocast applies to the whole fit.
 
     Args:
         input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids.
         attention_mask (`torch.Tensor` of shape `(batch, seq)`, *optional*): 1 for tokens, 0 for padding (left or
-            right). A padded row gets the same posterior as the row alone (within float tolerance) when seeded
-            per sequence.
-        labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*): unshifted targets; `-100` excludes a token
-            from the likelihood. Defaults to `input_ids` with padding excluded.
-        settings ([`PosteriorFitSettings`], *optional*): the fit's settings; defaults to the training fast loop's,
-            `PosteriorFitSettings.training(model.config)`. Pass `PosteriorFitSettings.evaluation(model.config)` for
-            the evaluation fit. The keyword arguments below, when not None, override single fields of it:
-        num_steps, lr, lr_min_ratio: fast steps `T`, fast learning rate, and the floor of its cosine decay as a
-            fraction of `lr`.
+            right); a padded row, seeded per sequence, gets the posterior it gets alone (to float tolerance).
+        labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*): unshifted targets, `-100` not scored;
+            default `input_ids` with padding excluded.
+        settings ([`PosteriorFitSettings`], *optional*): default `PosteriorFitSettings.training(model.config)` (the
+            training fast loop); `.evaluation(config)` is the evaluation fit. The keywords below override its fields:
+        num_steps, lr, lr_min_ratio: fast steps `T`, fast learning rate, and the floor of its cosine decay (a
+            fraction of `lr`).
         init_logvar, init_logvar_noise: `logvar` starts at `init_logvar + init_logvar_noise * N(0, 1)`, `mu` at 0.
-        fixed_noise: keep one `eps` for all steps (the paper's code) or redraw it every step.
-        seed: an int seeds one generator for the batch; a sequence of ints (one per row) seeds each row on its own,
-            so a row's result does not depend on the batch it is in. `generator` may be given instead.
-        kl_weight, free_bits: training-only objective of the fast loop (see `negative_elbo`): the KL's weight beta
-            and a floor in nats per latent dimension per sequence. The defaults (1, 0) fit the ELBO; the returned
-            `kl`, `elbo` and `elbo_trace` are always the true KL and ELBO whatever the objective.
-        init_mu (`torch.Tensor` of shape `(batch, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
-            where `mu` starts instead of 0 (or the warm start's proposal), e.g. `LTMTrainer`'s warm start from the
-            posterior encoder; `logvar` starts as the settings say. Not differentiated through.
-        prefix ([`LTMPrefix`], *optional*): `model.model.compute_prefix(input_ids, attention_mask, ...)` when the
-            caller already has it (reused instead of computed again).
-        deadline (`float`, *optional*): a `time.monotonic()` value; the fit raises `FitDeadlineExceeded` when it is
-            passed between two fast steps (a time budget that holds inside one long fit).
+        fixed_noise: one `eps` for all steps (the paper's code) or a new one every step.
+        seed: an int seeds one generator for the batch; one int per row seeds each row on its own (a row's result
+            then does not depend on its batch). Or `generator`.
+        kl_weight, free_bits: the training objective's KL weight and free-bits floor (see `negative_elbo`); the
+            returned `kl`, `elbo` and `elbo_trace` are the true KL and ELBO whatever they are.
+        init_mu (`torch.Tensor` of shape `(batch, *config.latent_shape)`, *optional*): where `mu` starts (e.g. the
+            posterior encoder's proposal); not differentiated through.
+        prefix ([`LTMPrefix`], *optional*): the batch's `model.model.compute_prefix(...)`, if the caller has it.
+        deadline (`float`, *optional*): a `time.monotonic()` value; passed between two fast steps, the fit raises
+            `FitDeadlineExceeded`.
 
     Returns a [`PosteriorOutput`] whose `nll`, `kl`, `elbo` are scored at a fresh draw `z ~ q` (an unbiased
     single-sample ELBO estimate).

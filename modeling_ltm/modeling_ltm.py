@@ -23,7 +23,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import add_start_docstrings_to_model_forward, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -498,6 +498,50 @@ class LTMPrefix:
         return (self.hidden_states, self.causal_mask, *self.position_embeddings)
 
 
+# The inputs both forwards take, documented once (`add_start_docstrings_to_model_forward` puts them first in each).
+LTM_INPUTS_DOCSTRING = r"""
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Token ids. Exactly one of `input_ids` and `inputs_embeds` is given.
+        attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
+            1 for real tokens, 0 for padding (left or right). Positions skip padding, so left padding does not
+            shift a row.
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            RoPE positions of the tokens. Defaults to `past_length + arange(sequence_length)`, or to positions
+            counted over the real tokens of `attention_mask` when it has padding.
+        cache (`Cache`, *optional*):
+            An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache), as `generate()`
+            prepares it (dynamic or static) or a previous call returned it. An empty self-attention-only cache
+            (`DynamicCache`, `StaticCache`) gets an empty cross-attention cache of the same kind.
+        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            Token embeddings, instead of `input_ids`.
+        latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
+            The latent thought vectors `z`, any floating dtype (cast to the weights' dtype). `None` means the
+            prior mean `z = 0`: `forward` never fits a posterior by itself (use `LTMForCausalLM.infer_latents`).
+            Ignored, and not checked, once every layer's cross-attention keys/values are in `cache` (decoding).
+        use_cache (`bool`, *optional*):
+            Return the caches for further decoding. Defaults to `config.use_cache`; off while training with
+            gradient checkpointing.
+        past_key_values (`Cache`, *optional*):
+            The name of `cache` before transformers 5.24; deprecated (a warning), renamed to `cache`.
+        output_hidden_states (`bool`, *optional*):
+            Also return `hidden_states`. Defaults to `config.output_hidden_states`.
+        output_attentions (`bool`, *optional*):
+            Also return `attentions` and `cross_attentions`. Needs the eager attention (the fused kernels do not
+            compute the weights): load with `attn_implementation="eager"` or call
+            `model.set_attn_implementation("eager")`. Defaults to `config.output_attentions`.
+        return_dict (`bool`, *optional*):
+            `False` returns a tuple of the output's non-`None` fields, in order. Defaults to `config.return_dict`.
+        prefix ([`LTMPrefix`], *optional*):
+            The latent-independent start of the forward, from [`LTMModel.compute_prefix`]: it replaces
+            `inputs_embeds`, `attention_mask` and `position_ids` (pass none of them; `input_ids` may be passed
+            along for hooks and logging, the prefix's own tokens, unused) and the work up to layer 0's
+            cross-attention. No cache, and no check that the latents are finite (the fast loop checks its own
+            numbers; the check would read a value back to the host at every fast step). Same numbers as the plain
+            call.
+"""
+
+
 class LTMModel(LTMPreTrainedModel):
     """The LTM decoder without the language-model head."""
 
@@ -555,6 +599,7 @@ class LTMModel(LTMPreTrainedModel):
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     @merge_with_config_defaults
     @capture_outputs
+    @add_start_docstrings_to_model_forward(LTM_INPUTS_DOCSTRING)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -568,46 +613,6 @@ class LTMModel(LTMPreTrainedModel):
         **kwargs,
     ) -> LTMModelOutput:
         r"""
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Token ids. Exactly one of `input_ids` and `inputs_embeds` is given.
-            attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
-                1 for real tokens, 0 for padding (left or right). Positions skip padding, so left padding does not
-                shift a row.
-            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                RoPE positions of the tokens. Defaults to `past_length + arange(sequence_length)`, or to positions
-                counted over the real tokens of `attention_mask` when it has padding.
-            cache (`Cache`, *optional*):
-                An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache), as `generate()`
-                prepares it (dynamic or static) or a previous call returned it. An empty self-attention-only cache
-                (`DynamicCache`, `StaticCache`) gets an empty cross-attention cache of the same kind.
-            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-                Token embeddings, instead of `input_ids`.
-            latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
-                The latent thought vectors `z`, any floating dtype (cast to the weights' dtype). `None` means the
-                prior mean `z = 0`: `forward` never fits a posterior by itself (use `LTMForCausalLM.infer_latents`).
-                Ignored, and not checked, once every layer's cross-attention keys/values are in `cache` (decoding).
-            use_cache (`bool`, *optional*):
-                Return the caches for further decoding. Defaults to `config.use_cache`; off while training with
-                gradient checkpointing.
-            past_key_values (`Cache`, *optional*):
-                The name of `cache` before transformers 5.24; deprecated (a warning), renamed to `cache`.
-            output_hidden_states (`bool`, *optional*):
-                Also return `hidden_states`. Defaults to `config.output_hidden_states`.
-            output_attentions (`bool`, *optional*):
-                Also return `attentions` and `cross_attentions`. Needs the eager attention (the fused kernels do not
-                compute the weights): load with `attn_implementation="eager"` or call
-                `model.set_attn_implementation("eager")`. Defaults to `config.output_attentions`.
-            return_dict (`bool`, *optional*):
-                `False` returns a tuple of the output's non-`None` fields, in order. Defaults to `config.return_dict`.
-            prefix ([`LTMPrefix`], *optional*):
-                The latent-independent start of the forward, from [`LTMModel.compute_prefix`]: it replaces
-                `inputs_embeds`, `attention_mask` and `position_ids` (pass none of them; `input_ids` may be passed
-                along for hooks and logging, the prefix's own tokens, unused) and the work up to layer 0's
-                cross-attention. No cache, and no check that the latents are finite (the fast loop checks its own
-                numbers; the check would read a value back to the host at every fast step). Same numbers as the plain
-                call.
-
         Returns:
             [`LTMModelOutput`] (transformers' `BaseModelOutputWithPastAndCrossAttentions`) with
 
@@ -831,6 +836,7 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     @can_return_tuple
+    @add_start_docstrings_to_model_forward(LTM_INPUTS_DOCSTRING)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -846,29 +852,19 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         **kwargs,
     ) -> LTMCausalLMOutput:
         r"""
-        `input_ids`, `attention_mask`, `position_ids`, `cache`, `inputs_embeds`, `use_cache`,
-        `output_hidden_states`, `output_attentions` and `return_dict` are as in [`LTMModel.forward`].
-
-        Args:
-            latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
-                The latent thought vectors. `None` means the prior mean `z = 0`; `forward` never runs posterior
-                inference (call [`~LTMForCausalLM.infer_latents`] first).
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets, shifted inside the loss as in every transformers causal LM; `-100` is ignored. The loss is
                 the mean NLL in nats per predicted token given `latents`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 An `int` computes logits for the last `logits_to_keep` positions only (0 keeps all); a 1-D tensor
                 lists the sequence positions to keep (transformers' `slice_logits_to_keep`).
-            prefix ([`LTMPrefix`], *optional*):
-                From `model.model.compute_prefix(...)`, instead of `input_ids`/`attention_mask`/`position_ids`; see
-                [`LTMModel.forward`].
 
         Returns:
             [`LTMCausalLMOutput`] with `logits` of shape `(batch_size, kept_positions, config.padded_vocab_size)`
             (the columns past `config.vocab_size`, padding of the embedding for fast matrix shapes, are `-inf`: no
-            probability, never generated, outside every loss and bound), `loss` when
-            `labels` is given, `cache` when caching, and the model's `hidden_states`, `attentions` and
-            `cross_attentions` when asked for (a tuple of the non-`None` fields with `return_dict=False`).
+            probability, never generated, outside every loss and bound), `loss` when `labels` is given, `cache` when
+            caching, and the model's `hidden_states`, `attentions` and `cross_attentions` when asked for (a tuple of
+            the non-`None` fields with `return_dict=False`).
         """
         if prefix is not None and use_cache:
             raise ValueError("`prefix` forwards keep no cache; do not pass `use_cache=True` with it.")

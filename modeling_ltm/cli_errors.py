@@ -62,6 +62,8 @@ def message_for(error: BaseException) -> str | None:
         return f"out of memory on the device ({one_line(error)[:200]}); lower the batch size or use a smaller model."
     if isinstance(error, json.JSONDecodeError):
         return f"invalid JSON ({error}); fix the file named by the flag you passed."
+    if name in ("StrictDataclassFieldValidationError", "StrictDataclassClassValidationError"):  # LTMConfig's checks
+        return f"invalid model configuration: {one_line(error)}; fix that value in the config JSON (or the flag)."
     # The project's own errors (ValueError / TypeError naming the argument, NonFiniteWeightsError, NonFiniteELBOError,
     # TrainCLIError, CLIError) already say what to fix.
     if isinstance(error, (ValueError, TypeError, FloatingPointError)):

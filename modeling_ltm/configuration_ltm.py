@@ -1,12 +1,19 @@
 """Configuration of Latent-Thought Language Models (LTMs, arXiv:2502.01567).
 
-This file imports only `transformers` so that `save_pretrained` can copy it next to the weights for
-`trust_remote_code=True` loading.
+A strict dataclass, as transformers' own configs are (`huggingface_hub.dataclasses.strict`): every field's type and
+range is checked when it is set, and the relations between fields by the `validate_*` methods; an invalid value raises
+`StrictDataclassFieldValidationError` / `StrictDataclassClassValidationError` naming the field and the rule.
+
+This file imports only `transformers` (and `huggingface_hub`, which transformers requires) so that `save_pretrained`
+can copy it next to the weights for `trust_remote_code=True` loading.
 """
 
 import math
 
+from huggingface_hub.dataclasses import strict, validated_field
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+from transformers.utils.type_validators import activation_fn_key, interval
 
 
 # The oldest transformers release this configuration and the model code run on: the lower bound of pyproject.toml's
@@ -18,6 +25,37 @@ MIN_TRANSFORMERS_VERSION = "5.24.0"
 POSTERIOR_ENCODER_FITS = (None, "evaluation", "training")
 
 
+def _positive(value):
+    if value is not None and not value >= 1:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+
+
+def _non_negative(value):
+    if not value >= 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
+
+
+def _finite(value):
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value!r}")
+
+
+def _greater_than_zero(value):
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+
+
+def _encoder_fit(value):
+    if value not in POSTERIOR_ENCODER_FITS:
+        raise ValueError(f"must be one of {POSTERIOR_ENCODER_FITS}, got {value!r}")
+
+
+def _field(*validators, default):
+    """A dataclass field whose value must pass every validator (each raises `ValueError` saying why)."""
+    return validated_field(list(validators), default=default)
+
+
+@strict
 class LTMConfig(PreTrainedConfig):
     r"""
     Configuration of an [`LTMForCausalLM`]: a pre-norm Transformer decoder (RMSNorm, RoPE, SwiGLU, tied embeddings)
@@ -48,8 +86,12 @@ class LTMConfig(PreTrainedConfig):
         max_position_embeddings (`int`, *optional*, defaults to 1024):
             Longest sequence the model accepts, in tokens. Also the span over which the latents' RoPE positions are
             spread.
-        rope_theta (`float`, *optional*, defaults to 10000.0):
-            Base period of the rotary position embeddings.
+        rope_parameters (`dict`, *optional*):
+            The rotary position embeddings, as transformers' configs give them: `{"rope_type": "default",
+            "rope_theta": 10000.0}` by default; a scaling type of `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`
+            ("linear", "yarn", "llama3", ...) applies to tokens and latents alike; "dynamic" is not supported (the
+            latents' positions would move with the input's length). A config.json with the older `rope_theta` key
+            loads as `rope_parameters`.
         rms_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the RMSNorm layers.
         hidden_act (`str`, *optional*, defaults to `"silu"`):
@@ -133,39 +175,39 @@ class LTMConfig(PreTrainedConfig):
     model_type = "ltm"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
-    vocab_size: int = 50257
-    pad_vocab_size_to_multiple_of: int = 1
-    hidden_size: int = 768
-    intermediate_size: int | None = None
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 1024
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    hidden_act: str = "silu"
-    sliding_window: int | None = None
-    n_latents_per_layer: int = 8
-    latent_dim: int | None = None
+    vocab_size: int = _field(_positive, default=50257)
+    pad_vocab_size_to_multiple_of: int = _field(_positive, default=1)
+    hidden_size: int = _field(_positive, default=768)
+    intermediate_size: int | None = _field(_positive, default=None)
+    num_hidden_layers: int = _field(_positive, default=12)
+    num_attention_heads: int = _field(_positive, default=12)
+    num_key_value_heads: int | None = _field(_positive, default=None)
+    max_position_embeddings: int = _field(_positive, default=1024)
+    rope_parameters: RopeParameters | dict | None = None
+    rms_norm_eps: float | int = _field(_finite, _greater_than_zero, default=1e-6)
+    hidden_act: str = activation_fn_key(default="silu")
+    sliding_window: int | None = _field(_positive, default=None)
+    n_latents_per_layer: int = _field(_positive, default=8)
+    latent_dim: int | None = _field(_positive, default=None)
     tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
-    dropout: float = 0.0
-    num_inference_steps: int = 16
-    inference_lr: float = 0.3
-    inference_lr_min_ratio: float = 0.1
-    posterior_init_logvar: float = -5.0
-    posterior_init_logvar_noise: float = 0.1
+    initializer_range: float | int = _field(_finite, _non_negative, default=0.02)
+    dropout: float | int = interval(min=0.0, max=1.0, exclude_max=True)(default=0.0)
+    num_inference_steps: int = _field(_non_negative, default=16)
+    inference_lr: float | int = _field(_finite, _greater_than_zero, default=0.3)
+    inference_lr_min_ratio: float | int = interval(min=0.0, max=1.0, exclude_min=True)(default=0.1)
+    posterior_init_logvar: float | int = _field(_finite, default=-5.0)
+    posterior_init_logvar_noise: float | int = _field(_finite, _non_negative, default=0.1)
     posterior_fixed_noise: bool = True
-    eval_inference_steps: int = 32
-    eval_inference_lr: float = 0.1
-    eval_inference_lr_min_ratio: float = 0.1
-    eval_posterior_init_logvar: float = 0.0
-    eval_posterior_init_logvar_noise: float = 0.0
+    eval_inference_steps: int = _field(_non_negative, default=32)
+    eval_inference_lr: float | int = _field(_finite, _greater_than_zero, default=0.1)
+    eval_inference_lr_min_ratio: float | int = interval(min=0.0, max=1.0, exclude_min=True)(default=0.1)
+    eval_posterior_init_logvar: float | int = _field(_finite, default=0.0)
+    eval_posterior_init_logvar_noise: float | int = _field(_finite, _non_negative, default=0.0)
     eval_posterior_fixed_noise: bool = False
-    posterior_encoder_size: int = 0
-    posterior_encoder_fit: str | None = None
-    eval_warm_start_steps: int = 8
-    eval_warm_start_lr: float = 0.03
+    posterior_encoder_size: int = _field(_non_negative, default=0)
+    posterior_encoder_fit: str | None = _field(_encoder_fit, default=None)
+    eval_warm_start_steps: int = _field(_non_negative, default=8)
+    eval_warm_start_lr: float | int = _field(_finite, _greater_than_zero, default=0.03)
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -176,10 +218,9 @@ class LTMConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.latent_dim is None:
             self.latent_dim = self.hidden_size
-        if self.intermediate_size is None and isinstance(self.hidden_size, int) and self.hidden_size > 0:
+        if self.intermediate_size is None:
             self.intermediate_size = 64 * -(-(8 * self.hidden_size // 3) // 64)
-        self._validate_ltm_fields()
-        super().__post_init__(**kwargs)
+        super().__post_init__(**kwargs)  # moves an older config.json's `rope_theta` into `rope_parameters`
 
     @property
     def padded_vocab_size(self) -> int:
@@ -196,111 +237,41 @@ class LTMConfig(PreTrainedConfig):
         """Shape of one sequence's latents: `(num_hidden_layers, n_latents_per_layer, latent_dim)`."""
         return (self.num_hidden_layers, self.n_latents_per_layer, self.latent_dim)
 
-    def _validate_ltm_fields(self) -> None:
-        """Raise `ValueError` naming the first field outside its valid range."""
-
-        def positive_int(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LTMConfig.{name} must be a positive integer, got {value!r}.")
-
-        for name in (
-            "vocab_size",
-            "pad_vocab_size_to_multiple_of",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-            "n_latents_per_layer",
-            "latent_dim",
-        ):
-            positive_int(name)
+    def validate_architecture(self):
+        """Part of `@strict` validation: the relations between the model's shapes."""
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
-                f"LTMConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads}); choose a hidden_size that is a multiple of the head count."
             )
         if self.head_dim % 2 != 0:
             raise ValueError(
-                f"LTMConfig: head dimension hidden_size / num_attention_heads = {self.head_dim} must be even for "
-                "rotary embeddings."
+                f"the head dimension hidden_size / num_attention_heads = {self.head_dim} must be even for rotary "
+                "embeddings."
             )
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
-                f"LTMConfig.num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})."
             )
         if self.n_latents_per_layer > self.max_position_embeddings:
             raise ValueError(
-                f"LTMConfig.n_latents_per_layer ({self.n_latents_per_layer}) must be at most max_position_embeddings "
+                f"n_latents_per_layer ({self.n_latents_per_layer}) must be at most max_position_embeddings "
                 f"({self.max_position_embeddings}): latents get RoPE positions spread over the context."
             )
-        if self.sliding_window is not None:
-            positive_int("sliding_window")
-        from transformers.activations import ACT2FN
 
-        if self.hidden_act not in ACT2FN:
+    def validate_rope_parameters(self):
+        """Part of `@strict` validation: a finite, positive `rope_theta`, and a RoPE type whose positions do not depend
+        on the input's length."""
+        parameters = self.rope_parameters or {}
+        theta = parameters.get("rope_theta", self.default_theta)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
+            raise ValueError(f'rope_parameters["rope_theta"] must be a finite number > 0, got {theta!r}.')
+        if parameters.get("rope_type", "default") == "dynamic":
             raise ValueError(
-                f"LTMConfig.hidden_act must be one of transformers' ACT2FN keys, got {self.hidden_act!r}."
+                'rope_parameters["rope_type"] = "dynamic" is not supported: the latents\' positions would move with '
+                'the input\'s length. Use "default" or a static scaling ("linear", "yarn", "llama3").'
             )
-        for name in ("posterior_encoder_size", "eval_warm_start_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"LTMConfig.{name} must be an integer >= 0, got {value!r}.")
-        if self.posterior_encoder_fit not in POSTERIOR_ENCODER_FITS:
-            raise ValueError(
-                f"LTMConfig.posterior_encoder_fit must be one of {POSTERIOR_ENCODER_FITS}, got "
-                f"{self.posterior_encoder_fit!r}."
-            )
-        lr = self.eval_warm_start_lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"LTMConfig.eval_warm_start_lr must be a finite number > 0, got {lr!r}.")
-        for name in (
-            "rope_theta",
-            "rms_norm_eps",
-            "dropout",
-            "initializer_range",
-            "inference_lr",
-            "inference_lr_min_ratio",
-            "posterior_init_logvar",
-            "posterior_init_logvar_noise",
-            "eval_inference_lr",
-            "eval_inference_lr_min_ratio",
-            "eval_posterior_init_logvar",
-            "eval_posterior_init_logvar_noise",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"LTMConfig.{name} must be a finite number, got {value!r}.")
-        for name in ("posterior_fixed_noise", "eval_posterior_fixed_noise"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LTMConfig.{name} must be True or False, got {getattr(self, name)!r}.")
-        if not self.rope_theta > 0:
-            raise ValueError(f"LTMConfig.rope_theta must be > 0, got {self.rope_theta!r}.")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"LTMConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LTMConfig.dropout must be in [0, 1), got {self.dropout!r}.")
-        if not self.initializer_range >= 0:
-            raise ValueError(f"LTMConfig.initializer_range must be >= 0, got {self.initializer_range!r}.")
-        for prefix in ("", "eval_"):
-            steps_name = "eval_inference_steps" if prefix else "num_inference_steps"
-            steps = getattr(self, steps_name)
-            if isinstance(steps, bool) or not isinstance(steps, int):
-                raise ValueError(f"LTMConfig.{steps_name} must be an integer >= 0, got {steps!r}.")
-            if steps < 0:
-                raise ValueError(f"LTMConfig.{steps_name} must be >= 0, got {steps!r}.")
-            lr = getattr(self, f"{prefix}inference_lr")
-            if not lr > 0:
-                raise ValueError(f"LTMConfig.{prefix}inference_lr must be > 0, got {lr!r}.")
-            ratio = getattr(self, f"{prefix}inference_lr_min_ratio")
-            if not 0.0 < ratio <= 1.0:
-                raise ValueError(f"LTMConfig.{prefix}inference_lr_min_ratio must be in (0, 1], got {ratio!r}.")
-            noise = getattr(self, f"{prefix}posterior_init_logvar_noise")
-            if not noise >= 0:
-                raise ValueError(f"LTMConfig.{prefix}posterior_init_logvar_noise must be >= 0, got {noise!r}.")
 
 
 __all__ = ["LTMConfig", "MIN_TRANSFORMERS_VERSION"]

@@ -82,10 +82,13 @@ def raise_non_finite(model, what: str, fast_step: int) -> None:
 
 
 def compute_prefix(model, input_ids, attention_mask, position_ids):
-    """The batch's latent-independent `LTMPrefix` (once per fit), or None for a model without `compute_prefix` or one
-    sharded by FSDP2 (`fully_shard`), whose parameters are gathered only by the hooks of a full `model(...)` call."""
+    """The batch's latent-independent `LTMPrefix` (once per fit), or None: for a model without `compute_prefix`, one
+    sharded by FSDP2 (`fully_shard`), whose parameters are gathered only by the hooks of a full `model(...)` call, and
+    one on flex attention, whose mask (a `BlockMask`) cannot be sliced into rows."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "compute_prefix") or is_fsdp_sharded(model):
+        return None
+    if getattr(base.config, "_attn_implementation", None) == "flex_attention":
         return None
     return base.compute_prefix(input_ids, attention_mask=attention_mask, position_ids=position_ids)
 

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import add_start_docstrings_to_model_forward, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
@@ -76,20 +77,26 @@ class LTMRMSNorm(nn.Module):
 
 class LTMRotaryEmbedding(nn.Module):
     """Rotary position embeddings, shared by the self-attention (token positions) and the cross-attention (token
-    positions for queries, latent positions for keys)."""
+    positions for queries, latent positions for keys). The inverse frequencies come from `config.rope_parameters` as
+    in Llama: the default RoPE, or a scaling type of transformers' `ROPE_INIT_FUNCTIONS`."""
 
     def __init__(self, config: LTMConfig):
         super().__init__()
         self.config = config
-        self.rope_type = "default"
-        inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
         self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     @staticmethod
     def compute_default_rope_parameters(config: LTMConfig, **kwargs) -> tuple[torch.Tensor, float]:
-        dim = config.hidden_size // config.num_attention_heads
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        """Llama's default RoPE: `1 / rope_theta ** (arange(0, head_dim, 2) / head_dim)`, no scaling."""
+        dim = config.head_dim
+        base = config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
     @torch.no_grad()
@@ -100,6 +107,8 @@ class LTMRotaryEmbedding(nn.Module):
         every layer."""
         freqs = position_ids[:, None, :, None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return torch.cat((cos, cos), dim=-1).to(dtype=x.dtype), torch.cat((-sin, sin), dim=-1).to(dtype=x.dtype)
 
 
@@ -107,9 +116,10 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.T
     """Rotate `x` of shape `(batch, heads, seq, head_dim)` by the tables of [`LTMRotaryEmbedding`] (shape
     `(batch or 1, 1, seq, head_dim)`).
 
-    The same numbers as Llama's `x * cos + rotate_half(x) * sin` (`rotate_half(x) = cat(-x2, x1)`): swapping the
-    halves is a `roll` and the sign sits in `signed_sin`, so each call is 4 operators instead of 7 (a decoding step
-    is a chain of small kernels, where each call's overhead counts).
+    The same numbers as Llama's `apply_rotary_pos_emb` (`x * cos + rotate_half(x) * sin`, `rotate_half(x) =
+    cat(-x2, x1)`), not imported: here swapping the halves is a `roll` and the sign sits in `signed_sin`, so each call
+    is 4 operators instead of 7. A decoding step applies it 3 times per layer (self-attention queries and keys, the
+    latents' queries) and is a chain of small kernels, where each call's overhead counts (bench/decode_step.py).
     """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 

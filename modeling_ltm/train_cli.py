@@ -283,7 +283,7 @@ def llama_peer_config(config: LTMConfig) -> LlamaConfig:
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads,
         max_position_embeddings=config.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_parameters=dict(config.rope_parameters),
         rms_norm_eps=config.rms_norm_eps,
         tie_word_embeddings=config.tie_word_embeddings,
         initializer_range=config.initializer_range,

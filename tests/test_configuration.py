@@ -2,8 +2,13 @@
 
 import pytest
 from conftest import tiny_config
+from huggingface_hub.errors import StrictDataclassError
 
 from modeling_ltm import LTMConfig
+
+
+# A strict dataclass, as transformers' configs are: errors name the field (or the class rule) and say why.
+CONFIG_ERRORS = (ValueError, StrictDataclassError)
 
 
 @pytest.mark.parametrize(
@@ -34,14 +39,18 @@ from modeling_ltm import LTMConfig
         (dict(inference_lr_min_ratio=1.5), "inference_lr_min_ratio"),
         (dict(n_latents_per_layer=65, max_position_embeddings=64), "n_latents_per_layer"),
         (dict(sliding_window=0), "sliding_window"),
-        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": 0.0}), "rope_theta"),
+        (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "dynamic"),
+        (dict(pad_vocab_size_to_multiple_of=0), "pad_vocab_size_to_multiple_of"),
+        (dict(hidden_act="swishy"), "hidden_act"),
+        (dict(posterior_encoder_fit="sometimes"), "posterior_encoder_fit"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps"),
         (dict(initializer_range=-0.02), "initializer_range"),
         (dict(posterior_init_logvar_noise=-0.1), "posterior_init_logvar_noise"),
         (dict(inference_lr="0.3"), "inference_lr"),  # a string from a hand-edited JSON
         (dict(dropout=None), "dropout"),
         (dict(posterior_init_logvar=float("nan")), "posterior_init_logvar"),
-        (dict(rope_theta=float("inf")), "rope_theta"),
+        (dict(rope_theta=float("inf")), "rope_theta"),  # an older config.json's key, moved into rope_parameters
         (dict(posterior_fixed_noise="yes"), "posterior_fixed_noise"),
         (dict(eval_inference_steps=-1), "eval_inference_steps"),
         (dict(eval_inference_steps=2.5), "eval_inference_steps"),
@@ -52,13 +61,13 @@ from modeling_ltm import LTMConfig
         (dict(eval_posterior_fixed_noise="no"), "eval_posterior_fixed_noise"),
     ],
 )
-def test_invalid_value_raises_value_error_naming_the_field(overrides, field):
-    with pytest.raises(ValueError, match=field):
+def test_invalid_value_raises_an_error_naming_the_field(overrides, field):
+    with pytest.raises(CONFIG_ERRORS, match=field):
         tiny_config(**overrides)
 
 
 def test_error_message_gives_the_values_and_the_fix():
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(CONFIG_ERRORS) as excinfo:
         tiny_config(hidden_size=66, num_attention_heads=4)
     message = str(excinfo.value)
     assert "66" in message and "4" in message and "multiple" in message
@@ -142,5 +151,32 @@ def test_save_pretrained_round_trip_and_auto_config(tmp_path):
 def test_from_dict_validates():
     as_dict = tiny_config().to_dict()
     as_dict["num_key_value_heads"] = 3
-    with pytest.raises(ValueError, match="num_key_value_heads"):
+    with pytest.raises(CONFIG_ERRORS, match="num_key_value_heads"):
         LTMConfig.from_dict(as_dict)
+
+
+def test_setting_a_field_later_is_checked_too():
+    config = tiny_config()
+    with pytest.raises(CONFIG_ERRORS, match="vocab_size"):
+        config.vocab_size = -1
+    config.inference_lr = 1  # an int where a float is expected: accepted, as in a hand-written JSON
+
+
+def test_an_older_config_json_with_rope_theta_loads():
+    as_dict = tiny_config().to_dict()
+    del as_dict["rope_parameters"]
+    as_dict["rope_theta"] = 500.0
+    assert LTMConfig.from_dict(as_dict).rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
+
+
+def test_the_cli_shows_a_config_error_on_one_line(tmp_path, capsys):
+    import json
+
+    from modeling_ltm.cli import main as ltm_main
+
+    preset = tiny_config().to_dict()
+    preset["num_key_value_heads"] = 3
+    (tmp_path / "bad.json").write_text(json.dumps(preset))
+    assert ltm_main(["train", "--config", str(tmp_path / "bad.json"), "--output_dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "invalid model configuration" in error and "num_key_value_heads" in error

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from huggingface_hub.errors import StrictDataclassError
 
 from modeling_ltm import LTMConfig, LTMForCausalLM, PosteriorFitSettings, evaluate_posterior
 from modeling_ltm.scoring import sequence_nll
@@ -29,7 +30,7 @@ def test_config_pads_the_embedding_and_keeps_the_tokenizer_size():
     config = LTMConfig(vocab_size=50257, pad_vocab_size_to_multiple_of=128)
     assert (config.vocab_size, config.padded_vocab_size) == (50257, 50304)
     assert LTMConfig(vocab_size=50257).padded_vocab_size == 50257  # default: no padding (older checkpoints)
-    with pytest.raises(ValueError, match="pad_vocab_size_to_multiple_of"):
+    with pytest.raises(StrictDataclassError, match="pad_vocab_size_to_multiple_of"):
         LTMConfig(pad_vocab_size_to_multiple_of=0)
     model = make_model()
     assert model.model.embed_tokens.weight.shape[0] == model.lm_head.weight.shape[0] == 128

@@ -6,6 +6,7 @@ fitted for evaluation to the current decoder (`config.posterior_encoder_fit`).""
 import pytest
 import torch
 from conftest import tiny_config
+from huggingface_hub.errors import StrictDataclassError
 
 from modeling_ltm import LTMConfig, LTMForCausalLM, PosteriorFitSettings
 from modeling_ltm.amortized import fit_posterior_encoder
@@ -143,7 +144,7 @@ def test_warm_start_without_an_encoder_and_bad_sizes_are_named():
         fit_posterior_encoder(model, ids(model.config, 2), num_steps=1)
     for field, value in (("posterior_encoder_size", -1), ("eval_warm_start_steps", 1.5), ("eval_warm_start_lr", 0),
                          ("posterior_encoder_fit", "eval")):  # fmt: skip
-        with pytest.raises(ValueError, match=field):
+        with pytest.raises(StrictDataclassError, match=field):  # the config is a strict dataclass
             LTMConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, **{field: value})
 
 

@@ -179,10 +179,11 @@ class LTMLM(HFLM):
                 f"max_length <= {positions}."
             )
         accelerator = getattr(self, "accelerator", None)
+        self._cpu_processes = None
         if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
             # lm-eval 0.4.13's HFLM splits the requests between processes only when more than one GPU is visible;
-            # on CPU (gloo) every process would evaluate everything.
-            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+            # on CPU (gloo) every process would evaluate everything. `rank` / `world_size` below say the truth.
+            self._cpu_processes = (accelerator.process_index, accelerator.num_processes)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.world_size == 1 and isinstance(pretrained, str) and kwargs.get("tp_plan") is None:
             raise ValueError(
@@ -194,6 +195,19 @@ class LTMLM(HFLM):
         self.fit_settings = PosteriorFitSettings.evaluation(self.model.config, num_steps=steps, lr=lr)
         self.num_inference_steps, self.inference_lr = self.fit_settings.num_steps, self.fit_settings.lr
         self.rolling_totals = {"nll": 0.0, "kl": 0.0, "bound": 0.0, "tokens": 0}
+
+    @property
+    def rank(self) -> int:
+        """lm-eval's process index (`TemplateLM.rank`, which a model overrides for data-parallel evaluation), with the
+        CPU processes that HFLM itself does not split counted."""
+        processes = getattr(self, "_cpu_processes", None)
+        return super().rank if processes is None else processes[0]
+
+    @property
+    def world_size(self) -> int:
+        """lm-eval's number of processes (`TemplateLM.world_size`); see `rank`."""
+        processes = getattr(self, "_cpu_processes", None)
+        return super().world_size if processes is None else processes[1]
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
         """HFLM's loading; a model_arg nobody knows reaches `LTMForCausalLM.__init__`, and is named here."""

@@ -208,6 +208,11 @@ class _CausalLMLabels:
 
     With explicit labels, `Trainer` counts the predicted tokens of the whole accumulated batch (`num_items_in_batch`)
     and the loss can be normalised per token across accumulation steps and processes.
+
+    Not transformers' `DataCollatorForLanguageModeling(mlm=False)`: that one needs a tokenizer (LTMTrainer also trains
+    on pre-packed blocks without one), replaces the user's own collator, and masks by `pad_token_id`, which for a
+    GPT-2 tokenizer (pad = EOS) would also unscore every real end-of-text token; this wrapper masks by the attention
+    mask and keeps whatever collator the user passed.
     """
 
     def __init__(self, collator):
@@ -422,7 +427,7 @@ class LTMTrainer(Trainer):
         """
         input_ids, attention_mask, labels = _unpack(inputs)
         step = self.state.global_step
-        batch_size = getattr(self, "_train_batch_size", None) or self.args.per_device_train_batch_size
+        batch_size = self.state.train_batch_size or self.args.per_device_train_batch_size
         first_row = self._first_global_row(self._next_micro_step(), batch_size)
         lr = self.inference_lr_at(step)
         # The module itself, not a `torch_compile=True` wrapper: the fast loop replays its own CUDA graphs on it, and

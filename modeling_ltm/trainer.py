@@ -491,49 +491,13 @@ class LTMTrainer(Trainer):
         self._last_inference_lr = lr
         self._last_inference_steps = len(posterior.elbo_trace) - 1
 
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
-    ) -> None:
-        """Write the LTM's own model card (`hub_cards`: architecture, usage through remote code, the bounds with their
-        fit settings, the reconstruction perplexity under its own name) to `output_dir/README.md`, instead of
-        transformers' generic one; `push_to_hub` calls this before uploading. The evaluation results are the last
-        `evaluate()` metrics in `state.log_history`."""
-        if not self.is_world_process_zero():
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Keep the model card already in `output_dir` (the LTM's card, written from this run by
+        `hub_cards.LTMCardCallback`); without one, transformers' own. `push_to_hub` calls
+        this before uploading. The trainer builds no card itself: cards read what the run recorded."""
+        if os.path.isfile(os.path.join(self.args.output_dir, "README.md")):
             return
-        from hub_cards.card import build_model_card, trainer_eval_results
-        from hub_cards.export import CARD_HYPERPARAMETERS
-
-        model = self.accelerator.unwrap_model(self.model)
-        metrics = next((entry for entry in reversed(self.state.log_history) if "eval_elbo_ppl" in entry), {})
-        datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-        hyperparameters = {
-            name: getattr(self.args, name)
-            for name in CARD_HYPERPARAMETERS
-            if getattr(self.args, name, None) not in (None, {}, "")
-        }
-        card = build_model_card(
-            model.config,
-            model_name=model_name or repo_id.split("/")[-1],
-            repo_id=repo_id,
-            num_parameters=model.num_parameters(),
-            num_parameters_non_embedding=model.num_parameters(exclude_embeddings=True),
-            eval_results=trainer_eval_results(metrics, dataset_name=datasets[0] if datasets else "held-out split"),
-            hyperparameters=hyperparameters,
-            datasets=datasets or None,
-            license=license or "apache-2.0",
-            language=[language] if isinstance(language, str) else language,
-        )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        super().create_model_card(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the fast-learning metrics to Trainer's training logs (those with `loss`), summed over processes and

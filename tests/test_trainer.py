@@ -321,15 +321,18 @@ def test_default_evaluation_bound_is_within_5_percent_of_the_trivial_posterior(t
 
 
 def test_push_to_hub_card_is_the_ltm_card(tmp_path, tiny_shakespeare_path):
-    """`trainer.create_model_card()` (what `push_to_hub` calls) writes our card, with the evaluation bounds and their
-    fit settings, not transformers' generic draft."""
+    """With `hub_cards.LTMCardCallback`, the run's folder holds our card (the evaluation bounds and their fit settings,
+    not transformers' generic draft), and `trainer.create_model_card()` (what `push_to_hub` calls) keeps it."""
     from huggingface_hub import ModelCard
+
+    from hub_cards import LTMCardCallback
 
     trainer = LTMTrainer(
         model=byte_model(),
         args=make_args(tmp_path / "run", max_steps=2, eval_inference_steps=2, eval_iw_samples=2),
         train_dataset=byte_blocks(tiny_shakespeare_path, 32, 8),
         eval_dataset=heldout_blocks(tiny_shakespeare_path, 32, 4),
+        callbacks=[LTMCardCallback(dataset="tiny-corpus", language="en")],
     )
     trainer.train()
     metrics = trainer.evaluate()
@@ -339,6 +342,16 @@ def test_push_to_hub_card_is_the_ltm_card(tmp_path, tiny_shakespeare_path):
     results = {result.metric_type: result.metric_value for result in card.data.eval_results}
     assert results["perplexity"] in (metrics["eval_elbo_ppl"], metrics["eval_iw_ppl"])
     assert card.data.datasets == ["tiny-corpus"] and "custom_code" in card.data.tags
+
+
+def test_without_the_card_callback_the_card_is_transformers_own(tmp_path, tiny_shakespeare_path):
+    trainer = LTMTrainer(
+        model=byte_model(), args=make_args(tmp_path / "run", max_steps=1),
+        train_dataset=byte_blocks(tiny_shakespeare_path, 32, 4),
+    )  # fmt: skip
+    trainer.train()
+    trainer.create_model_card()
+    assert "Latent-Thought Language Model" not in (tmp_path / "run" / "README.md").read_text()
 
 
 def test_kl_warmup_schedule_and_free_bits_reach_the_training_fit_only(tmp_path, tiny_shakespeare_path, monkeypatch):

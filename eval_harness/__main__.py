@@ -1,20 +1,25 @@
 """`python -m eval_harness ...` / `ltm eval ...`: lm-evaluation-harness's own command line with model `ltm`.
 
 Every flag is lm-eval's (`--model ltm --model_args pretrained=PATH --tasks ... --include_path ... --num_fewshot
---output_path --limit --log_samples ...`); this entry point only registers the model first, checks the model folder
-and `--device` (so that a damaged file or a missing GPU is named in one line), then hands over to
-`lm_eval.__main__.cli_evaluate`, which reads `sys.argv`. Errors are printed as one line with exit code 2 by
-`modeling_ltm.cli_errors.run_cli`; `--debug` shows the full traceback.
+--output_path --limit --log_samples ...`); this entry point only registers the model first, checks the model folder,
+`--device`, `--batch_size`, the time budget of the model_args and that `--output_path` can be written (so that a
+damaged file, a missing GPU or an unwritable folder is named in one line before any work), then hands over to
+`lm_eval.__main__.cli_evaluate`, which reads `sys.argv`. lm-eval only logs a warning when it cannot save its results:
+here that is an error. Errors are printed as one line with exit code 2 by `modeling_ltm.cli_errors.run_cli`; `--debug`
+shows the full traceback.
 """
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 from lm_eval.__main__ import cli_evaluate
 
 import eval_harness  # registers model "ltm"
-from modeling_ltm.cli_errors import check_finite_safetensors, check_model_folder, resolve_device, run_cli
+from modeling_ltm.budgets import check_inference_steps, check_iw_samples
+from modeling_ltm.cli_errors import CLIError, check_finite_safetensors, check_model_folder, resolve_device, run_cli
 
 
 def _model_args(values: list[str] | None) -> dict[str, str]:
@@ -28,24 +33,86 @@ def _model_args(values: list[str] | None) -> dict[str, str]:
     return pairs
 
 
-def check_ltm_arguments(argv: list[str]) -> None:
-    """For `--model ltm`: a local `pretrained=` folder must be an intact saved model with finite weights, and the
-    device usable."""
+def _known_arguments(argv: list[str]) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model")
     pre.add_argument("--model_args", "-a", nargs="+")
     pre.add_argument("--device")
+    pre.add_argument("--batch_size", "-b")
+    pre.add_argument("--output_path", "-o")
     known, _ = pre.parse_known_args(argv)
+    return known
+
+
+def _int_arg(flag: str, value: str, check) -> None:
+    try:
+        number = int(value)
+    except ValueError:
+        raise CLIError(f"{flag} must be an integer, got {value!r}.") from None
+    check(flag, number)
+
+
+def check_ltm_arguments(argv: list[str]) -> None:
+    """For `--model ltm`: a local `pretrained=` folder must be an intact saved LTM with finite weights, the device
+    usable, the batch size >= 1 and the fast steps and importance samples within `modeling_ltm.budgets`."""
+    known = _known_arguments(argv)
+    if known.batch_size is not None and not known.batch_size.startswith("auto"):
+        try:
+            batch_size = int(known.batch_size)
+        except ValueError:
+            raise CLIError(f"--batch_size must be an integer >= 1, got {known.batch_size!r}.") from None
+        if batch_size < 1:
+            raise CLIError(f"--batch_size must be an integer >= 1 (requests per batch), got {known.batch_size}.")
     if known.model != "ltm":
         return
     model_args = _model_args(known.model_args)
     pretrained = model_args.get("pretrained")
     if pretrained is not None and (Path(pretrained).exists() or pretrained.startswith((".", "/", "~"))):
-        check_model_folder(Path(pretrained).expanduser(), "--model_args pretrained=")
+        check_model_folder(Path(pretrained).expanduser(), "--model_args pretrained=", model_type="ltm")
         check_finite_safetensors(Path(pretrained).expanduser(), "evaluating")
     for flag, device in (("--device", known.device), ("--model_args device=", model_args.get("device"))):
         if device is not None:
             resolve_device(device, flag)
+    if model_args.get("num_inference_steps") is not None:
+        _int_arg("--model_args num_inference_steps=", model_args["num_inference_steps"], check_inference_steps)
+    if model_args.get("iw_samples") is not None:
+        _int_arg("--model_args iw_samples=", model_args["iw_samples"], check_iw_samples)
+
+
+def check_output_path(output_path: str | None) -> None:
+    """`--output_path` (a folder, or a `.json` file whose folder gets it) must be writable: lm-eval only warns when it
+    cannot save the results, after the whole evaluation."""
+    if output_path is None:
+        return
+    path = Path(output_path).expanduser()
+    folder = path.parent if path.suffix == ".json" else path
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(
+            f"--output_path {output_path}: {folder} is a file, and lm-eval writes its results into a folder there; "
+            "pass a folder (or a new name ending in .json)."
+        )
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(
+            f"--output_path {output_path}: {existing} is not writable, so the results could not be saved; pass a "
+            "folder you can write to."
+        )
+
+
+def check_results_saved(output_path: str, since: float) -> None:
+    """lm-eval's `results_<date>.json` (or `<name>_<date>.json`) written under `output_path` since `since`, else a
+    `CLIError`: lm-eval logged only a warning."""
+    path = Path(output_path).expanduser()
+    found = path.parent.glob(f"{path.stem}_*.json") if path.suffix == ".json" else path.glob("*/results_*.json")
+    if any(result.stat().st_mtime >= since - 1 for result in found):
+        return
+    raise CLIError(
+        f"lm-eval could not save its results to --output_path {output_path} (see its warning above: a full disk, a "
+        "read-only folder, or a file in the way); the scores are only in the printed table. Fix the path and run "
+        "again."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     check_ltm_arguments(argv)
-    saved_argv = sys.argv
+    output_path = _known_arguments(argv).output_path
+    check_output_path(output_path)
+    saved_argv, started = sys.argv, time.time()
     sys.argv = ["ltm eval", *argv]
     try:
         cli_evaluate()
@@ -64,6 +133,8 @@ def _main(argv: list[str]) -> int:
     finally:
         sys.argv = saved_argv
     eval_harness.finish_processes()
+    if output_path is not None and int(os.environ.get("RANK", "0")) == 0 and argv[:1] not in (["ls"], ["validate"]):
+        check_results_saved(output_path, started)
     return 0
 
 

@@ -45,6 +45,8 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from tqdm import tqdm
 
 import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
+from modeling_ltm.budgets import check_inference_steps, check_iw_samples, check_memory
+from modeling_ltm.cli_errors import check_model_folder
 from modeling_ltm.inference import PosteriorFitSettings, content_seed, evaluate_posterior, fit_posterior
 
 
@@ -146,9 +148,18 @@ class LTMLM(HFLM):
             and not getattr(pretrained, "name_or_path", "")
         ):
             raise ValueError("Pass `tokenizer` (a tokenizer or its path) when `pretrained` is a model instance.")
+        if not str(batch_size).startswith("auto"):
+            _as_int("batch_size", batch_size, 1)
+        if kwargs.get("max_batch_size") is not None:
+            _as_int("max_batch_size", kwargs["max_batch_size"], 1)
+        if isinstance(pretrained, str) and os.path.isdir(os.path.expanduser(pretrained)):
+            # names a damaged config.json or a truncated .safetensors file, and refuses pickled weights, by path
+            check_model_folder(os.path.expanduser(pretrained), "pretrained", model_type="ltm")
         self.iw_samples = _as_int("iw_samples", iw_samples, 0)
+        check_iw_samples("`iw_samples`", self.iw_samples)
         self.seed = _as_int("seed", seed, 0)
         steps = None if num_inference_steps is None else _as_int("num_inference_steps", num_inference_steps, 0)
+        check_inference_steps("`num_inference_steps`", steps)
         try:
             lr = None if inference_lr is None else float(inference_lr)
         except (TypeError, ValueError):
@@ -166,6 +177,13 @@ class LTMLM(HFLM):
             raise TypeError(
                 f"`pretrained` is a {type(self.model).__name__}, not a Latent-Thought LM (no `infer_latents`); use "
                 "lm-eval's `--model hf` for ordinary causal LMs."
+            )
+        vocab_size = self.model.config.vocab_size
+        if len(self.tokenizer) > vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab_size}: ids from "
+                f"{vocab_size} on have no embedding. Pass the tokenizer the model was trained with (`tokenizer=`, or "
+                "save it next to the model)."
             )
         if self.tokenizer.eos_token_id is None:
             raise ValueError(
@@ -192,7 +210,14 @@ class LTMLM(HFLM):
                 "does), e.g. `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m eval_harness ...`."
             )
 
+        if isinstance(self.batch_size, int):  # the rows of one batch of windows, with a backward pass per fast step
+            half = self.model.dtype in (torch.bfloat16, torch.float16) or self.mixed_precision_dtype is not None
+            rows, length = self.batch_size, self.max_length
+            check_memory("batch_size", rows, self.model.config, rows, length, self.device, half_precision=half)
         self.fit_settings = PosteriorFitSettings.evaluation(self.model.config, num_steps=steps, lr=lr)
+        check_inference_steps(
+            "`num_inference_steps` (the model config's eval_inference_steps)", self.fit_settings.num_steps
+        )
         self.num_inference_steps, self.inference_lr = self.fit_settings.num_steps, self.fit_settings.lr
         self.rolling_totals = {"nll": 0.0, "kl": 0.0, "bound": 0.0, "tokens": 0}
 

@@ -2,9 +2,10 @@
 
 The folder holds what `save_pretrained` writes for a model registered for the Auto classes (`config.json` with
 `auto_map`, `model.safetensors`, the remote-code files), a `generation_config.json` carrying the inference-step
-defaults, the tokenizer, and the model card (`README.md`). It is written into a temporary sibling folder and renamed
-into place at the end, so a failed export leaves nothing behind; with `overwrite=True` into an existing folder, only
-the files an export writes are replaced there, other files are kept. Weights holding NaN/inf are refused, and
+defaults, the tokenizer, and the model card (`README.md`). It is written into a temporary sibling folder
+(`.<name>.tmp-<pid>-*`, removed by the next export if a kill left it) and renamed into place at the end, so a failed
+export leaves nothing behind; with `overwrite=True` into an existing folder, only the files an export writes are
+replaced there, other files are kept. Weights holding NaN/inf are refused, and
 `training_args.bin` (a pickle) is read through an allow-list that runs no code from the file.
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,9 @@ from transformers.utils import logging
 
 from modeling_ltm import LTMForCausalLM  # importing the package registers the classes for `auto_map`
 from modeling_ltm.cli_errors import check_model_folder
-from modeling_ltm.generation_ltm import LTMGenerationConfig, check_finite_weights
+from modeling_ltm.generation_ltm import LTMGenerationConfig
+from modeling_ltm.run_folder import process_alive
+from modeling_ltm.weight_checks import check_finite_weights
 
 from .card import build_model_card, load_lm_eval_results, trainer_eval_results
 
@@ -298,6 +303,29 @@ def _replace_export_files(staging: Path, output_dir: Path) -> None:
         )
 
 
+def _staging_prefix(output_dir: Path) -> str:
+    return f".{output_dir.name}.tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_staging(output_dir: Path) -> None:
+    """Delete the temporary siblings `.<name>.tmp-<pid>-*` that an export killed midway left next to `output_dir`
+    (their pid no longer runs on this host), and those of exports older than the pid in the name (an hour old)."""
+    for entry in output_dir.parent.glob(f"{_staging_prefix(output_dir)}*"):
+        pid = entry.name[len(_staging_prefix(output_dir)) :].split("-", 1)[0]
+        if pid.isdigit():
+            stale = not process_alive(int(pid))
+        else:
+            stale = time.time() - entry.stat().st_mtime > 3600
+        if stale and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def export_for_hub(
     checkpoint: str | Path,
     output_dir: str | Path,
@@ -359,8 +387,8 @@ def export_for_hub(
             "there (other files are kept), or choose an empty folder."
         )
 
-    check_model_folder(checkpoint, "checkpoint")  # names a truncated or corrupt .safetensors file
-    model = LTMForCausalLM.from_pretrained(checkpoint).eval()
+    check_model_folder(checkpoint, "checkpoint")  # names a truncated .safetensors file; refuses pickled weights
+    model = LTMForCausalLM.from_pretrained(checkpoint, use_safetensors=True).eval()
     check_finite_weights(model, "exporting", source=str(checkpoint))
     model.generation_config = hub_generation_config(model)
     tokenizer_object = _load_tokenizer(checkpoint, tokenizer, model.config.max_position_embeddings)
@@ -393,8 +421,10 @@ def export_for_hub(
     )
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    remove_stale_staging(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(output_dir)}{os.getpid()}-", dir=output_dir.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export folder gets the usual mode
         model.save_pretrained(staging)
         missing = [name for name in REMOTE_CODE_FILES if not (staging / name).is_file()]
         if missing or "auto_map" not in (_read_json(staging / "config.json") or {}):

@@ -1,8 +1,10 @@
 """Upload an exported LTM folder to the Hugging Face Hub (`HfApi.create_repo` + `HfApi.upload_folder`).
 
 The folder is uploaded as it is: nothing is written into it (the card was saved there by the export), so a failed
-push leaves it unchanged. `model.push_to_hub(...)` (transformers' own) uploads the same weights, config, remote code
-and generation config, and keeps the card already on the Hub.
+push leaves it unchanged. Every request has a network timeout (`modeling_ltm.cli_errors.bound_hub_requests`,
+`LTM_HUB_TIMEOUT` seconds): an endpoint that does not answer ends the push with an error naming it.
+`model.push_to_hub(...)` (transformers' own) uploads the same weights, config, remote code and generation config, and
+keeps the card already on the Hub.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
-from modeling_ltm.cli_errors import check_finite_safetensors, check_model_folder
+from modeling_ltm.cli_errors import (
+    HubTimeoutError,
+    bound_hub_requests,
+    check_finite_safetensors,
+    check_model_folder,
+    hub_requests_bounded,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -97,7 +105,10 @@ def push_folder(
             f"Re-export with `ltm export <checkpoint> {folder} --repo-id {repo_id} --overwrite` to fix it."
         )
 
+    if not hub_requests_bounded():  # `ltm push` bounds them already; a Python caller gets the same timeouts
+        bound_hub_requests()
     api = api or HfApi()
+    endpoint = getattr(api, "endpoint", None) or constants.ENDPOINT
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
         repo_id = getattr(repo_url, "repo_id", None) or repo_id
@@ -115,6 +126,8 @@ def push_folder(
         raise HubPushError(
             f"Cannot push to {repo_id}: offline mode is enabled ({error}); unset HF_HUB_OFFLINE."
         ) from error
+    except HubTimeoutError as error:
+        raise HubPushError(f"Cannot push {folder} to {repo_id}: {error}.") from error
     except NETWORK_ERRORS as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
         if status in (401, 403):
@@ -123,8 +136,8 @@ def push_folder(
                 f"the namespace of {repo_id}."
             ) from error
         raise HubPushError(
-            f"Pushing {folder} to {repo_id} failed: {error}. Check the network connection (or a proxy via "
-            "HTTPS_PROXY) and that the token may write to that repository."
+            f"Pushing {folder} to {repo_id} at {endpoint} failed ({type(error).__name__}: {error}). Check the network "
+            "connection (or a proxy via HTTPS_PROXY) and that the token may write to that repository."
         ) from error
     return str(getattr(commit, "commit_url", None) or commit)
 

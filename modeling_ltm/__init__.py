@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .amortized import fit_posterior_encoder
 from .configuration_ltm import LTMConfig
-from .generation_ltm import LTMGenerationConfig, NonFiniteWeightsError, check_finite_weights
+from .generation_ltm import LTMGenerationConfig
 from .inference import (
     NonFiniteELBOError,
     PosteriorEvaluation,
@@ -20,6 +20,7 @@ from .inference import (
     importance_weighted_bound,
 )
 from .modeling_ltm import LTMForCausalLM, LTMModel, LTMPosteriorEncoder, LTMPreTrainedModel
+from .weight_checks import NonFiniteWeightsError, check_finite_weights
 
 
 AutoConfig.register("ltm", LTMConfig, exist_ok=True)

@@ -7,20 +7,34 @@ library ones below) is printed as ONE line, `<command>: error: <problem, file an
 (bugs) keep their traceback.
 
 The checks of a model folder (`check_model_folder`) and of `--device` (`resolve_device`) live here too, so that a
-truncated `model.safetensors` or a garbage `config.json` is blamed by path before any library reads it.
+truncated `model.safetensors`, a garbage `config.json` or pickled weights are blamed by path before any library reads
+them. `run_cli` also bounds every request of huggingface_hub's shared HTTP client by a network timeout
+(`bound_hub_requests`): an endpoint that accepts and never answers ends the command with one line naming it.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import json
+import os
+import re
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 
 EXIT_CODE = 2
 DEBUG_FLAG = "--debug"
+# Seconds a Hub request may wait for a connection, for the next bytes of an answer or to send its next bytes (a
+# stall, not a bound on a whole download), where the caller set no timeout of its own; huggingface_hub's file
+# downloads keep theirs (`HF_HUB_ETAG_TIMEOUT`, `HF_HUB_DOWNLOAD_TIMEOUT`). Set with the environment variable.
+HUB_TIMEOUT_ENV = "LTM_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT = 60.0
+# Names of the weights files that are Python pickles: never loaded by `ltm` (safetensors only).
+PICKLED_WEIGHTS_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "*.pt", "*.pth", "*.ckpt")
 
 
 class CLIError(ValueError):
@@ -43,9 +57,45 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from or while handling, outermost first."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        chain.append(error)
+        seen.add(id(error))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return chain
+
+
+_NO_SPACE = re.compile(r"No space left on device|StorageFull|os error 28|code: 28\b")
+
+
+def _disk_full_message(error: BaseException) -> str | None:
+    """A full disk (ENOSPC, also inside safetensors' "Error while serializing"), named as such, not as corruption."""
+    for link in _chain(error):
+        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            where = f" writing {link.filename}" if link.filename else ""
+            return (
+                f"the disk is full{where} ({link.strerror or link}); free some space or write to another disk "
+                "(--output_dir / the output folder), then run the command again."
+            )
+        if _NO_SPACE.search(str(link)):
+            return (
+                f"the disk is full ({one_line(link)[:200]}); free some space or write to another disk (--output_dir / "
+                "the output folder), then run the command again."
+            )
+    return None
+
+
 def message_for(error: BaseException) -> str | None:
     """The one-line message for a known kind of error, or None for an unexpected one (a bug: keep its traceback)."""
     name = type(error).__name__
+    full = _disk_full_message(error)
+    if full is not None:
+        return full
+    network = _hub_timeout_message(error)
+    if network is not None:
+        return network
     if name == "SafetensorError":
         return (
             f"a .safetensors weights file is truncated or corrupt ({error}); re-save the model "
@@ -55,6 +105,12 @@ def message_for(error: BaseException) -> str | None:
         return (
             f"the dataset could not be read ({type(_root_cause(error)).__name__}: {_root_cause(error)}); check the "
             "files given with --dataset / --data_files (e.g. one JSON object per line for .jsonl)."
+        )
+    if name == "UnpicklingError" or "weights_only" in str(error):
+        # torch's refusal to unpickle: its advice to turn weights_only off must not reach the user
+        return (
+            f"a pickled weights file was refused ({one_line(str(error).split('.')[0])[:160]}): ltm loads safetensors "
+            "only; re-save the model with save_pretrained (safetensors) where you trust the file."
         )
     if isinstance(error, AssertionError) and "CUDA" in str(error):
         return f"CUDA is not available here ({error}); pass --device cpu."
@@ -90,6 +146,7 @@ def run_cli(prog: str, body: Callable[[list[str]], int | None], argv: Sequence[s
     debug = DEBUG_FLAG in argv
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
     try:
+        bound_hub_requests()
         return body(argv) or 0
     except KeyboardInterrupt:
         if debug:
@@ -107,6 +164,141 @@ def run_cli(prog: str, body: Callable[[list[str]], int | None], argv: Sequence[s
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Network timeouts of the Hub client
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class HubTimeoutError(TimeoutError):
+    """A Hub endpoint gave no answer within the network timeout; later requests to it fail at once."""
+
+
+def hub_timeout_seconds() -> float:
+    """`$LTM_HUB_TIMEOUT` (seconds > 0), else `DEFAULT_HUB_TIMEOUT`."""
+    value = os.environ.get(HUB_TIMEOUT_ENV)
+    try:
+        seconds = float(value) if value else DEFAULT_HUB_TIMEOUT
+    except ValueError:
+        raise CLIError(
+            f"{HUB_TIMEOUT_ENV}={value!r} is not a number of seconds; set e.g. {HUB_TIMEOUT_ENV}=60."
+        ) from None
+    if not 0 < seconds < float("inf"):
+        raise CLIError(f"{HUB_TIMEOUT_ENV}={value!r} must be a number of seconds > 0, e.g. {HUB_TIMEOUT_ENV}=60.")
+    return seconds
+
+
+class HubRequestBound:
+    """Request and response hooks of huggingface_hub's shared HTTP client (`huggingface_hub.get_session()`, which
+    transformers, datasets, lm-eval and `HfApi` all use).
+
+    - Every timeout the caller left unset (`timeout=None`: `HfApi` calls such as `model_info` or `create_repo` pass
+      it) becomes `seconds`, for the connection, each read, each write and the connection pool.
+    - A request of this thread that got no answer for its whole timeout makes the endpoint unreachable for the rest of
+      the command: the next request to it (huggingface_hub retries a timed-out request up to 5 times, file after
+      file) raises `HubTimeoutError` at once, naming the endpoint, instead of waiting minutes.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.pending: dict[tuple[int, str], tuple[float, float, str]] = {}
+        self.unreachable: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def endpoint(request) -> str:
+        url = request.url
+        return f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
+
+    def on_request(self, request) -> None:
+        given = dict(request.extensions.get("timeout") or {})
+        limits = {k: self.seconds if given.get(k) is None else given[k] for k in ("connect", "read", "write", "pool")}
+        request.extensions["timeout"] = limits
+        endpoint, now = self.endpoint(request), time.monotonic()
+        key = (threading.get_ident(), endpoint)
+        with self.lock:
+            if endpoint in self.unreachable:
+                raise HubTimeoutError(self.unreachable[endpoint])
+            previous = self.pending.get(key)
+            if previous is not None and now - previous[0] >= 0.9 * previous[1]:
+                self.unreachable[endpoint] = (
+                    f"the Hub endpoint {endpoint} gave no answer within {previous[1]:g} s ({previous[2]})"
+                )
+                raise HubTimeoutError(self.unreachable[endpoint])
+            wait = min(limits["connect"], limits["read"])
+            if wait >= min(self.seconds, 10.0):  # not a quick probe whose caller expects it to fail now and then
+                self.pending[key] = (now, wait, f"{request.method} {request.url}")
+            else:
+                self.pending.pop(key, None)
+
+    def on_response(self, response) -> None:
+        with self.lock:
+            self.pending.pop((threading.get_ident(), self.endpoint(response.request)), None)
+
+
+_HUB_BOUND: HubRequestBound | None = None
+
+
+def bound_hub_requests(seconds: float | None = None) -> HubRequestBound | None:
+    """Install (or reset) `HubRequestBound` on huggingface_hub's shared client; `run_cli` calls it for every command.
+    Returns None when huggingface_hub is not installed."""
+    global _HUB_BOUND
+    try:
+        from huggingface_hub import get_session
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return None
+    seconds = hub_timeout_seconds() if seconds is None else seconds
+    client = get_session()
+    hooks = {kind: list(client.event_hooks.get(kind, [])) for kind in ("request", "response")}
+    hooks["request"] = [
+        hook for hook in hooks["request"] if not isinstance(getattr(hook, "__self__", None), HubRequestBound)
+    ]
+    hooks["response"] = [
+        hook for hook in hooks["response"] if not isinstance(getattr(hook, "__self__", None), HubRequestBound)
+    ]
+    _HUB_BOUND = HubRequestBound(seconds)
+    hooks["request"].append(_HUB_BOUND.on_request)
+    hooks["response"].append(_HUB_BOUND.on_response)
+    client.event_hooks = hooks
+    return _HUB_BOUND
+
+
+def hub_requests_bounded() -> bool:
+    """Whether `bound_hub_requests` hooks are on huggingface_hub's current shared client."""
+    try:
+        from huggingface_hub import get_session
+    except ImportError:  # pragma: no cover
+        return False
+    hooks = get_session().event_hooks.get("request", [])
+    return any(isinstance(getattr(hook, "__self__", None), HubRequestBound) for hook in hooks)
+
+
+_TIMEOUT_CLASS = re.compile(r"(Read|Connect|Write|Pool)?Timeout(Exception)?$")
+
+
+def _hub_timeout_message(error: BaseException) -> str | None:
+    """One line for a Hub request that timed out (or an error raised after an endpoint became unreachable)."""
+    found = None
+    for link in _chain(error):
+        if isinstance(link, HubTimeoutError):
+            found = str(link)
+            break
+        if _TIMEOUT_CLASS.search(type(link).__name__) and getattr(link, "request", None) is not None:
+            try:
+                found = f"no answer from the Hub endpoint {HubRequestBound.endpoint(link.request)} ({link})"
+            except Exception:  # a request-less timeout
+                found = None
+            if found:
+                break
+    if found is None and _HUB_BOUND is not None and _HUB_BOUND.unreachable:
+        found = next(iter(_HUB_BOUND.unreachable.values()))  # a library turned our error into its own
+    if found is None:
+        return None
+    return (
+        f"{found}; check the network connection, a proxy (HTTPS_PROXY) and HF_ENDPOINT, raise the timeout with "
+        f"{HUB_TIMEOUT_ENV}=SECONDS, or work from the local cache with HF_HUB_OFFLINE=1."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Checks shared by the commands
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -121,6 +313,11 @@ def resolve_device(device: str | None, flag: str = "--device") -> str:
         parsed = torch.device(device)
     except RuntimeError as error:
         raise CLIError(f"{flag} {device!r} is not a device ({error}); use cpu, cuda or cuda:N.") from error
+    if parsed.type == "meta":
+        raise CLIError(
+            f"{flag} {device}: the meta device holds shapes without data and cannot run a model; use cpu, cuda or "
+            "cuda:N."
+        )
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
@@ -138,9 +335,10 @@ def resolve_device(device: str | None, flag: str = "--device") -> str:
     return device
 
 
-def check_model_folder(path: str | Path, flag: str = "model folder") -> Path:
+def check_model_folder(path: str | Path, flag: str = "model folder", model_type: str | None = None) -> Path:
     """Raise `CLIError` naming the file unless `path` is a folder whose `config.json` is a JSON object with a
-    `model_type` and whose `*.safetensors` files have intact headers (a truncated file fails here, by name)."""
+    `model_type` (equal to `model_type` when given) and whose weights are `*.safetensors` files with intact headers (a
+    truncated file fails here, by name). Pickled weights (`pytorch_model.bin`, ...) are refused unopened."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -162,7 +360,26 @@ def check_model_folder(path: str | Path, flag: str = "model folder") -> Path:
             f"{config_path} is not a model config (a JSON object with a 'model_type'); re-save the model or restore "
             "config.json."
         )
-    for weights in sorted(path.glob("*.safetensors")):
+    if model_type is not None and config["model_type"] != model_type:
+        raise CLIError(
+            f"{config_path} describes a model of type {config['model_type']!r}, not {model_type!r}: {flag} "
+            f"{str(path)!r} is not an LTM folder (its weights would not load into this model); pass the folder "
+            "written by `ltm train` / save_pretrained of an LTM."
+        )
+    safetensors = sorted(path.glob("*.safetensors"))
+    pickled = sorted({p for pattern in PICKLED_WEIGHTS_PATTERNS for p in path.glob(pattern)})
+    if pickled and not safetensors:
+        raise CLIError(
+            f"{pickled[0]} holds pickled PyTorch weights, and ltm never unpickles a file (loading a pickle can run "
+            "code); re-save the model as safetensors where you trust the file (`AutoModelForCausalLM.from_pretrained"
+            "(folder).save_pretrained(folder)` writes model.safetensors) and load that."
+        )
+    if not safetensors and not (path / "model.safetensors.index.json").is_file():
+        raise CLIError(
+            f"{flag} {str(path)!r} has no weights (no *.safetensors file); pass a folder written by save_pretrained "
+            "or `ltm train`."
+        )
+    for weights in safetensors:
         try:
             with safe_open(str(weights), framework="pt"):
                 pass
@@ -179,7 +396,7 @@ def check_finite_safetensors(folder: str | Path, action: str) -> None:
     NaN/inf (tensors read one at a time, without building the model)."""
     from safetensors import safe_open
 
-    from .generation_ltm import check_finite_weights
+    from .weight_checks import check_finite_weights
 
     for weights in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(weights), framework="pt") as tensors:
@@ -189,10 +406,16 @@ def check_finite_safetensors(folder: str | Path, action: str) -> None:
 __all__ = [
     "CLIError",
     "DEBUG_FLAG",
+    "DEFAULT_HUB_TIMEOUT",
     "EXIT_CODE",
+    "HUB_TIMEOUT_ENV",
+    "HubRequestBound",
+    "HubTimeoutError",
+    "bound_hub_requests",
     "check_finite_safetensors",
     "check_model_folder",
     "did_you_mean",
+    "hub_requests_bounded",
     "message_for",
     "one_line",
     "resolve_device",

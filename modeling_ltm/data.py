@@ -476,6 +476,87 @@ def tokenize_and_pack(
     )
 
 
+def check_token_dataset(dataset, name: str, vocab_size: int | None = None, fixed_length: bool = True) -> None:
+    """`ValueError` naming `name`, the `input_ids` column and the first bad row when `dataset` (a sized dataset of
+    token ids, e.g. for `LTMTrainer`) has no rows, rows of different lengths (`fixed_length`: the collator stacks
+    blocks without padding), or token ids outside `[0, vocab_size)`.
+
+    A `datasets.Dataset` is checked whole, in Arrow batches (no Python loop over tokens); another sized dataset on its
+    first 10,000 rows; an iterable one is not checked."""
+    if dataset is None:
+        return
+    try:
+        num_rows = len(dataset)
+    except TypeError:
+        return
+    if num_rows == 0:
+        raise ValueError(
+            f"`{name}` has no rows: there is nothing to train or evaluate on. Pass a dataset of token ids (e.g. "
+            "`modeling_ltm.data.tokenize_and_pack`), with more text or a smaller block_size if packing left none."
+        )
+    if isinstance(dataset, Dataset):
+        if "input_ids" not in dataset.column_names:
+            return
+        offset, first_length = 0, None
+        for batch in dataset.with_format("arrow").iter(batch_size=10_000):
+            first_length = _check_arrow_batch(batch, name, offset, vocab_size, fixed_length, first_length)
+            offset += batch.num_rows
+        return
+    first_length = None
+    for row in range(min(num_rows, 10_000)):
+        item = dataset[row]
+        ids = item.get("input_ids") if isinstance(item, dict) else None
+        if ids is None:
+            return
+        ids = torch.as_tensor(ids).reshape(-1)
+        first_length = _check_row(name, row, int(ids.numel()), ids, vocab_size, fixed_length, first_length)
+
+
+def _check_row(name, row, length, ids, vocab_size, fixed_length, first_length):
+    if fixed_length and first_length is not None and length != first_length:
+        raise ValueError(
+            f"`{name}` row {row} has {length} tokens in column `input_ids` but row 0 has {first_length}: the data "
+            "collator stacks fixed-length blocks. Pack the text into blocks of one length "
+            "(`modeling_ltm.data.tokenize_and_pack`), or pass a padding `data_collator` (e.g. "
+            "`DataCollatorWithPadding(tokenizer)`)."
+        )
+    if vocab_size is not None and length:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"`{name}` row {row}, column `input_ids`, holds token id {bad}, outside the model's vocabulary [0, "
+                f"{vocab_size}): the data was tokenized with another tokenizer. Tokenize it with the model's "
+                "tokenizer (or give the model a vocab_size that covers it)."
+            )
+    return length if first_length is None else first_length
+
+
+def _check_arrow_batch(batch, name, offset, vocab_size, fixed_length, first_length):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = batch.column("input_ids")
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        return first_length
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if first_length is None and len(lengths):
+        first_length = int(lengths[0])
+    if fixed_length and len(lengths) and (lengths != first_length).any():
+        row = int(np.argmax(lengths != first_length))
+        _check_row(name, offset + row, int(lengths[row]), None, None, True, first_length)
+    flat = pc.list_flatten(column)
+    if vocab_size is not None and len(flat):
+        low, high = pc.min_max(flat).values()
+        if low.as_py() < 0 or high.as_py() >= vocab_size:
+            values = flat.to_numpy(zero_copy_only=False)
+            position = int(np.argmax((values < 0) | (values >= vocab_size)))
+            row = int(np.searchsorted(np.cumsum(lengths), position, side="right"))
+            _check_row(name, offset + row, 1, torch.tensor([int(values[position])]), vocab_size, False, None)
+    return first_length
+
+
 def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
     """Stack packed blocks into `input_ids` and `labels` (a copy: the model shifts them), both `(batch, block_size)`.
 
@@ -487,6 +568,7 @@ def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
 
 
 __all__ = [
+    "check_token_dataset",
     "collate_blocks",
     "EmbeddedCorpusUnavailableError",
     "default_cache_dir",

@@ -11,9 +11,11 @@ minus `--max-new-tokens` are truncated from the left, with a notice on stderr.
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
+from .budgets import check_inference_steps, check_memory
 from .cli_errors import CLIError, check_model_folder, resolve_device, run_cli
 
 
@@ -61,7 +63,14 @@ def read_prompts(args) -> list[str]:
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
             raise CLIError(f"--prompts-file {args.prompts_file} does not exist; give a file with one prompt per line.")
-        prompts += [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            text = args.prompts_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise CLIError(
+                f"--prompts-file {args.prompts_file} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                f"position {error.start}): give a text file with one prompt per line."
+            ) from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts and not args.unconditional:
         raise CLIError("give --prompt (repeatable) or --prompts-file, or --unconditional to sample without a prompt.")
     return prompts
@@ -82,11 +91,22 @@ def check_decoding_flags(args) -> None:
             f"--num-return-sequences {args.num_return_sequences} needs --do-sample or --num-beams >= "
             f"{args.num_return_sequences} (greedy decoding returns one sequence per prompt)."
         )
-    if args.num_inference_steps is not None and args.num_inference_steps < 0:
-        raise CLIError(f"--num-inference-steps must be >= 0, got {args.num_inference_steps}.")
-    for flag, value in (("--inference-lr", args.inference_lr), ("--temperature", args.temperature)):
-        if value is not None and not value > 0:
-            raise CLIError(f"{flag} must be > 0, got {value}.")
+    check_inference_steps("--num-inference-steps", args.num_inference_steps)
+    for flag, value in (
+        ("--inference-lr", args.inference_lr),
+        ("--temperature", args.temperature),
+        ("--repetition-penalty", args.repetition_penalty),
+    ):
+        if value is not None and not 0 < value < math.inf:
+            raise CLIError(f"{flag} must be a finite number > 0, got {value}.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CLIError(f"--top-p must be in (0, 1] (the probability mass kept), got {args.top_p}.")
+    if args.top_k is not None and args.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0 (0 keeps every token), got {args.top_k}.")
+    if args.latent_temperature is not None and not 0 <= args.latent_temperature < math.inf:
+        raise CLIError(f"--latent-temperature must be a finite number >= 0, got {args.latent_temperature}.")
+    if args.stop_string is not None and any(stop == "" for stop in args.stop_string):
+        raise CLIError('--stop-string "" would stop before the first token; give a non-empty text to stop at.')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,15 +118,15 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     prompts = read_prompts(args)
     check_decoding_flags(args)
-    model_path = check_model_folder(args.model_path, "model_path")
+    model_path = check_model_folder(args.model_path, "model_path", model_type="ltm")
     device = resolve_device(args.device)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
 
     import modeling_ltm  # noqa: F401  (registers "ltm" with the Auto classes)
 
-    from .generation_ltm import check_finite_weights
+    from .weight_checks import check_finite_weights
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -114,12 +134,32 @@ def _main(argv: list[str]) -> int:
         raise CLIError(
             f"no tokenizer could be loaded from {model_path} ({error}); save one next to the model."
         ) from error
-    model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
-    check_finite_weights(model, "generating", source=str(model_path))
-    context = model.config.max_position_embeddings
+    config = AutoConfig.from_pretrained(model_path)
+    if len(tokenizer) > config.vocab_size:
+        raise CLIError(
+            f"the tokenizer of {model_path} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{config.vocab_size} ({model_path / 'config.json'}): ids from {config.vocab_size} on have no embedding. "
+            "Save the tokenizer the model was trained with next to it."
+        )
+    context = config.max_position_embeddings
     if args.max_new_tokens >= context:
         raise CLIError(
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the context is {context}."
+        )
+    rows = (len(prompts) or args.num_samples) * max(args.num_return_sequences, args.num_beams)
+    if prompts:  # the posterior fit on the prompts takes a backward pass; a prompt may fill the context
+        check_memory("--prompt/--prompts-file", f"({len(prompts):,} prompts)", config, rows, context, device)
+    else:
+        check_memory("--num-samples", args.num_samples, config, rows, 1 + args.max_new_tokens, device, backward=False)
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, config=config, use_safetensors=True).to(device).eval()
+    check_finite_weights(model, "generating", source=str(model_path))
+    if args.num_inference_steps is None and not args.unconditional:
+        default = getattr(model.generation_config, "num_inference_steps", None)
+        check_inference_steps(
+            f"the default num_inference_steps of {model_path} (generation_config.json / config.json; override with "
+            "--num-inference-steps)",
+            config.num_inference_steps if default is None else default,
         )
 
     tokenizer.padding_side = "left"

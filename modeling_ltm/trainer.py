@@ -46,8 +46,10 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.data.data_collator import default_data_collator
+from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
+from .data import check_token_dataset, collate_blocks
 from .inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
 from .weight_checks import bare_ltm, posterior_encoder_of
 
@@ -284,6 +286,16 @@ class LTMTrainer(Trainer):
                 "`posterior_encoder_size=N` (e.g. N = 4 * hidden_size), or leave `posterior_warm_start` off."
             )
         self.data_collator = _CausalLMLabels(self.data_collator or default_data_collator)
+        # Empty datasets, blocks of several lengths (for collators that do not pad) and token ids outside the
+        # vocabulary fail here, naming the row, instead of deep inside the first step.
+        fixed_length = self.data_collator.collator in (default_data_collator, collate_blocks)
+        vocab_size = self._model_config().vocab_size
+        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
+        check_token_dataset(self.train_dataset, "train_dataset", vocab_size, fixed_length)
+        for key, dataset in evals.items():
+            check_token_dataset(dataset, f"eval_dataset[{key!r}]" if key else "eval_dataset", vocab_size, fixed_length)
+        # A `time.monotonic()` value: training fits stop between two fast steps once it passes (`--max_train_minutes`).
+        self.fit_deadline: float | None = None
         self._train_sums = None  # (5,) float64: nll, kl, tokens, elbo gain, encoder error since the last log
         self._last_inference_lr = self._last_inference_steps = None
         self._micro_step_of = (-1, 0)  # (global step, micro-steps taken in it)
@@ -411,8 +423,16 @@ class LTMTrainer(Trainer):
             )
         for parameter in idle:
             parameter.requires_grad_(False)
+        from .inference import FitDeadlineExceeded
+
         try:
             return super().train(*args, **kwargs)
+        except FitDeadlineExceeded as error:  # `fit_deadline` passed inside a step: stop there, that step not taken
+            logger.warning(f"Training stopped at step {self.state.global_step}: {error}")
+            self.is_in_train = False
+            self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+            metrics = {"stopped_by_fit_deadline": True, "stopped_at_fast_step": error.fast_step}
+            return TrainOutput(self.state.global_step, float("nan"), metrics)
         finally:
             for parameter in idle:
                 parameter.requires_grad_(True)
@@ -453,6 +473,7 @@ class LTMTrainer(Trainer):
                 free_bits=getattr(self.args, "free_bits", 0.0) or 0.0,
                 init_mu=None if encoder_mu is None else encoder_mu.detach(),
                 prefix=prefix,
+                deadline=self.fit_deadline,
             )
         encoder_error = None
         if encoder_mu is not None:
@@ -550,6 +571,9 @@ class LTMTrainer(Trainer):
         for name, value in (("inference_steps", inference_steps), ("iw_samples", iw_samples)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"`{name}` must be an integer >= 0 or None, got {value!r}.")
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if not isinstance(dataset, (dict, str)):  # a dict is evaluated dataset by dataset
+            check_token_dataset(dataset, "eval_dataset")
         if reconstruction is not None and not isinstance(reconstruction, bool):
             raise ValueError(f"`reconstruction` must be True, False or None, got {reconstruction!r}.")
         previous = self._eval_overrides
@@ -576,6 +600,11 @@ class LTMTrainer(Trainer):
             ignore_keys=ignore_keys,
             metric_key_prefix=metric_key_prefix,
         )
+        if not self._eval_stats:
+            raise ValueError(
+                f"The evaluation set ({metric_key_prefix}) gave no batches, so there is no bound to report; pass an "
+                "eval_dataset with at least one row of token ids."
+            )
         if self._eval_stats:
             stats = torch.cat(self._eval_stats).sum(0).tolist()
             self._eval_stats = []

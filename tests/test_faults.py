@@ -303,7 +303,7 @@ def test_resume_true_continues_the_newest_complete_checkpoint_with_its_tokenizer
 
     other_tokenizer = tmp_path / "other-tokenizer"
     small_tokenizer(5_000, 280).save_pretrained(other_tokenizer)
-    assert ltm_main([*argv, "--tokenizer", str(other_tokenizer)]) == EXIT_CODE
+    assert ltm_main([*argv, "--max_steps", "6", "--tokenizer", str(other_tokenizer)]) == EXIT_CODE
     assert_one_line_error(capsys, "ltm train", "--tokenizer", "differs from the tokenizer")
 
 
@@ -416,3 +416,227 @@ def test_a_sequence_without_scored_tokens_has_no_per_token_gain(model):
     posterior = model.infer_latents(ids, attention_mask=mask, num_steps=2, seed=0)
     assert posterior.num_tokens.tolist() == [3, 0]
     assert torch.isfinite(posterior.elbo_gain[0]) and torch.isnan(posterior.elbo_gain[1])
+
+
+# ------------------------------------------------------------------------------------------------ issue 21: silently
+# wrong before, now refused (one line, exit code 2) or done right
+
+
+def test_generate_refuses_a_folder_whose_config_is_not_an_ltm(saved_model, tmp_path, capsys):
+    from transformers import GPT2Config
+
+    bad = copy_model(saved_model, tmp_path / "gpt2-config")
+    GPT2Config(vocab_size=300).save_pretrained(bad)  # LTM weights, a GPT-2 config.json
+    assert generate_main([str(bad), "--prompt", "ROMEO:"]) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm generate", str(bad / "config.json"), "'gpt2'", "not 'ltm'")
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--top-p", "2"], "--top-p must be in (0, 1]"),
+        (["--top-p", "nan"], "--top-p must be in (0, 1]"),
+        (["--stop-string", ""], '--stop-string ""'),
+        (["--temperature", "inf"], "--temperature must be a finite number > 0"),
+        (["--device", "meta"], "--device meta: the meta device"),
+    ],
+    ids=["top-p-2", "top-p-nan", "empty-stop-string", "temperature-inf", "device-meta"],
+)
+def test_generate_flags_out_of_range_are_one_line(saved_model, capsys, flags, fragment):
+    assert generate_main([str(saved_model), "--prompt", "ROMEO:", *flags]) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm generate", fragment)
+
+
+def test_a_binary_prompts_file_is_named(saved_model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.png"
+    prompts.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    assert generate_main([str(saved_model), "--prompts-file", str(prompts)]) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm generate", str(prompts), "not UTF-8 text", "one prompt per line")
+
+
+@pytest.fixture
+def fresh_lm_eval_logging():
+    """lm-eval binds its log handler to the `sys.stderr` of the first command in the process (here an earlier test's
+    captured stream, closed since): drop it before and after a test that runs lm-eval's command line."""
+    import logging
+
+    import lm_eval.utils
+
+    def reset():
+        logger = logging.getLogger("lm_eval")
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+        lm_eval.utils._LOGGING_CONFIGURED = False
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.mark.usefixtures("fresh_lm_eval_logging")
+def test_a_tokenizer_larger_than_the_vocabulary_is_one_line(saved_model, tmp_path, capsys):
+    from eval_harness.__main__ import main as eval_main
+
+    bad = copy_model(saved_model, tmp_path / "big-tokenizer")
+    small_tokenizer(20_000, 400).save_pretrained(bad)  # 400 tokens for a model of 300
+    assert generate_main([str(bad), "--prompt", "ROMEO:"]) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm generate", "400 tokens", "vocab_size is 300", str(bad))
+    argv = ["run", "--model", "ltm", "--model_args", f"pretrained={bad}", "--tasks", "arithmetic_local",
+            "--include_path", str(REPO_ROOT / "eval_harness" / "tasks"), "--limit", "1"]  # fmt: skip
+    assert eval_main(argv) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm eval", "400 tokens", "vocab_size is 300")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--block_size", "0"], "--block_size must be >= 2"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
+        (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be >= 1"),
+        (["--fp16"], "--fp16 needs a GPU"),
+        (["--report_to", "wandb"], "--report_to wandb"),
+    ],
+    ids=["block-size-0", "accumulation-0", "eval-batch-0", "fp16-on-cpu", "wandb-missing"],
+)
+def test_train_flags_the_machine_cannot_honour_are_one_line(train_setup, capsys, flags, fragment):
+    if flags == ["--fp16"] and torch.cuda.is_available():
+        pytest.skip("fp16 runs on this machine's GPU")
+    if flags[:2] == ["--report_to", "wandb"]:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is not None:
+            pytest.skip("wandb is installed")
+    out = train_setup[2] / "out"
+    assert train(train_setup, "--output_dir", str(out), *flags) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm train", fragment)
+    assert not out.exists()
+
+
+def _raise_disk_full(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+
+def test_a_full_disk_is_reported_as_a_full_disk(saved_model, train_setup, monkeypatch, capsys):
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _raise_disk_full)
+    out = train_setup[2] / "run"
+    assert train(train_setup, "--output_dir", str(out), "--sample_max_new_tokens", "0") == EXIT_CODE
+    line = assert_one_line_error(capsys, "ltm train", "the disk is full", "free some space")
+    assert "truncated" not in line and "corrupt" not in line
+    assert not (out / "model.safetensors").exists()
+    hub = train_setup[2] / "hub"
+    assert export_main([str(saved_model), str(hub)]) == EXIT_CODE
+    line = assert_one_line_error(capsys, "ltm export", "the disk is full")
+    assert "truncated" not in line
+    assert not hub.exists() and not [p for p in hub.parent.iterdir() if p.name.startswith(".hub.tmp")]
+
+
+def test_a_full_disk_oserror_names_the_file():
+    import errno
+
+    from modeling_ltm.cli_errors import message_for
+
+    message = message_for(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/run/tokenizer.json"))
+    assert message.startswith("the disk is full writing /data/run/tokenizer.json")
+
+
+def test_resume_names_no_other_data_for_the_same_file_and_no_version_warning(train_setup, monkeypatch, capsys):
+    preset, corpus, tmp_path = train_setup
+    monkeypatch.chdir(corpus.parent)
+    out = tmp_path / "run"
+    save = ["--save_strategy", "steps", "--save_steps", "1", "--sample_max_new_tokens", "0"]
+    argv = ["train", "--config", str(preset), "--cache_dir", str(tmp_path / "hf"), *FAST_FLAGS, *save,
+            "--output_dir", str(out)]  # fmt: skip
+    assert ltm_main([*argv, "--dataset", corpus.name, "--max_steps", "2"]) == 0  # a relative path
+    capsys.readouterr()
+    assert ltm_main([*argv, "--dataset", str(corpus), "--max_steps", "3", "--resume_from_checkpoint", "True"]) == 0
+    err = capsys.readouterr().err
+    assert "other training data" not in err
+    assert "current version is" not in err and "trained with" not in err  # transformers' version warning
+
+
+def test_a_killed_export_leaves_no_staging_folder_and_exports_get_the_usual_mode(saved_model, tmp_path):
+    import stat
+
+    stale = tmp_path / ".hub.tmp-999999999-x1y2"  # what an export killed midway left (its pid is gone)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    old_umask = os.umask(0o022)
+    try:
+        export_for_hub(saved_model, tmp_path / "hub")
+    finally:
+        os.umask(old_umask)
+    assert not stale.exists()
+    assert stat.S_IMODE((tmp_path / "hub").stat().st_mode) == 0o755
+
+
+def test_ltm_trainer_refuses_empty_ragged_and_out_of_vocabulary_datasets(model, tmp_path):
+    from datasets import Dataset
+
+    from modeling_ltm import LTMTrainer, LTMTrainingArguments
+
+    args = LTMTrainingArguments(str(tmp_path / "out"), report_to="none", max_steps=1, per_device_eval_batch_size=2)
+    good = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 4})
+    empty = {"input_ids": []}
+    ragged = {"input_ids": [[1, 2, 3, 4]] * 2 + [[5, 6, 7]]}
+    out_of_vocabulary = {"input_ids": [[1, 2, 3, 4], [1, 500, 3, 4]]}
+    cases = [
+        (empty, r"`train_dataset` has no rows"),
+        (ragged, r"`train_dataset` row 2 has 3 tokens in column `input_ids`"),
+        (out_of_vocabulary, r"`train_dataset` row 1, column `input_ids`, holds token id 500"),
+    ]
+    for columns, message in cases:
+        with pytest.raises(ValueError, match=message):
+            LTMTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns))
+    trainer = LTMTrainer(model=model, args=args, train_dataset=good, eval_dataset=good)
+    with pytest.raises(ValueError, match="`eval_dataset` has no rows"):
+        trainer.evaluate(eval_dataset=Dataset.from_dict({"input_ids": []}))
+
+
+def test_pickled_weights_are_refused_by_name_and_never_unpickled(saved_model, tmp_path, capsys):
+    from eval_harness.__main__ import main as eval_main
+
+    marker = tmp_path / "pwned"
+    folder = copy_model(saved_model, tmp_path / "pickled")
+    (folder / "model.safetensors").unlink()
+    torch.save(_Payload(f"touch {marker}"), folder / "pytorch_model.bin")
+    weights = str(folder / "pytorch_model.bin")
+    assert generate_main([str(folder), "--prompt", "ROMEO:"]) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm generate", weights, "never unpickles", "safetensors")
+    assert export_main([str(folder), str(tmp_path / "hub")]) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm export", weights, "safetensors")
+    assert eval_main(["run", "--model", "ltm", "--model_args", f"pretrained={folder}", "--tasks", "x"]) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm eval", weights, "safetensors")
+    assert ltm_main(["train", "--config", str(folder), "--output_dir", str(tmp_path / "out")]) == EXIT_CODE
+    line = assert_one_line_error(capsys, "ltm train", weights, "safetensors")
+    assert "weights_only" not in line
+    assert not marker.exists()
+
+
+@pytest.mark.usefixtures("fresh_lm_eval_logging")
+def test_eval_exits_non_zero_when_its_results_cannot_be_saved(saved_model, tmp_path, monkeypatch, capsys):
+    from lm_eval.loggers.evaluation_tracker import EvaluationTracker
+
+    from eval_harness.__main__ import main as eval_main
+
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("an existing file")
+    argv = ["run", "--model", "ltm", "--model_args", f"pretrained={saved_model},num_inference_steps=1",
+            "--tasks", "arithmetic_local", "--include_path", str(REPO_ROOT / "eval_harness" / "tasks"),
+            "--limit", "1", "--num_fewshot", "0", "--device", "cpu"]  # fmt: skip
+    assert eval_main([*argv, "--output_path", str(in_the_way)]) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm eval", "--output_path", "is a file")
+
+    def fails(self, results, samples=None):  # as lm-eval does when the write fails: a warning, no file
+        pass
+
+    monkeypatch.setattr(EvaluationTracker, "save_results_aggregated", fails)
+    assert eval_main([*argv, "--output_path", str(tmp_path / "out")]) == EXIT_CODE
+    assert_one_line_error(capsys, "ltm eval", "could not save its results", str(tmp_path / "out"))

@@ -121,7 +121,7 @@ def test_max_train_minutes_stops_training_early(setup):
     assert code == 0
     train_results = json.loads((out / "train_results.json").read_text())
     assert train_results["stopped_by_time_budget"] is True
-    assert train_results["train_tokens"] == 1 * 4 * 32  # stopped after the first step
+    assert train_results["train_tokens"] <= 1 * 4 * 32  # stopped inside or after the first step
 
 
 def test_baseline_llama_trains_the_peer_on_the_same_blocks(setup):

@@ -1,0 +1,428 @@
+"""The run folder of `ltm train` (`--output_dir`): one writer at a time, a run id tying each checkpoint to its run, and
+a final save that replaces the model in one step.
+
+- **Lock** (`RunLock`): `ltm-train.lock` in the folder, held with `fcntl.flock` for the whole run and holding the
+  holder's pid, host, process start time and start date. A second `ltm train` into the same folder stops with one line
+  naming the holder. The kernel drops the lock of a killed process, so a lock file left by a dead process is taken over
+  (with a warning that names it); where `flock` is not available, a lock whose pid is dead on this host is.
+- **Run id** (`new_run_id`, `RUN_RECORD_NAME`): a fresh run writes `ltm_run.json` (`{"run_id": uuid4 hex, ...}`) into
+  the folder, and every checkpoint gets one (written last, after Trainer's files). Resuming continues only checkpoints
+  whose run id is the folder's.
+- **Atomic final save** (`replace_final_files`): the new model, tokenizer, metrics and state are written into a
+  temporary sibling folder `.<name>.ltm-final-save`, every other entry of the run folder (checkpoints, logs, the lock,
+  an export) is hard-linked into it, and the two folders are exchanged with one `renameat2(RENAME_EXCHANGE)` (Linux);
+  a kill at any moment leaves the old complete model or the new complete one, never a mix. Elsewhere the exchange is
+  two renames, with a moment in which the folder is missing (`recover_final_save` puts the complete one back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from fnmatch import fnmatch
+from pathlib import Path
+
+from .cli_errors import CLIError
+
+
+LOCK_NAME = "ltm-train.lock"
+RUN_RECORD_NAME = "ltm_run.json"
+FINAL_RECORD_NAME = "ltm_final_save.json"
+STAGING_SUFFIX = ".ltm-final-save"
+OLD_SUFFIX = ".ltm-final-old"
+REMOVING_PREFIX = ".ltm-removing-"
+# Tests pause a real `ltm train` at a named moment of the final save (then kill it) through this variable.
+TEST_PAUSE_ENV = "LTM_TEST_PAUSE_AT"
+
+
+def test_pause(point: str) -> None:
+    """When `$LTM_TEST_PAUSE_AT` names `point`: say so on stderr and sleep (a test kills the process there)."""
+    if os.environ.get(TEST_PAUSE_ENV) == point:
+        print(f"ltm-test-paused-at {point} pid {os.getpid()}", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+
+def _warn(message: str) -> None:
+    print(f"ltm train: warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux `/proc`), or None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22 of stat, counted after the command name
+
+
+def process_alive(pid: int, start_time: str | None = None) -> bool:
+    """Whether process `pid` runs on this host (and, when `start_time` is given and readable, is that process and
+    not a later one that reused its pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    except OSError:
+        return False
+    now = process_start_time(pid)
+    return start_time is None or now is None or now == start_time
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lock
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _holder_record() -> dict:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "pid_start_time": process_start_time(os.getpid()),
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv[:1] + sys.argv[1:6]) + (" ..." if len(sys.argv) > 6 else ""),
+    }
+
+
+def _describe(holder: dict) -> str:
+    return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+
+
+class RunLock:
+    """An exclusive lock on a run folder for one `ltm train` (see the module docstring). Use as a context manager, or
+    `acquire()` / `release()`. `created_dirs` lists the folders acquiring created (outermost first)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.fd: int | None = None
+        self.created_dirs: list[Path] = []
+
+    def remove_created_dirs(self) -> None:
+        """Remove the folders `acquire` created, where they are still empty (a run that failed early leaves none)."""
+        for folder in reversed(self.created_dirs):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def _read(self, fd: int) -> dict:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = json.loads(os.read(fd, 65536).decode("utf-8") or "{}")
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _refuse(self, holder: dict) -> CLIError:
+        return CLIError(
+            f"--output_dir {self.folder} is in use by another `ltm train` ({_describe(holder)}; lock file "
+            f"{self.path}): two runs would mix their files there. Wait for it to finish or choose another "
+            f"--output_dir; if that process is gone, delete {self.path}."
+        )
+
+    def acquire(self) -> RunLock:
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.created_dirs = missing[::-1]
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            fcntl = None
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            previous = self._read(fd)
+            locked = False
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locked = True
+                except BlockingIOError:
+                    os.close(fd)
+                    raise self._refuse(previous) from None
+                except OSError as error:  # no flock on this file system: judge by the recorded holder
+                    if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        os.close(fd)
+                        raise
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:  # the holder released (and removed) it while we opened it: try again
+                os.close(fd)
+                continue
+            ours = previous.get("pid") == os.getpid() and previous.get("host") == socket.gethostname()
+            if previous.get("pid") and not ours:
+                here = previous.get("host") == socket.gethostname()
+                dead = here and not process_alive(int(previous["pid"]), previous.get("pid_start_time"))
+                if not locked and not dead:
+                    os.close(fd)
+                    raise self._refuse(previous)
+                _warn(
+                    f"took over the lock of {self.folder} left by an `ltm train` that is no longer running "
+                    f"({_describe(previous)}); it was interrupted, so check the folder before trusting files it was "
+                    "writing (resume with --resume_from_checkpoint True)."
+                )
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(_holder_record(), indent=1).encode())
+            os.fsync(fd)
+            self.fd = fd
+            return self
+        raise CLIError(f"could not take the lock {self.path} (it kept changing); try again.")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run id
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def write_json_atomically(path: Path, data: dict, indent: int = 1, sort_keys: bool = False) -> None:
+    """Write `data` to `path` through a temporary file and a rename (a reader sees the old file or the new one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=indent, sort_keys=sort_keys))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_id_of(folder: str | os.PathLike) -> str | None:
+    """The run id recorded in `folder/ltm_run.json` (a run folder or a checkpoint), or None."""
+    record = read_json(Path(folder) / RUN_RECORD_NAME)
+    run_id = record.get("run_id") if record else None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def run_record(run_id: str, **extra) -> dict:
+    return {"run_id": run_id, "host": socket.gethostname(), "written": datetime.now().isoformat(timespec="seconds"),
+            **extra}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Removing an older run's checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_leftovers(folder: Path) -> None:
+    """Delete what a killed `ltm train` of ours left: half-removed checkpoints in `folder`, and a final save's
+    temporary siblings (after `recover_final_save`)."""
+    for entry in folder.glob(f"{REMOVING_PREFIX}*") if folder.is_dir() else ():
+        _remove_tree(entry)
+    for suffix in (STAGING_SUFFIX, OLD_SUFFIX):
+        _remove_tree(folder.parent / f".{folder.name}{suffix}")
+
+
+def remove_checkpoints(folder: Path, names: Iterable[str]) -> None:
+    """Remove checkpoint folders: each is first renamed to a hidden name (so a kill midway never leaves a half-deleted
+    `checkpoint-N` that could pass for a complete one), then deleted."""
+    token = uuid.uuid4().hex[:8]
+    for name in names:
+        hidden = folder / f"{REMOVING_PREFIX}{name}-{token}"
+        os.rename(folder / name, hidden)
+    for entry in folder.glob(f"{REMOVING_PREFIX}*-{token}"):
+        _remove_tree(entry)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic final save
+# ---------------------------------------------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two paths in one step with Linux's `renameat2(RENAME_EXCHANGE)`; False where that is not available (the
+    caller falls back to renames)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`target` as a copy of `source` whose files are hard links (no data copied); symlinks are copied as links."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        target.mkdir()
+        shutil.copymode(source, target)
+        for entry in source.iterdir():
+            _link_tree(entry, target / entry.name)
+    elif source.is_file():
+        os.link(source, target)
+
+
+def recover_final_save(folder: str | os.PathLike) -> None:
+    """After a final save killed between the two renames of the fallback (no `RENAME_EXCHANGE`): the folder is missing
+    and its complete new version waits in the staging sibling; put it back. A no-op otherwise."""
+    folder = Path(folder).resolve()
+    if folder.exists():
+        return
+    staging = folder.parent / f".{folder.name}{STAGING_SUFFIX}"
+    old = folder.parent / f".{folder.name}{OLD_SUFFIX}"
+    if (staging / FINAL_RECORD_NAME).is_file():
+        os.rename(staging, folder)
+        _warn(f"completed the final save into {folder} that an interrupted `ltm train` had left in {staging}.")
+    elif old.is_dir():
+        os.rename(old, folder)
+        _warn(f"restored {folder} from {old}, left by an `ltm train` interrupted while saving its model.")
+
+
+def _is_final(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch(name, pattern) for pattern in patterns)
+
+
+def replace_final_files(
+    folder: str | os.PathLike, write: Callable[[Path], None], patterns: Iterable[str], record: dict
+) -> None:
+    """Replace the final files of the run folder `folder` in one step.
+
+    `write(staging)` writes the new final files (model, tokenizer, metrics, state) into an empty staging folder;
+    `record` goes with them as `ltm_final_save.json`. Files of `folder` that match `patterns` (an earlier model's
+    files) are dropped; everything else in `folder` is kept (hard links; nothing is copied). Without hard links or a
+    writable parent folder, the files are moved into `folder` one at a time instead, with a warning: not atomic."""
+    folder = Path(folder).resolve()
+    patterns = (*patterns, FINAL_RECORD_NAME)
+    staging = folder.parent / f".{folder.name}{STAGING_SUFFIX}"
+    _remove_tree(staging)
+    try:
+        staging.mkdir()
+    except OSError as error:
+        _warn(f"cannot create {staging} ({error}); saving into {folder} file by file, not atomically.")
+        return _replace_in_place(folder, write, patterns, record)
+    try:
+        shutil.copymode(folder, staging)
+        write(staging)
+        write_json_atomically(staging / FINAL_RECORD_NAME, record)
+        written = {entry.name for entry in staging.iterdir()}
+        test_pause("final-save-written")
+        try:
+            for entry in folder.iterdir():
+                if entry.name not in written and not _is_final(entry.name, patterns):
+                    _link_tree(entry, staging / entry.name)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise
+            _warn(f"cannot hard-link the files of {folder} ({error}); saving file by file, not atomically.")
+            return _move_files(staging, folder, patterns)
+        test_pause("final-save-staged")
+        if not exchange_paths(staging, folder):
+            _swap_by_renames(staging, folder)
+        test_pause("final-save-swapped")
+    finally:
+        _remove_tree(staging)
+
+
+def _swap_by_renames(staging: Path, folder: Path) -> None:
+    """The exchange without `RENAME_EXCHANGE`: between the two renames the folder is missing (a kill there is undone
+    by `recover_final_save`; an error puts the old folder back)."""
+    old = folder.parent / f".{folder.name}{OLD_SUFFIX}"
+    _remove_tree(old)
+    os.rename(folder, old)
+    try:
+        test_pause("final-save-renamed")
+        os.rename(staging, folder)
+    except BaseException:
+        os.rename(old, folder)
+        raise
+    os.rename(old, staging)
+
+
+def _move_files(staging: Path, folder: Path, patterns: Iterable[str]) -> None:
+    written = {entry.name for entry in staging.iterdir()}
+    for entry in folder.iterdir():
+        if entry.is_file() and entry.name not in written and _is_final(entry.name, patterns):
+            entry.unlink()
+    for name in sorted(written):
+        os.replace(staging / name, folder / name)
+
+
+def _replace_in_place(folder: Path, write: Callable[[Path], None], patterns, record: dict) -> None:
+    staging = folder / f"{REMOVING_PREFIX}final-save-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        write(staging)
+        write_json_atomically(staging / FINAL_RECORD_NAME, record)
+        _move_files(staging, folder, patterns)
+    finally:
+        _remove_tree(staging)
+
+
+__all__ = [
+    "FINAL_RECORD_NAME",
+    "LOCK_NAME",
+    "RUN_RECORD_NAME",
+    "STAGING_SUFFIX",
+    "RunLock",
+    "exchange_paths",
+    "new_run_id",
+    "process_alive",
+    "read_json",
+    "recover_final_save",
+    "remove_checkpoints",
+    "remove_stale_leftovers",
+    "replace_final_files",
+    "run_id_of",
+    "run_record",
+    "write_json_atomically",
+]

@@ -351,17 +351,27 @@ def run_fast_loop(
     return FastLoopState(mu, logvar, noise, list(trace.unbind(0)), batch, noise_stream, steps_taken, forward)
 
 
+def _leaf_adam(mu, logvar, lr: float):
+    """`(mu, logvar)` as the leaves the loop optimises, and a plain Adam over them."""
+    mu, logvar = mu.requires_grad_(True), logvar.requires_grad_(True)
+    return mu, logvar, torch.optim.Adam([mu, logvar], lr=lr)
+
+
+def _begin_step(optimizer, step: int, settings, deadline) -> None:
+    """Before fast step `step`: the time budget, then the step's learning rate on the cosine schedule."""
+    check_deadline(deadline, step, settings.num_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_fast_lr(step, settings.num_steps, settings.lr, settings.lr_min_ratio)
+
+
 def _run_eager(forward, batch, settings, mu, logvar, noise, noise_stream, trace, finite_steps, deadline, model):
     """The plain loop, step by step; returns the final `(mu, logvar, noise)`."""
     num_steps = settings.num_steps
-    mu, logvar = mu.requires_grad_(True), logvar.requires_grad_(True)
-    optimizer = torch.optim.Adam([mu, logvar], lr=settings.lr)
+    mu, logvar, optimizer = _leaf_adam(mu, logvar, settings.lr)
     step_fn = FastStep(forward, batch, mu, logvar, optimizer, settings.kl_weight, settings.free_bits)
     with torch.enable_grad():
         for step in range(num_steps):
-            check_deadline(deadline, step, num_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_fast_lr(step, num_steps, settings.lr, settings.lr_min_ratio)
+            _begin_step(optimizer, step, settings, deadline)
             if step > 0 and not settings.fixed_noise:
                 noise = noise_stream.next()
             try:
@@ -536,14 +546,11 @@ def run_adaptive_fast_loop(
     active = torch.arange(batch_size, device=device)
     row_generators_left, sub_batch, tokens = generators, batch, None
     forward = LowPrecisionWeights.for_fit(model, device)
-    mu, logvar = mu.requires_grad_(True), logvar.requires_grad_(True)
-    optimizer = torch.optim.Adam([mu, logvar], lr=settings.lr)
+    mu, logvar, optimizer = _leaf_adam(mu, logvar, settings.lr)
     step_fn = FastStep(forward, sub_batch, mu, logvar, optimizer, settings.kl_weight, settings.free_bits)
     with torch.enable_grad():
         for step in range(num_steps):
-            check_deadline(deadline, step, num_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_fast_lr(step, num_steps, settings.lr, settings.lr_min_ratio)
+            _begin_step(optimizer, step, settings, deadline)
             if step > 0 and not settings.fixed_noise:
                 if isinstance(generators, list):  # per-row streams: stopped rows draw nothing
                     noise = standard_normal(mu.shape, row_generators_left, device)

@@ -432,6 +432,20 @@ class LTMPreTrainedModel(PreTrainedModel):
         "cross_attentions": LTMCrossAttention,
     }
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a damaged `.safetensors` file (truncated, corrupt), whose error from
+        the safetensors library names no file, is reported as an `OSError` naming the folder and the fix."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # the class lives in safetensors: matched by name
+                raise
+            raise OSError(
+                f"The weights in {pretrained_model_name_or_path} are truncated or corrupt ({error}); re-save the model "
+                "(save_pretrained / `ltm train`) or copy its .safetensors file again."
+            ) from error
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         # The posterior encoder's output layer: an untrained encoder proposes the prior. (Marked on the layer: for

@@ -640,3 +640,15 @@ def test_eval_exits_non_zero_when_its_results_cannot_be_saved(saved_model, tmp_p
     monkeypatch.setattr(EvaluationTracker, "save_results_aggregated", fails)
     assert eval_main([*argv, "--output_path", str(tmp_path / "out")]) == EXIT_CODE
     assert_one_line_error(capsys, "ltm eval", "could not save its results", str(tmp_path / "out"))
+
+
+def test_from_pretrained_on_a_truncated_safetensors_names_the_folder(tmp_path):
+    from conftest import tiny_config
+
+    from modeling_ltm import LTMForCausalLM
+
+    LTMForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=str(tmp_path)):
+        LTMForCausalLM.from_pretrained(tmp_path)

@@ -257,7 +257,9 @@ def holdout_split(
             batched=True,
             with_indices=True,
             fn_kwargs={"train": train},
-            new_fingerprint=hashlib.sha256(f"{dataset._fingerprint}|holdout|{cut}|{train}".encode()).hexdigest()[:16],
+            new_fingerprint=hashlib.sha256(
+                f"{dataset_fingerprint(dataset)}|holdout|{cut}|{train}".encode()
+            ).hexdigest()[:16],
             desc="Holding out the validation split",
         )
 
@@ -410,6 +412,16 @@ def load_tokenizer(name_or_path: str, **kwargs) -> PreTrainedTokenizerBase:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def dataset_fingerprint(dataset) -> str | None:
+    """The fingerprint `datasets` gave `dataset` (its cache key), or None for anything else.
+
+    Read from the private `_fingerprint`: `datasets` has no public accessor for it. The maps below derive their
+    `new_fingerprint` from it and from a stable hash of the tokenizer (`tokenizer_fingerprint`), because hashing the
+    map functions themselves (`datasets`' default) pickles the tokenizer they close over, which does not hash the same
+    from one process to the next, and every run would then re-tokenize."""
+    return getattr(dataset, "_fingerprint", None)
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A content hash of the tokenizer, so `datasets.map` caches reliably (hashing the object itself is flaky)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -461,7 +473,7 @@ def tokenize_and_pack(
         remove_columns=dataset.column_names,
         load_from_cache_file=load_from_cache_file,
         new_fingerprint=hashlib.sha256(
-            f"{dataset._fingerprint}|tok|{tokenizer_hash}|{text_column}".encode()
+            f"{dataset_fingerprint(dataset)}|tok|{tokenizer_hash}|{text_column}".encode()
         ).hexdigest()[:16],
         desc="Tokenizing",
     )
@@ -471,7 +483,9 @@ def tokenize_and_pack(
         batch_size=batch_size,
         num_proc=num_proc,
         load_from_cache_file=load_from_cache_file,
-        new_fingerprint=hashlib.sha256(f"{tokenized._fingerprint}|pack|{block_size}".encode()).hexdigest()[:16],
+        new_fingerprint=hashlib.sha256(f"{dataset_fingerprint(tokenized)}|pack|{block_size}".encode()).hexdigest()[
+            :16
+        ],
         desc=f"Packing blocks of {block_size} tokens",
     )
 
@@ -577,6 +591,7 @@ __all__ = [
     "load_text_dataset",
     "load_tokenizer",
     "tokenize_and_pack",
+    "dataset_fingerprint",
     "tokenizer_fingerprint",
     "train_tokenizer",
 ]

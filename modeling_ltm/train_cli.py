@@ -23,6 +23,7 @@ under its own name (not a bound).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import math
@@ -242,6 +243,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
         prog="ltm train",
         description="Train a latent-thought LM (or a Llama peer) on a text corpus with transformers' Trainer.",
     )
+    # A recipe is a JSON file of *defaults* that flags override. HfArgumentParser reads a JSON file (`parse_json_file`)
+    # as the whole configuration, not as defaults, so the recipe's path is read first and becomes `set_defaults`.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe")
     pre.add_argument("--config")
@@ -256,7 +259,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
             raise TrainCLIError(f"--recipe {str(recipe_path)!r} is not valid JSON: {error}") from error
         if not isinstance(recipe, dict):
             raise TrainCLIError(f"--recipe {str(recipe_path)!r} must hold a JSON object of flag defaults.")
-        known_dests = {action.dest for action in parser._actions}
+        known_dests = {field.name for fields_of in parser.dataclass_types for field in dataclasses.fields(fields_of)}
         unknown = sorted(set(recipe) - known_dests)
         if unknown:
             hints = "".join(did_you_mean(name, known_dests) for name in unknown)
@@ -642,7 +645,7 @@ def data_record(data_args: DataArguments, block_size: int, tokenizer, train_bloc
         "block_size": block_size,
         "tokenizer": ltm_data.tokenizer_fingerprint(tokenizer),
         "train_blocks": len(train_blocks),
-        "train_blocks_fingerprint": getattr(train_blocks, "_fingerprint", None),
+        "train_blocks_fingerprint": ltm_data.dataset_fingerprint(train_blocks),
     }
 
 

@@ -9,7 +9,8 @@
 #
 # On a machine without internet (the device machine of docs/gpu.md): run ../shared/tools/device-prep.sh in the
 # checkout first, carry .whl and .ltmcache, install the wheels into a folder on PYTHONPATH, then this script.
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default 470), GPU_CHECK_STEPS (which steps, a
+# Environment: PYTHON (default python3), GPU_CHECK_RESULTS (folder, default bench/results), GPU_CHECK_BUDGET
+# (seconds, default 470), GPU_CHECK_STEPS (which steps, a
 # space-separated subset of "suite train train-compile generate compile-layers old-path main"), OUT (if set, a tarball
 # of the results is copied there).
 set -u
@@ -19,7 +20,8 @@ MODE=gpu
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-470}
 STEPS=${GPU_CHECK_STEPS:-"suite train train-compile generate compile-layers old-path main"}
-LOGS=bench/results/gpu-check
+RESULTS=${GPU_CHECK_RESULTS:-bench/results}
+LOGS=$RESULTS/gpu-check
 SUFFIX=$([ "$MODE" = gpu ] && echo cuda || echo cpu-smoke)
 mkdir -p "$LOGS"
 START=$(date +%s)
@@ -75,18 +77,18 @@ $PY -c "import pytest_timeout" 2> /dev/null && PER_TEST=(--timeout 150)
 wants suite && run device-suite 210 "${SUITE_ENV[@]}" $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda.py \
   "${PER_TEST[@]}" --junitxml "$LOGS/device-suite-$SUFFIX.xml"
 wants train && run train-throughput 150 $PY bench/train_throughput.py "${DEVICE[@]}" "${TRAIN[@]}" \
-  --json "bench/results/train_throughput-$SUFFIX.json" --profile "bench/results/train_profile-$SUFFIX.json"
+  --json "$RESULTS/train_throughput-$SUFFIX.json" --profile "$RESULTS/train_profile-$SUFFIX.json"
 wants train-compile && run train-throughput-compiled 200 $PY bench/train_throughput.py "${DEVICE[@]}" "${TRAIN[@]}" \
-  --compile --json "bench/results/train_throughput-compiled-$SUFFIX.json"
+  --compile --json "$RESULTS/train_throughput-compiled-$SUFFIX.json"
 wants generate && run generate 150 $PY bench/generate.py "${DEVICE[@]}" "${GEN[@]}" \
-  --json "bench/results/generate-$SUFFIX.json"
+  --json "$RESULTS/generate-$SUFFIX.json"
 # Variants of the LTM alone: its decoder layers compiled in place too (the fast loop then runs compiled kernels in its
 # graphs), and the path before this work (no CUDA graphs, float32 cross-entropy) for the record.
 wants compile-layers && run train-throughput-compiled-layers 150 $PY bench/train_throughput.py "${DEVICE[@]}" \
-  "${TRAIN[@]}" --models ltm --compile --compile-layers --json "bench/results/train_throughput-compiled-layers-$SUFFIX.json"
+  "${TRAIN[@]}" --models ltm --compile --compile-layers --json "$RESULTS/train_throughput-compiled-layers-$SUFFIX.json"
 wants old-path && run train-throughput-old-path 120 env LTM_CUDA_GRAPHS=0 LTM_TOKEN_NLL=native $PY \
   bench/train_throughput.py "${DEVICE[@]}" "${TRAIN[@]}" --models ltm --steps 4 \
-  --json "bench/results/train_throughput-old-path-$SUFFIX.json"
+  --json "$RESULTS/train_throughput-old-path-$SUFFIX.json"
 if wants main; then
   if [ "$MODE" = cpu ]; then
     say "SKIP main-job on the CPU: make main runs it (with its install)"
@@ -99,6 +101,6 @@ fi
 
 say "total $(($(date +%s) - START))s"
 if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/gpu-check-$SUFFIX.tgz" "$LOGS" bench/results/*-"$SUFFIX".json 2>/dev/null
+  tar czf "$OUT/gpu-check-$SUFFIX.tgz" "$LOGS" "$RESULTS"/*-"$SUFFIX".json 2>/dev/null
   cp "$SUMMARY" "$OUT/"
 fi

@@ -197,10 +197,12 @@ class LTMSelfAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        attention_function: Callable | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the output `(batch, seq, hidden_size)` and, from the eager attention only, the attention weights
-        `(batch, num_attention_heads, seq, past_length + seq)` (else `None`)."""
+        `(batch, num_attention_heads, seq, past_length + seq)` (else `None`). `attention_function`: the attention
+        interface's function, if the caller looked it up already (once per forward, for every layer)."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nh, T, hd)
@@ -211,7 +213,7 @@ class LTMSelfAttention(nn.Module):
         key_states = apply_rotary_pos_emb(key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-        attn_output, attn_weights = _attention_interface(self.config)(
+        attn_output, attn_weights = (attention_function or _attention_interface(self.config))(
             self,
             query_states,
             key_states,
@@ -273,6 +275,7 @@ class LTMCrossAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         latent_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         cache: EncoderDecoderCache | None = None,
+        attention_function: Callable | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the output `(batch, seq, hidden_size)` and, from the eager attention only, the attention weights
@@ -291,7 +294,7 @@ class LTMCrossAttention(nn.Module):
                 key_states, value_states = cache.cross_attention_cache.update(key_states, value_states, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
 
-        attn_output, attn_weights = _attention_interface(self.config)(
+        attn_output, attn_weights = (attention_function or _attention_interface(self.config))(
             self,
             query_states,
             key_states,
@@ -756,6 +759,9 @@ class LTMModel(LTMPreTrainedModel):
             latent_position_embeddings = self.rotary_emb(
                 hidden_states, latent_position_ids(self.config, hidden_states.device).unsqueeze(0)
             )
+        # Looked up once per forward, not by each of the 2 x num_hidden_layers attention modules (a decoding step is a
+        # chain of small kernels, where each lookup's overhead counts: a config attribute read costs microseconds).
+        attention_function = _attention_interface(self.config)
         for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(
                 hidden_states,
@@ -765,6 +771,7 @@ class LTMModel(LTMPreTrainedModel):
                 attention_mask=causal_mask,
                 cache=cache,
                 skip_self_attention=prefix_given and layer_idx == 0,
+                attention_function=attention_function,
                 **kwargs,
             )
         return self.norm(hidden_states)

@@ -117,11 +117,11 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.T
     `(batch or 1, 1, seq, head_dim)`).
 
     The same numbers as Llama's `apply_rotary_pos_emb` (`x * cos + rotate_half(x) * sin`, `rotate_half(x) =
-    cat(-x2, x1)`), not imported: here swapping the halves is a `roll` and the sign sits in `signed_sin`, so each call
-    is 4 operators instead of 7. A decoding step applies it 3 times per layer (self-attention queries and keys, the
+    cat(-x2, x1)`, to float rounding), not imported: here swapping the halves is a `roll`, the sign sits in
+    `signed_sin` and the product-sum is one `addcmul`, so each call is 3 operators instead of 7. A decoding step applies it 3 times per layer (self-attention queries and keys, the
     latents' queries) and is a chain of small kernels, where each call's overhead counts (bench/decode_step.py).
     """
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:

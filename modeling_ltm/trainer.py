@@ -493,7 +493,11 @@ class LTMTrainer(Trainer):
     def _per_token_like_trainer(self, total, num_tokens, num_items_in_batch):
         """`total` (nats, summed over this micro-batch) divided as `Trainer.compute_loss` divides the decoder's summed
         NLL: by the accumulated batch's predicted tokens over all processes times the processes (`num_items_in_batch`
-        given), else by this micro-batch's tokens (Trainer then divides by the accumulation steps)."""
+        given), else by this micro-batch's tokens (Trainer then divides by the accumulation steps).
+
+        Trainer has no public hook that scales an extra loss term as it scales the model's own (the model's forward
+        divides by `num_items_in_batch`, Trainer multiplies by the processes under `average_tokens_across_devices`):
+        these two rules are repeated here, and tests/test_ddp.py checks the term's DDP gradient against one process."""
         if num_items_in_batch is None:
             return total / num_tokens.sum().clamp(min=1)
         total = total / num_items_in_batch

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .fast_loop import FitBatch
+from .fast_loop import FitBatch, relative_to_prior
 from .randomness import row_generators, standard_normal
 from .weight_checks import bare_ltm, posterior_encoder_of
 
@@ -63,7 +63,7 @@ def fit_posterior_encoder(
                 ids = input_ids[rows.to(input_ids.device)]
                 mask = None if attention_mask is None else attention_mask[rows.to(attention_mask.device)]
                 batch = FitBatch.prepare(model, ids, mask)
-                mu, logvar = encoder(batch.prefix.hidden_states, mask)
+                mu, logvar = relative_to_prior(batch.prior, *encoder(batch.prefix.hidden_states, mask))
                 noise = standard_normal(mu.shape, noise_generator, mu.device)
                 loss, nll, kl, tokens = batch.negative_elbo(model, mu, logvar, noise)
                 grads = torch.autograd.grad(loss / ids.shape[0], parameters)

@@ -23,6 +23,8 @@ MIN_TRANSFORMERS_VERSION = "5.24.0"
 
 # `LTMConfig.posterior_encoder_fit`: what a posterior encoder's proposals were fitted to (None: untrained or stale).
 POSTERIOR_ENCODER_FITS = (None, "evaluation", "training")
+# `LTMConfig.prior_type` (modeling_ltm/priors.py; repeated here: this file imports no sibling, for remote code).
+PRIOR_TYPES = ("standard_normal", "diagonal_gaussian", "flow")
 
 
 def _positive(value):
@@ -48,6 +50,11 @@ def _greater_than_zero(value):
 def _encoder_fit(value):
     if value not in POSTERIOR_ENCODER_FITS:
         raise ValueError(f"must be one of {POSTERIOR_ENCODER_FITS}, got {value!r}")
+
+
+def _prior_type(value):
+    if value not in PRIOR_TYPES:
+        raise ValueError(f"must be one of {PRIOR_TYPES}, got {value!r}")
 
 
 def _field(*validators, default):
@@ -115,7 +122,8 @@ class LTMConfig(PreTrainedConfig):
         inference_lr_min_ratio (`float`, *optional*, defaults to 0.1):
             Floor of that cosine decay as a fraction of `inference_lr` (the paper decays to `eta_fast / 10`).
         posterior_init_logvar (`float`, *optional*, defaults to -5.0):
-            Initial `logvar` of the posterior; `mu` starts at 0.
+            Initial `logvar` of the posterior, relative to the prior's; `mu` starts at the prior's mean (0 for
+            `N(0, I)`; see `prior_type`).
         posterior_init_logvar_noise (`float`, *optional*, defaults to 0.1):
             Standard deviation of the Gaussian jitter added to the initial `logvar`.
         posterior_fixed_noise (`bool`, *optional*, defaults to `True`):
@@ -135,12 +143,28 @@ class LTMConfig(PreTrainedConfig):
         eval_inference_lr_min_ratio (`float`, *optional*, defaults to 0.1):
             Floor of that cosine decay as a fraction of `eval_inference_lr`.
         eval_posterior_init_logvar (`float`, *optional*, defaults to 0.0):
-            Initial `logvar` of the evaluation fit (`mu` starts at 0): 0 starts at the prior, `q = p(z)`, whose KL
-            is 0.
+            Initial `logvar` of the evaluation fit, relative to the prior's (`mu` starts at the prior's mean): 0 starts
+            at the prior, `q = p(z)`, whose KL is 0 (for a flow prior: at its base `N(0, I)`).
         eval_posterior_init_logvar_noise (`float`, *optional*, defaults to 0.0):
             Standard deviation of the jitter added to that initial `logvar`.
         eval_posterior_fixed_noise (`bool`, *optional*, defaults to `False`):
             Keep one `eps` for all evaluation fast steps (`True`) or draw a new one at every step (`False`).
+        eval_select_samples (`int`, *optional*, defaults to 4):
+            The evaluation never reports a posterior looser than where its fit started: per sequence, the start and
+            the fit's last iterate are compared on this many shared `eps` draws, and the better one is scored on fresh
+            draws the comparison did not see (an unbiased estimate of a valid bound). 0 reports the last iterate.
+        eval_score_samples (`int`, *optional*, defaults to 8):
+            Fresh draws `z ~ q` the reported ELBO's likelihood term averages over (when no importance-weighted bound
+            is computed; with one, its `K` draws): an unbiased estimate either way, 8 draws for a steadier number.
+        prior_type (`str`, *optional*, defaults to `"standard_normal"`):
+            The prior `p(z)`: `"standard_normal"` (`N(0, I)`, the paper's), `"diagonal_gaussian"` (a learned mean and
+            log-variance per latent dimension) or `"flow"` (a learned affine-coupling flow per latent vector). Learned
+            priors train with the decoder (slow step); every bound uses their exact log-density
+            (modeling_ltm/priors.py).
+        prior_flow_layers (`int`, *optional*, defaults to 4):
+            Affine coupling layers of the flow prior.
+        prior_flow_hidden (`int`, *optional*, defaults to 64):
+            Width of each coupling layer's conditioner MLP.
         posterior_encoder_size (`int`, *optional*, defaults to 0):
             Width of the amortized posterior encoder (`LTMPosteriorEncoder`: pooled layer-0 hidden states -> MLP ->
             an initial `(mu, logvar)`); 0 means none. Train it with `modeling_ltm.amortized.fit_posterior_encoder`.
@@ -204,6 +228,11 @@ class LTMConfig(PreTrainedConfig):
     eval_posterior_init_logvar: float | int = _field(_finite, default=0.0)
     eval_posterior_init_logvar_noise: float | int = _field(_finite, _non_negative, default=0.0)
     eval_posterior_fixed_noise: bool = False
+    eval_select_samples: int = _field(_non_negative, default=4)
+    eval_score_samples: int = _field(_positive, default=8)
+    prior_type: str = _field(_prior_type, default="standard_normal")
+    prior_flow_layers: int = _field(_positive, default=4)
+    prior_flow_hidden: int = _field(_positive, default=64)
     posterior_encoder_size: int = _field(_non_negative, default=0)
     posterior_encoder_fit: str | None = _field(_encoder_fit, default=None)
     eval_warm_start_steps: int = _field(_non_negative, default=8)
@@ -253,6 +282,11 @@ class LTMConfig(PreTrainedConfig):
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})."
+            )
+        if self.prior_type == "flow" and self.latent_dim < 2:
+            raise ValueError(
+                f'prior_type="flow" couples two halves of each latent vector: latent_dim must be >= 2, got '
+                f'{self.latent_dim}; use a wider latent or prior_type="diagonal_gaussian".'
             )
         if self.n_latents_per_layer > self.max_position_embeddings:
             raise ValueError(

@@ -28,7 +28,7 @@ from transformers.utils import logging
 from .errors import FitDeadlineExceeded, NonFiniteELBOError, NonFiniteLatentsError, NonFiniteWeightsError
 from .randomness import NoiseStream, row_generators, standard_normal
 from .scoring import negative_elbo, next_token_targets, position_ids_from_attention_mask
-from .weight_checks import check_finite_weights, is_fsdp_sharded, posterior_encoder_of
+from .weight_checks import check_finite_weights, is_fsdp_sharded, latent_prior_of, posterior_encoder_of
 
 
 logger = logging.get_logger(__name__)
@@ -103,6 +103,7 @@ class FitBatch:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     prefix: object
+    prior: object = None  # the model's prior over z (modeling_ltm/priors.py); None: N(0, I)
 
     @classmethod
     def prepare(cls, model, input_ids, attention_mask, labels=None, prefix=None) -> "FitBatch":
@@ -110,7 +111,7 @@ class FitBatch:
         position_ids = None if attention_mask is None else position_ids_from_attention_mask(attention_mask)
         if prefix is None:
             prefix = compute_prefix(model, input_ids, attention_mask, position_ids)
-        return cls(input_ids, targets, attention_mask, position_ids, prefix)
+        return cls(input_ids, targets, attention_mask, position_ids, prefix, latent_prior_of(model))
 
     def select(self, rows: torch.Tensor) -> "FitBatch":
         """The batch of rows `rows` (a 1-D LongTensor)."""
@@ -120,14 +121,15 @@ class FitBatch:
 
         prefix = None if self.prefix is None else self.prefix.index_select(rows)
         return FitBatch(
-            *(pick(t) for t in (self.input_ids, self.targets, self.attention_mask, self.position_ids)), prefix
-        )
+            *(pick(t) for t in (self.input_ids, self.targets, self.attention_mask, self.position_ids)), prefix,
+            self.prior,
+        )  # fmt: skip
 
     def negative_elbo(self, forward, mu, logvar, noise, kl_weight=1.0, free_bits=0.0):
         """[`negative_elbo`] of this batch at `z = mu + exp(logvar / 2) * noise`, through `forward`."""
         return negative_elbo(
             forward, self.input_ids, self.targets, mu, logvar, noise, self.attention_mask, self.position_ids,
-            self.prefix, kl_weight, free_bits,
+            self.prefix, kl_weight, free_bits, self.prior,
         )  # fmt: skip
 
 
@@ -278,10 +280,19 @@ class FastLoopState:
     noise_stream: NoiseStream
     num_steps_taken: torch.Tensor
     forward: object = None
+    start: tuple | None = None  # `(mu, logvar)` where the fit started (a candidate of the evaluation's selection)
+
+
+def relative_to_prior(prior, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder's output read relative to the prior's Gaussian start: `(prior mean + mu, prior logvar + logvar)`, so
+    an untrained encoder (output 0) proposes the prior itself, learned or not."""
+    prior_mu, prior_logvar = prior.start(mu.device)
+    return prior_mu + mu, prior_logvar + logvar
 
 
 def encoder_proposal(model, batch: FitBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The amortized posterior encoder's `(mu, logvar)` for these rows (no gradient), from the fit's prefix."""
+    """The amortized posterior encoder's `(mu, logvar)` for these rows (no gradient), from the fit's prefix, relative
+    to the prior ([`relative_to_prior`])."""
     encoder = posterior_encoder_of(model)
     if encoder is None:
         raise ValueError(
@@ -300,18 +311,20 @@ def encoder_proposal(model, batch: FitBatch) -> tuple[torch.Tensor, torch.Tensor
             prefix = model.model.compute_prefix(
                 batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
             )
-        return encoder(prefix.hidden_states, batch.attention_mask)
+        return relative_to_prior(batch.prior, *encoder(prefix.hidden_states, batch.attention_mask))
 
 
 def _starting_point(model, batch, settings, noise_stream, init_mu):
-    """`(mu, logvar)` where the fit starts, float32 leaf copies: the settings' start (the prior's mean and
-    `init_logvar + init_logvar_noise * N(0, 1)`, or the encoder's proposal), `mu` replaced by `init_mu` if given."""
+    """`(mu, logvar)` where the fit starts, float32 leaf copies: the settings' start (the prior's mean and its logvar
+    plus `init_logvar + init_logvar_noise * N(0, 1)`, or the encoder's proposal), `mu` replaced by `init_mu` if
+    given."""
     jitter = noise_stream.next()  # drawn either way: the eps stream is the same for any start
     if settings.warm_start:
         mu, logvar = encoder_proposal(model, batch)
     else:
-        mu = torch.zeros(jitter.shape, device=jitter.device, dtype=torch.float32)
-        logvar = settings.init_logvar + settings.init_logvar_noise * jitter
+        prior_mu, prior_logvar = batch.prior.start(jitter.device)  # N(0, I) for the standard normal and a flow
+        mu = prior_mu.expand(jitter.shape).float()
+        logvar = prior_logvar + settings.init_logvar + settings.init_logvar_noise * jitter
     if init_mu is not None:
         mu = init_mu.float()
     return mu.detach().clone(), logvar.detach().clone()
@@ -332,9 +345,12 @@ def run_fast_loop(
     steps_drawn = 1 if settings.fixed_noise else num_steps
     noise_stream = NoiseStream(shape, generators, device, num_draws=2 + min(steps_drawn, num_steps))
     mu, logvar = _starting_point(model, batch, settings, noise_stream, init_mu)
+    start = (mu.clone(), logvar.clone())
     noise = noise_stream.next()
     if settings.stop_tol is not None and num_steps > 0:
-        return run_adaptive_fast_loop(model, batch, settings, generators, noise_stream, mu, logvar, noise, deadline)
+        state = run_adaptive_fast_loop(model, batch, settings, generators, noise_stream, mu, logvar, noise, deadline)
+        state.start = start
+        return state
     forward = LowPrecisionWeights.for_fit(model, device)
     graph = FastStepGraph.for_fit(model, forward, batch, settings)
     trace = torch.empty((num_steps, shape[0]), device=device)
@@ -348,7 +364,7 @@ def run_fast_loop(
         step = int(finite_steps.int().argmin()) + 1
         raise_non_finite(model, f"became non-finite at fast step {step}/{num_steps} (lr={settings.lr})", step)
     steps_taken = torch.full((shape[0],), num_steps, dtype=torch.long, device=device)
-    return FastLoopState(mu, logvar, noise, list(trace.unbind(0)), batch, noise_stream, steps_taken, forward)
+    return FastLoopState(mu, logvar, noise, list(trace.unbind(0)), batch, noise_stream, steps_taken, forward, start)
 
 
 def _leaf_adam(mu, logvar, lr: float):
@@ -508,7 +524,7 @@ def _static_copy(batch: FitBatch) -> FitBatch:
 
     prefix = batch.prefix.map(clone)
     return FitBatch(*(clone(t) for t in (batch.input_ids, batch.targets, batch.attention_mask, batch.position_ids)),
-                    prefix)  # fmt: skip
+                    prefix, batch.prior)  # fmt: skip
 
 
 def _copy_batch(static: FitBatch, batch: FitBatch) -> None:
@@ -619,6 +635,7 @@ __all__ = [
     "compute_prefix",
     "cosine_fast_lr",
     "encoder_proposal",
+    "relative_to_prior",
     "raise_non_finite",
     "run_adaptive_fast_loop",
     "run_fast_loop",

@@ -23,6 +23,11 @@ class PosteriorFitSettings:
     `logvar = init_logvar + init_logvar_noise * N(0, 1)`, learning rate cosine-decayed from `lr` to
     `lr * lr_min_ratio`, with one `eps` for all steps (`fixed_noise=True`) or a new one at every step.
 
+    `select_samples > 0` (evaluation only: [`evaluate_posterior`]) reports, per sequence, the better of the fit's
+    start and its last iterate, compared on that many shared `eps` draws and scored on fresh ones
+    (modeling_ltm/selection.py); the training fast loop has 0. `score_samples` (evaluation only) is how many fresh
+    draws of `z ~ q` the reported ELBO averages its likelihood term over when no importance-weighted bound is asked.
+
     `warm_start=True` starts instead from the proposal of the model's amortized posterior encoder
     (`model.model.posterior_encoder`, `config.posterior_encoder_size > 0`), computed from the fit's prefix;
     `init_logvar*` are then unused.
@@ -40,7 +45,8 @@ class PosteriorFitSettings:
       In the paper's presets: 16 steps, lr 0.3 -> 0.03, `logvar = -5 + 0.1 * N(0, 1)`, fixed `eps`.
     - [`PosteriorFitSettings.evaluation`]: the fit behind every reported bound (the config's `eval_*` fields).
       Defaults: start at the prior (`mu = 0`, `logvar = 0`, no jitter, so the initial KL is 0), `eps` redrawn at
-      every step, 32 steps at lr 0.1 -> 0.01, chosen from the measurements in docs/evaluation.md. Adaptive stopping
+      every step, 32 steps at lr 0.1 -> 0.01, chosen from the measurements in docs/evaluation.md, the better of start
+      and last iterate kept per sequence (`eval_select_samples`, 4 draws). Adaptive stopping
       is off; `evaluation(config, stop_tol=SUGGESTED_STOP_TOL)` turns it on (window 8): about half the fast steps
       for a slightly looser bound (docs/benchmarks.md, "Evaluation-fit efficiency"). A model whose amortized
       posterior encoder was fitted for evaluation to its decoder (`config.posterior_encoder_fit == "evaluation"`,
@@ -68,6 +74,8 @@ class PosteriorFitSettings:
     stop_window: int = 4
     min_steps: int = 0
     warm_start: bool = False
+    select_samples: int = 0
+    score_samples: int = 1
 
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 0:
@@ -94,7 +102,7 @@ class PosteriorFitSettings:
             raise ValueError(f"`stop_tol` must be a number (nats per token per step) or None, got {self.stop_tol!r}.")
         if not isinstance(self.warm_start, bool):
             raise ValueError(f"`warm_start` must be True or False, got {self.warm_start!r}.")
-        for name, low in (("stop_window", 1), ("min_steps", 0)):
+        for name, low in (("stop_window", 1), ("min_steps", 0), ("select_samples", 0), ("score_samples", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
@@ -126,6 +134,8 @@ class PosteriorFitSettings:
             fixed_noise=getattr(config, "eval_posterior_fixed_noise", default.fixed_noise),
             stop_tol=getattr(config, "eval_stop_tol", default.stop_tol),
             stop_window=getattr(config, "eval_stop_window", default.stop_window),
+            select_samples=getattr(config, "eval_select_samples", 4),
+            score_samples=getattr(config, "eval_score_samples", 8),
         )
         encoder_fit = getattr(config, "posterior_encoder_fit", None)
         if getattr(config, "posterior_encoder_size", 0) and encoder_fit == "evaluation":
@@ -155,6 +165,8 @@ class PosteriorFitSettings:
             start += " (the prior)"
         noise = "one fixed eps" if self.fixed_noise else "eps redrawn every step"
         line = f"T={self.num_steps}, lr {self.lr:g} -> {self.lr * self.lr_min_ratio:g} (cosine), {start}, {noise}"
+        if self.select_samples:
+            line += f", the better of start and fit kept per sequence ({self.select_samples} shared draws)"
         if self.stop_tol is not None:
             line += (
                 f", a row stops when its ELBO gains < {self.stop_tol:g} nats/token/step (window {self.stop_window}"

@@ -28,7 +28,7 @@ from transformers.utils import logging
 from .errors import NonFiniteWeightsError
 from .inference import fit_posterior
 from .randomness import row_generators, standard_normal
-from .weight_checks import check_finite_weights
+from .weight_checks import check_finite_weights, latent_prior_of
 
 
 logger = logging.get_logger(__name__)
@@ -143,7 +143,8 @@ class LTMGenerationMixin(GenerationMixin):
       `attention_mask` is honoured, and each row is fitted with its own seed, so a row of a left-padded batch gets the
       latents it would get alone.
     - `latents="prior"`, or no prompt at all (`inputs=None`, or an empty prompt of shape `(batch, 0)`):
-      `z ~ N(0, latent_temperature^2 I)`, i.e. unconditional generation. With no prompt, decoding starts from
+      `z` from the model's prior (`config.prior_type`; its standard normal draws scaled by `latent_temperature`:
+      `N(0, latent_temperature^2 I)` for the paper's prior), i.e. unconditional generation. With no prompt, decoding starts from
       `bos_token_id`.
     - `latents=<tensor of shape (batch, num_hidden_layers, n_latents_per_layer, latent_dim)>` or a
       [`PosteriorOutput`] (its `.z` is used): taken as given.
@@ -365,7 +366,8 @@ class LTMGenerationMixin(GenerationMixin):
         return seeds
 
     def _sample_prior_latents(self, batch_size, temperature, seed, generator) -> torch.Tensor:
-        """`z ~ N(0, temperature^2 I)` of shape `(batch_size, *config.latent_shape)`, float32, on the model device.
+        """`z` from the model's prior, with its standard normal draws scaled by `temperature` (`N(0, temperature^2 I)`
+        for the paper's prior), of shape `(batch_size, *config.latent_shape)`, float32, on the model device.
 
         An int `seed` seeds one generator for the batch (each row gets its own draw); a list seeds each row."""
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -373,7 +375,9 @@ class LTMGenerationMixin(GenerationMixin):
         if generator is None and not isinstance(seed, int):
             seed = self._row_seeds(seed, batch_size)  # names `inference_seed` when the count is wrong
         generators = row_generators(None if generator is not None else seed, generator, batch_size, self.device)
-        return temperature * standard_normal((batch_size, *self.config.latent_shape), generators, self.device)
+        noise = temperature * standard_normal((batch_size, *self.config.latent_shape), generators, self.device)
+        with torch.no_grad():
+            return latent_prior_of(self).sample(noise)
 
 
 __all__ = [

@@ -25,6 +25,7 @@ caller uses; it re-exports the names callers had from it.
 Imports only torch, transformers and siblings (copied next to the weights for `trust_remote_code=True`).
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from .fast_loop import FitBatch, LowPrecisionWeights, cosine_fast_lr, raise_non_
 from .fit_settings import EVAL_STOP_TOL, EVAL_STOP_WINDOW, SUGGESTED_STOP_TOL, PosteriorFitSettings
 from .randomness import NoiseStream, content_seed, importance_seed, row_generators
 from .scoring import negative_elbo, next_token_targets, position_ids_from_attention_mask, sequence_nll
+from .selection import fit_beats_start, score_at_fresh_draw
+from .weight_checks import latent_prior_of
 
 
 if TYPE_CHECKING:
@@ -59,7 +62,8 @@ class PosteriorOutput:
         nll (`torch.FloatTensor` of shape `(batch,)`):
             `-log p(x|z)` in nats, summed over each sequence's predicted tokens, at `z`.
         kl (`torch.FloatTensor` of shape `(batch,)`):
-            `KL(q || p)` in nats (closed form).
+            `KL(q || p)` in nats: closed form for a Gaussian prior; for a flow prior, the single-sample estimate at
+            `z` (unbiased).
         elbo (`torch.FloatTensor` of shape `(batch,)`):
             Single-sample ELBO estimate `-(nll + kl)` in nats.
         num_tokens (`torch.LongTensor` of shape `(batch,)`):
@@ -69,6 +73,8 @@ class PosteriorOutput:
             adaptive stopping repeats its last fast-step value until the last row.
         num_steps_taken (`torch.LongTensor` of shape `(batch,)`, *optional*):
             Fast steps each row actually took (fewer than `num_steps` for rows stopped by adaptive stopping).
+        initial_mu, initial_logvar (`torch.FloatTensor`, same shape as `mu`, *optional*):
+            Where the fit started (the evaluation's selection rule may report that instead of the last iterate).
     """
 
     mu: torch.Tensor
@@ -80,6 +86,8 @@ class PosteriorOutput:
     num_tokens: torch.Tensor
     elbo_trace: torch.Tensor
     num_steps_taken: torch.Tensor | None = None
+    initial_mu: torch.Tensor | None = None
+    initial_logvar: torch.Tensor | None = None
 
     @property
     def elbo_gain(self) -> torch.Tensor:
@@ -261,6 +269,8 @@ def _fit(
         num_tokens=num_tokens,
         elbo_trace=torch.stack([*state.elbo_trace, elbo]),
         num_steps_taken=state.num_steps_taken,
+        initial_mu=state.start[0].expand_as(mu),
+        initial_logvar=state.start[1].expand_as(logvar),
     )
 
 
@@ -344,8 +354,9 @@ def importance_weighted_bound(
 def _importance_sample(
     model, input_ids, attention_mask, labels, num_samples, posterior, seed, generator, max_rows_per_forward=None
 ):
-    """`(iw_bound, mean_nll)`, both `(batch,)`: the importance-weighted bound from `num_samples` draws `z_k ~ q`, and
-    the mean of `-log p(x|z_k)` over those same draws (a `K`-sample estimate of `E_q[-log p(x|z)]`).
+    """`(iw_bound, mean_nll, mean_log_ratio)`, each `(batch,)`: the importance-weighted bound from `num_samples` draws
+    `z_k ~ q`, the mean of `-log p(x|z_k)` over those same draws (a `K`-sample estimate of `E_q[-log p(x|z)]`), and
+    the mean of `log q(z_k) - log p(z_k)` (a `K`-sample estimate of the KL).
 
     The `K * batch` (sequence, draw) pairs run as batched forwards of at most `max_rows_per_forward` rows (default
     [`default_max_rows`]), on the batch's latent-independent prefix computed once; the draws are the same as `K`
@@ -375,10 +386,50 @@ def _importance_sample(
     nll = torch.cat(nlls).view(num_samples, batch_size)
     z = z.view(num_samples, batch_size, *mu.shape[1:])
     log_weights = torch.stack(
-        [-nll[k] + gaussian_log_prob(z[k]) - gaussian_log_prob(z[k], mu, logvar) for k in range(num_samples)]
+        [-nll[k] + batch.prior.log_prob(z[k]) - gaussian_log_prob(z[k], mu, logvar) for k in range(num_samples)]
     )
     bound = torch.logsumexp(log_weights, dim=0) - math.log(num_samples)
-    return bound, nll.mean(0)
+    return bound, nll.mean(0), (-nll - log_weights).mean(0)
+
+
+def select_start_or_fit(
+    model: "LTMForCausalLM",
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.LongTensor | None,
+    posterior: PosteriorOutput,
+    num_samples: int,
+    seed: int | Sequence[int] | None = None,
+) -> tuple[PosteriorOutput, torch.BoolTensor]:
+    """The evaluation's selection rule (modeling_ltm/selection.py): per sequence, the better of the fit's start and
+    its last iterate on `num_samples` shared draws, scored at a fresh draw. Returns the posterior with the chosen
+    `(mu, logvar)` and its `z`, `nll`, `kl`, `elbo`, and which rows went back to their start `(batch,)`."""
+    if posterior.initial_mu is None:
+        raise ValueError("The selection rule needs the fit's start: pass a PosteriorOutput made by `fit_posterior`.")
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return select_start_or_fit(
+                model, *(None if t is None else t.clone() for t in (input_ids, attention_mask, labels)),
+                posterior, num_samples, seed,
+            )  # fmt: skip
+    batch = FitBatch.prepare(model, input_ids, attention_mask, labels)
+    start = (posterior.initial_mu, posterior.initial_logvar)
+    keep_fit = fit_beats_start(model, batch, (posterior.mu, posterior.logvar), start, num_samples, seed)
+    if bool(keep_fit.all()):
+        return posterior, ~keep_fit
+    z, nll, kl = score_at_fresh_draw(model, batch, *start, seed=seed)
+    rows = keep_fit.view(-1, *([1] * (posterior.mu.dim() - 1)))
+    nll, kl = torch.where(keep_fit, posterior.nll, nll), torch.where(keep_fit, posterior.kl, kl)
+    chosen = dataclasses.replace(
+        posterior,
+        mu=torch.where(rows, posterior.mu, start[0]),
+        logvar=torch.where(rows, posterior.logvar, start[1]),
+        z=torch.where(rows, posterior.z, z),
+        nll=nll,
+        kl=kl,
+        elbo=-(nll + kl),
+    )
+    return chosen, ~keep_fit
 
 
 def default_max_rows(batch_size: int, seq_length: int, max_tokens: int = 16384) -> int:
@@ -392,8 +443,8 @@ class PosteriorEvaluation:
 
     Args:
         nll (`torch.FloatTensor` of shape `(batch,)`): an estimate of `E_q[-log p(x|z)]` under the evaluation fit:
-            `-log p(x|z)` at one fresh draw `z ~ q`, or the mean over the `iw_samples` importance draws when those
-            are taken.
+            the mean of `-log p(x|z)` over the `iw_samples` importance draws when those are taken, else over
+            `settings.score_samples` fresh draws (one when that is 1).
         kl (`torch.FloatTensor` of shape `(batch,)`): `KL(q || p)` of the evaluation fit (closed form).
         elbo (`torch.FloatTensor` of shape `(batch,)`): `-(nll + kl)`, an unbiased estimate of the ELBO, a lower
             bound on `log p(x)` in expectation.
@@ -407,6 +458,8 @@ class PosteriorEvaluation:
             `x` by `reconstruction_settings` and scored at the fit's own fixed `eps`, no KL (when `reconstruction`):
             the paper's protocol. Not a bound on `-log p(x)`.
         reconstruction_settings ([`PosteriorFitSettings`], *optional*): the training fast loop's settings it used.
+        start_kept (`torch.BoolTensor` of shape `(batch,)`, *optional*): which sequences the selection rule
+            (`settings.select_samples > 0`) scored at the fit's start rather than its last iterate.
     """
 
     nll: torch.Tensor
@@ -419,6 +472,7 @@ class PosteriorEvaluation:
     iw_samples: int = 0
     reconstruction_nll: torch.Tensor | None = None
     reconstruction_settings: PosteriorFitSettings | None = None
+    start_kept: torch.Tensor | None = None
 
     def summary(self) -> dict:
         """Token-weighted figures over the batch: `nll_per_token`, `kl_per_token` (nats), `elbo_ppl` =
@@ -435,6 +489,8 @@ class PosteriorEvaluation:
             out["iw_ppl"] = math.exp(-float(self.iw.sum()) / tokens)
         if self.reconstruction_nll is not None:
             out["reconstruction_ppl"] = math.exp(float(self.reconstruction_nll.sum()) / tokens)
+        if self.start_kept is not None:
+            out["start_kept_fraction"] = float(self.start_kept.float().mean())
         return out
 
 
@@ -457,8 +513,12 @@ def evaluate_posterior(
 
     1. Fit `q(z|x)` with the evaluation settings (`settings`, default `PosteriorFitSettings.evaluation(config)`:
        start at the prior, `eps` redrawn every step) and score it at a fresh draw: `nll`, `kl`, `elbo = -(nll + kl)`.
+       With `settings.select_samples = S > 0` (the config's `eval_select_samples`, 4 by default), each sequence
+       keeps the better of the fit's start and its last iterate, compared on `S` shared draws and scored on fresh
+       ones (modeling_ltm/selection.py): the bound is never looser than the start's beyond noise, and still a bound.
     2. With `iw_samples = K > 0`, the importance-weighted bound `log 1/K sum_k p(x|z_k) p(z_k) / q(z_k)` from that
-       fit; `nll` (and so `elbo`) then averages `-log p(x|z_k)` over the same K draws instead of one.
+       fit; `nll` (and so `elbo`) then averages `-log p(x|z_k)` over the same K draws instead of one. Without it,
+       `nll` averages over `settings.score_samples` fresh draws (the config's `eval_score_samples`, 8).
     3. With `reconstruction`, the paper's reconstruction NLL (see [`reconstruction_nll`]): a separate fit with the
        training fast loop (`reconstruction_settings`, default `PosteriorFitSettings.training(config)`, fixed `eps`)
        scored at its own `eps`, no KL. Not a bound.
@@ -479,6 +539,11 @@ def evaluate_posterior(
     if settings is None:
         settings = PosteriorFitSettings.evaluation(model.config)
     posterior = fit_posterior(model, input_ids, attention_mask, labels=labels, settings=settings, seed=seed)
+    start_kept = None
+    if settings.select_samples > 0 and settings.num_steps > 0:
+        posterior, start_kept = select_start_or_fit(
+            model, input_ids, attention_mask, labels, posterior, settings.select_samples, seed
+        )
     result = PosteriorEvaluation(
         nll=posterior.nll.float(),
         kl=posterior.kl.float(),
@@ -486,15 +551,21 @@ def evaluate_posterior(
         num_tokens=posterior.num_tokens,
         settings=_resolve_settings(model.config, settings),
         posterior=posterior,
+        start_kept=start_kept,
     )
-    if iw_samples > 0:
+    score_samples = iw_samples or (settings.score_samples if settings.score_samples > 1 else 0)
+    if score_samples > 0:
         with torch.no_grad():
-            result.iw, result.nll = _importance_sample(
-                model, input_ids, attention_mask, labels, iw_samples, posterior, seed, None, max_rows_per_forward
+            iw, result.nll, log_ratio = _importance_sample(
+                model, input_ids, attention_mask, labels, score_samples, posterior, seed, None, max_rows_per_forward
             )
-        # The ELBO's likelihood term from the K draws rather than one: a lower-variance estimate of the same ELBO.
+        # The ELBO's terms from the K draws rather than one: a lower-variance estimate of the same ELBO (the KL too,
+        # for a prior whose KL is estimated from draws).
+        if not latent_prior_of(model).exact_kl:
+            result.kl = log_ratio
         result.elbo = -(result.nll + result.kl)
-        result.iw_samples = iw_samples
+        if iw_samples > 0:
+            result.iw, result.iw_samples = iw, iw_samples
     if reconstruction:
         recon_settings = _resolve_settings(model.config, reconstruction_settings, fixed_noise=True)
         result.reconstruction_nll, _ = reconstruction_nll(
@@ -527,5 +598,6 @@ __all__ = [
     "next_token_targets",
     "position_ids_from_attention_mask",
     "reconstruction_nll",
+    "select_start_or_fit",
     "sequence_nll",
 ]

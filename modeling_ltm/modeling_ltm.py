@@ -39,6 +39,7 @@ from .inference import (
     fit_posterior,
     importance_weighted_bound,
 )
+from .priors import DiagonalGaussianPrior, FlowPrior, build_prior
 from .scoring import position_ids_from_attention_mask
 
 
@@ -456,6 +457,9 @@ class LTMPreTrainedModel(PreTrainedModel):
         if getattr(module, "zero_init", False):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        # A learned prior starts as the standard normal (its own rule: its weights are batched over latent slots).
+        if isinstance(module, (DiagonalGaussianPrior, FlowPrior)):
+            module.reset_parameters()
 
 
 def _capturing(device: torch.device) -> bool:
@@ -581,6 +585,7 @@ class LTMModel(LTMPreTrainedModel):
         self.rotary_emb = LTMRotaryEmbedding(config)
         self.dropout = nn.Dropout(config.dropout)
         self.posterior_encoder = LTMPosteriorEncoder(config) if config.posterior_encoder_size else None
+        self.latent_prior = build_prior(config)  # None: the standard normal, which has no parameters
         self.gradient_checkpointing = False
         self.post_init()
 

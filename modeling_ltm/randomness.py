@@ -10,8 +10,11 @@ from collections.abc import Sequence
 import torch
 
 
-# Derives the importance-sampling seeds from the fitting seeds, so the two sets of draws differ.
+# Derive the seeds of the importance samples, and of the evaluation's selection and scoring draws, from the fitting
+# seeds, so that no two of these sets of draws are the same.
 IMPORTANCE_SEED_OFFSET = 1_000_003
+SELECTION_SEED_OFFSET = 2_000_029
+SCORING_SEED_OFFSET = 3_000_017
 
 
 def content_seed(base_seed: int, tokens: Sequence[int], purpose: str) -> int:
@@ -59,13 +62,19 @@ def standard_normal(shape, generators, device) -> torch.Tensor:
     return torch.randn(shape, generator=generators, device=generators.device).to(device)
 
 
-def importance_seed(seed: int | Sequence[int] | None) -> int | list[int] | None:
-    """The importance-sampling seed(s) derived from the fitting seed(s), so the two sets of draws differ."""
+def derived_seed(seed: int | Sequence[int] | None, offset: int) -> int | list[int] | None:
+    """The seed(s) of another stream of draws, derived from the fitting seed(s) by `offset`, so the streams differ.
+    None (the global RNG) stays None."""
     if seed is None:
         return None
     if isinstance(seed, int):
-        return seed + IMPORTANCE_SEED_OFFSET
-    return [int(s) + IMPORTANCE_SEED_OFFSET for s in seed]
+        return seed + offset
+    return [int(s) + offset for s in seed]
+
+
+def importance_seed(seed: int | Sequence[int] | None) -> int | list[int] | None:
+    """The importance-sampling seed(s) derived from the fitting seed(s), so the two sets of draws differ."""
+    return derived_seed(seed, IMPORTANCE_SEED_OFFSET)
 
 
 class NoiseStream:
@@ -107,8 +116,11 @@ class NoiseStream:
 
 __all__ = [
     "IMPORTANCE_SEED_OFFSET",
+    "SCORING_SEED_OFFSET",
+    "SELECTION_SEED_OFFSET",
     "NoiseStream",
     "content_seed",
+    "derived_seed",
     "importance_seed",
     "row_generators",
     "standard_normal",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from .densities import gaussian_kl, gaussian_kl_per_dimension
+from .priors import StandardNormalPrior
 
 
 logger = logging.get_logger(__name__)
@@ -183,6 +183,7 @@ def negative_elbo(
     prefix=None,
     kl_weight: float | torch.Tensor = 1.0,
     free_bits: float = 0.0,
+    prior=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fast loop's objective and its parts at `z = mu + exp(logvar / 2) * noise`.
 
@@ -198,14 +199,18 @@ def negative_elbo(
             so a dimension whose KL is below the floor gets gradients from the NLL only (Kingma et al., 2016, with
             one group per dimension of a local posterior).
 
-    The returned `kl` is always the true `KL(q || p)` in nats per sequence, shape `(batch,)`.
+    `prior` (modeling_ltm/priors.py; default `N(0, I)`) is `p(z)`. The returned `kl` is always the true
+    `KL(q || p)` in nats per sequence, shape `(batch,)`: closed form for a Gaussian prior, for a flow prior the
+    single-sample estimate at this `z` (unbiased).
     """
+    if prior is None:
+        prior = StandardNormalPrior(mu.shape[1:])
     z = mu + torch.exp(0.5 * logvar) * noise
     nll, num_tokens = sequence_nll(model, input_ids, z, targets, attention_mask, position_ids, prefix)
-    kl = gaussian_kl(mu, logvar)
+    kl = prior.kl(mu, logvar, z)
     penalty = kl
     if free_bits > 0:
-        penalty = gaussian_kl_per_dimension(mu, logvar).clamp(min=free_bits).sum(-1)
+        penalty = prior.kl_per_dimension(mu, logvar).clamp(min=free_bits).sum(-1)
     loss = ((nll + kl_weight * penalty) / num_tokens.clamp(min=1)).sum()
     return loss, nll, kl, num_tokens
 

@@ -50,8 +50,9 @@ from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 from .data import check_token_dataset, collate_blocks
+from .fast_loop import relative_to_prior
 from .inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
-from .weight_checks import bare_ltm, posterior_encoder_of
+from .weight_checks import bare_ltm, latent_prior_of, posterior_encoder_of
 
 
 logger = logging.get_logger(__name__)
@@ -460,7 +461,8 @@ class LTMTrainer(Trainer):
             if getattr(self.args, "posterior_warm_start", False):
                 # The prefix (no gradient) is the fit's own, computed once; the encoder's forward keeps its graph.
                 prefix = bare_ltm(unwrapped).model.compute_prefix(input_ids, attention_mask=attention_mask)
-                encoder_mu, _ = posterior_encoder_of(unwrapped)(prefix.hidden_states, attention_mask)
+                proposal = posterior_encoder_of(unwrapped)(prefix.hidden_states, attention_mask)
+                encoder_mu, _ = relative_to_prior(latent_prior_of(unwrapped), *proposal)
             posterior = fit_posterior(
                 unwrapped,
                 input_ids,
@@ -485,10 +487,23 @@ class LTMTrainer(Trainer):
         loss = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        if encoder_error is None:
+        extra = self._prior_term(unwrapped, posterior)
+        if encoder_error is not None:
+            extra = extra + encoder_error.sum()
+        if not isinstance(extra, torch.Tensor):
             return loss
-        encoder_loss = self._per_token_like_trainer(encoder_error.sum(), posterior.num_tokens, num_items_in_batch)
-        return (loss[0] + encoder_loss, loss[1]) if return_outputs else loss + encoder_loss
+        extra = self._per_token_like_trainer(extra, posterior.num_tokens, num_items_in_batch)
+        return (loss[0] + extra, loss[1]) if return_outputs else loss + extra
+
+    @staticmethod
+    def _prior_term(model, posterior):
+        """The ELBO's prior term for the slow step, summed over the micro-batch (nats): `KL(q || p_psi)` at the fitted
+        posterior (held fixed), whose gradient with respect to a learned prior's weights `psi` is that of
+        `-E_q[log p_psi(z)]`; 0 for the standard normal or a frozen prior (e.g. under PEFT)."""
+        prior = latent_prior_of(model)
+        if not any(parameter.requires_grad for parameter in getattr(prior, "parameters", list)()):
+            return 0.0
+        return prior.kl(posterior.mu.detach(), posterior.logvar.detach(), posterior.z.detach()).sum()
 
     def _per_token_like_trainer(self, total, num_tokens, num_items_in_batch):
         """`total` (nats, summed over this micro-batch) divided as `Trainer.compute_loss` divides the decoder's summed

@@ -1,5 +1,5 @@
 """What the fitting code needs to know about a model it is handed: the bare `LTMForCausalLM` inside a DDP/PEFT wrapper,
-whether FSDP2 shards it, its posterior encoder, and whether its weights are finite.
+whether FSDP2 shards it, its posterior encoder and its prior over the latents, and whether its weights are finite.
 
 Imports only torch, transformers and siblings (copied next to the weights for `trust_remote_code=True`).
 """
@@ -7,6 +7,7 @@ Imports only torch, transformers and siblings (copied next to the weights for `t
 import torch
 
 from .errors import NonFiniteWeightsError
+from .priors import StandardNormalPrior
 
 
 def bare_ltm(model):
@@ -39,6 +40,14 @@ def posterior_encoder_of(model):
     """The amortized `LTMPosteriorEncoder` of an `LTMForCausalLM` (bare, or wrapped by DDP or PEFT), or None when
     `config.posterior_encoder_size = 0`."""
     return getattr(getattr(bare_ltm(model), "model", None), "posterior_encoder", None)
+
+
+def latent_prior_of(model):
+    """The prior over the latents of an `LTMForCausalLM` (bare, or wrapped by DDP or PEFT) or an `LTMModel`: its learned
+    prior module (`config.prior_type` not `"standard_normal"`), else a [`StandardNormalPrior`] of its latent shape."""
+    model = bare_ltm(model)
+    prior = getattr(getattr(model, "model", model), "latent_prior", None)
+    return prior if prior is not None else StandardNormalPrior(model.config.latent_shape)
 
 
 def check_finite_weights(model, action: str = "using it", source: str | None = None) -> None:
@@ -77,4 +86,11 @@ def check_finite_weights(model, action: str = "using it", source: str | None = N
     )
 
 
-__all__ = ["NonFiniteWeightsError", "bare_ltm", "check_finite_weights", "is_fsdp_sharded", "posterior_encoder_of"]
+__all__ = [
+    "NonFiniteWeightsError",
+    "bare_ltm",
+    "check_finite_weights",
+    "is_fsdp_sharded",
+    "latent_prior_of",
+    "posterior_encoder_of",
+]

@@ -69,6 +69,8 @@ ON_PURPOSE = {
     ("modeling_ltm/fast_loop.py", "tensor"): "a Python bool for the adaptive loop's host-side check",
     ("modeling_ltm/generation_ltm.py", "randint"): "a seed drawn from the global CPU RNG, read as an int",
     ("modeling_ltm/modeling_ltm.py", "ones"): "parameter creation; the model is moved as a whole",
+    ("modeling_ltm/priors.py", "zeros"): "parameter creation; the prior is moved with the model",
+    ("modeling_ltm/priors.py", "empty"): "parameter creation; the prior is moved with the model",
     ("modeling_ltm/modeling_ltm.py", "arange"): "the RoPE table at construction; a buffer moved with the model",
     ("modeling_ltm/train_cli.py", "tensor"): "the sample's prompt; generate() moves it to the model's device",
     ("eval_harness/lm.py", "zeros"): "host-side float64 running sums, moved (as float32 on MPS) only to be gathered",

@@ -91,7 +91,7 @@ def test_simple_evaluate_runs_every_local_task(checkpoint, tmp_path, tiny_shakes
     assert set(finite_metrics(results, "arithmetic_local")) == {"exact_match,first-integer"}
     assert results["results"]["wikitext2_local"]["sample_len"] == 2  # two articles in the sample file
     config = results["config"]
-    assert config["ltm_rolling_bound"] == "elbo" and config["ltm_rolling_kl_per_token"] > 0
+    assert config["ltm_rolling_bound"] == "elbo" and config["ltm_rolling_kl_per_token"] >= 0
     assert math.isclose(
         config["ltm_rolling_neg_bound_per_token"],
         config["ltm_rolling_nll_per_token"] + config["ltm_rolling_kl_per_token"],
@@ -301,15 +301,16 @@ def test_every_fit_uses_the_evaluation_settings(checkpoint, lm):
     assert lm.get_model_info()["ltm_fit_settings"] == lm.fit_settings.describe()
 
 
-def test_rolling_is_the_elbo_of_infer_latents(lm):
+def test_rolling_is_the_elbo_of_evaluate_posterior(lm):
     text = "ROMEO: But soft, what light"
     (window,) = lm.rolling_windows(text)
     (bound,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", text)], disable_tqdm=True)
-    posterior = lm.model.infer_latents(
+    result = lm.model.evaluate_posterior(
         torch.tensor([window[0] + window[1]]), settings=lm.fit_settings, seed=[lm.window_seed(window)]
     )
-    assert bound == pytest.approx(-float(posterior.nll + posterior.kl), rel=1e-5)
-    assert posterior.kl.item() > 0 and posterior.num_tokens.item() == len(lm.tok_encode(text))
+    assert bound == pytest.approx(float(result.elbo), rel=1e-5)
+    # The evaluation's selection rule may keep the fit's start (q = p(z), KL 0) when the fit ends looser.
+    assert result.kl.item() >= 0 and result.num_tokens.item() == len(lm.tok_encode(text))
 
 
 def test_rolling_windows_score_every_token_once_and_sum(lm):
@@ -496,7 +497,7 @@ def test_evaluate_metric_loads_and_computes(checkpoint):
     results = metric.compute(predictions=texts, model_id=str(checkpoint), num_inference_steps=STEPS, batch_size=2)
     assert results["bound"] == "elbo" and len(results["perplexities"]) == 2
     for ppl, nll, kl in zip(results["perplexities"], results["nll_per_token"], results["kl_per_token"], strict=True):
-        assert ppl == pytest.approx(math.exp(nll + kl), rel=1e-4) and kl > 0
+        assert ppl == pytest.approx(math.exp(nll + kl), rel=1e-4) and kl >= 0
     alone = metric.compute(predictions=texts[1:], model_id=str(checkpoint), num_inference_steps=STEPS)
     assert alone["perplexities"][0] == pytest.approx(results["perplexities"][1], rel=1e-4)
     # The evaluation fit's settings, and the reconstruction perplexity beside the bounds under its own name.

@@ -390,9 +390,14 @@ def test_evaluate_posterior_is_the_evaluation_fit_with_its_bounds(sensitive_mode
     assert summary["reconstruction_ppl"] == pytest.approx(
         math.exp(float(result.reconstruction_nll.sum()) / tokens), rel=1e-6
     )
-    plain = evaluate_posterior(model, input_ids, seed=seeds)
+    one_draw = evaluate_posterior(model, input_ids, settings=result.settings.replace(score_samples=1), seed=seeds)
     for name in ("nll", "kl", "elbo", "num_tokens"):
-        assert torch.equal(getattr(plain, name), getattr(posterior, name)), name
+        assert torch.equal(getattr(one_draw, name), getattr(posterior, name)), name
+    # By default the ELBO's likelihood term averages over `eval_score_samples` (8) fresh draws: the importance draws'.
+    plain = evaluate_posterior(model, input_ids, seed=seeds)
+    assert torch.equal(plain.kl, posterior.kl)
+    with_eight = evaluate_posterior(model, input_ids, iw_samples=8, seed=seeds)
+    torch.testing.assert_close(plain.nll, with_eight.nll)
     assert (
         plain.iw is None
         and plain.reconstruction_nll is None
@@ -401,6 +406,7 @@ def test_evaluate_posterior_is_the_evaluation_fit_with_its_bounds(sensitive_mode
             "nll_per_token",
             "kl_per_token",
             "elbo_ppl",
+            "start_kept_fraction",
         }
     )
     with pytest.raises(ValueError, match="iw_samples"):

@@ -126,7 +126,7 @@ def test_batched_importance_samples_equal_sequential_passes(max_rows):
         seed=seed,
     )
     with torch.no_grad():
-        bound, mean_nll = inference._importance_sample(
+        bound, mean_nll, _ = inference._importance_sample(
             model, input_ids, attention_mask, None, 7, posterior, seed, None, max_rows_per_forward=max_rows
         )
         ref_bound, ref_nll = sequential_iw(model, input_ids, attention_mask, posterior, 7, seed)

@@ -147,3 +147,15 @@ def test_each_paper_preset_has_a_documented_honest_variant(name, tmp_path):
     (args,) = HfArgumentParser(trainer.LTMTrainingArguments).parse_dict(recipe)
     assert args.eval_iw_samples >= 16
     assert args.num_inference_steps == honest["num_inference_steps"]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PRESETS))
+def test_each_paper_preset_has_a_learned_prior_variant_of_its_honest_one(name):
+    honest_name, prior_name = name.replace(".json", "-honest.json"), name.replace(".json", "-prior.json")
+    honest = json.loads((CONFIG_DIR / honest_name).read_text())
+    prior = json.loads((CONFIG_DIR / prior_name).read_text())
+    assert prior.pop("prior_type") == "diagonal_gaussian"
+    assert prior == honest, f"{prior_name} must be {honest_name} plus the learned prior"
+    assert prior_name in readme_table(), f"{prior_name} has no row in configuration/README.md"
+    recipes = CONFIG_DIR / "recipes"
+    assert (recipes / prior_name).read_text() == (recipes / honest_name).read_text()

@@ -271,13 +271,14 @@ def trivial_posterior_ppl(model, dataset, num_draws: int = 16) -> float:
     return math.exp(total / tokens)
 
 
-def test_default_evaluation_bound_is_within_5_percent_of_the_trivial_posterior(tmp_path):
-    """With every default, the held-out bound of a briefly trained model is no looser than 1.05 x the trivial
-    posterior's. (With the training fast loop's start, logvar = -5, it was ~90x looser on this recipe.) The issue's
-    recipe (byte-level, hidden 96, 2 layers, 4 heads, MLP 256, 4 latents per layer, 30 steps at lr 3e-3, 32 held-out
-    blocks) on smaller batches (8 x 64 bytes) and training T (2) to stay fast."""
-    block = 64
-    data = torch.tensor(list(text_bytes(250 * block))).view(250, block)
+def test_default_evaluation_bound_is_within_1_percent_of_the_trivial_posterior(tmp_path):
+    """Issue 22's target on issue 10's recipe exactly: byte-level LTM (vocab 256, hidden 96, 2 layers, 4 heads, MLP
+    256, 4 latents per layer, every other config field default, so the training fast loop has T = 16), 30 LTMTrainer
+    steps of 16 x 128 bytes at lr 3e-3, the last 32 blocks held out. With every default, `trainer.evaluate()` reports
+    a bound <= 1.01 x the trivial posterior q = p(z)'s (it was 1.116x before the evaluation's selection rule: every
+    fitted posterior of that model ended looser than the prior it started from)."""
+    block = 128
+    data = torch.tensor(list(text_bytes((30 * 16 + 32) * block))).view(-1, block)
     train = Dataset.from_dict({"input_ids": data[:-32].tolist()})
     heldout = Dataset.from_dict({"input_ids": data[-32:].tolist()})
     torch.manual_seed(0)
@@ -288,14 +289,12 @@ def test_default_evaluation_bound_is_within_5_percent_of_the_trivial_posterior(t
         num_attention_heads=4,
         intermediate_size=256,
         n_latents_per_layer=4,
-        max_position_embeddings=block,
-        num_inference_steps=2,
     )
     model = LTMForCausalLM(config)
     args = LTMTrainingArguments(
         str(tmp_path),
         max_steps=30,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=16,
         per_device_eval_batch_size=16,
         learning_rate=3e-3,
         use_cpu=True,
@@ -308,14 +307,14 @@ def test_default_evaluation_bound_is_within_5_percent_of_the_trivial_posterior(t
     trainer.train()
     metrics = trainer.evaluate()
     trivial = trivial_posterior_ppl(model.eval(), heldout)
-    assert metrics["eval_elbo_ppl"] <= 1.05 * trivial, (metrics, trivial)
+    assert metrics["eval_elbo_ppl"] <= 1.01 * trivial, (metrics, trivial)
 
     # Reported beside the bound: the evaluation fit's settings, and the reconstruction perplexity with the training
     # fit's (the paper's protocol, far below the bound and not a bound itself).
     evaluation = PosteriorFitSettings.evaluation(config)
     assert metrics["eval_inference_steps"] == evaluation.num_steps and metrics["eval_inference_lr"] == evaluation.lr
     assert metrics["eval_posterior_init_logvar"] == 0.0 and metrics["eval_posterior_fixed_noise"] is False
-    assert metrics["eval_reconstruction_inference_steps"] == 2 and metrics["eval_reconstruction_init_logvar"] == -5.0
+    assert metrics["eval_reconstruction_inference_steps"] == 16 and metrics["eval_reconstruction_init_logvar"] == -5.0
     assert metrics["eval_reconstruction_ppl"] == pytest.approx(math.exp(metrics["eval_reconstruction_nll_per_token"]))
     assert metrics["eval_reconstruction_ppl"] < metrics["eval_elbo_ppl"]
 

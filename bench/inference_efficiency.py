@@ -234,7 +234,7 @@ def run_fit(model, batches, settings, seeds, args, plain: bool) -> dict:
             fit = inference.fit_posterior(model, input_ids, settings=settings, seed=row_seeds)
             seconds += time.perf_counter() - start  # the fit includes its one scoring forward
             with torch.no_grad():
-                _, nll = inference._importance_sample(
+                _, nll, _ = inference._importance_sample(
                     model, input_ids, None, None, args.score_samples, fit, row_seeds, None
                 )
             neg_elbo += float((nll + fit.kl).sum())

@@ -37,13 +37,19 @@ LTM variants named `ltm_<token>_<token>...`, each token one setting of the *trai
     lr<float>    fast learning rate in training (default 0.3, cosine to a tenth inside the T steps)
     enc<int>     posterior encoder of this width, trained alongside the decoder; each batch's fast loop starts at
                  its proposal of mu (`LTMTrainingArguments.posterior_warm_start`; default 0: none, mu starts at 0)
+    pstd|pdiag|pflow  the prior p(z) (`LTMConfig.prior_type`): N(0, I) (default, the paper's), a learned diagonal
+                 Gaussian, a learned affine-coupling flow per latent vector (4 layers, width 64); learned priors
+                 train with the decoder, and every bound uses their exact log-density
 
 e.g. `ltm_T8_lv-2_redraw_warm0.3`. Every LTM is evaluated the same way, whatever its training:
 
-- **bounds** (`evaluate_posterior`, the one place that sets the evaluation fit): fit from the prior (mu = 0,
-  logvar = 0, no init noise), eps redrawn every step, `--eval-fit-steps` Adam steps at `--eval-lr` (cosine to a
-  tenth), beta 1, no free bits; then the ELBO bound `exp((NLL + KL) / tokens)` at a fresh draw of z and the
-  importance-weighted bound with `--iw-samples` draws. Both are upper bounds on perplexity.
+- **bounds** (`evaluate_posterior`, the one place that sets the evaluation fit, through the library's
+  `inference.evaluate_posterior`): fit from the prior (its mean and log-variance; N(0, I) for the flow's base, no
+  init noise), eps redrawn every step, `--eval-fit-steps` Adam steps at `--eval-lr` (cosine to a tenth), beta 1, no
+  free bits; the better of the start and the last iterate kept per sequence on `--eval-select-samples` shared draws
+  (the library's selection rule); then the ELBO bound `exp((NLL + KL) / tokens)` (NLL averaged over the importance
+  draws) and the importance-weighted bound with `--iw-samples` draws, on draws the selection did not see. Both are
+  upper bounds on perplexity.
 - **reconstruction ppl** (`reconstruction_nll`, the paper's protocol): fit with the model's *training* fast-loop
   settings (its start, fixed eps, T steps), then `exp(NLL(x|z) / tokens)` at the fitted z *with the loop's own eps*,
   no KL. Not a bound on perplexity; not comparable with an autoregressive model's perplexity.
@@ -79,6 +85,7 @@ TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 WIKITEXT2_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 MODELS = ("llama", "ltm-T8", "ltm-T16")
 ALIASES = {"ltm-T8": "ltm_T8", "ltm-T16": "ltm_T16"}  # the paper's fast loop at T = 8 / 16
+PRIOR_TOKENS = {"pstd": "standard_normal", "pdiag": "diagonal_gaussian", "pflow": "flow"}  # `LTMConfig.prior_type`
 NOT_A_BOUND = "reconstruction ppl: not a bound on perplexity; not comparable with an autoregressive model's perplexity"
 
 
@@ -87,7 +94,7 @@ def parse_variant(name: str, args) -> dict:
     spec = dict(
         T=16, init_logvar=-5.0, init_logvar_noise=0.1, fixed_noise=True, kl_warmup=0.0, free_bits=0.0,
         latents=args.latents, latent_dim=args.latent_dim, inference_lr=0.3, encoder=0, T_end=None,
-        T_window=(0.0, 1.0),
+        T_window=(0.0, 1.0), prior="standard_normal",
     )  # fmt: skip
     tokens = ALIASES.get(name, name).split("_")
     if tokens[0] != "ltm":
@@ -99,6 +106,9 @@ def parse_variant(name: str, args) -> dict:
     for token in tokens[1:]:
         if token in ("fixed", "redraw"):
             spec["fixed_noise"] = token == "fixed"
+            continue
+        if token in PRIOR_TOKENS:
+            spec["prior"] = PRIOR_TOKENS[token]
             continue
         for prefix, key, cast in prefixes:
             if token.startswith(prefix):
@@ -143,6 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iw-samples", type=int, default=16)
     p.add_argument("--eval-fit-steps", type=int, default=64, help="evaluation fit: Adam steps from the prior")
     p.add_argument("--eval-lr", type=float, default=0.3, help="evaluation fit: lr (cosine to a tenth)")
+    p.add_argument("--eval-select-samples", type=int, default=4,
+                   help="evaluation: shared draws of the start-vs-fit selection per sequence (0: report the fit)")  # fmt: skip
     p.add_argument("--eval-steps", default="", help="eval inference steps of the sweep (e.g. 0,8,16,32,64)")
     p.add_argument("--curve-points", type=int, default=0, help="evaluations during training (bound vs tokens)")
     p.add_argument("--curve-blocks", type=int, default=16, help="held-out blocks of those evaluations")
@@ -241,19 +253,21 @@ def evaluate_posterior(model, input_ids, seeds, args, num_steps=None, iw_samples
     Honest settings, the same for every model whatever its training: start at the prior (mu = 0, logvar = 0, no
     init noise), eps redrawn every step, `num_steps` (default `--eval-fit-steps`) Adam steps at `--eval-lr` cosine
     to a tenth, beta 1, no free bits. The one place to swap in the library's evaluation settings later."""
-    from modeling_ltm.inference import fit_posterior, importance_weighted_bound
+    from modeling_ltm.inference import PosteriorFitSettings
+    from modeling_ltm.inference import evaluate_posterior as library_evaluate_posterior
 
     num_steps = args.eval_fit_steps if num_steps is None else num_steps
     iw_samples = args.iw_samples if iw_samples is None else iw_samples
-    posterior = fit_posterior(
-        model, input_ids, num_steps=num_steps, lr=args.eval_lr, lr_min_ratio=0.1, init_logvar=0.0,
-        init_logvar_noise=0.0, fixed_noise=False, seed=seeds,
+    settings = PosteriorFitSettings.evaluation(
+        model.config, num_steps=num_steps, lr=args.eval_lr, lr_min_ratio=0.1, init_logvar=0.0, init_logvar_noise=0.0,
+        fixed_noise=False, select_samples=args.eval_select_samples, warm_start=False,
     )  # fmt: skip
-    out = {"nll": posterior.nll, "kl": posterior.kl, "tokens": posterior.num_tokens.double()}
+    result = library_evaluate_posterior(model, input_ids, settings=settings, iw_samples=iw_samples, seed=seeds)
+    out = {"nll": result.nll, "kl": result.kl, "tokens": result.num_tokens.double()}
+    if result.start_kept is not None:
+        out["start_kept"] = result.start_kept.double()
     if iw_samples > 0:
-        out["iw_logp"] = importance_weighted_bound(
-            model, input_ids, num_samples=iw_samples, posterior=posterior, seed=seeds
-        )
+        out["iw_logp"] = result.iw
     return out
 
 
@@ -332,6 +346,8 @@ def ltm_metrics(model, dataset, args, spec, num_steps=None, iw_samples=None, rec
         "eval_fit_steps": args.eval_fit_steps if num_steps is None else num_steps,
         "tokens": int(tokens),
     }
+    if "start_kept" in sums:
+        out["start_kept_fraction"] = sums["start_kept"] / len(dataset)
     if "iw_logp" in sums:
         out.update(
             iw_ppl=math.exp(-sums["iw_logp"] / tokens),
@@ -405,6 +421,7 @@ def run_model(args, name: str) -> dict:
         posterior_init_logvar_noise=spec["init_logvar_noise"],
         posterior_fixed_noise=spec["fixed_noise"],
         posterior_encoder_size=spec["encoder"],
+        prior_type=spec.get("prior", "standard_normal"),
     )
     tokens_per_step = args.batch * args.block
     max_steps = math.ceil(args.train_tokens / tokens_per_step)
@@ -532,6 +549,8 @@ def describe(spec: dict) -> str:
         parts.append(f"fast lr {spec['inference_lr']:g}")
     if spec.get("encoder"):
         parts.append(f"mu starts at the posterior encoder's proposal (width {spec['encoder']})")
+    if spec.get("prior", "standard_normal") != "standard_normal":
+        parts.append(f"prior: learned {spec['prior'].replace('_', ' ')}")
     return ", ".join(parts)
 
 

@@ -445,7 +445,8 @@ class PosteriorEvaluation:
         nll (`torch.FloatTensor` of shape `(batch,)`): an estimate of `E_q[-log p(x|z)]` under the evaluation fit:
             the mean of `-log p(x|z)` over the `iw_samples` importance draws when those are taken, else over
             `settings.score_samples` fresh draws (one when that is 1).
-        kl (`torch.FloatTensor` of shape `(batch,)`): `KL(q || p)` of the evaluation fit (closed form).
+        kl (`torch.FloatTensor` of shape `(batch,)`): `KL(q || p)` of the evaluation fit: closed form for a Gaussian
+            prior; for a flow prior, the mean of `log q(z) - log p(z)` over the same draws as `nll`.
         elbo (`torch.FloatTensor` of shape `(batch,)`): `-(nll + kl)`, an unbiased estimate of the ELBO, a lower
             bound on `log p(x)` in expectation.
         num_tokens (`torch.LongTensor` of shape `(batch,)`): predicted tokens per sequence.

@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from common import run_metadata, save_json  # noqa: E402
+from bench.common import run_metadata, save_json  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -48,6 +48,7 @@ import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto cla
 from modeling_ltm.budgets import check_inference_steps, check_iw_samples, check_memory
 from modeling_ltm.cli_errors import check_model_folder
 from modeling_ltm.inference import PosteriorFitSettings, content_seed, evaluate_posterior, fit_posterior
+from modeling_ltm.weight_checks import latent_prior_of
 
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -300,9 +301,10 @@ class LTMLM(HFLM):
 
         Contexts are fitted together (left-padded, masked), each with its own content seed; `z` is
         `PosteriorOutput.z`, a fresh draw from the fitted posterior (as `generate()` uses). A context of fewer than
-        2 tokens has no token to predict, hence no evidence about `z`: it gets the prior mean `z = 0`.
+        2 tokens has no token to predict, hence no evidence about `z`: it gets the prior's mean (`z = 0` for N(0, I)).
         """
-        latents = torch.zeros(len(contexts), *self.model.config.latent_shape, device=self.device)
+        prior_mean = latent_prior_of(self.model).start(self.device)[0]
+        latents = prior_mean.expand(len(contexts), *prior_mean.shape).clone()
         rows = [i for i, ctx in enumerate(contexts) if len(ctx) >= 2]
         if rows:
             ids, mask = self._left_pad([contexts[i] for i in rows])

@@ -17,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from modeling_ltm.configuration_ltm import MIN_TRANSFORMERS_VERSION
 from modeling_ltm.inference import RECONSTRUCTION_CAVEAT, PosteriorFitSettings
+from modeling_ltm.priors import PRIOR_DESCRIPTIONS
 
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "modelcard_template.md"
@@ -268,6 +269,7 @@ def architecture_summary(config, num_parameters: int, num_parameters_non_embeddi
         "n_latents_per_layer": config.n_latents_per_layer,
         "n_latents_total": config.num_hidden_layers * config.n_latents_per_layer,
         "latent_dim": config.latent_dim,
+        "prior": PRIOR_DESCRIPTIONS[getattr(config, "prior_type", "standard_normal")],
         "max_position_embeddings": config.max_position_embeddings,
         "vocab_size": config.vocab_size,
         "num_parameters": f"{num_parameters:,}",

@@ -548,7 +548,7 @@ LTM_INPUTS_DOCSTRING = r"""
             Token embeddings, instead of `input_ids`.
         latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
             The latent thought vectors `z`, any floating dtype (cast to the weights' dtype). `None` means the
-            prior mean `z = 0`: `forward` never fits a posterior by itself (use `LTMForCausalLM.infer_latents`).
+            prior's mean (`z = 0` for N(0, I); see `config.prior_type`): `forward` never fits a posterior by itself (use `LTMForCausalLM.infer_latents`).
             Ignored, and not checked, once every layer's cross-attention keys/values are in `cache` (decoding).
         use_cache (`bool`, *optional*):
             Return the caches for further decoding. Defaults to `config.use_cache`; off while training with
@@ -757,8 +757,11 @@ class LTMModel(LTMPreTrainedModel):
             latents = None
         else:
             batch_size = hidden_states.shape[0]
-            if latents is None:
-                latents = hidden_states.new_zeros(batch_size, *self.config.latent_shape)
+            if latents is None:  # the mean of the fit's start: the prior's mean (0 for N(0, I) and a flow's base)
+                start = hidden_states.new_zeros(self.config.latent_shape)
+                if self.latent_prior is not None:
+                    start = self.latent_prior.start(hidden_states.device)[0].to(hidden_states.dtype)
+                latents = start.expand(batch_size, *self.config.latent_shape)
             else:
                 self.check_latents(latents, batch_size, check_finite=not prefix_given)
             latent_position_embeddings = self.rotary_emb(

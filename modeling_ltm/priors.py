@@ -33,6 +33,12 @@ from transformers import initialization as init
 
 
 PRIOR_TYPES = ("standard_normal", "diagonal_gaussian", "flow")
+# Each prior in words, for model cards and run summaries.
+PRIOR_DESCRIPTIONS = {
+    "standard_normal": "N(0, I) (the paper's)",
+    "diagonal_gaussian": "a learned diagonal Gaussian (a mean and variance per latent dimension), exact KL",
+    "flow": "a learned normalizing flow (affine couplings per latent vector), exact log-density",
+}
 LOG_2PI = math.log(2 * math.pi)
 # Each coupling layer's log-scale is squashed into (-MAX_LOG_SCALE, MAX_LOG_SCALE): a flow cannot blow up early on.
 MAX_LOG_SCALE = 3.0
@@ -222,6 +228,7 @@ def build_prior(config) -> nn.Module | None:
 
 
 __all__ = [
+    "PRIOR_DESCRIPTIONS",
     "PRIOR_TYPES",
     "DiagonalGaussianPrior",
     "FlowPrior",

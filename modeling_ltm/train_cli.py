@@ -53,6 +53,7 @@ from .cli_errors import check_model_folder, did_you_mean, one_line, run_cli
 from .configuration_ltm import LTMConfig
 from .inference import RECONSTRUCTION_CAVEAT, NonFiniteELBOError
 from .modeling_ltm import LTMForCausalLM
+from .priors import PRIOR_DESCRIPTIONS
 from .run_folder import (
     FINAL_RECORD_NAME,
     LOCK_NAME,
@@ -1110,7 +1111,10 @@ def _print_summary(
     model = trainer.accelerator.unwrap_model(trainer.model)
     is_ltm = model_args.baseline is None
     lines = ["", "=" * 100, "ltm train: summary", "-" * 100]
-    lines.append(f"model        {type(model).__name__}, {train_metrics['num_parameters'] / 1e6:.2f}M parameters")
+    prior = f"; prior over z: {PRIOR_DESCRIPTIONS[model.config.prior_type]}" if is_ltm else ""
+    lines.append(
+        f"model        {type(model).__name__}, {train_metrics['num_parameters'] / 1e6:.2f}M parameters{prior}"
+    )
     lines.append(f"data         {source}")
     rate = train_metrics.get("train_tokens_per_second")
     session = train_metrics.get("train_steps_this_session", trainer.state.global_step)

@@ -267,3 +267,16 @@ def test_lora_fine_tuning_of_a_learned_prior_model_keeps_the_prior(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(LTMForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     assert isinstance(latent_prior_of(loaded), DiagonalGaussianPrior)
+
+
+def test_forward_without_latents_uses_the_prior_mean_and_the_card_names_the_prior():
+    from hub_cards.card import architecture_summary
+
+    model = prior_model("diagonal_gaussian")
+    input_ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    mean = model.model.latent_prior.mean.detach().expand(2, *model.config.latent_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, model(input_ids, latents=mean).logits)
+        assert not torch.allclose(model(input_ids).logits, model(input_ids, latents=torch.zeros_like(mean)).logits)
+    assert "learned diagonal Gaussian" in architecture_summary(model.config, 1, 1)["prior"]
+    assert "N(0, I)" in architecture_summary(prior_model("standard_normal").config, 1, 1)["prior"]

@@ -154,15 +154,16 @@ class PosteriorFitSettings:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
-        """One line for summaries and cards, e.g. `T=32, lr 0.1 -> 0.01 (cosine), start mu=0 logvar=0 (the prior),
-        eps redrawn every step`."""
-        start = f"start mu=0 logvar={self.init_logvar:g}"
+        """One line for summaries and cards, e.g. `T=32, lr 0.1 -> 0.01 (cosine), start at the prior (q = p(z)), eps
+        redrawn every step`. The start is relative to the prior (`N(0, I)`: mu 0, logvar 0; a learned prior: its own)."""
         if self.warm_start:
             start = "start at the posterior encoder's proposal (warm start)"
-        elif self.init_logvar_noise:
-            start += f"+{self.init_logvar_noise:g}*N(0,1)"
-        elif self.init_logvar == 0:
-            start += " (the prior)"
+        elif self.init_logvar == 0 and not self.init_logvar_noise:
+            start = "start at the prior (q = p(z))"
+        else:
+            start = f"start mu = the prior's mean, logvar = the prior's {self.init_logvar:+g}"
+            if self.init_logvar_noise:
+                start += f" + {self.init_logvar_noise:g}*N(0,1)"
         noise = "one fixed eps" if self.fixed_noise else "eps redrawn every step"
         line = f"T={self.num_steps}, lr {self.lr:g} -> {self.lr * self.lr_min_ratio:g} (cosine), {start}, {noise}"
         if self.select_samples:

@@ -343,7 +343,7 @@ def test_fit_settings_come_from_the_config_and_validate(config):
     assert (evaluation.init_logvar, evaluation.init_logvar_noise, evaluation.fixed_noise) == (0.0, 0.0, False)
     assert PosteriorFitSettings.evaluation(config, num_steps=8, lr=None).num_steps == 8  # None keeps the field
     assert "T=32" in evaluation.describe() and "the prior" in evaluation.describe()
-    assert "one fixed eps" in training.describe() and "logvar=-5" in training.describe()
+    assert "one fixed eps" in training.describe() and "logvar = the prior's -5" in training.describe()
     config.eval_inference_steps, config.eval_inference_lr = 5, 0.2
     assert PosteriorFitSettings.evaluation(config).num_steps == 5 and PosteriorFitSettings.evaluation(config).lr == 0.2
     for field, value in (("num_steps", -1), ("lr", 0.0), ("lr_min_ratio", 2.0), ("init_logvar_noise", -0.1)):

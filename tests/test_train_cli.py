@@ -81,7 +81,7 @@ def test_ltm_train_writes_model_tokenizer_and_results(setup, capsys):
     printed = capsys.readouterr().out
     assert "ELBO perplexity bound" in printed and "KL" in printed and "importance-weighted bound" in printed
     # The bound's fit, the reconstruction perplexity under its own name with the caveat, and the peer.
-    assert "evaluation fit: T=2, lr 0.1 -> 0.01 (cosine), start mu=0 logvar=0 (the prior)" in printed
+    assert "evaluation fit: T=2, lr 0.1 -> 0.01 (cosine), start at the prior (q = p(z))" in printed
     assert "reconstruction perplexity" in printed
     assert "not a bound on perplexity; not comparable with an autoregressive model's perplexity" in printed
     assert "Llama peer" in printed and "--baseline llama" in printed

@@ -23,7 +23,7 @@ MIN_TRANSFORMERS_VERSION = "5.24.0"
 
 # `LTMConfig.posterior_encoder_fit`: what a posterior encoder's proposals were fitted to (None: untrained or stale).
 POSTERIOR_ENCODER_FITS = (None, "evaluation", "training")
-# `LTMConfig.prior_type` (modeling_ltm/priors.py; repeated here: this file imports no sibling, for remote code).
+# `LTMConfig.prior_type`: the priors of modeling_ltm/priors.py (which reads this tuple).
 PRIOR_TYPES = ("standard_normal", "diagonal_gaussian", "flow")
 
 

@@ -21,8 +21,8 @@ Each prior gives, per sequence (shape `(batch,)`, nats, summed over every latent
 - `start()`: `(mu, logvar)` of shape `latent_shape`, the Gaussian a posterior fit starts from: the prior itself for
   the Gaussian priors (so `q = p`, KL 0, at the start), the flow's base `N(0, I)` for the flow.
 
-Densities run in float32, outside any autocast. Imports only torch and transformers (copied next to the weights for
-`trust_remote_code=True`).
+Densities run in float32, outside any autocast. Imports only torch, transformers and siblings (copied next to the
+weights for `trust_remote_code=True`).
 """
 
 import math
@@ -31,15 +31,16 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from .configuration_ltm import PRIOR_TYPES
+from .densities import gaussian_kl_per_dimension, gaussian_log_prob
 
-PRIOR_TYPES = ("standard_normal", "diagonal_gaussian", "flow")
+
 # Each prior in words, for model cards and run summaries.
 PRIOR_DESCRIPTIONS = {
     "standard_normal": "N(0, I) (the paper's)",
     "diagonal_gaussian": "a learned diagonal Gaussian (a mean and variance per latent dimension), exact KL",
     "flow": "a learned normalizing flow (affine couplings per latent vector), exact log-density",
 }
-LOG_2PI = math.log(2 * math.pi)
 # Each coupling layer's log-scale is squashed into (-MAX_LOG_SCALE, MAX_LOG_SCALE): a flow cannot blow up early on.
 MAX_LOG_SCALE = 3.0
 
@@ -66,20 +67,19 @@ class StandardNormalPrior:
 
     def kl_per_dimension(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         """`KL(q_d || p_d)` of each latent dimension in nats: `(batch, ...)` → `(batch, D)`."""
-        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1)
+        return gaussian_kl_per_dimension(mu, logvar)
 
     def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         return self.kl_per_dimension(mu, logvar).sum(-1)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (LOG_2PI + z.pow(2)).flatten(1).sum(-1)
+        return gaussian_log_prob(z)
 
     def sample(self, noise: torch.Tensor) -> torch.Tensor:
         return noise
 
     def start(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        zeros = torch.zeros(self.latent_shape, device=device)
-        return zeros, zeros.clone()
+        return _standard_normal_start(self.latent_shape, device)
 
 
 class DiagonalGaussianPrior(nn.Module):
@@ -109,9 +109,7 @@ class DiagonalGaussianPrior(nn.Module):
 
     @_float32
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        prior_logvar = self.logvar.float()
-        density = LOG_2PI + prior_logvar + (z - self.mean.float()).pow(2) * torch.exp(-prior_logvar)
-        return -0.5 * density.flatten(1).sum(-1)
+        return gaussian_log_prob(z, self.mean.float(), self.logvar.float())
 
     @_float32
     def sample(self, noise: torch.Tensor) -> torch.Tensor:
@@ -187,13 +185,12 @@ class FlowPrior(nn.Module):
             shift, log_scale = self._coupling(layer, kept)
             x = self._join(layer, kept, (moved - shift) * torch.exp(-log_scale))
             log_det = log_det - log_scale.flatten(1).sum(-1)
-        return -0.5 * (LOG_2PI + x.pow(2)).flatten(1).sum(-1) + log_det
+        return gaussian_log_prob(x) + log_det
 
     def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # `log q(z) - log p(z)` at the draw: unbiased, and exactly 0 where q = p (the analytic entropy in place of
         # `log q(z)` has the same mean and gradients but keeps the sample's noise there).
-        log_q = -0.5 * (LOG_2PI + logvar.float() + (z.float() - mu.float()).pow(2) * torch.exp(-logvar.float()))
-        return log_q.flatten(1).sum(-1) - self.log_prob(z)
+        return gaussian_log_prob(z.float(), mu.float(), logvar.float()) - self.log_prob(z)
 
     def kl_per_dimension(self, mu, logvar):
         raise ValueError(
@@ -213,8 +210,14 @@ class FlowPrior(nn.Module):
         return x.reshape(batch, *self.latent_shape)
 
     def start(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        zeros = torch.zeros(self.latent_shape, device=device)
-        return zeros, zeros.clone()
+        return _standard_normal_start(self.latent_shape, device)
+
+
+def _standard_normal_start(latent_shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(mu, logvar)` = `(0, 0)` of shape `latent_shape`: `N(0, I)`, the start of the standard normal and of a flow
+    (its base)."""
+    zeros = torch.zeros(latent_shape, device=device)
+    return zeros, zeros.clone()
 
 
 def build_prior(config) -> nn.Module | None:

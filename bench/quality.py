@@ -561,8 +561,14 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"Tiny Shakespeare, {meta['train_blocks']:,} training blocks / {meta['held_out_tokens']:,} held-out predicted "
         f"tokens of {args['block']}-token blocks, BPE vocabulary {meta['vocab_size']}; "
         f"{args['train_tokens']:,} training tokens per model. LTM bounds: evaluation fit from the prior "
-        f"(mu 0, logvar 0, no init noise), eps redrawn every step, {args['eval_fit_steps']} Adam steps at lr "
-        f"{args['eval_lr']:g} (cosine to a tenth); IW with K = {args['iw_samples']}. Reconstruction ppl: the paper's "
+        f"(its own mean and logvar: mu 0, logvar 0 for N(0, I) and a flow's base; no init noise), eps redrawn every "
+        f"step, {args['eval_fit_steps']} Adam steps at lr {args['eval_lr']:g} (cosine to a tenth)"
+        + (
+            f", the better of start and fit kept per sequence ({args['eval_select_samples']} shared draws)"
+            if args.get("eval_select_samples")
+            else ""
+        )
+        + f"; IW with K = {args['iw_samples']}. Reconstruction ppl: the paper's "
         f"protocol ({NOT_A_BOUND}).",
         "",
         "| model | training fast loop | params | train tokens/s | held-out NLL/token | KL/token "

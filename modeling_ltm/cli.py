@@ -1,4 +1,4 @@
-"""`ltm` command line: `ltm train | eval | generate | export | push`.
+"""`ltm` command line: `ltm train | eval | generate | export | push | convert-original`.
 
 Each subcommand lives in the module that owns its job and is imported only when called, so `ltm generate` does not
 pay for lm-eval's import and `ltm train` does not pay for the Hub client's.
@@ -14,12 +14,18 @@ SUBCOMMANDS = {
     "generate": ("modeling_ltm.generate_cli", "main", "generate text, fitting z on each prompt"),
     "export": ("hub_cards.cli", "export_main", "write a Hub-ready folder (weights, remote code, tokenizer, card)"),
     "push": ("hub_cards.cli", "push_main", "upload an exported folder to the Hugging Face Hub"),
+    "convert-original": (
+        "modeling_ltm.convert_original",
+        "main",
+        "turn a checkpoint of the authors' code (ckpt_N.pt) into a save_pretrained folder",
+    ),
 }
 
 
 def usage() -> str:
     lines = ["usage: ltm <command> [options]", "", "commands:"]
-    lines += [f"  {name:<9} {help_text}" for name, (_, _, help_text) in SUBCOMMANDS.items()]
+    width = max(map(len, SUBCOMMANDS))
+    lines += [f"  {name:<{width}} {help_text}" for name, (_, _, help_text) in SUBCOMMANDS.items()]
     lines += [
         "",
         "Run `ltm <command> --help` for a command's options. Errors print one line (exit code 2); add --debug for "

@@ -25,6 +25,14 @@ MIN_TRANSFORMERS_VERSION = "5.24.0"
 POSTERIOR_ENCODER_FITS = (None, "evaluation", "training")
 # `LTMConfig.prior_type`: the priors of modeling_ltm/priors.py (which reads this tuple).
 PRIOR_TYPES = ("standard_normal", "diagonal_gaussian", "flow")
+# `LTMConfig.latent_position_spacing`: how far apart a layer's latents sit on the RoPE axis (`latent_position_ids`).
+LATENT_POSITION_SPACINGS = ("per_layer", "all_latents")
+# `LTMConfig.inference_lr_schedule`: the cosine's half period within the T fast steps (see `fast_loop.cosine_fast_lr`).
+INFERENCE_LR_SCHEDULES = ("cosine_t_minus_1", "cosine_t")
+# `LTMConfig.inference_loss_reduction`: how the training fast loop's objective is summed (see `scoring.negative_elbo`).
+INFERENCE_LOSS_REDUCTIONS = ("per_token", "sum")
+# `LTMConfig.scaled_init_projections`: the projections whose initial weights can get the depth-scaled std.
+SCALABLE_INIT_PROJECTIONS = ("o_proj", "up_proj", "down_proj")
 
 
 def _positive(value):
@@ -47,14 +55,17 @@ def _greater_than_zero(value):
         raise ValueError(f"must be > 0, got {value!r}")
 
 
-def _encoder_fit(value):
-    if value not in POSTERIOR_ENCODER_FITS:
-        raise ValueError(f"must be one of {POSTERIOR_ENCODER_FITS}, got {value!r}")
+def _one_of(choices):
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"must be one of {choices}, got {value!r}")
+
+    return check
 
 
-def _prior_type(value):
-    if value not in PRIOR_TYPES:
-        raise ValueError(f"must be one of {PRIOR_TYPES}, got {value!r}")
+def _projections(value):
+    if value is not None and not set(value) <= set(SCALABLE_INIT_PROJECTIONS):
+        raise ValueError(f"must be None or a list of names from {SCALABLE_INIT_PROJECTIONS}, got {value!r}")
 
 
 def _field(*validators, default):
@@ -69,8 +80,11 @@ class LTMConfig(PreTrainedConfig):
     in which every layer cross-attends to its own group of latent "thought" vectors `z_l`, plus the defaults of the
     posterior inference ("fast learning") that fits `q(z|x) = N(mu, diag(exp(logvar)))` to each sequence.
 
-    The defaults follow the paper's public code (12 layers of width 768, 8 latents per layer, GPT-2 vocabulary,
-    context 1024, 16 fast steps at learning rate 0.3).
+    The shapes' defaults are those of the paper's public code (12 layers of width 768, 8 latents per layer, GPT-2
+    vocabulary, context 1024, 16 fast steps); the paper presets (`configuration/ltm-{s,m,l}.json`) also set the
+    fields in which the authors' code differs from this library's defaults (`latent_position_spacing`,
+    `inference_lr`, `posterior_init_mu_noise`, `inference_weight_decay`, `inference_lr_schedule`,
+    `inference_loss_reduction`), listed in docs/fidelity.md.
 
     Args:
         vocab_size (`int`, *optional*, defaults to 50257):
@@ -107,12 +121,23 @@ class LTMConfig(PreTrainedConfig):
             Self-attention window in tokens (the paper's code uses 256). `None` means full causal attention.
         n_latents_per_layer (`int`, *optional*, defaults to 8):
             Number of latent vectors each layer cross-attends to.
+        latent_position_spacing (`str`, *optional*, defaults to `"per_layer"`):
+            The latents' RoPE positions (every layer's latents take the same ones, `latent_position_ids`):
+            `arange(0, max_position_embeddings, stride)[:n_latents_per_layer]` with
+            `stride = max_position_embeddings // N`, where `N` is `n_latents_per_layer` for `"per_layer"` (spread over
+            the whole context) and `num_hidden_layers * n_latents_per_layer` for `"all_latents"` (the authors' code,
+            whose `max_z_len` counts the latents of all layers: a layer's latents sit in the first
+            `1 / num_hidden_layers` of the context). The paper presets use `"all_latents"`.
         latent_dim (`int`, *optional*):
             Width of each latent vector. Defaults to `hidden_size`.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Share the input embedding matrix with the output projection.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of linear and embedding weights.
+        scaled_init_projections (`list[str]`, *optional*):
+            Projections initialised with the depth-scaled std `initializer_range / sqrt(2 * num_hidden_layers)` (GPT-2's
+            rule), by name: `"o_proj"` (self- and cross-attention outputs), `"up_proj"`, `"down_proj"`. `None`: none.
+            The paper presets use `["o_proj", "up_proj"]`, as the authors' code does.
         dropout (`float`, *optional*, defaults to 0.0):
             Dropout on attention probabilities and on each sublayer's output, in training mode only.
         num_inference_steps (`int`, *optional*, defaults to 16):
@@ -130,7 +155,23 @@ class LTMConfig(PreTrainedConfig):
             Draw the reparameterisation noise `eps` once and keep it for all fast steps (as the paper's code does);
             `False` draws a new `eps` at every step.
 
-            The six fields above are the *training* fast loop (`PosteriorFitSettings.training`), also used by
+        posterior_init_mu_noise (`float`, *optional*, defaults to 0.0):
+            Standard deviation of the Gaussian jitter added to the initial `mu` (the paper's code starts `mu` at
+            `0.01 * N(0, 1)`).
+        inference_weight_decay (`float`, *optional*, defaults to 0.0):
+            Decoupled weight decay of the fast optimizer on `(mu, logvar)`: 0 is Adam, > 0 AdamW (the paper's code
+            uses `torch.optim.AdamW`'s default, 0.01).
+        inference_lr_schedule (`str`, *optional*, defaults to `"cosine_t_minus_1"`):
+            The cosine decay within the `T` fast steps: step `s` gets `floor + (lr - floor) (1 + cos(pi s / P)) / 2`
+            with `P = T - 1` (`"cosine_t_minus_1"`: the last step runs at the floor) or `P = T` (`"cosine_t"`: the
+            paper's code, never reaching the floor).
+        inference_loss_reduction (`str`, *optional*, defaults to `"per_token"`):
+            The objective the fast optimizer minimises: `"per_token"`, each sequence's `(NLL + KL) / tokens`, summed
+            over sequences (a sequence's step does not depend on its length), or `"sum"`, NLL summed over tokens
+            and sequences plus the summed KL (the paper's code). Same gradient direction per sequence; Adam's `eps`
+            (1e-8) weighs `tokens` times more under `"per_token"`.
+
+            The ten fields above are the *training* fast loop (`PosteriorFitSettings.training`), also used by
             `generate()` and `infer_latents()` by default, and by the reconstruction perplexity. The `eval_*` fields
             below are the *evaluation* fit (`PosteriorFitSettings.evaluation`) behind every reported bound
             (`LTMTrainer.evaluate`, lm-eval model `ltm`, the `elbo_perplexity` metric, `ltm train`'s summary, model
@@ -212,9 +253,11 @@ class LTMConfig(PreTrainedConfig):
     hidden_act: str = activation_fn_key(default="silu")
     sliding_window: int | None = _field(_positive, default=None)
     n_latents_per_layer: int = _field(_positive, default=8)
+    latent_position_spacing: str = _field(_one_of(LATENT_POSITION_SPACINGS), default="per_layer")
     latent_dim: int | None = _field(_positive, default=None)
     tie_word_embeddings: bool = True
     initializer_range: float | int = _field(_finite, _non_negative, default=0.02)
+    scaled_init_projections: list[str] | None = _field(_projections, default=None)
     dropout: float | int = interval(min=0.0, max=1.0, exclude_max=True)(default=0.0)
     num_inference_steps: int = _field(_non_negative, default=16)
     inference_lr: float | int = _field(_finite, _greater_than_zero, default=0.3)
@@ -222,6 +265,10 @@ class LTMConfig(PreTrainedConfig):
     posterior_init_logvar: float | int = _field(_finite, default=-5.0)
     posterior_init_logvar_noise: float | int = _field(_finite, _non_negative, default=0.1)
     posterior_fixed_noise: bool = True
+    posterior_init_mu_noise: float | int = _field(_finite, _non_negative, default=0.0)
+    inference_weight_decay: float | int = _field(_finite, _non_negative, default=0.0)
+    inference_lr_schedule: str = _field(_one_of(INFERENCE_LR_SCHEDULES), default="cosine_t_minus_1")
+    inference_loss_reduction: str = _field(_one_of(INFERENCE_LOSS_REDUCTIONS), default="per_token")
     eval_inference_steps: int = _field(_non_negative, default=32)
     eval_inference_lr: float | int = _field(_finite, _greater_than_zero, default=0.1)
     eval_inference_lr_min_ratio: float | int = interval(min=0.0, max=1.0, exclude_min=True)(default=0.1)
@@ -230,11 +277,11 @@ class LTMConfig(PreTrainedConfig):
     eval_posterior_fixed_noise: bool = False
     eval_select_samples: int = _field(_non_negative, default=4)
     eval_score_samples: int = _field(_positive, default=8)
-    prior_type: str = _field(_prior_type, default="standard_normal")
+    prior_type: str = _field(_one_of(PRIOR_TYPES), default="standard_normal")
     prior_flow_layers: int = _field(_positive, default=4)
     prior_flow_hidden: int = _field(_positive, default=64)
     posterior_encoder_size: int = _field(_non_negative, default=0)
-    posterior_encoder_fit: str | None = _field(_encoder_fit, default=None)
+    posterior_encoder_fit: str | None = _field(_one_of(POSTERIOR_ENCODER_FITS), default=None)
     eval_warm_start_steps: int = _field(_non_negative, default=8)
     eval_warm_start_lr: float | int = _field(_finite, _greater_than_zero, default=0.03)
     use_cache: bool = True
@@ -288,10 +335,15 @@ class LTMConfig(PreTrainedConfig):
                 f'prior_type="flow" couples two halves of each latent vector: latent_dim must be >= 2, got '
                 f'{self.latent_dim}; use a wider latent or prior_type="diagonal_gaussian".'
             )
-        if self.n_latents_per_layer > self.max_position_embeddings:
+        spread_over = self.n_latents_per_layer
+        if self.latent_position_spacing == "all_latents":
+            spread_over *= self.num_hidden_layers
+        if spread_over > self.max_position_embeddings:
             raise ValueError(
-                f"n_latents_per_layer ({self.n_latents_per_layer}) must be at most max_position_embeddings "
-                f"({self.max_position_embeddings}): latents get RoPE positions spread over the context."
+                f"{'num_hidden_layers * ' if spread_over != self.n_latents_per_layer else ''}n_latents_per_layer "
+                f"({spread_over}) must be at most max_position_embeddings ({self.max_position_embeddings}): latents "
+                f"get RoPE positions spread over the context (latent_position_spacing="
+                f"{self.latent_position_spacing!r})."
             )
 
     def validate_rope_parameters(self):

@@ -41,17 +41,22 @@ MIN_GRAPHED_STEPS = 4
 MAX_CACHED_GRAPHS = 4
 
 
-def cosine_fast_lr(step: int, num_steps: int, lr: float, min_ratio: float) -> float:
-    """Fast learning rate at `step` of `num_steps`: cosine decay from `lr` to `lr * min_ratio`.
+def cosine_fast_lr(
+    step: int, num_steps: int, lr: float, min_ratio: float, schedule: str = "cosine_t_minus_1"
+) -> float:
+    """Fast learning rate at `step` (0-based) of `num_steps`: `floor + (lr - floor) (1 + cos(pi step / P)) / 2`,
+    `floor = lr * min_ratio`, with the half period `P = num_steps - 1` (`schedule="cosine_t_minus_1"`: the last step
+    runs at the floor) or `P = num_steps` (`"cosine_t"`, the paper's code: the floor is never reached).
 
-    The closed form of `torch.optim.lr_scheduler.CosineAnnealingLR` with `T_max = num_steps - 1` (a test checks the
-    two agree). The scheduler itself does not fit here: the graphed loop fills a device tensor from these values
-    between replays, and the adaptive loop rebuilds its optimizer in the middle of the schedule.
+    The closed form of `torch.optim.lr_scheduler.CosineAnnealingLR` with `T_max = P` (a test checks the two agree).
+    The scheduler itself does not fit here: the graphed loop fills a device tensor from these values between replays,
+    and the adaptive loop rebuilds its optimizer in the middle of the schedule.
     """
-    if num_steps <= 1:
+    period = num_steps if schedule == "cosine_t" else num_steps - 1
+    if period < 1:
         return lr
     floor = lr * min_ratio
-    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * step / (num_steps - 1)))
+    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * step / period))
 
 
 def check_deadline(deadline: float | None, step: int, num_steps: int) -> None:
@@ -125,11 +130,11 @@ class FitBatch:
             self.prior,
         )  # fmt: skip
 
-    def negative_elbo(self, forward, mu, logvar, noise, kl_weight=1.0, free_bits=0.0):
+    def negative_elbo(self, forward, mu, logvar, noise, kl_weight=1.0, free_bits=0.0, loss_reduction="per_token"):
         """[`negative_elbo`] of this batch at `z = mu + exp(logvar / 2) * noise`, through `forward`."""
         return negative_elbo(
             forward, self.input_ids, self.targets, mu, logvar, noise, self.attention_mask, self.position_ids,
-            self.prefix, kl_weight, free_bits, self.prior,
+            self.prefix, kl_weight, free_bits, self.prior, loss_reduction,
         )  # fmt: skip
 
 
@@ -250,14 +255,17 @@ class FastStep:
     is read back to the host.
     """
 
-    def __init__(self, forward, batch: FitBatch, mu, logvar, optimizer, kl_weight=1.0, free_bits=0.0):
+    def __init__(self, forward, batch: FitBatch, mu, logvar, optimizer, settings, kl_weight=None):
+        """`settings`: the fit's [`PosteriorFitSettings`] (its KL weight, free bits and loss reduction);
+        `kl_weight` replaces the settings' (a 0-d tensor that a CUDA graph reads)."""
         self.forward, self.batch, self.mu, self.logvar, self.optimizer = forward, batch, mu, logvar, optimizer
-        self.kl_weight, self.free_bits = kl_weight, free_bits
+        self.kl_weight = settings.kl_weight if kl_weight is None else kl_weight
+        self.free_bits, self.loss_reduction = settings.free_bits, settings.loss_reduction
         self.num_tokens = None  # scored tokens per row `(B,)`, from the last call
 
     def __call__(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, nll, kl, self.num_tokens = self.batch.negative_elbo(
-            self.forward, self.mu, self.logvar, noise, self.kl_weight, self.free_bits
+            self.forward, self.mu, self.logvar, noise, self.kl_weight, self.free_bits, self.loss_reduction
         )
         grads = torch.autograd.grad(loss, [self.mu, self.logvar])
         finite = torch.isfinite(torch.stack([loss.detach(), *(g.sum() for g in grads)])).all()
@@ -315,15 +323,19 @@ def encoder_proposal(model, batch: FitBatch) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _starting_point(model, batch, settings, noise_stream, init_mu):
-    """`(mu, logvar)` where the fit starts, float32 leaf copies: the settings' start (the prior's mean and its logvar
-    plus `init_logvar + init_logvar_noise * N(0, 1)`, or the encoder's proposal), `mu` replaced by `init_mu` if
-    given."""
+    """`(mu, logvar)` where the fit starts, float32 leaf copies: the settings' start (the prior's mean plus
+    `init_mu_noise * N(0, 1)` and its logvar plus `init_logvar + init_logvar_noise * N(0, 1)`, or the encoder's
+    proposal), `mu` replaced by `init_mu` if given."""
     jitter = noise_stream.next()  # drawn either way: the eps stream is the same for any start
+    # Drawn only when used, after the logvar jitter: a fit without it draws what it always drew.
+    mu_jitter = noise_stream.next() if settings.init_mu_noise and not settings.warm_start else None
     if settings.warm_start:
         mu, logvar = encoder_proposal(model, batch)
     else:
         prior_mu, prior_logvar = batch.prior.start(jitter.device)  # N(0, I) for the standard normal and a flow
         mu = prior_mu.expand(jitter.shape).float()
+        if mu_jitter is not None:
+            mu = mu + settings.init_mu_noise * mu_jitter
         logvar = prior_logvar + settings.init_logvar + settings.init_logvar_noise * jitter
     if init_mu is not None:
         mu = init_mu.float()
@@ -343,7 +355,8 @@ def run_fast_loop(
     shape, device, num_steps = (input_ids.shape[0], *model.config.latent_shape), input_ids.device, settings.num_steps
     generators = row_generators(seed, generator, shape[0], device)
     steps_drawn = 1 if settings.fixed_noise else num_steps
-    noise_stream = NoiseStream(shape, generators, device, num_draws=2 + min(steps_drawn, num_steps))
+    start_draws = 2 if settings.init_mu_noise and not settings.warm_start else 1
+    noise_stream = NoiseStream(shape, generators, device, num_draws=start_draws + 1 + min(steps_drawn, num_steps))
     mu, logvar = _starting_point(model, batch, settings, noise_stream, init_mu)
     start = (mu.clone(), logvar.clone())
     noise = noise_stream.next()
@@ -367,24 +380,38 @@ def run_fast_loop(
     return FastLoopState(mu, logvar, noise, list(trace.unbind(0)), batch, noise_stream, steps_taken, forward, start)
 
 
-def _leaf_adam(mu, logvar, lr: float):
-    """`(mu, logvar)` as the leaves the loop optimises, and a plain Adam over them."""
+def fast_optimizer(params, settings, lr, **options) -> torch.optim.Optimizer:
+    """The fast optimizer over `params` (`[mu, logvar]`): Adam, or AdamW when `settings.weight_decay > 0` (betas
+    0.9/0.999, eps 1e-8: torch's defaults, as in the paper's code). `options` go to the optimizer (`capturable`,
+    `foreach`); `lr` may be a float or a 0-d tensor."""
+    if settings.weight_decay:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay, **options)
+    return torch.optim.Adam(params, lr=lr, **options)
+
+
+def fast_lr_at(step: int, settings) -> float:
+    """The fast learning rate of step `step` of a fit run with `settings` ([`cosine_fast_lr`])."""
+    return cosine_fast_lr(step, settings.num_steps, settings.lr, settings.lr_min_ratio, settings.lr_schedule)
+
+
+def _leaf_optimizer(mu, logvar, settings):
+    """`(mu, logvar)` as the leaves the loop optimises, and the fast optimizer over them."""
     mu, logvar = mu.requires_grad_(True), logvar.requires_grad_(True)
-    return mu, logvar, torch.optim.Adam([mu, logvar], lr=lr)
+    return mu, logvar, fast_optimizer([mu, logvar], settings, settings.lr)
 
 
 def _begin_step(optimizer, step: int, settings, deadline) -> None:
     """Before fast step `step`: the time budget, then the step's learning rate on the cosine schedule."""
     check_deadline(deadline, step, settings.num_steps)
     for group in optimizer.param_groups:
-        group["lr"] = cosine_fast_lr(step, settings.num_steps, settings.lr, settings.lr_min_ratio)
+        group["lr"] = fast_lr_at(step, settings)
 
 
 def _run_eager(forward, batch, settings, mu, logvar, noise, noise_stream, trace, finite_steps, deadline, model):
     """The plain loop, step by step; returns the final `(mu, logvar, noise)`."""
     num_steps = settings.num_steps
-    mu, logvar, optimizer = _leaf_adam(mu, logvar, settings.lr)
-    step_fn = FastStep(forward, batch, mu, logvar, optimizer, settings.kl_weight, settings.free_bits)
+    mu, logvar, optimizer = _leaf_optimizer(mu, logvar, settings)
+    step_fn = FastStep(forward, batch, mu, logvar, optimizer, settings)
     with torch.enable_grad():
         for step in range(num_steps):
             _begin_step(optimizer, step, settings, deadline)
@@ -411,7 +438,9 @@ class FastStepGraph:
     plumbing (loading, resetting, the schedule) against the plain loop.
     """
 
-    def __init__(self, forward, batch: FitBatch, free_bits: float, autocast: torch.dtype | None, capture: bool = True):
+    def __init__(self, forward, batch: FitBatch, settings, autocast: torch.dtype | None, capture: bool = True):
+        """`settings`: the fit's [`PosteriorFitSettings`]; what the graph records of them (free bits, the loss
+        reduction, the optimizer and its weight decay) is part of the cache key of [`for_fit`]."""
         self.batch = _static_copy(batch)
         device = batch.input_ids.device
         shape = (batch.input_ids.shape[0], *forward.config.latent_shape)
@@ -421,8 +450,8 @@ class FastStepGraph:
         self.lr = torch.zeros((), device=device)
         self.kl_weight = torch.ones((), device=device)
         on_gpu = device.type == "cuda"
-        self.optimizer = torch.optim.Adam([self.mu, self.logvar], lr=self.lr, capturable=on_gpu, foreach=on_gpu)
-        self.step = FastStep(forward, self.batch, self.mu, self.logvar, self.optimizer, self.kl_weight, free_bits)
+        self.optimizer = fast_optimizer([self.mu, self.logvar], settings, self.lr, capturable=on_gpu, foreach=on_gpu)
+        self.step = FastStep(forward, self.batch, self.mu, self.logvar, self.optimizer, settings, self.kl_weight)
         self.autocast, self.graph = autocast, None
         self.elbo = self.finite = None
         if capture:
@@ -469,7 +498,8 @@ class FastStepGraph:
             return None
         autocast = autocast_dtype(device)
         key = (
-            _tensor_layout(batch), autocast, float(settings.free_bits), model.training,
+            _tensor_layout(batch), autocast, float(settings.free_bits), settings.loss_reduction,
+            float(settings.weight_decay), model.training,
             model.config._attn_implementation, _parameter_signature(model), type(forward).__name__,
         )  # fmt: skip
         graphs = FitCache.of(model).graphs
@@ -477,7 +507,7 @@ class FastStepGraph:
             graphs.move_to_end(key)
             return graphs[key]
         try:
-            graph = cls(forward, batch, float(settings.free_bits), autocast)
+            graph = cls(forward, batch, settings, autocast)
         except Exception as error:  # noqa: BLE001 - any capture failure: the eager loop computes the same thing
             logger.warning_once(f"Running the fast loop without a CUDA graph: capturing it failed ({error}).")
             return None
@@ -502,7 +532,7 @@ class FastStepGraph:
             check_deadline(deadline, step, num_steps)
             if step > 0 and not settings.fixed_noise:
                 noise = noise_stream.next()
-            self.lr.fill_(cosine_fast_lr(step, num_steps, settings.lr, settings.lr_min_ratio))
+            self.lr.fill_(fast_lr_at(step, settings))
             self.noise.copy_(noise)
             self._replay()
             trace[step].copy_(self.elbo)
@@ -562,8 +592,8 @@ def run_adaptive_fast_loop(
     active = torch.arange(batch_size, device=device)
     row_generators_left, sub_batch, tokens = generators, batch, None
     forward = LowPrecisionWeights.for_fit(model, device)
-    mu, logvar, optimizer = _leaf_adam(mu, logvar, settings.lr)
-    step_fn = FastStep(forward, sub_batch, mu, logvar, optimizer, settings.kl_weight, settings.free_bits)
+    mu, logvar, optimizer = _leaf_optimizer(mu, logvar, settings)
+    step_fn = FastStep(forward, sub_batch, mu, logvar, optimizer, settings)
     with torch.enable_grad():
         for step in range(num_steps):
             _begin_step(optimizer, step, settings, deadline)
@@ -599,8 +629,8 @@ def run_adaptive_fast_loop(
             if isinstance(generators, list):
                 row_generators_left = [row_generators_left[i] for i in keep.tolist()]
             sub_batch = batch.select(active)
-            mu, logvar, optimizer = compact_adam(optimizer, mu, logvar, keep, settings.lr)
-            step_fn = FastStep(forward, sub_batch, mu, logvar, optimizer, settings.kl_weight, settings.free_bits)
+            mu, logvar, optimizer = compact_optimizer(optimizer, mu, logvar, keep, settings)
+            step_fn = FastStep(forward, sub_batch, mu, logvar, optimizer, settings)
     if active.numel():
         mu_out[active], logvar_out[active], noise_out[active] = mu.detach(), logvar.detach(), noise
     return FastLoopState(
@@ -608,10 +638,11 @@ def run_adaptive_fast_loop(
     )
 
 
-def compact_adam(optimizer, mu, logvar, keep, lr):
-    """New leaf `(mu, logvar)` holding rows `keep`, and an Adam carrying those rows' moments and step count."""
+def compact_optimizer(optimizer, mu, logvar, keep, settings):
+    """New leaf `(mu, logvar)` holding rows `keep`, and a fast optimizer carrying those rows' moments and step
+    count."""
     new_params = [p.detach().index_select(0, keep).requires_grad_(True) for p in (mu, logvar)]
-    new_optimizer = torch.optim.Adam(new_params, lr=lr)
+    new_optimizer = fast_optimizer(new_params, settings, settings.lr)
     for old, new in zip((mu, logvar), new_params):
         state = optimizer.state.get(old)
         if state:
@@ -631,10 +662,12 @@ __all__ = [
     "LowPrecisionWeights",
     "ModelCall",
     "check_deadline",
-    "compact_adam",
+    "compact_optimizer",
     "compute_prefix",
     "cosine_fast_lr",
     "encoder_proposal",
+    "fast_lr_at",
+    "fast_optimizer",
     "relative_to_prior",
     "raise_non_finite",
     "run_adaptive_fast_loop",

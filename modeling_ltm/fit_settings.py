@@ -1,12 +1,15 @@
 """How a posterior fit runs: `PosteriorFitSettings`, with the training fast loop's and the evaluation fit's settings
 read from an `LTMConfig`.
 
-Imports only the standard library (copied next to the weights for `trust_remote_code=True`).
+Imports only the standard library and its sibling `configuration_ltm` (copied next to the weights for
+`trust_remote_code=True`).
 """
 
 import dataclasses
 import math
 from dataclasses import dataclass
+
+from .configuration_ltm import INFERENCE_LOSS_REDUCTIONS, INFERENCE_LR_SCHEDULES
 
 
 # Adaptive stopping for the evaluation fit is opt-in (`stop_tol`): measured in bench/inference_efficiency.py, it
@@ -19,9 +22,16 @@ SUGGESTED_STOP_TOL = 0.002
 
 @dataclass(frozen=True)
 class PosteriorFitSettings:
-    """How one posterior fit runs: `num_steps` Adam steps on `(mu, logvar)` from `mu = 0`,
-    `logvar = init_logvar + init_logvar_noise * N(0, 1)`, learning rate cosine-decayed from `lr` to
-    `lr * lr_min_ratio`, with one `eps` for all steps (`fixed_noise=True`) or a new one at every step.
+    """How one posterior fit runs: `num_steps` Adam steps on `(mu, logvar)` from `mu = init_mu_noise * N(0, 1)`,
+    `logvar = init_logvar + init_logvar_noise * N(0, 1)` (relative to the prior's mean and log-variance), learning rate
+    cosine-decayed from `lr` to `lr * lr_min_ratio`, with one `eps` for all steps (`fixed_noise=True`) or a new one at
+    every step.
+
+    The fast optimizer is Adam, or AdamW with `weight_decay > 0` (decoupled decay of `mu` and `logvar`); the cosine's
+    half period is `num_steps - 1` (`lr_schedule="cosine_t_minus_1"`: the last step runs at the floor) or
+    `num_steps` (`"cosine_t"`); the objective is each sequence's `(NLL + KL) / tokens` summed over sequences
+    (`loss_reduction="per_token"`) or the NLL summed over tokens and sequences plus the summed KL (`"sum"`). The
+    paper's code: AdamW with weight decay 0.01, `"cosine_t"`, `"sum"`, `init_mu_noise=0.01` (docs/fidelity.md).
 
     `select_samples > 0` (evaluation only: [`evaluate_posterior`]) reports, per sequence, the better of the fit's
     start and its last iterate, compared on that many shared `eps` draws and scored on fresh ones
@@ -76,11 +86,15 @@ class PosteriorFitSettings:
     warm_start: bool = False
     select_samples: int = 0
     score_samples: int = 1
+    init_mu_noise: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine_t_minus_1"
+    loss_reduction: str = "per_token"
 
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 0:
             raise ValueError(f"`num_steps` must be an integer >= 0, got {self.num_steps!r}.")
-        for name in ("lr", "lr_min_ratio", "init_logvar", "init_logvar_noise"):
+        for name in ("lr", "lr_min_ratio", "init_logvar", "init_logvar_noise", "init_mu_noise", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
@@ -88,8 +102,12 @@ class PosteriorFitSettings:
             raise ValueError(f"`lr` (the fast learning rate) must be > 0, got {self.lr!r}.")
         if not 0.0 < self.lr_min_ratio <= 1.0:
             raise ValueError(f"`lr_min_ratio` must be in (0, 1], got {self.lr_min_ratio!r}.")
-        if not self.init_logvar_noise >= 0:
-            raise ValueError(f"`init_logvar_noise` must be >= 0, got {self.init_logvar_noise!r}.")
+        for name in ("init_logvar_noise", "init_mu_noise", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
+        for name, choices in (("lr_schedule", INFERENCE_LR_SCHEDULES), ("loss_reduction", INFERENCE_LOSS_REDUCTIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}.")
         if not isinstance(self.fixed_noise, bool):
             raise ValueError(f"`fixed_noise` must be True or False, got {self.fixed_noise!r}.")
         if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0):
@@ -117,6 +135,10 @@ class PosteriorFitSettings:
             init_logvar=config.posterior_init_logvar,
             init_logvar_noise=config.posterior_init_logvar_noise,
             fixed_noise=config.posterior_fixed_noise,
+            init_mu_noise=config.posterior_init_mu_noise,
+            weight_decay=config.inference_weight_decay,
+            lr_schedule=config.inference_lr_schedule,
+            loss_reduction=config.inference_loss_reduction,
         )
         return base.replace(**overrides)
 
@@ -165,7 +187,16 @@ class PosteriorFitSettings:
             if self.init_logvar_noise:
                 start += f" + {self.init_logvar_noise:g}*N(0,1)"
         noise = "one fixed eps" if self.fixed_noise else "eps redrawn every step"
-        line = f"T={self.num_steps}, lr {self.lr:g} -> {self.lr * self.lr_min_ratio:g} (cosine), {start}, {noise}"
+        if self.init_mu_noise and not self.warm_start:
+            start = start.replace("mu = the prior's mean", f"mu = the prior's mean + {self.init_mu_noise:g}*N(0,1)")
+            if start.startswith("start at the prior"):
+                start += f", mu + {self.init_mu_noise:g}*N(0,1)"
+        schedule = "cosine" if self.lr_schedule == "cosine_t_minus_1" else "cosine over T steps, floor not reached"
+        line = f"T={self.num_steps}, lr {self.lr:g} -> {self.lr * self.lr_min_ratio:g} ({schedule}), {start}, {noise}"
+        if self.weight_decay:
+            line += f", AdamW (weight decay {self.weight_decay:g})"
+        if self.loss_reduction == "sum":
+            line += ", objective summed over tokens and sequences"
         if self.select_samples:
             line += f", the better of start and fit kept per sequence ({self.select_samples} shared draws)"
         if self.stop_tol is not None:
@@ -176,4 +207,9 @@ class PosteriorFitSettings:
         return line
 
 
-__all__ = ["EVAL_STOP_TOL", "EVAL_STOP_WINDOW", "SUGGESTED_STOP_TOL", "PosteriorFitSettings"]
+__all__ = [
+    "EVAL_STOP_TOL",
+    "EVAL_STOP_WINDOW",
+    "SUGGESTED_STOP_TOL",
+    "PosteriorFitSettings",
+]

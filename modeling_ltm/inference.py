@@ -75,6 +75,8 @@ class PosteriorOutput:
             Fast steps each row actually took (fewer than `num_steps` for rows stopped by adaptive stopping).
         initial_mu, initial_logvar (`torch.FloatTensor`, same shape as `mu`, *optional*):
             Where the fit started (the evaluation's selection rule may report that instead of the last iterate).
+        fit_noise (`torch.FloatTensor`, same shape as `mu`, *optional*):
+            The `eps` of the fast loop's last step (its only one with fixed noise); `fit_sample` is `q`'s draw at it.
     """
 
     mu: torch.Tensor
@@ -88,6 +90,13 @@ class PosteriorOutput:
     num_steps_taken: torch.Tensor | None = None
     initial_mu: torch.Tensor | None = None
     initial_logvar: torch.Tensor | None = None
+    fit_noise: torch.Tensor | None = None
+
+    @property
+    def fit_sample(self) -> torch.Tensor:
+        """`mu + exp(logvar / 2) * fit_noise`: the draw at the `eps` the fast loop optimised against (what the paper's
+        code decodes with in the slow step), same shape as `mu`."""
+        return self.mu + torch.exp(0.5 * self.logvar) * self.fit_noise
 
     @property
     def elbo_gain(self) -> torch.Tensor:
@@ -242,6 +251,7 @@ def _fit(
         model, input_ids, attention_mask, labels, settings, seed, generator, init_mu, prefix, deadline
     )
     mu, logvar, noise = state.mu, state.logvar, state.noise
+    fit_noise = noise
     with torch.no_grad():
         if settings.num_steps > 0:
             # Score the fitted q at a fresh draw: the loop's own `eps` is the one point it optimised against, so an
@@ -271,6 +281,7 @@ def _fit(
         num_steps_taken=state.num_steps_taken,
         initial_mu=state.start[0].expand_as(mu),
         initial_logvar=state.start[1].expand_as(logvar),
+        fit_noise=fit_noise,
     )
 
 

@@ -184,11 +184,14 @@ def negative_elbo(
     kl_weight: float | torch.Tensor = 1.0,
     free_bits: float = 0.0,
     prior=None,
+    loss_reduction: str = "per_token",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fast loop's objective and its parts at `z = mu + exp(logvar / 2) * noise`.
 
-    Returns `(loss, nll, kl, num_tokens)`: `loss` is the scalar `sum_i (nll_i + kl_weight * kl'_i) / num_tokens_i`,
-    so each sequence's `(mu_i, logvar_i)` gets the gradient of its own per-token objective, whatever the batch.
+    Returns `(loss, nll, kl, num_tokens)`: `loss` is the scalar `sum_i (nll_i + kl_weight * kl'_i) / num_tokens_i`
+    (`loss_reduction="per_token"`), so each sequence's `(mu_i, logvar_i)` gets the gradient of its own per-token
+    objective, whatever the batch; or `sum_i (nll_i + kl_weight * kl'_i)` (`"sum"`: the paper's code, NLL summed
+    over tokens and sequences plus the summed KL), the same gradient times `num_tokens_i`.
     With the defaults (`kl_weight=1`, `free_bits=0`) `kl'` is the KL and the loss is the negative ELBO.
     `prefix`: as in [`sequence_nll`].
 
@@ -211,7 +214,10 @@ def negative_elbo(
     penalty = kl
     if free_bits > 0:
         penalty = prior.kl_per_dimension(mu, logvar).clamp(min=free_bits).sum(-1)
-    loss = ((nll + kl_weight * penalty) / num_tokens.clamp(min=1)).sum()
+    objective = nll + kl_weight * penalty
+    if loss_reduction == "per_token":
+        objective = objective / num_tokens.clamp(min=1)
+    loss = objective.sum()
     return loss, nll, kl, num_tokens
 
 

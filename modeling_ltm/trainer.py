@@ -6,12 +6,15 @@ Each micro-batch of a training step runs
    on `(mu, logvar)` only, on the *unwrapped* model (`accelerator.unwrap_model`): no weight gradient, no DDP hook, no
    graph kept across steps;
 2. **slow learning** - exactly one forward/backward of the *wrapped* model, `model(input_ids, attention_mask,
-   latents=z, labels=labels)`, whose loss is `-log p(x|z)` in nats per token (no KL: the KL does not depend on the
-   decoder weights).
+   latents=z, labels=labels)`, whose loss is `-log p(x|z)` in nats per token, at a fresh draw `z ~ q` or, with
+   `slow_step_noise="fast_loop"` (the paper's code), at the fast loop's own `eps`. The loss back-propagated and
+   logged as `loss` adds the ELBO's terms of other trained weights (`compute_loss`): a learned prior's
+   `KL(q || p_psi)` (then `loss = nll_per_token + kl_per_token`); none for the standard normal, whose KL depends on
+   no trained weight (`loss = nll_per_token`); with `posterior_warm_start`, the encoder's term.
 
 Everything else is `Trainer`'s: gradient accumulation, clipping, mixed precision, LR schedules, logging,
-checkpointing, callbacks, `report_to`, DDP. Besides Trainer's `loss` (the NLL given `z`), every logging step reports,
-token-weighted over all processes and over the steps since the previous log:
+checkpointing, callbacks, `report_to`, DDP. Besides Trainer's `loss` (the NLL given `z`, plus the terms above), every
+logging step reports, token-weighted over all processes and over the steps since the previous log:
 
 - `nll_per_token`: `-log p(x|z)` at the fitted posterior's sample, nats per token;
 - `kl_per_token`: `KL(q || p)`, nats per token;
@@ -116,7 +119,16 @@ class LTMTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Fast learning rate at the last training step: the fast lr moves linearly from `inference_lr` to "
-            "this value over `max_steps` (the paper's code goes 0.3 -> 0.34). None keeps it constant."
+            "this value over `max_steps`. None keeps it constant (the paper's code: its 0.3 -> 0.34 ramp is "
+            "overwritten inside its fast loop by the constant `fast_lr` 0.34, docs/fidelity.md)."
+        },
+    )
+    slow_step_noise: str = field(
+        default="fresh",
+        metadata={
+            "help": "The z the slow (decoder) step decodes with: `mu + exp(logvar / 2) * eps` with a fresh `eps` "
+            "(\"fresh\") or with the fast loop's own `eps` (\"fast_loop\", the paper's code).",
+            "choices": ["fresh", "fast_loop"],
         },
     )
     kl_warmup_steps: int = field(
@@ -193,6 +205,8 @@ class LTMTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"`{name}` (a fast learning rate) must be > 0 or None, got {value!r}.")
+        if self.slow_step_noise not in ("fresh", "fast_loop"):
+            raise ValueError(f'`slow_step_noise` must be "fresh" or "fast_loop", got {self.slow_step_noise!r}.')
         value = self.kl_warmup_steps
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"`kl_warmup_steps` must be an integer >= 0 (0 = no warm-up), got {value!r}.")
@@ -483,7 +497,8 @@ class LTMTrainer(Trainer):
             encoder_error = 0.5 * (encoder_mu - posterior.mu).pow(2).flatten(1).sum(-1)
         self._record_train_stats(posterior, lr, encoder_error)
 
-        inputs = {**inputs, "latents": posterior.z, "use_cache": False}
+        latents = posterior.fit_sample if getattr(self.args, "slow_step_noise", "fresh") == "fast_loop" else posterior.z
+        inputs = {**inputs, "latents": latents, "use_cache": False}
         loss = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )

@@ -59,7 +59,7 @@ def emulated_graphs(monkeypatch):
     def for_fit(model, forward, batch, settings):
         key = fast_loop._tensor_layout(batch)
         if key not in runners:
-            runners[key] = FastStepGraph(forward, batch, float(settings.free_bits), None, capture=False)
+            runners[key] = FastStepGraph(forward, batch, settings, None, capture=False)
         return runners[key]
 
     monkeypatch.setattr(FastStepGraph, "for_fit", staticmethod(for_fit))

@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from .errors import NonFiniteWeightsError
 from .inference import fit_posterior
-from .randomness import row_generators, standard_normal
+from .randomness import row_content_seeds, row_generators, standard_normal
 from .weight_checks import check_finite_weights, latent_prior_of
 
 
@@ -35,6 +35,10 @@ logger = logging.get_logger(__name__)
 
 # Used when neither generate(), the generation config nor the model config says otherwise (GenerationConfig's own).
 _DEFAULT_MAX_LENGTH = 20
+# Base seed and purpose tag of the content seeds (`randomness.content_seed`) of a fit on the prompt when decoding is
+# deterministic (`do_sample=False`) and no seed or generator is given: each row's seed comes from its own tokens.
+GENERATE_CONTENT_SEED = 0
+GENERATE_SEED_PURPOSE = "generate"
 
 
 class LTMGenerationConfig(GenerationConfig):
@@ -141,7 +145,10 @@ class LTMGenerationMixin(GenerationMixin):
       `num_inference_steps` fast Adam steps at `inference_lr` (see [`inference.fit_posterior`]); decoding uses its
       sample `z = mu + sigma * eps` (`PosteriorOutput.z`, a fresh draw from the fitted posterior). Padding in
       `attention_mask` is honoured, and each row is fitted with its own seed, so a row of a left-padded batch gets the
-      latents it would get alone.
+      latents it would get alone. Without `inference_seed` / `inference_generator`, deterministic decoding
+      (`do_sample=False`: greedy, beam search) seeds each row's fit from the row's own (unpadded) tokens, so the same
+      prompt gives the same text on every call, alone or in any batch; sampling draws the fit's seed from torch's
+      global RNG (see `generate`'s `inference_seed`).
     - `latents="prior"`, or no prompt at all (`inputs=None`, or an empty prompt of shape `(batch, 0)`):
       `z` from the model's prior (`config.prior_type`; its standard normal draws scaled by `latent_temperature`:
       `N(0, latent_temperature^2 I)` for the paper's prior), i.e. unconditional generation. With no prompt, decoding starts from
@@ -182,8 +189,19 @@ class LTMGenerationMixin(GenerationMixin):
             inference_seed (`int` or `list[int]`, *optional*):
                 Seed of the latents' noise. Posterior fit: an int seeds every row alike (a row's latents do not
                 depend on its batch), a list one seed per row. Prior samples: an int seeds one generator for the
-                batch, a list each row. Neither this nor `inference_generator`: a seed from torch's global RNG (so
-                `transformers.set_seed(...)` makes the call reproducible).
+                batch, a list each row. Neither this nor `inference_generator`:
+
+                - posterior fit with `do_sample=False` (greedy, beam search): each row's seed is a hash of its
+                  unpadded prompt tokens (`randomness.content_seed`, as `ltm eval` seeds its fits), so decoding is
+                  deterministic: the same prompt gives the same text on every call, and a left-padded batch gives
+                  each row what that prompt gives alone;
+                - posterior fit with `do_sample=True`, and prior samples (`latents="prior"`, no prompt): a seed from
+                  torch's global RNG, the RNG that transformers' token sampling uses too (`transformers.set_seed(...)`
+                  makes the call reproducible). Sampling is a draw from the model given the prompt, and `z` is part of
+                  that draw: two sampled calls differ in both `z` and the tokens, and a fixed `z` per prompt would
+                  narrow the samples to one posterior draw.
+
+                An explicit `inference_seed` or `inference_generator` always wins.
             inference_generator (`torch.Generator`, *optional*):
                 A generator for that noise, instead of `inference_seed` (rows then depend on the batch).
             kwargs:
@@ -226,6 +244,11 @@ class LTMGenerationMixin(GenerationMixin):
                 "Generating without a prompt starts from the BOS token, but no `bos_token_id` is set. Pass "
                 "`bos_token_id=...` (or set `model.generation_config.bos_token_id`), or give a prompt."
             )
+        if inference_seed is None and inference_generator is None and latents is None and prompt is not None:
+            if not settings.do_sample:  # deterministic decoding: the fit's noise seeded by each row's own tokens
+                inference_seed = row_content_seeds(
+                    GENERATE_CONTENT_SEED, prompt, kwargs.get("attention_mask"), GENERATE_SEED_PURPOSE
+                )
         latents = self._settle_latents(
             latents, prompt, kwargs, settings, batch_size, inference_seed, inference_generator
         )

@@ -27,6 +27,18 @@ def content_seed(base_seed: int, tokens: Sequence[int], purpose: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def row_content_seeds(
+    base_seed: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, purpose: str
+) -> list[int]:
+    """`content_seed` of each row of a (padded) `(batch, length)` batch, from the row's real tokens only (those where
+    `attention_mask` is 1), so a row of a padded batch gets the seed it gets alone. One host read of the batch."""
+    rows = input_ids.tolist()
+    if attention_mask is not None:
+        masks = attention_mask.bool().tolist()
+        rows = [[token for token, real in zip(row, mask) if real] for row, mask in zip(rows, masks)]
+    return [content_seed(base_seed, row, purpose) for row in rows]
+
+
 def row_generators(
     seed: int | Sequence[int] | None,
     generator: torch.Generator | None,
@@ -122,6 +134,7 @@ __all__ = [
     "content_seed",
     "derived_seed",
     "importance_seed",
+    "row_content_seeds",
     "row_generators",
     "standard_normal",
 ]

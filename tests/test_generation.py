@@ -14,6 +14,7 @@ from modeling_ltm import LTMForCausalLM
 from modeling_ltm.generate_cli import main as generate_main
 from modeling_ltm.generation_ltm import LTMGenerationConfig
 from modeling_ltm.modeling_ltm import LTMCrossAttention
+from modeling_ltm.randomness import content_seed
 
 
 # A larger init than the default 0.02 so greedy decoding of a random model does not repeat one token: equality
@@ -212,6 +213,93 @@ def test_fixed_seed_gives_the_same_sample():
     assert torch.equal(runs[0], runs[1])
     torch.manual_seed(124)
     assert not torch.equal(runs[0], model.generate(prompt, **kwargs))
+
+
+# --- deterministic decoding by default (issue 30, item 3) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("decoding", [dict(), dict(num_beams=3)])
+def test_greedy_decoding_is_the_same_on_every_call(decoding):
+    """No seed given: `do_sample=False` seeds the fit from the prompt's tokens, not from torch's global RNG, so two
+    calls (with the global RNG anywhere) give the same latents and the same text."""
+    model = make_model()
+    prompt = random_prompt(8, batch=2)
+    recorder = ForwardRecorder(model)
+    runs, decoded = [], []
+    for global_seed in (1, 2):
+        recorder.latents.clear()
+        torch.manual_seed(global_seed)
+        runs.append(model.generate(prompt, max_new_tokens=12, do_sample=False, **decoding))
+        decoded.append(recorder.latents[-1])  # a decoding step's latents: the fitted z, expanded for beams
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(decoded[0], decoded[1])
+    # The seed is a hash of each row's tokens, as `ltm eval` seeds its fits (one helper, `randomness.content_seed`).
+    seeds = [
+        content_seed(generation_ltm.GENERATE_CONTENT_SEED, row.tolist(), generation_ltm.GENERATE_SEED_PURPOSE)
+        for row in prompt
+    ]
+    torch.testing.assert_close(decoded[0][:: decoding.get("num_beams", 1)], model.infer_latents(prompt, seed=seeds).z)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_equals_its_rows_without_a_seed(use_cache):
+    """Each row's content seed comes from its unpadded tokens: a left-padded batch gives every row the text that row
+    gives alone."""
+    model = make_model()
+    prompts = [random_prompt(5, seed=11), random_prompt(12, seed=12), random_prompt(9, seed=13)]
+    input_ids, attention_mask = left_pad(prompts)
+    kwargs = dict(max_new_tokens=14, do_sample=False, use_cache=use_cache, pad_token_id=0)
+    batch = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt, **kwargs)
+        assert torch.equal(batch[row, input_ids.shape[1] :], alone[0, prompt.shape[1] :])
+
+
+def test_an_explicit_seed_or_generator_wins_over_the_content_seed():
+    model = make_model()
+    prompt = random_prompt(8)
+    recorder = ForwardRecorder(model)
+
+    def fitted(**seeding):
+        recorder.latents.clear()
+        model.generate(prompt, max_new_tokens=2, do_sample=False, **seeding)
+        return recorder.latents[-1]
+
+    by_content = fitted()
+    assert not torch.equal(fitted(inference_seed=7), by_content)
+    torch.testing.assert_close(fitted(inference_seed=7), model.infer_latents(prompt, seed=[7]).z)
+    generated = fitted(inference_generator=torch.Generator().manual_seed(7))
+    assert not torch.equal(generated, by_content)
+    torch.testing.assert_close(generated, model.infer_latents(prompt, generator=torch.Generator().manual_seed(7)).z)
+
+
+def test_sampling_draws_the_fit_from_the_global_rng():
+    """`do_sample=True` keeps transformers' rule: the whole call (fit noise and tokens) follows torch's global RNG,
+    so two sampled calls differ in `z` too, and `torch.manual_seed` reproduces a call."""
+    model = make_model()
+    prompt = random_prompt(8)
+    recorder = ForwardRecorder(model)
+    fits = []
+    for global_seed in (5, 6, 5):
+        recorder.latents.clear()
+        torch.manual_seed(global_seed)
+        model.generate(prompt, max_new_tokens=2, do_sample=True)
+        fits.append(recorder.latents[-1])
+    assert not torch.equal(fits[0], fits[1])
+    assert torch.equal(fits[0], fits[2])
+
+
+def test_text_generation_pipeline_greedy_is_deterministic(text_model, tokenizer):
+    generator = pipeline("text-generation", model=text_model, tokenizer=tokenizer)
+    prompts = ["ROMEO:", "Shall I compare thee to a summer's day?"]
+    kwargs = dict(max_new_tokens=8, do_sample=False, num_inference_steps=3, return_full_text=False)
+    torch.manual_seed(1)
+    first = generator(prompts, batch_size=2, **kwargs)
+    torch.manual_seed(2)
+    second = generator(prompts, batch_size=2, **kwargs)
+    assert first == second
+    alone = [generator(prompt, **kwargs) for prompt in prompts]  # batched (left-padded) = one prompt at a time
+    assert first == alone
 
 
 def test_generation_config_defaults_for_inference(monkeypatch, tmp_path):

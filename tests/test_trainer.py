@@ -91,6 +91,53 @@ def test_training_lowers_heldout_elbo_perplexity_and_logs_fast_metrics(tmp_path,
     assert logs[-1]["inference_lr"] == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize("prior_type", ["standard_normal", "diagonal_gaussian", "flow"])
+def test_logged_loss_is_the_nll_plus_the_learned_priors_kl(tmp_path, tiny_shakespeare_path, prior_type):
+    """docs/training.md: the logged `loss` is the decoder's NLL given `z` plus the ELBO's prior term when the prior
+    is learned (`LTMTrainer._prior_term`): `loss = nll_per_token + kl_per_token`, the negative ELBO per token; with
+    the standard normal (nothing to train in the KL) `loss = nll_per_token`."""
+    trainer = LTMTrainer(
+        model=byte_model(prior_type=prior_type),
+        args=make_args(tmp_path, max_steps=3, per_device_train_batch_size=4),
+        train_dataset=byte_blocks(tiny_shakespeare_path, 32, 12),
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["kl_per_token"] > 0.1  # a KL that an equality up to float tolerance could not miss
+        prior_term = 0.0 if prior_type == "standard_normal" else entry["kl_per_token"]
+        assert entry["loss"] == pytest.approx(entry["nll_per_token"] + prior_term, rel=1e-5), entry
+
+
+def readme_python_block(containing: str) -> str:
+    """The README's ```python block that contains `containing`."""
+    from conftest import REPO_ROOT
+
+    blocks = (REPO_ROOT / "README.md").read_text().split("```python\n")[1:]
+    (block,) = [code for code in (b.split("```")[0] for b in blocks) if containing in code]
+    return block
+
+
+def test_readme_training_example_runs_on_a_cpu(tmp_path, tiny_shakespeare_path, monkeypatch):
+    """The README's "Train in Python" code, run as written (with its `model`, `train_blocks`, `heldout_blocks` made
+    tiny here) on this machine's CPU; only `max_steps` is lowered to keep the test short."""
+    code = readme_python_block("LTMTrainingArguments(")
+    assert "max_steps=300" in code
+    code = code.replace("max_steps=300", "max_steps=4")
+    monkeypatch.chdir(tmp_path)  # the example writes to runs/ltm
+    namespace = dict(
+        model=byte_model(),
+        train_blocks=byte_blocks(tiny_shakespeare_path, 32, 16),
+        heldout_blocks=heldout_blocks(tiny_shakespeare_path, 32, 4),
+    )
+    exec(compile(code, "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 4
+    assert trainer.args.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert math.isfinite(trainer.state.log_history[-1]["eval_iw_ppl"])
+
+
 def test_evaluate_reports_bounds_and_follows_inference_steps(tmp_path, tiny_shakespeare_path):
     # A model whose logits depend on z (larger init): evaluation starts at the prior (inference_steps=0 scores
     # q = p(z)), which fitting can only beat where z carries information about the text.

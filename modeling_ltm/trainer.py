@@ -373,7 +373,8 @@ class LTMTrainer(Trainer):
 
     def inference_lr_at(self, step: int) -> float:
         """The fast learning rate at optimizer step `step`: linear from `inference_lr` (step 0) to `inference_lr_end`
-        (step `max_steps - 1`), constant when `inference_lr_end` is None, as in the paper's code."""
+        (step `max_steps - 1`), constant when `inference_lr_end` is None (in effect the paper's code: its ramp is
+        overwritten by a constant peak inside its fast loop)."""
         start = getattr(self.args, "inference_lr", None)
         start = self._model_config().inference_lr if start is None else start
         return self._linear_in_training(step, start, "inference_lr_end")

@@ -186,3 +186,10 @@ def test_each_paper_preset_has_a_learned_prior_variant_of_its_honest_one(name):
     assert prior_name in readme_table(), f"{prior_name} has no row in configuration/README.md"
     recipes = CONFIG_DIR / "recipes"
     assert (recipes / prior_name).read_text() == (recipes / honest_name).read_text()
+
+
+def test_converted_checkpoints_get_the_presets_fast_loop():
+    """`ltm convert-original` writes the same paper fast loop into a converted model's config as the presets hold."""
+    from modeling_ltm.convert_original import PAPER_FAST_LOOP
+
+    assert PAPER_FAST_LOOP == {name: AUTHORS_FAST_LOOP[name] for name in PAPER_FAST_LOOP}

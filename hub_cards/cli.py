@@ -25,10 +25,19 @@ def _export_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="lm-eval results JSON (or a folder with results*.json) for the card; repeatable",
     )
-    parser.add_argument("--repo-id", help="Hub repository the folder is for (the card's usage snippet loads from it)")
+    parser.add_argument(
+        "--repo-id",
+        help="Hub repository the folder is for (the card's usage code loads from it). Without it the card names a "
+        "marked placeholder, which `ltm push` replaces with the repository it pushes to",
+    )
     parser.add_argument("--model-name", help="card title (default: last part of --repo-id)")
     parser.add_argument(
-        "--dataset", action="append", dest="datasets", metavar="ID", help="training dataset Hub id; repeatable"
+        "--dataset",
+        action="append",
+        dest="datasets",
+        metavar="ID",
+        help="training dataset Hub id for the card's metadata; repeatable (default: the Hub dataset `ltm train` "
+        "recorded, if any)",
     )
     parser.add_argument("--eval-dataset-name", help="name of the split the trainer evaluated on")
     parser.add_argument("--license", default="apache-2.0", help="license of the weights (default: apache-2.0)")

@@ -246,9 +246,30 @@ def read_training_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
     trained_tokens = state.get("num_input_tokens_seen") or train_results.get("train_tokens")  # `ltm train` logs it
     if trained_tokens:
         hyperparameters["trained_tokens"] = trained_tokens
+    # Trainer's `train_loss` is the mean over the run; the last value logged is what the model ended at.
+    logged = [entry for entry in state.get("log_history", []) if isinstance(entry.get("loss"), (int, float))]
+    if logged:
+        hyperparameters["final_train_loss"] = logged[-1]["loss"]
+        hyperparameters["final_train_loss_step"] = logged[-1].get("step")
     if isinstance(train_results.get("train_loss"), (int, float)):
-        hyperparameters["final_train_loss"] = train_results["train_loss"]
-    return hyperparameters
+        hyperparameters["mean_train_loss"] = train_results["train_loss"]
+    return {name: value for name, value in hyperparameters.items() if value is not None}
+
+
+# What `ltm train` records about its data, in the run folder and in every checkpoint (`train_cli.DATA_RECORD_NAME`).
+DATA_RECORD_NAME = "ltm_train_data.json"
+
+
+def read_training_data(checkpoint: str | Path) -> tuple[str | None, str | None]:
+    """`(corpus in words, Hub dataset id or None)` as `ltm train` recorded them (`ltm_train_data.json` of the run
+    folder, or of a checkpoint-N and then its run folder); `(None, None)` when nothing was recorded."""
+    checkpoint = Path(checkpoint)
+    for folder in (checkpoint, checkpoint.parent) if _is_checkpoint_n(checkpoint) else (checkpoint,):
+        record = _read_json(folder / DATA_RECORD_NAME)
+        if record and isinstance(record.get("corpus"), str):
+            hub_dataset = record.get("hub_dataset")
+            return record["corpus"], hub_dataset if isinstance(hub_dataset, str) else None
+    return None, None
 
 
 def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None, max_length: int):
@@ -347,11 +368,14 @@ def export_for_hub(
         tokenizer: tokenizer folder or Hub id, when the checkpoint has none.
         lm_eval_results: lm-eval results JSON files (or folders holding `results*.json`) for the card's
             `model-index`.
-        repo_id: the Hub repository the folder is meant for; the card's usage snippet loads from it. Defaults to
-            the absolute path of `output_dir` (so the snippet runs locally).
+        repo_id: the Hub repository the folder is meant for; the card's usage snippet loads from it. Without it,
+            the card names a marked placeholder (`card.REPO_ID_PLACEHOLDER`), never a local path, and `ltm push`
+            writes the repository id in its place.
         model_name: card title and `model-index` name (defaults to the last part of `repo_id`, else the name of
             the training run's folder).
-        datasets: Hub ids (or names) of the training data for the card's metadata.
+        datasets: Hub ids of the training data for the card's metadata. Default: the Hub dataset `ltm train`
+            recorded (`ltm_train_data.json`), if it trained on one; the corpus it recorded is named on the card
+            either way.
         eval_dataset_name: name of the split the trainer evaluated on (defaults to the first dataset or
             "held-out split").
         license: the weights' license identifier for the card.
@@ -400,7 +424,9 @@ def export_for_hub(
 
     default_name = (repo_id or str(checkpoint.parent if _is_checkpoint_n(checkpoint) else checkpoint)).rstrip("/")
     default_name = default_name.split("/")[-1]
-    repo_id = repo_id or str(output_dir)
+    training_data, hub_dataset = read_training_data(checkpoint)
+    if not datasets and hub_dataset is not None:
+        datasets = [hub_dataset]
     eval_name = eval_dataset_name or (datasets[0] if datasets else "held-out split")
     eval_metrics = read_trainer_eval_metrics(checkpoint)
     hyperparameters = read_training_hyperparameters(checkpoint)
@@ -418,6 +444,7 @@ def export_for_hub(
         hyperparameters=hyperparameters,
         datasets=datasets,
         license=license,
+        training_data=training_data,
     )
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -451,5 +478,6 @@ __all__ = [
     "hub_generation_config",
     "read_pickled_training_args",
     "read_trainer_eval_metrics",
+    "read_training_data",
     "read_training_hyperparameters",
 ]

@@ -1,14 +1,17 @@
 """Upload an exported LTM folder to the Hugging Face Hub (`HfApi.create_repo` + `HfApi.upload_folder`).
 
-The folder is uploaded as it is: nothing is written into it (the card was saved there by the export), so a failed
-push leaves it unchanged. Every request has a network timeout (`modeling_ltm.cli_errors.bound_hub_requests`,
-`LTM_HUB_TIMEOUT` seconds): an endpoint that does not answer ends the push with an error naming it.
+The folder is uploaded as it is, with one exception: a card exported without `--repo-id` names a marked placeholder
+(`card.REPO_ID_PLACEHOLDER`), and the push writes the repository id in its place first (a card exported for another
+repository is refused). A push that fails leaves the folder unchanged. Every request has a network timeout
+(`modeling_ltm.cli_errors.bound_hub_requests`, `LTM_HUB_TIMEOUT` seconds): an endpoint that does not answer ends
+the push with an error naming it.
 `model.push_to_hub(...)` (transformers' own) uploads the same weights, config, remote code and generation config, and
 keeps the card already on the Hub.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
@@ -23,6 +26,8 @@ from modeling_ltm.cli_errors import (
     check_model_folder,
     hub_requests_bounded,
 )
+
+from .card import REPO_ID_PLACEHOLDER, fill_in_repo_id
 
 
 logger = logging.get_logger(__name__)
@@ -61,6 +66,16 @@ def check_export_folder(folder: str | Path) -> Path:
     return folder
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename (a reader sees the old file or the new one)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -83,8 +98,8 @@ def push_folder(
         api: the `HfApi` client to use (tests inject one).
 
     Raises:
-        ValueError: the folder is not an export folder, a file in it is damaged, its weights hold NaN/inf, or
-            `repo_id` is malformed.
+        ValueError: the folder is not an export folder, a file in it is damaged, its weights hold NaN/inf,
+            `repo_id` is malformed, or the folder's card was exported for another repository.
         HubPushError: no token, offline mode, or the Hub refused the request.
     """
     folder = check_export_folder(folder)
@@ -92,6 +107,12 @@ def push_folder(
         validate_repo_id(repo_id)
     except hub_errors.HFValidationError as error:
         raise ValueError(f"Invalid repo_id {repo_id!r}: {error} Use the form 'user/name' or 'org/name'.") from error
+    card_text = (folder / "README.md").read_text(encoding="utf-8")
+    if REPO_ID_PLACEHOLDER not in card_text and f'"{repo_id}"' not in card_text:
+        raise ValueError(
+            f"The model card in {folder} was exported for another repository (its usage code does not load "
+            f"{repo_id}); re-export it with `ltm export <checkpoint> {folder} --repo-id {repo_id} --overwrite`."
+        )
     token = token or get_token()
     if not token:
         raise HubPushError(f"No Hugging Face token found to push to {repo_id}: {TOKEN_HELP}.")
@@ -99,12 +120,23 @@ def push_folder(
         raise HubPushError(
             f"Cannot push to {repo_id}: HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) is set; unset it to reach the Hub."
         )
-    if repo_id not in (folder / "README.md").read_text(encoding="utf-8"):
-        logger.warning(
-            f"The model card in {folder} does not mention {repo_id}: its usage snippet loads another path. "
-            f"Re-export with `ltm export <checkpoint> {folder} --repo-id {repo_id} --overwrite` to fix it."
-        )
 
+    filled = REPO_ID_PLACEHOLDER in card_text
+    if filled:  # the card's code and commands load from the repository pushed to (put back if the push fails)
+        write_text_atomically(folder / "README.md", fill_in_repo_id(card_text, repo_id))
+    try:
+        commit = _upload(folder, repo_id, api, private, revision, commit_message, token)
+    except BaseException:
+        if filled:
+            write_text_atomically(folder / "README.md", card_text)
+        raise
+    if filled:
+        logger.warning(f"Wrote {repo_id} into the model card of {folder} in place of {REPO_ID_PLACEHOLDER}.")
+    return str(getattr(commit, "commit_url", None) or commit)
+
+
+def _upload(folder: Path, repo_id: str, api, private, revision, commit_message, token):
+    """`create_repo` (+ `create_branch`) and `upload_folder`, with the Hub's errors as `HubPushError`s."""
     if not hub_requests_bounded():  # `ltm push` bounds them already; a Python caller gets the same timeouts
         bound_hub_requests()
     api = api or HfApi()
@@ -139,7 +171,7 @@ def push_folder(
             f"Pushing {folder} to {repo_id} at {endpoint} failed ({type(error).__name__}: {error}). Check the network "
             "connection (or a proxy via HTTPS_PROXY) and that the token may write to that repository."
         ) from error
-    return str(getattr(commit, "commit_url", None) or commit)
+    return commit
 
 
 __all__ = ["HubPushError", "check_export_folder", "push_folder"]

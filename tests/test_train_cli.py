@@ -63,6 +63,9 @@ def test_ltm_train_writes_model_tokenizer_and_results(setup, capsys):
         "modeling_ltm.py",
     ):
         assert (out / name).is_file(), name
+    # What it trained on, for `ltm export`'s card: in words, with the file's name and no local path.
+    record = json.loads((out / "ltm_train_data.json").read_text())
+    assert (record["corpus"], record["hub_dataset"]) == ("the local file(s) slice.txt", None)
     train_results = json.loads((out / "train_results.json").read_text())
     eval_results = json.loads((out / "eval_results.json").read_text())
     assert train_results["train_tokens"] == 3 * 4 * 32 and train_results["train_tokens_per_second"] > 0
@@ -230,3 +233,122 @@ def test_ltm_train_under_torchrun_tokenizes_on_the_main_process_first(setup):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+# ---- run_clm.py's data options: streaming, train/validation files, builders from extensions, pre-tokenized data --
+
+
+def _documents(corpus, n: int = 120) -> list[str]:
+    """The slice cut into `n` documents (paragraph-sized pieces), for structured files."""
+    text = corpus.read_text(encoding="utf-8")
+    size = len(text) // n
+    return [text[i * size : (i + 1) * size] for i in range(n)]
+
+
+def test_streaming_trains_a_few_steps_on_a_local_jsonl_through_an_iterable_dataset(setup, monkeypatch, capsys):
+    from datasets import IterableDataset
+
+    from modeling_ltm import train_cli
+
+    preset, corpus, tmp_path = setup
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": doc, "id": i}) for i, doc in enumerate(_documents(corpus))))
+    seen = []
+
+    class RecordingTrainer(train_cli.LTMTrainer):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["train_dataset"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train_cli, "LTMTrainer", RecordingTrainer)
+    out = tmp_path / "streamed"
+    argv = ["train", "--config", str(preset), "--dataset_name", str(jsonl), "--streaming", "--cache_dir",
+            str(tmp_path / "hf"), *FAST_FLAGS, "--sample_max_new_tokens", "0", "--output_dir", str(out)]  # fmt: skip
+    assert ltm_main(argv) == 0
+    (train_dataset,) = seen
+    assert isinstance(train_dataset, IterableDataset)
+    first = next(iter(train_dataset))
+    assert list(first) == ["input_ids"] and len(first["input_ids"]) == TINY_PRESET["max_position_embeddings"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    record = json.loads((out / "ltm_train_data.json").read_text())
+    assert record["streaming"] is True and record["corpus"] == "the local file(s) corpus.jsonl, streamed"
+    assert "a stream of training blocks" in capsys.readouterr().out
+    # Streaming has no length: --max_steps is required, as in run_clm.py.
+    no_steps = [a for a in argv if a != "--output_dir" and a != str(out)]
+    no_steps[no_steps.index("--max_steps") + 1] = "-1"
+    assert ltm_main([*no_steps, "--output_dir", str(tmp_path / "no-steps")]) == 2
+    assert "--streaming needs --max_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", ["input_ids_jsonl", "save_to_disk"])
+def test_pretokenized_data_trains_on_its_token_ids(setup, form):
+    from datasets import Dataset
+
+    preset, corpus, tmp_path = setup
+    documents = _documents(corpus)
+    tokenizer = data.train_tokenizer(Dataset.from_dict({"text": documents}), vocab_size=300)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    rows = [tokenizer(doc, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for doc in documents]
+    if form == "input_ids_jsonl":
+        source = tmp_path / "tokens.jsonl"
+        source.write_text("\n".join(json.dumps({"input_ids": ids}) for ids in rows))
+    else:
+        source = tmp_path / "tokens"
+        Dataset.from_dict({"input_ids": rows}).save_to_disk(str(source))
+    out = tmp_path / "pretokenized"
+    argv = ["train", "--config", str(preset), "--dataset", str(source), "--cache_dir", str(tmp_path / "hf"),
+            *FAST_FLAGS, "--sample_max_new_tokens", "0", "--output_dir", str(out)]  # fmt: skip
+    assert ltm_main(argv) == 2  # token ids need the tokenizer that made them
+    assert ltm_main([*argv, "--tokenizer", str(tmp_path / "tokenizer"), "--overwrite_output_dir"]) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == tokenizer.get_vocab()
+
+
+def test_jsonl_trains_on_its_text_column_and_a_non_text_column_is_a_one_line_error(setup, capsys):
+    preset, corpus, tmp_path = setup
+    documents = _documents(corpus)
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("\n".join(json.dumps({"content": doc, "id": i}) for i, doc in enumerate(documents[:100])))
+    held_out.write_text("\n".join(json.dumps({"content": doc, "id": i}) for i, doc in enumerate(documents[100:])))
+    out = tmp_path / "files"
+    argv = ["train", "--config", str(preset), "--train_file", str(train), "--validation_file", str(held_out),
+            "--text_column", "content", "--cache_dir", str(tmp_path / "hf"), *FAST_FLAGS, "--max_steps", "1",
+            "--sample_max_new_tokens", "0"]  # fmt: skip
+    assert ltm_main([*argv, "--output_dir", str(out)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # The BPE was trained on the text, not on the raw JSON lines: no token of the JSON syntax around it.
+    assert not any('"content"' in token or '{"' in token for token in tokenizer.get_vocab())
+    record = json.loads((out / "ltm_train_data.json").read_text())
+    assert record["corpus"] == "the local file train.jsonl (json), column 'content', held out: dev.jsonl"
+    capsys.readouterr()
+
+    assert ltm_main([*argv, "--text_column", "id", "--output_dir", str(tmp_path / "ids")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--text_column 'id' of train.jsonl holds int64 values, not text" in err and "--text_column" in err
+
+
+def test_continuing_a_trained_run_reuses_its_recorded_recipe_unless_flags_override(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(TINY_PRESET))
+    recorded = {"learning_rate": 0.002, "lr_scheduler_type": "cosine", "weight_decay": 0.1, "warmup_steps": 20,
+                "max_steps": 400, "num_inference_steps": 8, "inference_lr": 0.3, "output_dir": "/elsewhere",
+                "logging_dir": "/elsewhere/logs"}  # fmt: skip
+    (run / "training_args.json").write_text(json.dumps(recorded))
+    (run / "ltm_train_data.json").write_text(json.dumps({"block_size": 16}))
+    _, data_args, training_args = parse_args(
+        ["--config", str(run), "--max_steps", "5", "--output_dir", str(tmp_path / "next")]
+    )
+    assert training_args.learning_rate == 0.002 and training_args.weight_decay == 0.1
+    assert training_args.lr_scheduler_type == "cosine" and training_args.warmup_steps == 20
+    assert training_args.num_inference_steps == 8 and training_args.inference_lr == 0.3
+    assert data_args.block_size == 16
+    assert training_args.max_steps == 5 and training_args.output_dir == str(tmp_path / "next")  # flags win
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "recorded recipe" in line]
+    assert "learning_rate=0.002" in line and "block_size=16" in line and "max_steps" in line.split("instead:")[1]
+    # A preset (not a run folder) has no recorded recipe: transformers' defaults, as before.
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps(TINY_PRESET))
+    _, _, plain = parse_args(["--config", str(preset), "--output_dir", str(tmp_path / "p")])
+    assert plain.learning_rate == 5e-5

@@ -45,6 +45,23 @@ from .scoring import position_ids_from_attention_mask
 
 logger = logging.get_logger(__name__)
 
+# Logged once per process (`logger.warning_once`) when `z` is not fitted although the caller may think it is: generic
+# paths (lm-eval's `--model hf`, plain `transformers.Trainer`) call `forward` without `latents`. Our own calls pass
+# `latents` (the fit, `generate`, `LTMTrainer`, `ltm eval`) or decode from the latents' cache; a caller who means the
+# prior's mean passes it explicitly, `latents=model.prior_mean_latents(batch_size)`, and is not warned.
+NO_LATENTS_WARNING = (
+    "LTM forward() got no `latents` (and no cached ones): it runs at z = the prior's mean, which is neither a fitted "
+    "posterior nor a bound on log p(x). Generic paths do this (lm-eval `--model hf`, plain `transformers.Trainer`). "
+    "Score an LTM with `ltm eval` / lm-eval `--model ltm` (fits z, reports bounds), train it with `LTMTrainer` (the "
+    "dual-rate update), fit z with `model.infer_latents(...)`; to use the prior's mean on purpose, pass "
+    "`latents=model.prior_mean_latents(batch_size)`."
+)
+TRAINING_WITHOUT_LATENTS_WARNING = (
+    "LTMForCausalLM is training (labels given, train mode) without `latents`: this trains a plain LM at z = the "
+    "prior's mean, not the LTM's dual-rate update (plain `transformers.Trainer` does this). Train with "
+    "`modeling_ltm.LTMTrainer` (fits z per sequence, then updates the decoder), or pass the latents yourself."
+)
+
 
 # `LTMModel` returns transformers' own output classes: `last_hidden_state`, the `cache` (`EncoderDecoderCache`: the
 # tokens' self-attention keys/values and the latents' cross-attention keys/values, computed once per sequence), and
@@ -321,6 +338,13 @@ class LTMDecoderLayer(GradientCheckpointingLayer):
         self.cross_attn_layernorm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.residual_dropout = config.dropout
+        # GPT-2's depth-scaled initial std for the projections the config names, read by `_init_weights` (marked on
+        # the layers: transformers skips `_init_weights` on modules without parameters of their own).
+        scaled_std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+        for name in config.scaled_init_projections or ():
+            for sublayer in (self.self_attn, self.cross_attn, self.mlp):
+                if hasattr(sublayer, name):
+                    getattr(sublayer, name).init_std = scaled_std
 
     def forward(
         self,
@@ -460,6 +484,9 @@ class LTMPreTrainedModel(PreTrainedModel):
         # A learned prior starts as the standard normal (its own rule: its weights are batched over latent slots).
         if isinstance(module, (DiagonalGaussianPrior, FlowPrior)):
             module.reset_parameters()
+        # A projection named in `config.scaled_init_projections` (marked by `LTMDecoderLayer`): its own std.
+        if isinstance(module, nn.Linear) and getattr(module, "init_std", None) is not None:
+            init.normal_(module.weight, mean=0.0, std=module.init_std)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -468,11 +495,17 @@ def _capturing(device: torch.device) -> bool:
 
 
 def latent_position_ids(config: LTMConfig, device: torch.device | None = None) -> torch.LongTensor:
-    """RoPE positions of one layer's latents, spread evenly over the context: shape `(n_latents_per_layer,)`.
+    """RoPE positions of one layer's latents (every layer's are the same), shape `(n_latents_per_layer,)`:
+    `arange(0, max_position_embeddings, stride)[:n_latents_per_layer]`, `stride = max_position_embeddings // N`.
 
-    Same rule as the paper's code: `arange(0, max_positions, max_positions // n_latents)[:n_latents]`.
+    `N` is `n_latents_per_layer` (`config.latent_position_spacing = "per_layer"`) or all the model's latents,
+    `num_hidden_layers * n_latents_per_layer` (`"all_latents"`: the authors' code, where `max_z_len` counts every
+    layer's latents).
     """
-    stride = config.max_position_embeddings // config.n_latents_per_layer
+    spread_over = config.n_latents_per_layer
+    if config.latent_position_spacing == "all_latents":
+        spread_over *= config.num_hidden_layers
+    stride = config.max_position_embeddings // spread_over
     return torch.arange(0, config.n_latents_per_layer, device=device) * stride
 
 
@@ -549,6 +582,8 @@ LTM_INPUTS_DOCSTRING = r"""
         latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
             The latent thought vectors `z`, any floating dtype (cast to the weights' dtype). `None` means the
             prior's mean (`z = 0` for N(0, I); see `config.prior_type`): `forward` never fits a posterior by itself (use `LTMForCausalLM.infer_latents`).
+            `None` logs a warning once (neither a fit nor a bound: what lm-eval's `--model hf` and plain `Trainer`
+            do); `latents=model.prior_mean_latents(batch_size)` is the same numbers, on purpose, without it.
             Ignored, and not checked, once every layer's cross-attention keys/values are in `cache` (decoding).
         use_cache (`bool`, *optional*):
             Return the caches for further decoding. Defaults to `config.use_cache`; off while training with
@@ -627,6 +662,21 @@ class LTMModel(LTMPreTrainedModel):
                 "`latents` contains NaN or inf values; pass finite latents (e.g. `model.infer_latents(...).z`, or "
                 "`latents=None` for the prior mean)."
             )
+
+    def prior_mean_latents(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The prior's mean as latents, `(batch_size, *config.latent_shape)` (an expanded view): `z = 0` for N(0, I)
+        and a flow's base, a learned diagonal Gaussian's mean. What `forward(latents=None)` uses, with a one-time
+        warning (it fits nothing and bounds nothing); pass this tensor as `latents` to use the prior's mean on
+        purpose, without the warning. `device`/`dtype` default to the embedding's."""
+        device = self.embed_tokens.weight.device if device is None else device
+        dtype = self.embed_tokens.weight.dtype if dtype is None else dtype
+        if self.latent_prior is None:
+            mean = torch.zeros(self.config.latent_shape, device=device, dtype=dtype)
+        else:
+            mean = self.latent_prior.start(device)[0].to(dtype)
+        return mean.expand(batch_size, *self.config.latent_shape)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     @merge_with_config_defaults
@@ -758,10 +808,9 @@ class LTMModel(LTMPreTrainedModel):
         else:
             batch_size = hidden_states.shape[0]
             if latents is None:  # the mean of the fit's start: the prior's mean (0 for N(0, I) and a flow's base)
-                start = hidden_states.new_zeros(self.config.latent_shape)
-                if self.latent_prior is not None:
-                    start = self.latent_prior.start(hidden_states.device)[0].to(hidden_states.dtype)
-                latents = start.expand(batch_size, *self.config.latent_shape)
+                if not torch.compiler.is_compiling():
+                    logger.warning_once(NO_LATENTS_WARNING)
+                latents = self.prior_mean_latents(batch_size, hidden_states.device, hidden_states.dtype)
             else:
                 self.check_latents(latents, batch_size, check_finite=not prefix_given)
             latent_position_embeddings = self.rotary_emb(
@@ -907,6 +956,12 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         """
         if prefix is not None and use_cache:
             raise ValueError("`prefix` forwards keep no cache; do not pass `use_cache=True` with it.")
+        if labels is not None and self.training and latents is None and prefix is None and cache is None:
+            # Plain `Trainer`: one warning naming `LTMTrainer`, then the prior's mean passed explicitly (so the
+            # generic warning of `LTMModel` does not repeat it).
+            if not torch.compiler.is_compiling():
+                logger.warning_once(TRAINING_WITHOUT_LATENTS_WARNING)
+            latents = self.prior_mean_latents((input_ids if input_ids is not None else inputs_embeds).shape[0])
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -932,6 +987,12 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
             attentions=outputs.attentions,
             cross_attentions=outputs.cross_attentions,
         )
+
+    def prior_mean_latents(self, batch_size: int) -> torch.Tensor:
+        """The prior's mean as `latents`, `(batch_size, *config.latent_shape)` (see `LTMModel.prior_mean_latents`):
+        `model(input_ids, latents=model.prior_mean_latents(len(input_ids)))` is `model(input_ids)` without the
+        warning that `forward` without latents logs once."""
+        return self.model.prior_mean_latents(batch_size)
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` `(..., padded_vocab_size)` with the padding columns (ids `>= config.vocab_size`, rows that only

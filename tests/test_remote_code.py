@@ -64,10 +64,21 @@ CHILD = textwrap.dedent(
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
     assert type(model).__name__ == "LTMForCausalLM"
+    import logging
+    logged = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+    logging.getLogger(type(model).__module__).addHandler(Keep())
     logits = model(inputs["input_ids"], latents=inputs["latents"]).logits
     posterior = model.infer_latents(inputs["input_ids"], num_steps=2, seed=[0, 1])
     warm = model.evaluate_posterior(inputs["input_ids"], seed=[0, 1]).posterior  # from the posterior encoder
     greedy = model.generate(inputs["input_ids"], latents=inputs["latents"], max_new_tokens=8, do_sample=False)
+    model.generate(inputs["input_ids"], max_new_tokens=2)  # z fitted on the prompt
+    assert not [m for m in logged if "latents" in m], logged  # our own calls fit z or pass it: no warning
+    model(inputs["input_ids"]); model(inputs["input_ids"])  # what lm-eval's `--model hf` calls: no latents
+    warned = [m for m in logged if "got no `latents`" in m]
+    assert len(warned) == 1 and "`ltm eval`" in warned[0] and "LTMTrainer" in warned[0], logged
     assert not any(name.split(".")[0] in OUR_PACKAGES for name in sys.modules), "our package got imported"
     save_file(
         {{"logits": logits.contiguous(), "mu": posterior.mu.contiguous(), "warm_mu": warm.mu.contiguous(),
@@ -205,7 +216,8 @@ def test_code_files_import_only_torch_transformers_and_siblings():
 @pytest.mark.parametrize("build", TRANSFORMERS_BUILDS)
 def test_remote_code_loads_without_the_package(saved, tmp_path, build):
     """Logits, posterior and greedy generation of the remote code equal the package's, under the installed and the
-    lowest declared transformers (both sides of 5.24's `past_key_values` -> `cache` rename)."""
+    lowest declared transformers (both sides of 5.24's `past_key_values` -> `cache` rename); the remote code warns once
+    when `forward` gets no latents (lm-eval's `--model hf`), never on its own fits and generation (in the child)."""
     model, folder, tensors_in = saved
     process, outputs = run_clean_child(folder, tmp_path, tensors_in, build)
     assert process.returncode == 0, process.stderr[-4000:]

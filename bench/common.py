@@ -1,5 +1,6 @@
-"""What the benches share: loading a sibling bench as a module, the metadata every result file records, and the
-`--device` / `--dtype` flags every bench takes (CUDA and bf16 on a GPU, fp32 on CPU by default)."""
+"""What the benches share: loading a sibling bench as a module, the metadata every result file records (with paths
+relative to the repository, `portable`), and the `--device` / `--dtype` flags every bench takes (CUDA and bf16 on a
+GPU, fp32 on CPU by default)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,41 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
 
 
 BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+# An absolute path inside a string: a `/` that starts a word (not the `/` of `tokens/s`, `a / b` or `https://`).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/[^\s\"',;:=()\[\]]+")
+
+
+def _neutral_path(match: re.Match) -> str:
+    path = os.path.normpath(match.group(0))
+    for root in {str(REPO_ROOT), os.path.realpath(REPO_ROOT)}:
+        if path == root:
+            return "."
+        if path.startswith(root + os.sep):
+            return os.path.relpath(path, root)
+    return Path(path).name or path  # outside the repository: the name only, never a machine's folders
+
+
+def portable(value):
+    """`value` (a string, path, or a dict / list / tuple of them) with every absolute path made machine-neutral:
+    relative to the repository root when inside it, else its last component. Result files record the command and
+    its arguments this way, so they read the same on every clone."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(item) for item in value)
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(_neutral_path, value)
+    return value
 
 
 def load_bench(name: str):
@@ -24,13 +54,13 @@ def load_bench(name: str):
 
 
 def run_metadata(script: str, argv: list[str] | None, args, load_before: tuple, started: float) -> dict:
-    """The command that made a result, its arguments, the machine, torch, the load average around the run and its
-    wall time (seconds since `started`, a `time.time()`)."""
+    """The command that made a result, its arguments (paths relative to the repository: `portable`), the machine,
+    torch, the load average around the run and its wall time (seconds since `started`, a `time.time()`)."""
     import torch
 
     return {
-        "command": f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": vars(args),
+        "command": portable(f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:])),
+        "args": portable(vars(args)),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
         "load_average_before": load_before,

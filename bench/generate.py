@@ -38,7 +38,7 @@ from transformers import LlamaForCausalLM
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import add_device_arguments, resolve_device, synchronize  # noqa: E402
+from bench.common import add_device_arguments, portable, resolve_device, synchronize  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM  # noqa: E402
 from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
 
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         "load_average_before": load_before,
         "load_average_after": load_after,
         "parameters": params,
-        "args": vars(args),
+        "args": portable(vars(args)),
     }
     print()
     print(

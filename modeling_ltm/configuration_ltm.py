@@ -68,6 +68,16 @@ def _projections(value):
         raise ValueError(f"must be None or a list of names from {SCALABLE_INIT_PROJECTIONS}, got {value!r}")
 
 
+def _static_rope_type(value):
+    """`rope_parameters` without `"rope_type": "dynamic"` (checked at construction, on assignment and by the model)."""
+    if isinstance(value, dict) and value.get("rope_type", "default") == "dynamic":
+        raise ValueError(
+            'rope_parameters["rope_type"] = "dynamic" is not supported: its frequencies change with the input\'s '
+            "length, so the latents' keys cached at the prefill would not match later tokens. Use \"default\" or a "
+            'static scaling ("linear", "yarn", "llama3").'
+        )
+
+
 def _field(*validators, default):
     """A dataclass field whose value must pass every validator (each raises `ValueError` saying why)."""
     return validated_field(list(validators), default=default)
@@ -105,14 +115,28 @@ class LTMConfig(PreTrainedConfig):
         num_key_value_heads (`int`, *optional*):
             Number of key/value heads (grouped-query attention). Defaults to `num_attention_heads`; must divide it.
         max_position_embeddings (`int`, *optional*, defaults to 1024):
-            Longest sequence the model accepts, in tokens. Also the span over which the latents' RoPE positions are
-            spread.
+            The context: the longest input, counted in RoPE positions (a row packing several sequences whose
+            `position_ids` restart counts its longest sequence), unless a RoPE scaling extends it (see
+            `max_input_positions`). At construction it also sets `latent_position_range`, the span over which the
+            latents' RoPE positions are spread: two models built with different `max_position_embeddings` put their
+            latents at different positions, so the same weights give different logits. To extend the context of a
+            trained model, change `max_position_embeddings` / `rope_parameters` on its loaded config
+            (`from_pretrained(..., max_position_embeddings=...)` or assignment), which keeps the recorded
+            `latent_position_range`.
+        latent_position_range (`int`, *optional*):
+            The span of positions over which the latents' RoPE positions are spread (`latent_position_ids`): the
+            training context. Defaults to `max_position_embeddings` at construction and is saved in config.json, so
+            that extending the context afterwards (a larger `max_position_embeddings`, a RoPE scaling) leaves the
+            latents' positions where training put them. A config.json written before this field loads with its own
+            `max_position_embeddings` (the positions it was trained with).
         rope_parameters (`dict`, *optional*):
             The rotary position embeddings, as transformers' configs give them: `{"rope_type": "default",
             "rope_theta": 10000.0}` by default; a scaling type of `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`
-            ("linear", "yarn", "llama3", ...) applies to tokens and latents alike; "dynamic" is not supported (the
-            latents' positions would move with the input's length). A config.json with the older `rope_theta` key
-            loads as `rope_parameters`.
+            ("linear", "yarn", "llama3", ...) applies to the frequencies of tokens and latents alike (the latents keep
+            their positions, `latent_position_range`) and extends the context to `max_input_positions`; "dynamic"
+            is refused, at construction and on assignment (its frequencies change with the input's length, so the
+            latents' keys cached at the prefill would not match later tokens). A config.json with the older
+            `rope_theta` key loads as `rope_parameters`.
         rms_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the RMSNorm layers.
         hidden_act (`str`, *optional*, defaults to `"silu"`):
@@ -123,8 +147,8 @@ class LTMConfig(PreTrainedConfig):
             Number of latent vectors each layer cross-attends to.
         latent_position_spacing (`str`, *optional*, defaults to `"per_layer"`):
             The latents' RoPE positions (every layer's latents take the same ones, `latent_position_ids`):
-            `arange(0, max_position_embeddings, stride)[:n_latents_per_layer]` with
-            `stride = max_position_embeddings // N`, where `N` is `n_latents_per_layer` for `"per_layer"` (spread over
+            `arange(0, latent_position_range, stride)[:n_latents_per_layer]` with
+            `stride = latent_position_range // N`, where `N` is `n_latents_per_layer` for `"per_layer"` (spread over
             the whole context) and `num_hidden_layers * n_latents_per_layer` for `"all_latents"` (the authors' code,
             whose `max_z_len` counts the latents of all layers: a layer's latents sit in the first
             `1 / num_hidden_layers` of the context). The paper presets use `"all_latents"`.
@@ -248,7 +272,8 @@ class LTMConfig(PreTrainedConfig):
     num_attention_heads: int = _field(_positive, default=12)
     num_key_value_heads: int | None = _field(_positive, default=None)
     max_position_embeddings: int = _field(_positive, default=1024)
-    rope_parameters: RopeParameters | dict | None = None
+    latent_position_range: int | None = _field(_positive, default=None)
+    rope_parameters: RopeParameters | dict | None = _field(_static_rope_type, default=None)
     rms_norm_eps: float | int = _field(_finite, _greater_than_zero, default=1e-6)
     hidden_act: str = activation_fn_key(default="silu")
     sliding_window: int | None = _field(_positive, default=None)
@@ -296,6 +321,8 @@ class LTMConfig(PreTrainedConfig):
             self.latent_dim = self.hidden_size
         if self.intermediate_size is None:
             self.intermediate_size = 64 * -(-(8 * self.hidden_size // 3) // 64)
+        if self.latent_position_range is None:  # the training context: later context extensions keep it
+            self.latent_position_range = self.max_position_embeddings
         super().__post_init__(**kwargs)  # moves an older config.json's `rope_theta` into `rope_parameters`
 
     @property
@@ -303,6 +330,16 @@ class LTMConfig(PreTrainedConfig):
         """Rows of the embedding and the LM head: `vocab_size` rounded up to `pad_vocab_size_to_multiple_of`."""
         multiple = self.pad_vocab_size_to_multiple_of
         return -(-self.vocab_size // multiple) * multiple
+
+    @property
+    def max_input_positions(self) -> int:
+        """The longest input the model accepts, in RoPE positions: `max_position_embeddings`, or with a RoPE scaling
+        the scaled context, `rope_parameters["factor"]` times `rope_parameters["original_max_position_embeddings"]`
+        (default `max_position_embeddings`), when that is longer."""
+        parameters = self.rope_parameters or {}
+        factor = parameters.get("factor") or 1.0
+        original = parameters.get("original_max_position_embeddings") or self.max_position_embeddings
+        return max(self.max_position_embeddings, int(factor * original))
 
     @property
     def head_dim(self) -> int:
@@ -338,10 +375,11 @@ class LTMConfig(PreTrainedConfig):
         spread_over = self.n_latents_per_layer
         if self.latent_position_spacing == "all_latents":
             spread_over *= self.num_hidden_layers
-        if spread_over > self.max_position_embeddings:
+        if spread_over > self.latent_position_range:
             raise ValueError(
                 f"{'num_hidden_layers * ' if spread_over != self.n_latents_per_layer else ''}n_latents_per_layer "
-                f"({spread_over}) must be at most max_position_embeddings ({self.max_position_embeddings}): latents "
+                f"({spread_over}) must be at most latent_position_range ({self.latent_position_range}, by default "
+                f"max_position_embeddings): latents "
                 f"get RoPE positions spread over the context (latent_position_spacing="
                 f"{self.latent_position_spacing!r})."
             )
@@ -353,11 +391,7 @@ class LTMConfig(PreTrainedConfig):
         theta = parameters.get("rope_theta", self.default_theta)
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
             raise ValueError(f'rope_parameters["rope_theta"] must be a finite number > 0, got {theta!r}.')
-        if parameters.get("rope_type", "default") == "dynamic":
-            raise ValueError(
-                'rope_parameters["rope_type"] = "dynamic" is not supported: the latents\' positions would move with '
-                'the input\'s length. Use "default" or a static scaling ("linear", "yarn", "llama3").'
-            )
+        _static_rope_type(parameters)
 
 
 __all__ = ["LTMConfig", "MIN_TRANSFORMERS_VERSION"]

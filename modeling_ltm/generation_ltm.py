@@ -351,7 +351,7 @@ class LTMGenerationMixin(GenerationMixin):
     def _check_generation_length(self, prompt, kwargs, settings) -> None:
         """Raise `ValueError` before any work when the prompt plus the new tokens exceed the context. The total length
         is transformers' own (`_prepare_generated_length` on the call's resolved `settings`)."""
-        limit = self.config.max_position_embeddings
+        limit = self.config.max_input_positions  # max_position_embeddings, or the context a RoPE scaling extends
         embeds = kwargs.get("inputs_embeds")
         prompt_length = prompt.shape[1] if prompt is not None else embeds.shape[1] if embeds is not None else 1
         if prompt_length > limit:

@@ -133,10 +133,11 @@ def _check_inputs(model, input_ids, attention_mask) -> None:
         raise ValueError(
             f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has {tuple(input_ids.shape)}."
         )
-    max_len = model.config.max_position_embeddings
+    max_len = model.config.max_input_positions
     if input_ids.shape[1] > max_len:
         raise ValueError(
-            f"Sequence of {input_ids.shape[1]} tokens is longer than max_position_embeddings={max_len}; split it into "
+            f"Sequence of {input_ids.shape[1]} tokens is longer than the context, {max_len} positions "
+            f"(max_position_embeddings={model.config.max_position_embeddings}); split it into "
             f"windows of at most {max_len} tokens or truncate it."
         )
 

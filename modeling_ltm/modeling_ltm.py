@@ -9,6 +9,7 @@ This file imports only torch, transformers and its siblings (relative imports), 
 next to the weights for `trust_remote_code=True` loading.
 """
 
+import copy
 import inspect
 import math
 from collections.abc import Callable
@@ -56,6 +57,10 @@ NO_LATENTS_WARNING = (
     "dual-rate update), fit z with `model.infer_latents(...)`; to use the prior's mean on purpose, pass "
     "`latents=model.prior_mean_latents(batch_size)`."
 )
+OUTPUT_ATTENTIONS_FALLBACK_WARNING = (
+    "`output_attentions=True` needs the attention weights, which the {!r} attention does not form: this forward runs "
+    'the eager attention. Load the model with `attn_implementation="eager"` to make that the default.'
+)
 TRAINING_WITHOUT_LATENTS_WARNING = (
     "LTMForCausalLM is training (labels given, train mode) without `latents`: this trains a plain LM at z = the "
     "prior's mean, not the LTM's dual-rate update (plain `transformers.Trainer` does this). Train with "
@@ -96,10 +101,13 @@ class LTMRMSNorm(nn.Module):
 class LTMRotaryEmbedding(nn.Module):
     """Rotary position embeddings, shared by the self-attention (token positions) and the cross-attention (token
     positions for queries, latent positions for keys). The inverse frequencies come from `config.rope_parameters` as
-    in Llama: the default RoPE, or a scaling type of transformers' `ROPE_INIT_FUNCTIONS`."""
+    in Llama: the default RoPE, or a static scaling type of transformers' `ROPE_INIT_FUNCTIONS` ("dynamic" is refused:
+    see `LTMConfig.rope_parameters`). Called as Llama's rotary module is, it returns Llama's `(cos, sin)`;
+    [`rope_tables`] turns them into the tables [`apply_rotary_pos_emb`] takes."""
 
     def __init__(self, config: LTMConfig):
         super().__init__()
+        config.validate_rope_parameters()  # also a "dynamic" written into the dict after the config was built
         self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
         rope_init_fn = self.compute_default_rope_parameters
@@ -119,15 +127,22 @@ class LTMRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`position_ids` of shape `(batch, seq)` or `(1, seq)` → the tables [`apply_rotary_pos_emb`] takes: `cos`
-        and the signed `sin` (its first half negated, the sign of Llama's `rotate_half`), each of shape
-        `(batch or 1, 1, seq, head_dim)`, ready to broadcast over the heads. Computed once per forward and shared by
-        every layer."""
-        freqs = position_ids[:, None, :, None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        """`position_ids` of shape `(batch, seq)` or `(1, seq)` → `cos`, `sin` of shape `(batch or 1, seq, head_dim)`
+        in `x`'s dtype, as transformers' rotary modules return them (Llama's `cat((freqs, freqs))` layout)."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return torch.cat((cos, cos), dim=-1).to(dtype=x.dtype), torch.cat((-sin, sin), dim=-1).to(dtype=x.dtype)
+        return torch.cat((cos, cos), dim=-1).to(dtype=x.dtype), torch.cat((sin, sin), dim=-1).to(dtype=x.dtype)
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`LTMRotaryEmbedding`]'s `(cos, sin)`, `(batch or 1, seq, head_dim)` → the tables [`apply_rotary_pos_emb`]
+    takes: `cos` and the signed `sin` (its first half negated, the sign of Llama's `rotate_half`), each of shape
+    `(batch or 1, 1, seq, head_dim)`, ready to broadcast over the heads. Computed once per forward and shared by every
+    layer."""
+    half = sin.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
 
 
 def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -496,7 +511,9 @@ def _capturing(device: torch.device) -> bool:
 
 def latent_position_ids(config: LTMConfig, device: torch.device | None = None) -> torch.LongTensor:
     """RoPE positions of one layer's latents (every layer's are the same), shape `(n_latents_per_layer,)`:
-    `arange(0, max_position_embeddings, stride)[:n_latents_per_layer]`, `stride = max_position_embeddings // N`.
+    `arange(0, latent_position_range, stride)[:n_latents_per_layer]`, `stride = latent_position_range // N`, where
+    `config.latent_position_range` is the training context (`max_position_embeddings` when the config was built; a
+    later context extension leaves it, and so the latents, where training put them).
 
     `N` is `n_latents_per_layer` (`config.latent_position_spacing = "per_layer"`) or all the model's latents,
     `num_hidden_layers * n_latents_per_layer` (`"all_latents"`: the authors' code, where `max_z_len` counts every
@@ -505,7 +522,7 @@ def latent_position_ids(config: LTMConfig, device: torch.device | None = None) -
     spread_over = config.n_latents_per_layer
     if config.latent_position_spacing == "all_latents":
         spread_over *= config.num_hidden_layers
-    stride = config.max_position_embeddings // spread_over
+    stride = (getattr(config, "latent_position_range", None) or config.max_position_embeddings) // spread_over
     return torch.arange(0, config.n_latents_per_layer, device=device) * stride
 
 
@@ -724,9 +741,9 @@ class LTMModel(LTMPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         cache = self._encoder_decoder_cache(cache, use_cache)
         past_length = cache.get_seq_length() if cache is not None else 0
-        self._check_length(past_length, inputs_embeds.shape[1])
+        self._check_length(past_length, inputs_embeds.shape[1], position_ids)
         hidden_states, causal_mask, position_embeddings = self._layer_inputs(
-            inputs_embeds, attention_mask, position_ids, cache, past_length
+            inputs_embeds, attention_mask, position_ids, cache, past_length, self._attention_config(kwargs)
         )
         hidden_states = self._decoder_layers(
             hidden_states, latents, causal_mask, position_embeddings, cache, False, **kwargs
@@ -735,13 +752,6 @@ class LTMModel(LTMPreTrainedModel):
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, prefix, kwargs) -> None:
         """The argument checks of `forward` (raises `ValueError` naming the argument and the fix)."""
-        if kwargs.get("output_attentions") and self.config._attn_implementation != "eager":
-            # As `PretrainedConfig.output_attentions` does: the fused kernels never form the weights.
-            raise ValueError(
-                f"`output_attentions=True` needs the eager attention, but this model uses "
-                f'{self.config._attn_implementation!r}. Load it with `attn_implementation="eager"` or call '
-                '`model.set_attn_implementation("eager")` first.'
-            )
         if prefix is not None:
             given = [n for n, v in [("inputs_embeds", inputs_embeds), ("attention_mask", attention_mask),
                                     ("position_ids", position_ids), ("cache", cache)] if v is not None]  # fmt: skip
@@ -782,19 +792,29 @@ class LTMModel(LTMPreTrainedModel):
             f"prepares it or this model returns it, or an empty `DynamicCache`/`StaticCache`; got {type(cache).__name__}."
         )
 
-    def _check_length(self, past_length: int | torch.Tensor, seq_length: int) -> None:
-        """Raise when the cached plus the new tokens exceed `max_position_embeddings`. A static cache counts its
-        tokens in a tensor (no host read here): its own length, which `generate` checks against the context before
-        any work, bounds it."""
+    def _check_length(
+        self, past_length: int | torch.Tensor, seq_length: int, position_ids: torch.LongTensor | None = None
+    ) -> None:
+        """Raise when the input reaches past the context, `config.max_input_positions` RoPE positions. Counted in
+        positions, not tokens: a row packing several sequences whose `position_ids` restart (padding-free training)
+        may hold more tokens than the context. The positions are read (one host read) only when the tokens
+        outnumber the context; default positions never exceed the token count. A static cache counts its tokens in a
+        tensor (no host read here): its own length, which `generate` checks against the context before any work,
+        bounds it."""
         if isinstance(past_length, torch.Tensor):
             return
-        limit = self.config.max_position_embeddings
-        if past_length + seq_length > limit:
-            raise ValueError(
-                f"Input of {past_length + seq_length} tokens (cached {past_length} + new {seq_length}) is longer "
-                f"than max_position_embeddings={limit}. Truncate the input to the last {limit} tokens (e.g. "
-                f"tokenizer(..., truncation=True, max_length={limit}), truncation_side='left')."
-            )
+        limit = self.config.max_input_positions
+        if past_length + seq_length <= limit:
+            return
+        if position_ids is not None and not torch.compiler.is_compiling() and not _capturing(position_ids.device):
+            if int(position_ids.max()) < limit:
+                return
+        raise ValueError(
+            f"Input of {past_length + seq_length} positions (cached {past_length} + new {seq_length}) is longer "
+            f"than the context, {limit} positions (max_position_embeddings={self.config.max_position_embeddings}). "
+            f"Truncate the input to the last {limit} tokens (e.g. tokenizer(..., truncation=True, "
+            f"max_length={limit}), truncation_side='left'), or restart `position_ids` at each packed sequence."
+        )
 
     def _decoder_layers(
         self, hidden_states, latents, causal_mask, position_embeddings, cache, prefix_given: bool, **kwargs
@@ -813,12 +833,12 @@ class LTMModel(LTMPreTrainedModel):
                 latents = self.prior_mean_latents(batch_size, hidden_states.device, hidden_states.dtype)
             else:
                 self.check_latents(latents, batch_size, check_finite=not prefix_given)
-            latent_position_embeddings = self.rotary_emb(
-                hidden_states, latent_position_ids(self.config, hidden_states.device).unsqueeze(0)
+            latent_position_embeddings = rope_tables(
+                *self.rotary_emb(hidden_states, latent_position_ids(self.config, hidden_states.device).unsqueeze(0))
             )
         # Looked up once per forward, not by each of the 2 x num_hidden_layers attention modules (a decoding step is a
         # chain of small kernels, where each lookup's overhead counts: a config attribute read costs microseconds).
-        attention_function = _attention_interface(self.config)
+        attention_function = _attention_interface(self._attention_config(kwargs))
         for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(
                 hidden_states,
@@ -833,7 +853,19 @@ class LTMModel(LTMPreTrainedModel):
             )
         return self.norm(hidden_states)
 
-    def _layer_inputs(self, inputs_embeds, attention_mask, position_ids, cache, past_length):
+    def _attention_config(self, kwargs: dict) -> LTMConfig:
+        """The config whose `_attn_implementation` this forward's attention and masks follow: the model's, or with
+        `output_attentions=True` under a fused kernel (which never forms the weights) an eager copy, with a warning
+        once, as transformers' models fall back to the eager attention (same numbers to float rounding)."""
+        if not kwargs.get("output_attentions") or self.config._attn_implementation == "eager":
+            return self.config
+        if not torch.compiler.is_compiling():
+            logger.warning_once(OUTPUT_ATTENTIONS_FALLBACK_WARNING.format(self.config._attn_implementation))
+        eager = copy.copy(self.config)
+        eager._attn_implementation_internal = "eager"
+        return eager
+
+    def _layer_inputs(self, inputs_embeds, attention_mask, position_ids, cache, past_length, mask_config=None):
         """`(hidden_states, causal_mask, position_embeddings)` entering layer 0, from the token embeddings."""
         seq_length = inputs_embeds.shape[1]
         if position_ids is None:
@@ -847,10 +879,11 @@ class LTMModel(LTMPreTrainedModel):
 
         mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
         self_cache = cache.self_attention_cache if cache is not None else None
-        causal_mask = mask_function(self.config, inputs_embeds, attention_mask, self_cache, position_ids)
+        mask_config = mask_config or self.config
+        causal_mask = mask_function(mask_config, inputs_embeds, attention_mask, self_cache, position_ids)
 
         hidden_states = self.dropout(inputs_embeds)
-        return hidden_states, causal_mask, self.rotary_emb(hidden_states, position_ids)
+        return hidden_states, causal_mask, rope_tables(*self.rotary_emb(hidden_states, position_ids))
 
     @torch.no_grad()
     def compute_prefix(
@@ -872,11 +905,7 @@ class LTMModel(LTMPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if inputs_embeds.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Input of {inputs_embeds.shape[1]} tokens is longer than max_position_embeddings="
-                f"{self.config.max_position_embeddings}; truncate it."
-            )
+        self._check_length(0, inputs_embeds.shape[1], position_ids)
         hidden_states, causal_mask, position_embeddings = self._layer_inputs(
             inputs_embeds, attention_mask, position_ids, None, 0
         )

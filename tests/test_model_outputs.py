@@ -114,13 +114,24 @@ def test_attentions_while_decoding_with_the_cache(eager_model, config):
         torch.testing.assert_close(cached[:, :, 0], whole[:, :, -1])
 
 
-def test_output_attentions_needs_the_eager_attention(model, config):
-    input_ids, _ = ids_and_latents(config)
+def test_output_attentions_under_sdpa_warns_and_runs_the_eager_attention(model, config, caplog):
+    """As transformers' models do (ModelTesterMixin.test_model_outputs_equivalence): the weights, with a warning."""
+    from transformers.utils import logging as transformers_logging
+
+    input_ids, latents = ids_and_latents(config)
     assert model.config._attn_implementation == "sdpa"
-    with pytest.raises(ValueError, match=r"output_attentions=True.*eager.*set_attn_implementation"):
-        model(input_ids, output_attentions=True)
+    transformers_logging.get_logger("modeling_ltm.modeling_ltm").warning_once.cache_clear()
+    transformers_logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        out = model(input_ids, latents=latents, output_attentions=True)
+    assert "runs the eager attention" in caplog.text
+    assert model.config._attn_implementation == "sdpa"  # this call only
     model.set_attn_implementation("eager")
-    assert len(model(input_ids, output_attentions=True).attentions) == config.num_hidden_layers
+    eager = model(input_ids, latents=latents, output_attentions=True)
+    assert len(out.attentions) == len(out.cross_attentions) == config.num_hidden_layers
+    for fallback, reference in zip(out.attentions + out.cross_attentions, eager.attentions + eager.cross_attentions):
+        torch.testing.assert_close(fallback, reference)
+    torch.testing.assert_close(out.logits, eager.logits)
 
 
 def test_generate_returns_hidden_states_and_attentions(eager_model, config):

@@ -124,3 +124,62 @@ def test_config_round_trips_through_auto_classes(tmp_path):
     assert isinstance(loaded, LTMConfig) and loaded.to_json_string() == config.to_json_string()
     for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers"):
         assert hasattr(config, name)
+
+
+def test_packed_rows_count_positions_not_tokens():
+    """Padding-free packing (`DataCollatorWithFlattening`): two sequences in one row, `position_ids` restarting, more
+    tokens than max_position_embeddings; each sequence's logits are the ones it gets alone. Positions past the context
+    are still refused."""
+    model = make_model()
+    limit = model.config.max_position_embeddings
+    first, second = ids(1, limit - 4, seed=1), ids(1, limit - 4, seed=2)
+    z = latents(model, batch=1)
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(limit - 4), torch.arange(limit - 4)]).unsqueeze(0)
+    out = model(packed, position_ids=positions, latents=z).logits
+    torch.testing.assert_close(out[:, : limit - 4], model(first, latents=z).logits)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(packed, latents=z)
+
+
+def test_rope_scaling_extends_the_context():
+    model = make_model(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert model.config.max_input_positions == 2 * model.config.max_position_embeddings
+    model(ids(1, 2 * model.config.max_position_embeddings), latents=latents(model, batch=1))
+
+
+def test_dynamic_rope_is_refused_also_on_assignment():
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    config = tiny_config()
+    with pytest.raises(StrictDataclassFieldValidationError, match='"dynamic" is not supported'):
+        config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    config.rope_parameters["rope_type"] = "dynamic"  # edited in place: refused when the model is built
+    with pytest.raises(ValueError, match='"dynamic" is not supported'):
+        LTMForCausalLM(config)
+
+
+def test_context_extension_keeps_the_latents_positions(tmp_path):
+    """A trained model's context extended on its loaded config (larger max_position_embeddings, RoPE scaling) keeps
+    the latents' positions, `latent_position_range`; a config built with another max_position_embeddings moves them."""
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    x, z = ids(1, 12), latents(model, batch=1)
+    extended = LTMForCausalLM.from_pretrained(
+        tmp_path, max_position_embeddings=2 * model.config.max_position_embeddings
+    ).eval()
+    assert extended.config.latent_position_range == model.config.max_position_embeddings
+    torch.testing.assert_close(extended(x, latents=z).logits, model(x, latents=z).logits, rtol=0, atol=0)
+    rebuilt = LTMConfig.from_dict({**model.config.to_dict(), "max_position_embeddings": 128})
+    assert rebuilt.latent_position_range == model.config.latent_position_range  # recorded in config.json
+    other = tiny_config(max_position_embeddings=128)
+    assert other.latent_position_range == 128
+
+
+def test_generate_from_inputs_embeds_alone_names_input_ids():
+    model = make_model()
+    embeds = model.get_input_embeddings()(ids(1, 6))
+    with pytest.raises(ValueError, match=r"only `inputs_embeds` were given\. Pass `input_ids`"):
+        model.generate(inputs_embeds=embeds, max_new_tokens=2)
+    out = model.generate(inputs_embeds=embeds, latents=latents(model, batch=1), max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 2)

@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make main   - install (from the lock), train the tiny LTM on the embedded corpus, evaluate, generate, export a
-#                 Hub-ready folder
+#   make main   - install (from the lock), train the tiny LTM and its Llama peer on the embedded corpus, compare them
+#                 (bounds vs exact perplexity, speed, FLOPs), generate, export a Hub-ready folder
 #   make test   - install (from the lock), run the test suite (what .ci/run calls, with `make test-latest` after it)
 # Other targets:
 #   make test-gpu    - the device suite (tests/test_cuda.py) alone, on a CUDA GPU (docs/gpu.md)
@@ -12,6 +12,7 @@ PY := $(VENV)/bin/python
 LATEST_VENV ?= .venv-latest
 LOCK ?= constraints.txt
 OUTPUT_DIR ?= runs/ltm-tiny
+PEER_DIR ?= $(OUTPUT_DIR)-llama
 EXTRAS := test,bench,peft
 # torch: the CPU wheel, installed first and held at the lock's version in every venv (also the canary's), so pip never
 # pulls a CUDA build (several GB of nvidia-* wheels) onto a CPU machine. Override for a GPU machine, e.g.
@@ -35,8 +36,8 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 LTM ?= $(VENV)/bin/ltm
 
-# The main job re-runs into its own folder: `make main` replaces the previous `make main` run there (and nothing
-# else; `ltm train` alone refuses a non-empty folder). `main-job` is the job without the install, e.g. on a machine
+# The main job re-runs into its own folders (the LTM's and its Llama peer's): `make main` replaces the previous
+# `make main` runs there (and nothing else; `ltm train` alone refuses a non-empty folder). `main-job` is the job without the install, e.g. on a machine
 # with its own torch: `make main-job LTM="python3 -m modeling_ltm.cli"` (docs/gpu.md).
 main: install
 	$(MAKE) main-job
@@ -44,6 +45,9 @@ main: install
 main-job:
 	$(LTM) train --config configuration/ltm-tiny.json --recipe configuration/recipes/ltm-tiny.json --output_dir $(OUTPUT_DIR) \
 		--overwrite_output_dir
+	$(LTM) train --config configuration/ltm-tiny.json --recipe configuration/recipes/ltm-tiny.json --baseline llama \
+		--tokenizer $(OUTPUT_DIR) --output_dir $(PEER_DIR) --overwrite_output_dir --sample_max_new_tokens 0
+	$(LTM) compare $(OUTPUT_DIR) $(PEER_DIR)
 	$(LTM) generate $(OUTPUT_DIR) --prompt "ROMEO:" --max-new-tokens 64
 	$(LTM) export $(OUTPUT_DIR) $(OUTPUT_DIR)/hub --overwrite
 

@@ -1,4 +1,4 @@
-"""`ltm` command line: `ltm train | eval | generate | export | push | convert-original`.
+"""`ltm` command line: `ltm train | eval | generate | compare | export | push | convert-original`.
 
 Each subcommand lives in the module that owns its job and is imported only when called, so `ltm generate` does not
 pay for lm-eval's import and `ltm train` does not pay for the Hub client's.
@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "train": ("modeling_ltm.train_cli", "main", "train an LTM with LTMTrainer (HfArgumentParser flags)"),
     "eval": ("eval_harness.__main__", "main", "lm-evaluation-harness with model 'ltm' (lm-eval's own flags)"),
     "generate": ("modeling_ltm.generate_cli", "main", "generate text, fitting z on each prompt"),
+    "compare": ("modeling_ltm.compare_cli", "main", "an LTM run against its Llama peer: bounds vs exact, speed, FLOPs"),
     "export": ("hub_cards.cli", "export_main", "write a Hub-ready folder (weights, remote code, tokenizer, card)"),
     "push": ("hub_cards.cli", "push_main", "upload an exported folder to the Hugging Face Hub"),
     "convert-original": (

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -796,10 +796,15 @@ def take_blocks(blocks, num_blocks: int) -> Dataset:
     return Dataset.from_dict({"input_ids": rows})
 
 
-def check_token_dataset(dataset, name: str, vocab_size: int | None = None, fixed_length: bool = True) -> None:
+def check_token_dataset(
+    dataset, name: str, vocab_size: int | None = None, fixed_length: bool = True, rows_are_dicts: bool = False
+) -> None:
     """`ValueError` naming `name`, the `input_ids` column and the first bad row when `dataset` (a sized dataset of
     token ids, e.g. for `LTMTrainer`) has no rows, rows of different lengths (`fixed_length`: the collator stacks
-    blocks without padding), or token ids outside `[0, vocab_size)`.
+    blocks without padding), token ids outside `[0, vocab_size)`, a `labels` column whose rows differ in length from
+    `input_ids`, or no row of 2 tokens or more (nothing to predict: training would run at loss 0); `TypeError` for
+    token ids or labels that are not integers, and (`rows_are_dicts`: the default collators) rows that are not
+    mappings of columns, e.g. a list of tensors.
 
     A `datasets.Dataset` is checked whole, in Arrow batches (no Python loop over tokens); another sized dataset on its
     first 10,000 rows; an iterable one is not checked."""
@@ -817,19 +822,96 @@ def check_token_dataset(dataset, name: str, vocab_size: int | None = None, fixed
     if isinstance(dataset, Dataset):
         if "input_ids" not in dataset.column_names:
             return
-        offset, first_length = 0, None
+        offset, first_length, longest = 0, None, 0
         for batch in dataset.with_format("arrow").iter(batch_size=10_000):
             first_length = _check_arrow_batch(batch, name, offset, vocab_size, fixed_length, first_length)
+            longest = max(longest, _longest_arrow_row(batch, name, offset))
             offset += batch.num_rows
+        _check_something_to_predict(name, longest, offset)
         return
-    first_length = None
-    for row in range(min(num_rows, 10_000)):
+    first_length, longest = None, 0
+    checked = min(num_rows, 10_000)
+    for row in range(checked):
         item = dataset[row]
-        ids = item.get("input_ids") if isinstance(item, dict) else None
+        if not isinstance(item, Mapping):
+            if rows_are_dicts:
+                raise TypeError(
+                    f"`{name}` row {row} is a {type(item).__name__}, not a dict of columns: the data collator builds "
+                    "batches from rows like {'input_ids': [...]}. Pass e.g. `datasets.Dataset.from_dict({'input_ids': "
+                    "[t.tolist() for t in tensors]})` or `[{'input_ids': t} for t in tensors]`."
+                )
+            return
+        ids = item.get("input_ids")
         if ids is None:
             return
         ids = torch.as_tensor(ids).reshape(-1)
+        _check_integer_ids(name, "input_ids", ids.dtype, f"row {row}, ")
         first_length = _check_row(name, row, int(ids.numel()), ids, vocab_size, fixed_length, first_length)
+        longest = max(longest, int(ids.numel()))
+        labels = item.get("labels")
+        if labels is not None:
+            labels = torch.as_tensor(labels).reshape(-1)
+            _check_integer_ids(name, "labels", labels.dtype, f"row {row}, ")
+            _check_labels_length(name, row, int(labels.numel()), int(ids.numel()))
+    _check_something_to_predict(name, longest, checked)
+
+
+def _check_integer_ids(name: str, column: str, dtype, where: str = "") -> None:
+    """`TypeError` for token ids / labels of a non-integer type (e.g. floats from a JSON or NumPy float array)."""
+    kind = str(dtype).replace("torch.", "")
+    if "int" not in kind or kind == "bool":
+        raise TypeError(
+            f"`{name}` {where}column `{column}` holds {kind} values, and token ids must be integers (the embedding "
+            f"looks them up). Cast them, e.g. `dataset.cast_column({column!r}, datasets.Sequence(datasets.Value("
+            "'int64')))` or `torch.tensor(ids, dtype=torch.long)`."
+        )
+
+
+def _check_labels_length(name: str, row: int, num_labels: int, num_ids: int) -> None:
+    if num_labels != num_ids:
+        raise ValueError(
+            f"`{name}` row {row} has {num_labels} values in column `labels` but {num_ids} tokens in `input_ids`: "
+            "labels are the target of each input position (the model shifts them itself). Give labels of the same "
+            "length (-100 where nothing is scored), or drop the `labels` column (LTMTrainer then uses input_ids)."
+        )
+
+
+def _check_something_to_predict(name: str, longest: int, rows: int) -> None:
+    """`ValueError` when no row has 2 tokens: a causal LM predicts each token from those before it, so rows of 0 or 1
+    token have no target, and training would report loss 0 while learning nothing."""
+    if rows and longest < 2:
+        raise ValueError(
+            f"`{name}`: no row has more than {longest} token(s) in column `input_ids`, so no token is predicted "
+            "(each is predicted from the ones before it): training would run at loss 0 and learn nothing. Give rows "
+            "of 2 tokens or more, e.g. text packed into blocks by `modeling_ltm.data.tokenize_and_pack`."
+        )
+
+
+def _longest_arrow_row(batch, name: str, offset: int) -> int:
+    """The longest `input_ids` row of an Arrow batch; checks that ids and labels are integers, labels as long."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = batch.column("input_ids")
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        return 2  # not a list per row: not checked here
+    list_columns = [("input_ids", column)]
+    if "labels" in batch.column_names:
+        labels = batch.column("labels")
+        if pa.types.is_list(labels.type) or pa.types.is_large_list(labels.type):
+            list_columns.append(("labels", labels))
+    for column_name, values in list_columns:
+        value_type = values.type.value_type
+        if not pa.types.is_integer(value_type) and not pa.types.is_null(value_type):
+            _check_integer_ids(name, column_name, value_type)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if len(list_columns) == 2:
+        label_lengths = pc.list_value_length(list_columns[1][1]).to_numpy(zero_copy_only=False)
+        if (label_lengths != lengths).any():
+            row = int(np.argmax(label_lengths != lengths))
+            _check_labels_length(name, offset + row, int(label_lengths[row]), int(lengths[row]))
+    return int(lengths.max()) if len(lengths) else 0
 
 
 def _check_row(name, row, length, ids, vocab_size, fixed_length, first_length):

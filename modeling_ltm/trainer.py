@@ -301,14 +301,16 @@ class LTMTrainer(Trainer):
                 "`posterior_encoder_size=N` (e.g. N = 4 * hidden_size), or leave `posterior_warm_start` off."
             )
         self.data_collator = _CausalLMLabels(self.data_collator or default_data_collator)
-        # Empty datasets, blocks of several lengths (for collators that do not pad) and token ids outside the
-        # vocabulary fail here, naming the row, instead of deep inside the first step.
+        # Empty datasets, blocks of several lengths (for collators that do not pad), token ids outside the vocabulary
+        # or not integers, labels of another length, rows with nothing to predict, and (for the default collators)
+        # rows that are not dicts fail here, naming the row, instead of deep inside the first step.
         fixed_length = self.data_collator.collator in (default_data_collator, collate_blocks)
         vocab_size = self._model_config().vocab_size
         evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
-        check_token_dataset(self.train_dataset, "train_dataset", vocab_size, fixed_length)
-        for key, dataset in evals.items():
-            check_token_dataset(dataset, f"eval_dataset[{key!r}]" if key else "eval_dataset", vocab_size, fixed_length)
+        to_check = {"train_dataset": self.train_dataset}
+        to_check.update({f"eval_dataset[{key!r}]" if key else "eval_dataset": data for key, data in evals.items()})
+        for name, dataset in to_check.items():
+            check_token_dataset(dataset, name, vocab_size, fixed_length, rows_are_dicts=fixed_length)
         # A `time.monotonic()` value: training fits stop between two fast steps once it passes (`--max_train_minutes`).
         self.fit_deadline: float | None = None
         self._train_sums = None  # (5,) float64: nll, kl, tokens, elbo gain, encoder error since the last log

@@ -21,8 +21,15 @@ from pathlib import Path
 from lm_eval.__main__ import cli_evaluate
 
 import eval_harness  # registers model "ltm"
-from modeling_ltm.budgets import check_inference_steps, check_iw_samples
-from modeling_ltm.cli_errors import CLIError, check_finite_safetensors, check_model_folder, resolve_device, run_cli
+from modeling_ltm.budgets import check_inference_steps, check_iw_samples, check_memory
+from modeling_ltm.cli_errors import (
+    CLIError,
+    check_finite_safetensors,
+    check_model_folder,
+    looks_like_a_local_path,
+    resolve_device,
+    run_cli,
+)
 
 
 def _model_args(values: list[str] | None) -> dict[str, str]:
@@ -43,6 +50,7 @@ def _known_arguments(argv: list[str]) -> argparse.Namespace:
     pre.add_argument("--device")
     pre.add_argument("--batch_size", "-b")
     pre.add_argument("--output_path", "-o")
+    pre.add_argument("--limit", "-L")
     known, _ = pre.parse_known_args(argv)
     return known
 
@@ -59,6 +67,16 @@ def check_ltm_arguments(argv: list[str]) -> None:
     """For `--model ltm`: a local `pretrained=` folder must be an intact saved LTM with finite weights, the device
     usable, the batch size >= 1 and the fast steps and importance samples within `modeling_ltm.budgets`."""
     known = _known_arguments(argv)
+    if known.limit is not None:
+        try:
+            limit = float(known.limit)
+        except ValueError:
+            limit = float("nan")
+        if not 0 < limit < float("inf"):
+            raise CLIError(
+                f"--limit {known.limit} evaluates no document: pass a number of documents per task >= 1, or a "
+                "fraction of each task's documents in (0, 1), or leave --limit out to evaluate them all."
+            )
     if known.batch_size is not None and not known.batch_size.startswith("auto"):
         try:
             batch_size = int(known.batch_size)
@@ -70,7 +88,8 @@ def check_ltm_arguments(argv: list[str]) -> None:
         return
     model_args = _model_args(known.model_args)
     pretrained = model_args.get("pretrained")
-    if pretrained is not None and (Path(pretrained).exists() or pretrained.startswith((".", "/", "~"))):
+    local = pretrained is not None and (Path(pretrained).expanduser().exists() or looks_like_a_local_path(pretrained))
+    if local:  # a folder that does not exist is named here, not sent to the Hub as a repository id
         check_model_folder(Path(pretrained).expanduser(), "--model_args pretrained=", model_type="ltm")
         check_finite_safetensors(Path(pretrained).expanduser(), "evaluating")
     for flag, device in (("--device", known.device), ("--model_args device=", model_args.get("device"))):
@@ -80,6 +99,28 @@ def check_ltm_arguments(argv: list[str]) -> None:
         _int_arg("--model_args num_inference_steps=", model_args["num_inference_steps"], check_inference_steps)
     if model_args.get("iw_samples") is not None:
         _int_arg("--model_args iw_samples=", model_args["iw_samples"], check_iw_samples)
+    if local:
+        check_eval_memory(Path(pretrained).expanduser(), known, model_args)
+
+
+def check_eval_memory(folder: Path, known: argparse.Namespace, model_args: dict[str, str]) -> None:
+    """The rows of one `--batch_size` batch (with `iw_samples=K` importance draws each) against the memory budget,
+    before the model is loaded (`LTMLM` checks again with the loaded model)."""
+    from transformers import AutoConfig
+
+    batch_size = int(known.batch_size) if known.batch_size and known.batch_size.isdigit() else 1
+    config = AutoConfig.from_pretrained(folder)
+    try:
+        length = int(model_args.get("max_length") or config.max_position_embeddings)
+        samples = int(model_args.get("iw_samples") or 0)
+    except ValueError:
+        return  # LTMLM names the bad value
+    device = model_args.get("device") or known.device or resolve_device(None)
+    half = (model_args.get("dtype") or "").lower() in ("bfloat16", "bf16", "float16", "fp16", "half")
+    check_memory(
+        "--batch_size", batch_size, config, batch_size, length, device, half_precision=half, iw_samples=samples,
+        iw_flag="--model_args iw_samples=",
+    )  # fmt: skip
 
 
 def check_output_path(output_path: str | None) -> None:

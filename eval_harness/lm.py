@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
 from modeling_ltm.budgets import check_inference_steps, check_iw_samples, check_memory
-from modeling_ltm.cli_errors import check_model_folder
+from modeling_ltm.cli_errors import check_model_folder, load_checked_model, looks_like_a_local_path
 from modeling_ltm.inference import PosteriorFitSettings, content_seed, evaluate_posterior, fit_posterior
 from modeling_ltm.weight_checks import latent_prior_of
 
@@ -94,6 +94,20 @@ def _as_int(name: str, value: Any, minimum: int) -> int:
     if number != float(value) or number < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     return number
+
+
+class _CheckedLoading:
+    """HFLM's `AUTO_MODEL_CLASS` while it loads the model: `from_pretrained` through
+    `modeling_ltm.cli_errors.load_checked_model`, as `ltm generate` and `ltm export` load."""
+
+    def __init__(self, auto_class):
+        self.auto_class = auto_class
+
+    def from_pretrained(self, pretrained, **kwargs):
+        return load_checked_model(pretrained, "evaluating", self.auto_class, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.auto_class, name)
 
 
 @_register
@@ -153,7 +167,9 @@ class LTMLM(HFLM):
             _as_int("batch_size", batch_size, 1)
         if kwargs.get("max_batch_size") is not None:
             _as_int("max_batch_size", kwargs["max_batch_size"], 1)
-        if isinstance(pretrained, str) and os.path.isdir(os.path.expanduser(pretrained)):
+        if isinstance(pretrained, str) and (
+            os.path.exists(os.path.expanduser(pretrained)) or looks_like_a_local_path(pretrained)
+        ):
             # names a damaged config.json or a truncated .safetensors file, and refuses pickled weights, by path
             check_model_folder(os.path.expanduser(pretrained), "pretrained", model_type="ltm")
         self.iw_samples = _as_int("iw_samples", iw_samples, 0)
@@ -214,7 +230,10 @@ class LTMLM(HFLM):
         if isinstance(self.batch_size, int):  # the rows of one batch of windows, with a backward pass per fast step
             half = self.model.dtype in (torch.bfloat16, torch.float16) or self.mixed_precision_dtype is not None
             rows, length = self.batch_size, self.max_length
-            check_memory("batch_size", rows, self.model.config, rows, length, self.device, half_precision=half)
+            check_memory(
+                "batch_size", rows, self.model.config, rows, length, self.device, half_precision=half,
+                iw_samples=self.iw_samples, iw_flag="iw_samples=",
+            )  # fmt: skip
         self.fit_settings = PosteriorFitSettings.evaluation(self.model.config, num_steps=steps, lr=lr)
         check_inference_steps(
             "`num_inference_steps` (the model config's eval_inference_steps)", self.fit_settings.num_steps
@@ -236,7 +255,11 @@ class LTMLM(HFLM):
         return super().world_size if processes is None else processes[1]
 
     def _create_model(self, pretrained: str, **kwargs) -> None:
-        """HFLM's loading; a model_arg nobody knows reaches `LTMForCausalLM.__init__`, and is named here."""
+        """HFLM's loading, through `cli_errors.load_checked_model` (weights with a missing, unexpected or mismatched
+        tensor are refused, naming them); a model_arg nobody knows reaches `LTMForCausalLM.__init__`, and is named
+        here."""
+        auto_class = self.AUTO_MODEL_CLASS
+        self.AUTO_MODEL_CLASS = _CheckedLoading(auto_class)
         try:
             super()._create_model(pretrained, **kwargs)
         except TypeError as error:
@@ -248,6 +271,8 @@ class LTMLM(HFLM):
                 "of lm-eval's `hf` model (pretrained, tokenizer, batch_size, device, dtype, max_length, "
                 "trust_remote_code, ...), LTMConfig fields and from_pretrained keyword arguments."
             ) from error
+        finally:
+            self.AUTO_MODEL_CLASS = auto_class
 
     def get_model_info(self) -> dict:
         """HFLM's model info plus how the latents were inferred and, for rolling requests, the bound's parts in nats

@@ -5,13 +5,16 @@ The folder holds what `save_pretrained` writes for a model registered for the Au
 defaults, the tokenizer, and the model card (`README.md`). It is written into a temporary sibling folder
 (`.<name>.tmp-<pid>-*`, removed by the next export if a kill left it) and renamed into place at the end, so a failed
 export leaves nothing behind; with `overwrite=True` into an existing folder, only the files an export writes are
-replaced there, other files are kept. Weights holding NaN/inf are refused, and
-`training_args.bin` (a pickle) is read through an allow-list that runs no code from the file.
+replaced there, other files are kept. One export at a time writes a folder (`ExportLock`, the hidden sibling
+`.<name>.ltm-export.lock`). Weights holding NaN/inf, weights missing a tensor of the model (it would be newly
+initialised) or holding one it does not have (`cli_errors.load_checked_model`), and a tokenizer without an end-of-text
+token are refused, and `training_args.bin` (a pickle) is read through an allow-list that runs no code from the file.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import re
@@ -28,9 +31,9 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 
 from modeling_ltm import LTMForCausalLM  # importing the package registers the classes for `auto_map`
-from modeling_ltm.cli_errors import check_model_folder
+from modeling_ltm.cli_errors import CLIError, check_model_folder, load_checked_model, no_such_folder
 from modeling_ltm.generation_ltm import LTMGenerationConfig
-from modeling_ltm.run_folder import process_alive
+from modeling_ltm.run_folder import RunLock, _describe, give_weights_the_usual_mode, process_alive, test_pause
 from modeling_ltm.weight_checks import check_finite_weights
 
 from .card import build_model_card, load_lm_eval_results, trainer_eval_results
@@ -283,6 +286,18 @@ def _load_tokenizer(checkpoint: Path, tokenizer: str | Path | None, max_length: 
         except (OSError, ValueError, TypeError) as error:
             errors.append(f"{source}: {error}")
             continue
+        if loaded.eos_token is None:  # `ltm generate` and `ltm eval` would refuse the export
+            missing = "" if (Path(source) / "tokenizer_config.json").is_file() else " (no tokenizer_config.json there)"
+            fix = (
+                "pass the tokenizer the model was trained with (--tokenizer <folder or Hub id>)"
+                if tokenizer is None
+                else "pass a tokenizer that has one (--tokenizer)"
+            )
+            raise CLIError(
+                f"the tokenizer in {source} has no end-of-text (EOS) token{missing}, so `ltm generate` and `ltm eval` "
+                f"would refuse the export; {fix}, or save it into {source} (`tokenizer.save_pretrained(folder)` "
+                "writes tokenizer_config.json)."
+            )
         # So that `tokenizer(..., truncation=True)` stops at the model's context instead of a huge sentinel.
         if loaded.model_max_length > max_length:
             loaded.model_max_length = max_length
@@ -326,6 +341,48 @@ def _replace_export_files(staging: Path, output_dir: Path) -> None:
 
 def _staging_prefix(output_dir: Path) -> str:
     return f".{output_dir.name}.tmp-"
+
+
+class ExportLock(RunLock):
+    """`RunLock` for one `ltm export` into `output_dir`: the lock file is the hidden sibling
+    `.<name>.ltm-export.lock` (inside the folder it would be uploaded by `ltm push`, and the folder is renamed into
+    place), held from before the checks of the folder to the end of the export."""
+
+    def __init__(self, output_dir: Path):
+        super().__init__(output_dir.parent)
+        self.output_dir = output_dir
+        self.path = output_dir.parent / f".{output_dir.name}.ltm-export.lock"
+
+    def _refuse(self, holder: dict) -> CLIError:
+        return CLIError(
+            f"the export folder {self.output_dir} is being written by another `ltm export` ({_describe(holder)}; lock "
+            f"file {self.path}): two exports would mix their files there. Wait for it to finish or choose another "
+            f"folder; if that process is gone, delete {self.path}."
+        )
+
+    def _took_over(self, previous: dict) -> None:
+        logger.warning(
+            f"An `ltm export` into {self.output_dir} was interrupted ({_describe(previous)}); exporting again."
+        )
+
+
+def _unwritable(output_dir: Path, error: OSError) -> CLIError:
+    """The export folder cannot be written: named as the user gave it, not by the temporary path that failed."""
+    return CLIError(
+        f"cannot write the export folder {output_dir} ({error.strerror or error}: its parent folder "
+        f"{output_dir.parent} is read-only or not yours); choose a folder you can write to."
+    )
+
+
+def _check_writable(output_dir: Path) -> None:
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if existing == output_dir and any(output_dir.iterdir()):
+        targets = (output_dir, output_dir.parent)  # --overwrite moves files into it
+    else:
+        targets = (existing if existing != output_dir else output_dir.parent,)  # the staging folder goes beside it
+    for target in targets:
+        if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+            raise _unwritable(output_dir, PermissionError(errno.EACCES, f"{target} is not writable"))
 
 
 def _umask() -> int:
@@ -386,6 +443,20 @@ def export_for_hub(
         ValueError: not an LTM checkpoint, a damaged file (named), a non-empty `output_dir` without `overwrite`, or
             weights holding NaN/inf (`NonFiniteWeightsError`, naming the first bad parameter).
     """
+    if not Path(checkpoint).expanduser().exists():
+        raise no_such_folder(checkpoint, "checkpoint")
+    if repo_id is not None:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as error:
+            raise CLIError(
+                f"--repo-id {repo_id!r} is not a Hub repository id ({str(error).splitlines()[0]}); pass "
+                "'user/name' or 'org/name' (letters, digits, '-', '_', '.'), or leave it out and name the repository "
+                "in `ltm push`."
+            ) from None
     checkpoint = Path(checkpoint).expanduser().resolve()
     output_dir = Path(output_dir).expanduser().resolve()
     config_dict = _read_json(checkpoint / "config.json")
@@ -405,14 +476,37 @@ def export_for_hub(
         )
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"{output_dir} exists and is not a folder.")
+    check_model_folder(checkpoint, "checkpoint")  # names a truncated .safetensors file; refuses pickled weights
+    _check_writable(output_dir)
+    lock = ExportLock(output_dir)
+    try:
+        lock.acquire()  # one export at a time into this folder; released when this one ends
+    except OSError as error:
+        raise _unwritable(output_dir, error) from error
+    try:
+        return _export_locked(
+            checkpoint, output_dir, tokenizer=tokenizer, lm_eval_results=lm_eval_results, repo_id=repo_id,
+            model_name=model_name, datasets=datasets, eval_dataset_name=eval_dataset_name, license=license,
+            overwrite=overwrite,
+        )  # fmt: skip
+    finally:
+        lock.release()
+        lock.remove_created_dirs()
+
+
+def _export_locked(
+    checkpoint: Path, output_dir: Path, *, tokenizer, lm_eval_results, repo_id, model_name, datasets,
+    eval_dataset_name, license, overwrite,
+) -> Path:  # fmt: skip
+    """`export_for_hub` once its arguments are checked and the folder's `ExportLock` is held."""
+    test_pause("export-locked")  # tests hold the lock here
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(
             f"{output_dir} is not empty; pass --overwrite (overwrite=True) to replace the files an export writes "
             "there (other files are kept), or choose an empty folder."
         )
-
-    check_model_folder(checkpoint, "checkpoint")  # names a truncated .safetensors file; refuses pickled weights
-    model = LTMForCausalLM.from_pretrained(checkpoint, use_safetensors=True).eval()
+    # Every tensor from the files: a missing one would be newly initialised (random) and shipped.
+    model = load_checked_model(checkpoint, "exporting", LTMForCausalLM, use_safetensors=True).eval()
     check_finite_weights(model, "exporting", source=str(checkpoint))
     model.generation_config = hub_generation_config(model)
     tokenizer_object = _load_tokenizer(checkpoint, tokenizer, model.config.max_position_embeddings)
@@ -449,10 +543,16 @@ def export_for_hub(
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(output_dir)}{os.getpid()}-", dir=output_dir.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(output_dir)}{os.getpid()}-", dir=output_dir.parent))
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise _unwritable(output_dir, error) from error
+        raise
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export folder gets the usual mode
         model.save_pretrained(staging)
+        give_weights_the_usual_mode(staging)  # safetensors writes model.safetensors 0600
         missing = [name for name in REMOTE_CODE_FILES if not (staging / name).is_file()]
         if missing or "auto_map" not in (_read_json(staging / "config.json") or {}):
             raise RuntimeError(
@@ -461,10 +561,15 @@ def export_for_hub(
             )
         tokenizer_object.save_pretrained(staging)
         card.save(staging / "README.md")
-        if output_dir.exists():
-            _replace_export_files(staging, output_dir)
-        else:
-            staging.rename(output_dir)
+        try:
+            if output_dir.exists():
+                _replace_export_files(staging, output_dir)
+            else:
+                staging.rename(output_dir)
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise _unwritable(output_dir, error) from error
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info(f"Exported {checkpoint} to {output_dir}")

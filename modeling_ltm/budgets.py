@@ -13,11 +13,15 @@ killer ends it.
   (logits and their softmax, activations for one backward pass, the KV cache, the latents), compared with
   `memory_budget_bytes(device)`: `$LTM_MEMORY_BUDGET_GB` when set, else the GPU's memory, else this machine's RAM.
   Checked for `ltm generate` (prompts x return sequences x beams, or `--num-samples`), the training and evaluation
-  batch sizes of `ltm train`, and `ltm eval`'s `--batch_size`.
+  batch sizes of `ltm train`, and `ltm eval`'s `--batch_size`. With importance samples (`iw_samples=K`), the estimate
+  adds what the bound holds at once: the `K x rows` latent draws (`IW_LATENT_COPIES` copies) and one chunk of the
+  scoring forwards (`max(rows, IW_TOKENS_PER_FORWARD // length)` rows, `inference.default_max_rows`).
+  `LTM_MEMORY_BUDGET_GB=inf` means no memory budget; NaN, 0 or a negative number is an error naming the variable.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -27,12 +31,21 @@ MEMORY_BUDGET_ENV = "LTM_MEMORY_BUDGET_GB"
 # Fallback budget when the machine's memory cannot be read.
 DEFAULT_MEMORY_BUDGET_BYTES = 16 * 2**30
 _GIB = 2**30
+# Copies of the `K x rows` latent draws the importance-weighted bound holds at its peak (the draws, their stack, the
+# scaled noise and `z`; on a GPU the pre-drawn noise too): measured ~3.3 on a CPU.
+IW_LATENT_COPIES = 5
+# Tokens of one batched scoring forward of the importance samples (`inference.default_max_rows`' `max_tokens`).
+IW_TOKENS_PER_FORWARD = 16384
 
 
 def _named(flag: str, value) -> str:
     """`--flag value`, or `key=value` for a model_args key."""
     shown = value if isinstance(value, str) else repr(value)
     return f"{flag}{shown}" if flag.endswith("=") else f"{flag} {shown}"
+
+
+def _gb(size: float) -> str:
+    return f"{size / _GIB:,.1f}" if size >= 0.1 * _GIB else f"{size / _GIB:.3f}"
 
 
 def check_inference_steps(flag: str, value: int | None) -> None:
@@ -58,16 +71,25 @@ def check_iw_samples(flag: str, value: int | None) -> None:
         )
 
 
-def memory_budget_bytes(device=None) -> tuple[int, str]:
-    """`(bytes, what it is)`: `$LTM_MEMORY_BUDGET_GB`, else the CUDA device's memory, else the machine's RAM."""
+def memory_budget_bytes(device=None) -> tuple[int | float, str]:
+    """`(bytes, what it is)`: `$LTM_MEMORY_BUDGET_GB` (`inf`: no budget, `math.inf`), else the CUDA device's memory,
+    else the machine's RAM."""
     value = os.environ.get(MEMORY_BUDGET_ENV)
     if value:
         try:
             budget = float(value)
         except ValueError:
-            raise ValueError(f"{MEMORY_BUDGET_ENV}={value!r} is not a number of GB; set e.g. {MEMORY_BUDGET_ENV}=16.")
-        if not budget > 0:
-            raise ValueError(f"{MEMORY_BUDGET_ENV}={value!r} must be > 0 GB.")
+            raise ValueError(
+                f"{MEMORY_BUDGET_ENV}={value!r} is not a number of GB; set e.g. {MEMORY_BUDGET_ENV}=16 (or inf for no "
+                "memory budget)."
+            ) from None
+        if not budget > 0:  # NaN, 0, negative
+            raise ValueError(
+                f"{MEMORY_BUDGET_ENV}={value!r} must be a number of GB > 0; set e.g. {MEMORY_BUDGET_ENV}=16 (or inf "
+                "for no memory budget), or unset it to use the device's memory."
+            )
+        if math.isinf(budget):
+            return math.inf, f"{MEMORY_BUDGET_ENV}={value} (no budget)"
         return int(budget * _GIB), f"{MEMORY_BUDGET_ENV}={value}"
     device = str(device or "cpu")
     if device.startswith("cuda"):
@@ -83,20 +105,41 @@ def memory_budget_bytes(device=None) -> tuple[int, str]:
         return DEFAULT_MEMORY_BUDGET_BYTES, "the default budget"
 
 
-def estimate_bytes(config, rows: int, length: int, backward: bool = True, half_precision: bool = False) -> int:
+def estimate_bytes(
+    config, rows: int, length: int, backward: bool = True, half_precision: bool = False, iw_samples: int = 0
+) -> int:
     """A rough upper estimate of the memory of one batch of `rows` sequences of `length` tokens through `config`'s
     model: logits, log-probabilities and (with `backward`) their gradient (float32, plus a bf16/fp16 copy under
     `half_precision`); the activations of every layer kept for the backward pass (~24 values per hidden unit and
-    token, in the compute precision); the KV cache; the latents and their optimiser state."""
+    token, in the compute precision); the KV cache; the latents and their optimiser state.
+
+    With `iw_samples = K > 0` (an importance-weighted bound after the fit), also the `K x rows` latent draws it holds
+    at once (`IW_LATENT_COPIES` float32 copies) and the larger of the fit and one scoring forward of
+    `max(rows, IW_TOKENS_PER_FORWARD // length)` rows without a backward pass."""
+    fit = _batch_bytes(config, rows, length, backward, half_precision)
+    if not iw_samples:
+        return fit
+    latents = _latent_values(config)
+    chunk_rows = max(rows, IW_TOKENS_PER_FORWARD // max(length, 1))
+    scoring = _batch_bytes(config, chunk_rows, length, False, half_precision)
+    return max(fit, scoring) + iw_samples * rows * latents * 4 * IW_LATENT_COPIES
+
+
+def _latent_values(config) -> int:
+    latents = 1
+    for size in getattr(config, "latent_shape", ()):
+        latents *= size
+    return latents
+
+
+def _batch_bytes(config, rows: int, length: int, backward: bool, half_precision: bool) -> int:
     vocab = config.vocab_size
     hidden = config.hidden_size
     layers = config.num_hidden_layers
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     value_bytes = 2 if half_precision else 4
-    latents = 1
-    for size in getattr(config, "latent_shape", ()):
-        latents *= size
+    latents = _latent_values(config)
     logits = vocab * ((3 if backward else 2) * 4 + (2 if half_precision else 0))
     activations = (24 if backward else 4) * hidden * layers * value_bytes
     cache = 2 * layers * heads * head_dim * value_bytes
@@ -104,20 +147,39 @@ def estimate_bytes(config, rows: int, length: int, backward: bool = True, half_p
 
 
 def check_memory(
-    flag: str, value, config, rows: int, length: int, device=None, backward: bool = True, half_precision: bool = False
+    flag: str,
+    value,
+    config,
+    rows: int,
+    length: int,
+    device=None,
+    backward: bool = True,
+    half_precision: bool = False,
+    iw_samples: int = 0,
+    iw_flag: str | None = None,
 ) -> None:
-    """`ValueError` naming `flag` when `estimate_bytes(config, rows, length, ...)` exceeds the memory budget."""
-    needed = estimate_bytes(config, rows, length, backward=backward, half_precision=half_precision)
+    """`ValueError` naming `flag` (and `iw_flag`, the flag of `iw_samples`) when `estimate_bytes(config, rows,
+    length, ...)` exceeds the memory budget."""
+    needed = estimate_bytes(
+        config, rows, length, backward=backward, half_precision=half_precision, iw_samples=iw_samples
+    )
     budget, what = memory_budget_bytes(device)
     if needed > budget:
+        samples, lower = "", f"lower {flag} (run several smaller batches)"
+        if iw_samples:
+            shown = _named(iw_flag, iw_samples) if iw_flag else f"{iw_samples:,} importance samples"
+            samples = f" with {shown} ({iw_samples:,} latent draws per sequence)"
+            lower = f"lower {flag} or {iw_flag or 'the importance samples'}"
         raise ValueError(
-            f"{_named(flag, value)}: {rows:,} sequences of {length:,} tokens need about {needed / _GIB:,.1f} GB, "
-            f"more than {what} ({budget / _GIB:,.1f} GB); lower {flag} (run several smaller batches), or set "
+            f"{_named(flag, value)}: {rows:,} sequences of {length:,} tokens{samples} need about "
+            f"{_gb(needed)} GB, more than {what} ({_gb(budget)} GB); {lower}, or set "
             f"{MEMORY_BUDGET_ENV} if you know better."
         )
 
 
 __all__ = [
+    "IW_LATENT_COPIES",
+    "IW_TOKENS_PER_FORWARD",
     "MAX_INFERENCE_STEPS",
     "MAX_IW_SAMPLES",
     "MEMORY_BUDGET_ENV",

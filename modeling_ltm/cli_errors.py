@@ -343,6 +343,8 @@ def check_model_folder(path: str | Path, flag: str = "model folder", model_type:
 
     path = Path(path)
     config_path = path / "config.json"
+    if not path.exists():
+        raise no_such_folder(path, flag)
     if not path.is_dir() or not config_path.is_file():
         raise CLIError(
             f"{flag} {str(path)!r} is not a saved model folder (no config.json); train one with `ltm train` or pass "
@@ -388,7 +390,94 @@ def check_model_folder(path: str | Path, flag: str = "model folder", model_type:
                 f"{weights} is truncated or corrupt ({error}); re-save the model (save_pretrained / `ltm train`) or "
                 "copy the file again."
             ) from error
+    generation_config = path / "generation_config.json"
+    if generation_config.is_file():  # transformers ignores a damaged one silently (the defaults of config.json)
+        try:
+            parsed = json.loads(generation_config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            parsed = error
+        if not isinstance(parsed, dict):
+            problem = f"is not valid JSON ({parsed})" if isinstance(parsed, Exception) else "is not a JSON object"
+            raise CLIError(
+                f"{generation_config} {problem}, so the model's generation and inference-step defaults would be "
+                "silently replaced; restore it (`model.generation_config.save_pretrained(folder)`) or delete it to "
+                "use the defaults of config.json."
+            )
     return path
+
+
+def no_such_folder(path: str | Path, flag: str) -> CLIError:
+    """`CLIError`: `path` does not exist, naming the current directory (for a relative path) and a close name."""
+    path = Path(path)
+    where = "" if path.expanduser().is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    parent = path.expanduser().parent
+    hint = did_you_mean(path.name, (p.name for p in parent.iterdir())) if parent.is_dir() else ""
+    named = f"{flag}{path}" if flag.endswith("=") else f"{flag} {str(path)!r}"
+    return CLIError(
+        f"{named}: no such folder{where}{hint}; pass the folder written by `ltm train` / save_pretrained."
+    )
+
+
+def looks_like_a_local_path(name: str) -> bool:
+    """Whether a model name that is no existing file or folder was meant as a local folder rather than a Hub id:
+    it starts with `.`, `/` or `~`, holds a backslash or more than one `/`, is no valid Hub repository id, or its first
+    part is a folder here (`runs/ltm-tiy` beside `runs/`)."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return "/" in name
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def check_loading_info(info: dict, source: str | Path, action: str) -> None:
+    """`CLIError` naming `source`, the tensors (first few) and the fix when `from_pretrained`'s loading info
+    (`output_loading_info=True`) lists missing, unexpected or mismatched tensors: a missing tensor would be newly
+    initialised (random), an unexpected one dropped. Tied weights are not missing (transformers leaves them out)."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing (they would be random)"),
+        ("unexpected_keys", "not part of this model"),
+        ("mismatched_keys", "of another shape"),
+    ):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            problems.append(f"{len(names)} tensor(s) {what}: {shown}")
+    if problems:
+        raise CLIError(
+            f"the weights in {source} do not match the model of its config.json ({'; '.join(problems)}), found before "
+            f"{action}; the weights file is damaged or belongs to another model: re-save the model (`ltm train` / "
+            "save_pretrained), use an earlier checkpoint, or copy the files again."
+        )
+
+
+def load_checked_model(path: str | Path, action: str, model_class=None, **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)` (default `AutoModelForCausalLM`), refused by
+    `check_loading_info` when the files lack a tensor of the model (it would be newly initialised), hold one it does
+    not have, or one of another shape. `ltm generate`, `ltm eval` (`LTMLM`) and `ltm export` load through it."""
+    import logging
+
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, in one line, instead of a RuntimeError
+
+    def no_load_report(record: logging.LogRecord) -> bool:  # transformers' table; the error below names the tensors
+        return "LOAD REPORT" not in str(record.msg)
+
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(no_load_report)
+    try:
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        report_logger.removeFilter(no_load_report)
+    check_loading_info(info, path, action)
+    return model
 
 
 def check_finite_safetensors(folder: str | Path, action: str) -> None:
@@ -413,10 +502,14 @@ __all__ = [
     "HubTimeoutError",
     "bound_hub_requests",
     "check_finite_safetensors",
+    "check_loading_info",
     "check_model_folder",
     "did_you_mean",
     "hub_requests_bounded",
+    "load_checked_model",
+    "looks_like_a_local_path",
     "message_for",
+    "no_such_folder",
     "one_line",
     "resolve_device",
     "run_cli",

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .budgets import check_inference_steps, check_memory
-from .cli_errors import CLIError, check_model_folder, resolve_device, run_cli
+from .cli_errors import CLIError, check_model_folder, load_checked_model, resolve_device, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,13 +64,19 @@ def read_prompts(args) -> list[str]:
         if not args.prompts_file.is_file():
             raise CLIError(f"--prompts-file {args.prompts_file} does not exist; give a file with one prompt per line.")
         try:
-            text = args.prompts_file.read_text(encoding="utf-8")
+            text = args.prompts_file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of a prompt
         except UnicodeDecodeError as error:
             raise CLIError(
                 f"--prompts-file {args.prompts_file} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
                 f"position {error.start}): give a text file with one prompt per line."
             ) from None
-        prompts += [line for line in text.splitlines() if line.strip()]
+        from_file = [line for line in text.splitlines() if line.strip()]
+        if not from_file:
+            raise CLIError(
+                f"--prompts-file {args.prompts_file} holds no prompt (it is empty or only blank lines); write one "
+                "prompt per line, or leave the flag out."
+            )
+        prompts += from_file
     if not prompts and not args.unconditional:
         raise CLIError("give --prompt (repeatable) or --prompts-file, or --unconditional to sample without a prompt.")
     return prompts
@@ -134,6 +140,13 @@ def _main(argv: list[str]) -> int:
         raise CLIError(
             f"no tokenizer could be loaded from {model_path} ({error}); save one next to the model."
         ) from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is None:
+        missing = "" if (model_path / "tokenizer_config.json").is_file() else " (no tokenizer_config.json there)"
+        raise CLIError(
+            f"the tokenizer of {model_path} has no end-of-text (EOS) or padding token{missing}, and ltm generate pads "
+            "prompts with one and stops at EOS; save the tokenizer the model was trained with next to it "
+            f"(`tokenizer.save_pretrained('{model_path}')` writes tokenizer_config.json)."
+        )
     config = AutoConfig.from_pretrained(model_path)
     if len(tokenizer) > config.vocab_size:
         raise CLIError(
@@ -152,7 +165,9 @@ def _main(argv: list[str]) -> int:
     else:
         check_memory("--num-samples", args.num_samples, config, rows, 1 + args.max_new_tokens, device, backward=False)
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, config=config, use_safetensors=True).to(device).eval()
+    model = load_checked_model(
+        model_path, "generating", AutoModelForCausalLM, config=config, use_safetensors=True
+    ).to(device).eval()
     check_finite_weights(model, "generating", source=str(model_path))
     if args.num_inference_steps is None and not args.unconditional:
         default = getattr(model.generation_config, "num_inference_steps", None)

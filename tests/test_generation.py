@@ -601,7 +601,7 @@ def test_cli_unconditional_and_errors(saved_model, capsys):
     for argv, message in (
         ([str(saved_model)], "--prompt"),  # no prompt
         ([str(saved_model), "--prompt", "x", "--max-new-tokens", "64"], "no room for a prompt"),
-        ([str(saved_model / "missing"), "--prompt", "x"], "no config.json"),
+        ([str(saved_model / "missing"), "--prompt", "x"], "no such folder"),
     ):
         assert generate_main(argv) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]

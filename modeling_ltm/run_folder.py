@@ -136,6 +136,13 @@ class RunLock:
             f"--output_dir; if that process is gone, delete {self.path}."
         )
 
+    def _took_over(self, previous: dict) -> None:
+        _warn(
+            f"took over the lock of {self.folder} left by an `ltm train` that is no longer running "
+            f"({_describe(previous)}); it was interrupted, so check the folder before trusting files it was "
+            "writing (resume with --resume_from_checkpoint True)."
+        )
+
     def acquire(self) -> RunLock:
         missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -173,11 +180,7 @@ class RunLock:
                 if not locked and not dead:
                     os.close(fd)
                     raise self._refuse(previous)
-                _warn(
-                    f"took over the lock of {self.folder} left by an `ltm train` that is no longer running "
-                    f"({_describe(previous)}); it was interrupted, so check the folder before trusting files it was "
-                    "writing (resume with --resume_from_checkpoint True)."
-                )
+                self._took_over(previous)
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, json.dumps(_holder_record(), indent=1).encode())
@@ -353,6 +356,7 @@ def replace_final_files(
     try:
         shutil.copymode(folder, staging)
         write(staging)
+        give_weights_the_usual_mode(staging)
         write_json_atomically(staging / FINAL_RECORD_NAME, record)
         written = {entry.name for entry in staging.iterdir()}
         test_pause("final-save-written")
@@ -366,11 +370,57 @@ def replace_final_files(
             _warn(f"cannot hard-link the files of {folder} ({error}); saving file by file, not atomically.")
             return _move_files(staging, folder, patterns)
         test_pause("final-save-staged")
+        inside = _cwd_inside(folder)
         if not exchange_paths(staging, folder):
             _swap_by_renames(staging, folder)
+        _follow_cwd(folder, inside)
         test_pause("final-save-swapped")
     finally:
         _remove_tree(staging)
+
+
+def current_umask() -> int:
+    """The process's umask (from /proc on Linux, else by setting and restoring it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def give_weights_the_usual_mode(folder: str | os.PathLike) -> None:
+    """Give the `*.safetensors` files of `folder` the mode any new file gets under the umask (0644 under 022), as the
+    folder's other files have: safetensors writes them 0600 (through a private temporary file)."""
+    mode = 0o666 & ~current_umask()
+    for weights in Path(folder).glob("*.safetensors"):
+        if weights.is_file() and not weights.is_symlink() and (weights.stat().st_mode & 0o777) != mode:
+            os.chmod(weights, mode)
+
+
+def _cwd_inside(folder: Path) -> Path | None:
+    """The working directory relative to `folder` when it is `folder` or lies inside it (`cd run && ltm train
+    --output_dir .`), else None."""
+    try:
+        return Path(os.getcwd()).resolve().relative_to(folder)
+    except (OSError, ValueError):
+        return None
+
+
+def _follow_cwd(folder: Path, inside: Path | None) -> None:
+    """After the exchange, a working directory that was `folder` (or inside it) is the old folder, now the staging
+    path that is deleted next: move it to the same place in the new folder (its sub-folders are linked there)."""
+    if inside is None:
+        return
+    target = folder / inside
+    while target != folder and not target.is_dir():
+        target = target.parent
+    os.chdir(target)
+    print(
+        f"ltm train: the working directory was in {folder}, which the final save replaced in one step: a shell still "
+        'in it sees the old, now deleted folder; `cd "$PWD"` there enters the new one.'
+    )
 
 
 def _swap_by_renames(staging: Path, folder: Path) -> None:
@@ -414,7 +464,9 @@ __all__ = [
     "RUN_RECORD_NAME",
     "STAGING_SUFFIX",
     "RunLock",
+    "current_umask",
     "exchange_paths",
+    "give_weights_the_usual_mode",
     "new_run_id",
     "process_alive",
     "read_json",

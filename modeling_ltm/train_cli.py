@@ -25,11 +25,15 @@ under its own name (not a bound).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,6 +66,7 @@ from .run_folder import (
     RUN_RECORD_NAME,
     STAGING_SUFFIX,
     RunLock,
+    give_weights_the_usual_mode,
     new_run_id,
     read_json,
     recover_final_save,
@@ -327,6 +332,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe")
     pre.add_argument("--config")
+    pre.add_argument("--bf16", nargs="?", const="true")
+    pre.add_argument("--use_cpu", "--use-cpu", nargs="?", const="true")
     known, _ = pre.parse_known_args(argv)
     recipe_path = Path(known.recipe) if known.recipe else _default_recipe(known.config)
     if recipe_path is not None:
@@ -346,6 +353,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
                 f"--recipe {str(recipe_path)!r} sets unknown flags {unknown}{hints}; see `ltm train --help` for the "
                 "names."
             )
+        check_recipe_values(recipe, recipe_path, parser)
         print(f"ltm train: flag defaults from recipe {recipe_path}")
     else:
         recipe = {}
@@ -372,11 +380,106 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
         )
     ):
         argv = [*argv, "--output_dir", _fresh_output_dir(known.config)]
+    argv = _save_steps_switches_the_save_strategy(argv, parser, recipe, recipe_path)
+    argv = _bf16_without_a_gpu(argv, known, recipe)
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:  # TrainingArguments / LTMTrainingArguments validate their values in __post_init__
-        raise TrainCLIError(str(error)) from error
+        source = f" (flag defaults from --recipe {str(recipe_path)!r}: check its values too)" if recipe else ""
+        raise TrainCLIError(f"{error}{source}") from error
     return model_args, data_args, training_args
+
+
+def check_recipe_values(recipe: dict, recipe_path: Path, parser: argparse.ArgumentParser) -> None:
+    """`TrainCLIError` naming the recipe file, the key and the fix for a value its flag cannot take (`"max_steps":
+    "ten"`): argparse would convert it only when the flag is not given, with an error that names no file."""
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in recipe.items():
+        action = actions.get(key)
+        convert = getattr(action, "type", None)
+        if value is None or convert is None:
+            continue
+        values = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+        for item in values:
+            if isinstance(item, str):
+                try:
+                    convert(item)
+                    continue
+                except (ValueError, TypeError, argparse.ArgumentTypeError):
+                    pass
+            elif convert not in (int, float):
+                continue  # bools, dicts, choices: TrainingArguments checks them (its error then names the recipe)
+            elif not isinstance(item, bool) and isinstance(item, (int,) if convert is int else (int, float)):
+                continue
+            kind = getattr(convert, "__name__", "value")
+            raise TrainCLIError(
+                f"--recipe {str(recipe_path)!r}: {json.dumps(key)}: {json.dumps(item)} is not a valid {kind} for "
+                f"--{key}; fix that value in the recipe (e.g. a JSON number without quotes), or pass --{key} on the "
+                "command line."
+            )
+
+
+def _save_steps_switches_the_save_strategy(argv: list[str], parser, recipe: dict, recipe_path) -> list[str]:
+    """`--save_steps N` on the command line while the recipe (not the command line) turns saving off or saves per
+    epoch: save every N steps (`--save_strategy steps`, with a note). A flag on the command line beats a recipe's
+    default, and transformers' own default strategy is "steps": without the recipe, `--save_steps 1` alone saves every
+    step. Both flags given with a strategy that ignores N: a warning."""
+    given = _flags_on_command_line(argv, parser)
+    if "save_steps" not in given:
+        return argv
+    if "save_strategy" in given:
+        value = _flag_value(argv, "save_strategy")
+        if value in ("no", "epoch"):
+            print(
+                f"ltm train: warning: --save_steps has no effect with --save_strategy {value}; pass --save_strategy "
+                "steps to save a checkpoint every --save_steps steps.",
+                file=sys.stderr,
+            )
+        return argv
+    strategy = recipe.get("save_strategy", "steps")
+    if strategy in ("steps", "best"):
+        return argv
+    print(
+        f"ltm train: --save_steps given: saving a checkpoint every {_flag_value(argv, 'save_steps')} steps "
+        f"(--save_strategy steps; the recipe {recipe_path} sets save_strategy {strategy!r}, which would ignore "
+        f"--save_steps: pass --save_strategy {strategy} to keep it)"
+    )
+    return [*argv, "--save_strategy", "steps"]
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value given to `--name` (or `--name=value`) in `argv`, the last one wins."""
+    value = None
+    for i, arg in enumerate(argv):
+        for option in (f"--{name}", f"--{name.replace('_', '-')}"):
+            if arg == option and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(option + "="):
+                value = arg.split("=", 1)[1]
+    return value
+
+
+def _bf16_without_a_gpu(argv: list[str], known, recipe: dict) -> list[str]:
+    """`--bf16` on a machine without a GPU trains on the CPU in bfloat16 autocast (adds `--use_cpu true`, with a
+    note): transformers refuses bf16 without `use_cpu` there. On a GPU without bfloat16: one line with the fix."""
+    from transformers.hf_argparser import string_to_bool
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    try:
+        wants = string_to_bool(known.bf16) if known.bf16 is not None else bool(recipe.get("bf16"))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        return argv  # argparse names the bad value
+    if not wants or known.use_cpu is not None or "use_cpu" in recipe:
+        return argv
+    if is_torch_bf16_gpu_available() or is_torch_xla_available():
+        return argv
+    if torch.cuda.is_available():
+        raise TrainCLIError(
+            f"--bf16: {torch.cuda.get_device_name()} has no bfloat16 support; use --fp16, leave both out for fp32, or "
+            "add --use_cpu to train on the CPU in bfloat16."
+        )
+    print("ltm train: --bf16 without a GPU: training on the CPU with bfloat16 autocast (--use_cpu true)")
+    return [*argv, "--use_cpu", "true"]
 
 
 def _fresh_output_dir(config: str | None) -> str:
@@ -520,15 +623,25 @@ def build_tokenizer(
             )
         print(f"ltm train: resuming: reusing the tokenizer of {source}")
         return tokenizer
-    if model_args.tokenizer is not None:
-        return ltm_data.load_tokenizer(model_args.tokenizer)
-    if continued:
-        try:
-            return ltm_data.load_tokenizer(model_args.config)
-        except ValueError as error:
+    if model_args.tokenizer is not None or continued:
+        if model_args.tokenizer is not None:
+            tokenizer, source = ltm_data.load_tokenizer(model_args.tokenizer), f"--tokenizer {model_args.tokenizer}"
+        else:
+            try:
+                tokenizer, source = ltm_data.load_tokenizer(model_args.config), f"--config {model_args.config}"
+            except ValueError as error:
+                raise TrainCLIError(
+                    f"--config {model_args.config!r} has no usable tokenizer ({error}); pass --tokenizer."
+                ) from error
+        if model_args.vocab_size is not None and model_args.vocab_size != len(tokenizer):
             raise TrainCLIError(
-                f"--config {model_args.config!r} has no usable tokenizer ({error}); pass --tokenizer."
-            ) from error
+                f"--vocab_size {model_args.vocab_size} sizes the BPE tokenizer that ltm train trains for a new model, "
+                f"but this run uses the {len(tokenizer)}-token tokenizer of {source}"
+                + (" (a trained model's vocabulary cannot change)" if continued else "")
+                + "; leave --vocab_size out"
+                + (", or train a new model from a preset JSON." if continued else ", or leave --tokenizer out.")
+            )
+        return tokenizer
     vocab_size = model_args.vocab_size or config.vocab_size
     print(f"ltm train: training a byte-level BPE tokenizer of {vocab_size} tokens on the training split")
     return ltm_data.train_tokenizer(train_text, vocab_size, text_column=text_column, model_max_length=block_size)
@@ -679,6 +792,44 @@ def finished_run_message(resume_from: Path, training_args) -> str | None:
     )
 
 
+def check_output_dir_usable(output_dir: str) -> None:
+    """`TrainCLIError` naming `--output_dir` and the fix, before anything is written, when it is a file, lies under a
+    file, has a name longer than the file system allows, or cannot be written (a read-only file system, no
+    permission): instead of the bare Errno 17 / 20 / 36 / 30 / 13 of the first write."""
+    folder = Path(output_dir)
+    anchor = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # the nearest existing one
+    if anchor == folder and not folder.is_dir():
+        raise TrainCLIError(
+            f"--output_dir {output_dir} exists and is a file, not a folder; choose another --output_dir."
+        )
+    if not anchor.is_dir():
+        raise TrainCLIError(
+            f"--output_dir {output_dir} cannot be created: {anchor} is a file, not a folder; choose another "
+            "--output_dir."
+        )
+    try:
+        name_max, path_max = os.pathconf(anchor, "PC_NAME_MAX"), os.pathconf(anchor, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    too_long = [part for part in folder.relative_to(anchor).parts if len(os.fsencode(part)) > name_max]
+    if too_long or len(os.fsencode(str(folder))) >= path_max:
+        what = (
+            f"a folder name of {len(os.fsencode(too_long[0]))} bytes ({too_long[0][:40]}...), and the file system "
+            f"allows {name_max}"
+            if too_long
+            else f"a path of {len(os.fsencode(str(folder)))} bytes, and the file system allows {path_max}"
+        )
+        raise TrainCLIError(f"--output_dir has {what}; choose a shorter --output_dir.")
+    read_only = hasattr(os, "statvfs") and bool(os.statvfs(anchor).f_flag & getattr(os, "ST_RDONLY", 1))
+    if read_only or not os.access(anchor, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if read_only else "is not writable (permissions)"
+        where = "" if anchor == folder else f" (it would be created in {anchor}, which {why})"
+        raise TrainCLIError(
+            f"--output_dir {output_dir} cannot be written{where or ': it ' + why}; choose a writable --output_dir "
+            "(or make that folder writable)."
+        )
+
+
 def check_output_dir(output_dir: str, overwrite: bool, resume_from: Path | None) -> None:
     """Refuse to train into a non-empty folder unless `--overwrite_output_dir` is given or the run resumes one of
     the folder's own checkpoints (the lock file and the run record of a run that saved nothing do not count)."""
@@ -762,6 +913,7 @@ class DataRecordCallback(TrainerCallback):
             return
         folder = Path(args.output_dir, f"checkpoint-{state.global_step}")
         if folder.is_dir():
+            give_weights_the_usual_mode(folder)  # safetensors writes 0600
             (folder / DATA_RECORD_NAME).write_text(json.dumps(self.record, indent=1))
             (folder / "training_args.json").write_text(args.to_json_string())
             if self.run_id is not None:
@@ -787,6 +939,55 @@ def warn_if_data_changed(resume_from: Path, record: dict) -> None:
         "skipping as many batches of the new data as the run had seen, and the learning-rate schedule goes on. Pass "
         "the run's original data flags to continue it exactly.",
         file=sys.stderr,
+    )
+
+
+# A write cut short: errno ENOSPC / EDQUOT / EFBIG, torch.save's zip writer ("unexpected pos", "failed writing"),
+# safetensors' IoError.
+_FAILED_WRITE = re.compile(
+    r"inline_container\.cc.*unexpected pos|PytorchStreamWriter failed writing|No space left on device|"
+    r"File too large|Disk quota exceeded|StorageFull|os error 2[78]\b"
+)
+
+
+def failed_checkpoint_message(error: BaseException, output_dir: Path, step: int) -> str | None:
+    """The one line for a checkpoint (or another file of the run) that could not be written during training, or None
+    when `error` is not a failed write. The partial checkpoint is removed (resuming would skip it anyway)."""
+    chain, link = [], error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    codes = {getattr(link, "errno", None) for link in chain if isinstance(link, OSError)}
+    write_codes = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    if not codes & write_codes and not any(_FAILED_WRITE.search(str(link)) for link in chain):
+        return None
+    checkpoint = output_dir / f"checkpoint-{step}"
+    partial, removed = checkpoint.is_dir() and not is_complete_checkpoint(checkpoint), ""
+    if partial:
+        with contextlib.suppress(OSError):
+            remove_checkpoints(output_dir, [checkpoint.name])
+            removed = " (the partial checkpoint was removed)"
+    try:
+        free = f"{shutil.disk_usage(output_dir).free / 1e6:,.1f} MB free there now"
+    except OSError:
+        free = "free space unknown"
+    cause = (
+        "the disk is full"
+        if codes & {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)} or any("No space" in str(x) for x in chain)
+        else "a write was cut short: the disk is full, or a quota or file-size limit (`ulimit -f`) was reached"
+    )
+    earlier = [Path(c) for c in sort_checkpoints(str(output_dir))][::-1] if output_dir.is_dir() else []
+    last = next((c for c in earlier if is_complete_checkpoint(c)), None)
+    again = (
+        f"then add --resume_from_checkpoint True to continue from {last.name}"
+        if last is not None
+        else "then run the command again"
+    )
+    where = f"saving the checkpoint {checkpoint}" if partial else f"writing into {output_dir}"
+    return (
+        f"{where} at step {step} failed{removed}: {cause} ({free}; {one_line(chain[0])[:120]}). Free some space, "
+        f"or pass another --output_dir, keep fewer checkpoints (--save_total_limit N) or save less often "
+        f"(--save_steps / --save_strategy no); {again}."
     )
 
 
@@ -891,6 +1092,27 @@ def generate_sample(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: 
 
 def check_flags(model_args: ModelArguments, data_args: DataArguments, training_args: LTMTrainingArguments) -> None:
     """The checks that need no file: values out of range, budgets, integrations and precisions this machine lacks."""
+    for arguments in (model_args, data_args, training_args):
+        for field_ in dataclasses.fields(arguments):
+            value = getattr(arguments, field_.name, None)
+            if isinstance(value, float) and math.isnan(value):
+                raise TrainCLIError(f"--{field_.name} is nan; pass a number (see `ltm train --help`).")
+    if not math.isfinite(training_args.learning_rate) or training_args.learning_rate < 0:
+        raise TrainCLIError(
+            f"--learning_rate must be a finite number >= 0 (e.g. 3e-4), got {training_args.learning_rate}."
+        )
+    for flag in ("seed", "data_seed"):
+        seed = getattr(training_args, flag, None)
+        if seed is not None and not 0 <= seed < 2**32:
+            raise TrainCLIError(
+                f"--{flag} must be in [0, 2**32 - 1] (the seeds numpy and torch accept), got {seed}; pass e.g. "
+                f"--{flag} 42."
+            )
+    if training_args.max_steps < 0 and not 0 < training_args.num_train_epochs < math.inf:
+        raise TrainCLIError(
+            f"--max_steps {training_args.max_steps} with --num_train_epochs {training_args.num_train_epochs:g} trains "
+            "no step: pass --num_train_epochs > 0 (with --max_steps -1, the default), or --max_steps N >= 1."
+        )
     if model_args.vocab_size is not None and model_args.vocab_size < 1:
         raise TrainCLIError(f"--vocab_size must be positive, got {model_args.vocab_size}.")
     if not 0 < data_args.validation_split_percentage < 100:
@@ -959,7 +1181,9 @@ def check_model_budget(config, block_size: int, training_args, device) -> None:
     half = bool(training_args.bf16 or training_args.fp16)
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         rows = getattr(training_args, flag)
-        check_memory(f"--{flag}", rows, config, rows, block_size, device=device, half_precision=half)
+        samples = getattr(training_args, "eval_iw_samples", 0) if flag == "per_device_eval_batch_size" else 0
+        check_memory(f"--{flag}", rows, config, rows, block_size, device=device, half_precision=half,
+                     iw_samples=samples, iw_flag="--eval_iw_samples")  # fmt: skip
 
 
 def final_file_patterns() -> tuple[str, ...]:
@@ -1133,6 +1357,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
     `"finished": True`, when `--resume_from_checkpoint` names a run that already reached its end)."""
     wall_start = time.time()
     check_flags(model_args, data_args, training_args)
+    # Absolute from here on: the final save replaces the folder, which may be (or hold) the working directory.
+    training_args.output_dir = os.path.abspath(training_args.output_dir)
+    check_output_dir_usable(training_args.output_dir)
     if training_args.process_index == 0:
         recover_final_save(training_args.output_dir)
     resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -1143,7 +1370,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
             return {"train": None, "eval": None, "sample": None, "finished": True}
     lock = RunLock(training_args.output_dir) if training_args.process_index == 0 else None
     if lock is not None:
-        lock.acquire()
+        try:
+            lock.acquire()
+        except OSError as error:  # after check_output_dir_usable: e.g. a folder that changed since
+            raise TrainCLIError(
+                f"--output_dir {training_args.output_dir} cannot be created or written ({error.strerror or error}: "
+                f"{error.filename or lock.path}); choose a writable --output_dir."
+            ) from error
     try:
         check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resume_from)
         return _train(model_args, data_args, training_args, resume_from, wall_start)
@@ -1210,6 +1443,11 @@ def _train(model_args, data_args, training_args, resume_from: Path | None, wall_
         train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except NonFiniteELBOError as error:
         raise TrainCLIError(diagnose_divergence(model, training_args, trainer.state.global_step, error)) from error
+    except Exception as error:  # a checkpoint that could not be written (full disk): one line naming it
+        message = failed_checkpoint_message(error, Path(training_args.output_dir), trainer.state.global_step)
+        if message is None:
+            raise
+        raise TrainCLIError(message) from None  # this line, not the generic disk-full one of the error's chain
     try:
         check_finite_weights(model, "saving")
     except NonFiniteWeightsError as error:  # e.g. the Llama peer, or a divergence at the last step

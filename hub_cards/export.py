@@ -33,7 +33,7 @@ from transformers.utils import logging
 from modeling_ltm import LTMForCausalLM  # importing the package registers the classes for `auto_map`
 from modeling_ltm.cli_errors import CLIError, check_model_folder, load_checked_model, no_such_folder
 from modeling_ltm.generation_ltm import LTMGenerationConfig
-from modeling_ltm.run_folder import RunLock, _describe, give_weights_the_usual_mode, process_alive, test_pause
+from modeling_ltm.run_folder import RunLock, describe_lock_holder, give_weights_the_usual_mode, process_alive, test_pause
 from modeling_ltm.weight_checks import check_finite_weights
 
 from .card import build_model_card, load_lm_eval_results, trainer_eval_results
@@ -355,14 +355,14 @@ class ExportLock(RunLock):
 
     def _refuse(self, holder: dict) -> CLIError:
         return CLIError(
-            f"the export folder {self.output_dir} is being written by another `ltm export` ({_describe(holder)}; lock "
+            f"the export folder {self.output_dir} is being written by another `ltm export` ({describe_lock_holder(holder)}; lock "
             f"file {self.path}): two exports would mix their files there. Wait for it to finish or choose another "
             f"folder; if that process is gone, delete {self.path}."
         )
 
     def _took_over(self, previous: dict) -> None:
         logger.warning(
-            f"An `ltm export` into {self.output_dir} was interrupted ({_describe(previous)}); exporting again."
+            f"An `ltm export` into {self.output_dir} was interrupted ({describe_lock_holder(previous)}); exporting again."
         )
 
 

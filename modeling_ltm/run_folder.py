@@ -101,7 +101,8 @@ def _holder_record() -> dict:
     }
 
 
-def _describe(holder: dict) -> str:
+def describe_lock_holder(holder: dict) -> str:
+    """A lock file's holder in words: its process id, host and start time."""
     return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
 
 
@@ -131,7 +132,7 @@ class RunLock:
 
     def _refuse(self, holder: dict) -> CLIError:
         return CLIError(
-            f"--output_dir {self.folder} is in use by another `ltm train` ({_describe(holder)}; lock file "
+            f"--output_dir {self.folder} is in use by another `ltm train` ({describe_lock_holder(holder)}; lock file "
             f"{self.path}): two runs would mix their files there. Wait for it to finish or choose another "
             f"--output_dir; if that process is gone, delete {self.path}."
         )
@@ -139,7 +140,7 @@ class RunLock:
     def _took_over(self, previous: dict) -> None:
         _warn(
             f"took over the lock of {self.folder} left by an `ltm train` that is no longer running "
-            f"({_describe(previous)}); it was interrupted, so check the folder before trusting files it was "
+            f"({describe_lock_holder(previous)}); it was interrupted, so check the folder before trusting files it was "
             "writing (resume with --resume_from_checkpoint True)."
         )
 

@@ -39,7 +39,8 @@ def test_generate_moves_the_prompt_and_mask_to_the_model_device(monkeypatch, pro
     prompt = torch.randint(0, 128, (1, 5))
     inputs = {prompt_as: prompt} if prompt_as == "input_ids" else {"inputs": prompt}
     with pytest.raises(Stop):
-        model.generate(**inputs, attention_mask=torch.ones_like(prompt), max_new_tokens=2)
+        # An explicit seed: greedy decoding would otherwise read the prompt's tokens (on "meta": none) for its seed.
+        model.generate(**inputs, attention_mask=torch.ones_like(prompt), max_new_tokens=2, inference_seed=0)
     assert seen == {"prompt": torch.device("meta"), "mask": torch.device("meta")}
 
 

@@ -38,7 +38,7 @@ LTM ?= $(VENV)/bin/ltm
 
 # The main job re-runs into its own folders (the LTM's and its Llama peer's): `make main` replaces the previous
 # `make main` runs there (and nothing else; `ltm train` alone refuses a non-empty folder). `main-job` is the job without the install, e.g. on a machine
-# with its own torch: `make main-job LTM="python3 -m modeling_ltm.cli"` (docs/gpu.md).
+# with its own torch: `make main-job LTM="python3 -m modeling_ltm.tooling.cli"` (docs/gpu.md).
 main: install
 	$(MAKE) main-job
 

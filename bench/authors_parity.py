@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import run_metadata, save_json  # noqa: E402
 from modeling_ltm import LTMConfig  # noqa: E402
-from modeling_ltm.convert_original import main as convert_main  # noqa: E402
+from modeling_ltm.tooling.convert_original import main as convert_main  # noqa: E402
 from modeling_ltm.inference import PosteriorFitSettings, fit_posterior  # noqa: E402
 
 

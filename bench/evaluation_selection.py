@@ -45,7 +45,7 @@ def train_recipe_model(workdir: str):
     from test_trainer import text_bytes
 
     from modeling_ltm import LTMConfig, LTMForCausalLM
-    from modeling_ltm.trainer import LTMTrainer, LTMTrainingArguments
+    from modeling_ltm.tooling.trainer import LTMTrainer, LTMTrainingArguments
 
     block = 128
     data = torch.tensor(list(text_bytes((30 * 16 + 32) * block))).view(-1, block)

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import add_device_arguments, resolve_device, synchronize  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM  # noqa: E402
 from modeling_ltm.inference import negative_elbo, next_token_targets  # noqa: E402
-from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
+from modeling_ltm.tooling.train_cli import llama_peer_config  # noqa: E402
 
 
 MEASUREMENTS = ("fast", "full", "reference", "llama")

@@ -85,7 +85,7 @@ def corpus_blocks(model_dir: str, block_size: int, split: str, count: int | None
     """The first `count` blocks (all when None) of the embedded corpus's `split`, in the model's tokenizer."""
     from transformers import AutoTokenizer
 
-    from modeling_ltm.data import load_text_dataset, tokenize_and_pack
+    from modeling_ltm.tooling.data import load_text_dataset, tokenize_and_pack
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = tokenize_and_pack(load_text_dataset(None)[split], tokenizer, block_size)
@@ -95,7 +95,7 @@ def corpus_blocks(model_dir: str, block_size: int, split: str, count: int | None
 def warm_start_rows(args, fitter, block_size: int) -> list[dict]:
     """The same decoder with an amortized posterior encoder (width 4 x hidden) trained on the training split
     (`fit_posterior_encoder`, decoder frozen), then warm-started evaluation fits over `WARM_STEPS`."""
-    from modeling_ltm.amortized import fit_posterior_encoder
+    from modeling_ltm.tooling.amortized import fit_posterior_encoder
 
     width = 4 * LTMConfig.from_pretrained(args.model).hidden_size
     device, dtype = resolve_device(args.device, args.dtype)

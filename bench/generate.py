@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import add_device_arguments, portable, resolve_device, synchronize  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM  # noqa: E402
-from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
+from modeling_ltm.tooling.train_cli import llama_peer_config  # noqa: E402
 
 
 GPU_DEFAULTS = dict(preset="configuration/ltm-s.json", new_tokens=128, batch_sizes=[1], cache_implementation="static")

@@ -95,7 +95,7 @@ if wants main; then
   elif ! command -v make > /dev/null; then
     say "SKIP main-job: no make here"
   else
-    run main-job 150 make main-job LTM="$PY -m modeling_ltm.cli" OUTPUT_DIR=runs/ltm-tiny-cuda
+    run main-job 150 make main-job LTM="$PY -m modeling_ltm.tooling.cli" OUTPUT_DIR=runs/ltm-tiny-cuda
   fi
 fi
 

@@ -27,7 +27,7 @@ the prior, eps redrawn every step), run through the plain path (no prefix reuse,
 
 - from the prior: the adaptive-stopping tolerance swept (`stop_tol`, window 8), then no stopping;
 - warm start: the same decoder given an amortized posterior encoder (width 4 x hidden), trained once on the training
-  blocks with the decoder frozen (`modeling_ltm.amortized.fit_posterior_encoder`, 300 steps of 16 sequences: a
+  blocks with the decoder frozen (`modeling_ltm.tooling.amortized.fit_posterior_encoder`, 300 steps of 16 sequences: a
   one-time cost of 4,800 forward+backward equivalents, recorded in the results), and fits from its proposal swept
   over T; the new default `PosteriorFitSettings.evaluation(config)` of that model (T = 8, lr 0.03) is its last point.
   The encoder's own forward (an MLP on the pooled prefix) is not counted: it is far below one decoder forward.
@@ -126,9 +126,9 @@ def train_models(args) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
     from modeling_ltm import LTMForCausalLM
-    from modeling_ltm.data import collate_blocks
-    from modeling_ltm.train_cli import llama_peer_config
-    from modeling_ltm.trainer import LTMTrainer, LTMTrainingArguments
+    from modeling_ltm.tooling.data import collate_blocks
+    from modeling_ltm.tooling.train_cli import llama_peer_config
+    from modeling_ltm.tooling.trainer import LTMTrainer, LTMTrainingArguments
 
     quality, qargs = quality_args(args)
     quality.prepare_data(qargs)
@@ -193,7 +193,7 @@ def train_encoder(args) -> None:
     from datasets import load_from_disk
 
     from modeling_ltm import LTMConfig, LTMForCausalLM
-    from modeling_ltm.amortized import fit_posterior_encoder
+    from modeling_ltm.tooling.amortized import fit_posterior_encoder
 
     torch.set_num_threads(args.threads)
     width = 4 * LTMConfig.from_pretrained(workdir / "ltm").hidden_size

@@ -205,7 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prepare_data(args) -> None:
     from datasets import Dataset, DatasetDict
 
-    from modeling_ltm import data
+    from modeling_ltm.tooling import data
 
     workdir = Path(args.workdir)
     done, sources = workdir / "data" / "done", data_sources(args)
@@ -463,9 +463,9 @@ def run_model(args, name: str) -> dict:
     from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from modeling_ltm import LTMForCausalLM
-    from modeling_ltm.data import collate_blocks
-    from modeling_ltm.train_cli import llama_peer_config
-    from modeling_ltm.trainer import LTMTrainer, LTMTrainingArguments
+    from modeling_ltm.tooling.data import collate_blocks
+    from modeling_ltm.tooling.train_cli import llama_peer_config
+    from modeling_ltm.tooling.trainer import LTMTrainer, LTMTrainingArguments
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import add_device_arguments, portable, precision_arguments  # noqa: E402
 from modeling_ltm import LTMConfig, LTMForCausalLM, LTMTrainer, LTMTrainingArguments  # noqa: E402
-from modeling_ltm.train_cli import llama_peer_config  # noqa: E402
+from modeling_ltm.tooling.train_cli import llama_peer_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ This entry point only registers the model first, checks the model folder,
 `--device`, `--batch_size`, the time budget of the model_args and that `--output_path` can be written (so that a
 damaged file, a missing GPU or an unwritable folder is named in one line before any work), then hands over to
 `lm_eval.__main__.cli_evaluate`, which reads `sys.argv`. lm-eval only logs a warning when it cannot save its results:
-here that is an error. Errors are printed as one line with exit code 2 by `modeling_ltm.cli_errors.run_cli`; `--debug`
+here that is an error. Errors are printed as one line with exit code 2 by `modeling_ltm.tooling.cli_errors.run_cli`; `--debug`
 shows the full traceback.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 from lm_eval.__main__ import cli_evaluate
 
 import eval_harness  # registers model "ltm"
-from modeling_ltm.budgets import check_inference_steps, check_iw_samples, check_memory
-from modeling_ltm.cli_errors import (
+from modeling_ltm.tooling.budgets import check_inference_steps, check_iw_samples, check_memory
+from modeling_ltm.tooling.cli_errors import (
     CLIError,
     check_finite_safetensors,
     check_model_folder,
@@ -65,7 +65,7 @@ def _int_arg(flag: str, value: str, check) -> None:
 
 def check_ltm_arguments(argv: list[str]) -> None:
     """For `--model ltm`: a local `pretrained=` folder must be an intact saved LTM with finite weights, the device
-    usable, the batch size >= 1 and the fast steps and importance samples within `modeling_ltm.budgets`."""
+    usable, the batch size >= 1 and the fast steps and importance samples within `modeling_ltm.tooling.budgets`."""
     known = _known_arguments(argv)
     if known.limit is not None:
         try:

@@ -45,8 +45,8 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from tqdm import tqdm
 
 import modeling_ltm  # noqa: F401  (registers model_type "ltm" with the Auto classes)
-from modeling_ltm.budgets import check_inference_steps, check_iw_samples, check_memory
-from modeling_ltm.cli_errors import check_model_folder, load_checked_model, looks_like_a_local_path
+from modeling_ltm.tooling.budgets import check_inference_steps, check_iw_samples, check_memory
+from modeling_ltm.tooling.cli_errors import check_model_folder, load_checked_model, looks_like_a_local_path
 from modeling_ltm.inference import PosteriorFitSettings, content_seed, evaluate_posterior, fit_posterior
 from modeling_ltm.weight_checks import latent_prior_of
 
@@ -98,7 +98,7 @@ def _as_int(name: str, value: Any, minimum: int) -> int:
 
 class _CheckedLoading:
     """HFLM's `AUTO_MODEL_CLASS` while it loads the model: `from_pretrained` through
-    `modeling_ltm.cli_errors.load_checked_model`, as `ltm generate` and `ltm export` load."""
+    `modeling_ltm.tooling.cli_errors.load_checked_model`, as `ltm generate` and `ltm export` load."""
 
     def __init__(self, auto_class):
         self.auto_class = auto_class

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from modeling_ltm.cli_errors import run_cli
+from modeling_ltm.tooling.cli_errors import run_cli
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -66,12 +66,12 @@ def _push_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """`ltm export`; errors are printed as one line (exit code 2) by `modeling_ltm.cli_errors.run_cli`."""
+    """`ltm export`; errors are printed as one line (exit code 2) by `modeling_ltm.tooling.cli_errors.run_cli`."""
     return run_cli("ltm export", _export, argv)
 
 
 def push_main(argv: list[str] | None = None) -> int:
-    """`ltm push`; errors are printed as one line (exit code 2) by `modeling_ltm.cli_errors.run_cli`."""
+    """`ltm push`; errors are printed as one line (exit code 2) by `modeling_ltm.tooling.cli_errors.run_cli`."""
     return run_cli("ltm push", _push, argv)
 
 

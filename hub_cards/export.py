@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
-from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 
 from modeling_ltm import LTMForCausalLM  # importing the package registers the classes for `auto_map`
-from modeling_ltm.cli_errors import CLIError, check_model_folder, load_checked_model, no_such_folder
+from modeling_ltm.tooling.cli_errors import CLIError, check_model_folder, load_checked_model, no_such_folder
 from modeling_ltm.generation_ltm import LTMGenerationConfig
-from modeling_ltm.run_folder import RunLock, describe_lock_holder, give_weights_the_usual_mode, process_alive, test_pause
+from modeling_ltm.tooling.run_folder import RunLock, describe_lock_holder, give_weights_the_usual_mode, process_alive, test_pause
 from modeling_ltm.weight_checks import check_finite_weights
 
 from .card import build_model_card, load_lm_eval_results, trainer_eval_results
@@ -42,11 +41,16 @@ from .card import build_model_card, load_lm_eval_results, trainer_eval_results
 logger = logging.get_logger(__name__)
 
 
+# The model package: its top-level modules are exactly what ships as remote code (the tooling that never ships lives
+# in its `tooling/` subpackage).
+MODEL_PACKAGE = Path(sys.modules[LTMForCausalLM.__module__].__file__).parent
+
+
 def remote_code_files() -> tuple[str, ...]:
-    """What `save_pretrained` copies next to the weights for `trust_remote_code=True`: the model's module and the
-    siblings it imports relatively, found by transformers' own `get_relative_import_files`."""
-    modeling_file = sys.modules[LTMForCausalLM.__module__].__file__
-    return tuple(sorted({Path(f).name for f in (modeling_file, *get_relative_import_files(modeling_file))}))
+    """The files an export copies next to the weights for `trust_remote_code=True`: every top-level module of the
+    model package but `__init__.py`. tests/test_structure.py checks that this is what `save_pretrained` copies too
+    (transformers' `get_relative_import_files` closure of modeling_ltm.py and configuration_ltm.py)."""
+    return tuple(sorted(path.name for path in MODEL_PACKAGE.glob("*.py") if path.name != "__init__.py"))
 
 
 REMOTE_CODE_FILES = remote_code_files()
@@ -146,7 +150,7 @@ def read_trainer_eval_metrics(checkpoint: str | Path) -> dict[str, Any]:
 _TRAINING_ARGS_CLASSES = (
     "transformers.training_args.TrainingArguments",
     "transformers.training_args_seq2seq.Seq2SeqTrainingArguments",
-    "modeling_ltm.trainer.LTMTrainingArguments",
+    "modeling_ltm.tooling.trainer.LTMTrainingArguments",
     "transformers.trainer_pt_utils.AcceleratorConfig",
     "accelerate.state.PartialState",
 )
@@ -553,10 +557,11 @@ def _export_locked(
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export folder gets the usual mode
         model.save_pretrained(staging)
         give_weights_the_usual_mode(staging)  # safetensors writes model.safetensors 0600
-        missing = [name for name in REMOTE_CODE_FILES if not (staging / name).is_file()]
-        if missing or "auto_map" not in (_read_json(staging / "config.json") or {}):
+        for name in REMOTE_CODE_FILES:  # the model package as it is (save_pretrained copies the same files)
+            shutil.copyfile(MODEL_PACKAGE / name, staging / name)
+        if "auto_map" not in (_read_json(staging / "config.json") or {}):
             raise RuntimeError(
-                f"save_pretrained did not write the remote code ({', '.join(missing) or 'auto_map'} missing): "
+                "save_pretrained did not write the remote code (auto_map missing): "
                 "LTMForCausalLM must be registered with register_for_auto_class (done by `import modeling_ltm`)."
             )
         tokenizer_object.save_pretrained(staging)

@@ -3,7 +3,7 @@
 The folder is uploaded as it is, with one exception: a card exported without `--repo-id` names a marked placeholder
 (`card.REPO_ID_PLACEHOLDER`), and the push writes the repository id in its place first (a card exported for another
 repository is refused). A push that fails leaves the folder unchanged. Every request has a network timeout
-(`modeling_ltm.cli_errors.bound_hub_requests`, `LTM_HUB_TIMEOUT` seconds): an endpoint that does not answer ends
+(`modeling_ltm.tooling.cli_errors.bound_hub_requests`, `LTM_HUB_TIMEOUT` seconds): an endpoint that does not answer ends
 the push with an error naming it.
 `model.push_to_hub(...)` (transformers' own) uploads the same weights, config, remote code and generation config, and
 keeps the card already on the Hub.
@@ -19,7 +19,7 @@ from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
-from modeling_ltm.cli_errors import (
+from modeling_ltm.tooling.cli_errors import (
     HubTimeoutError,
     bound_hub_requests,
     check_finite_safetensors,

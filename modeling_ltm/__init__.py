@@ -10,7 +10,6 @@ export (`auto_map` in `config.json`, code files copied by `save_pretrained`).
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.auto import modeling_auto
 
-from .amortized import fit_posterior_encoder
 from .configuration_ltm import LTMConfig
 from .generation_ltm import LTMGenerationConfig
 from .inference import (
@@ -39,15 +38,18 @@ LTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __version__ = "0.1.0"
 
-# The trainer pulls in `transformers.Trainer` (and with it datasets, pandas, scipy): imported on first use only.
-_LAZY_TRAINER_NAMES = ("LTMTrainer", "LTMTrainingArguments")
 
-
+# Re-exported from the tooling (`modeling_ltm.tooling`, never shipped to the Hub), imported on first use only: the
+# trainer pulls in `transformers.Trainer` (and with it datasets, pandas, scipy), which the model package never needs.
 def __getattr__(name):
-    if name in _LAZY_TRAINER_NAMES:
-        from . import trainer
+    if name in ("LTMTrainer", "LTMTrainingArguments"):
+        from .tooling import trainer
 
         return getattr(trainer, name)
+    if name == "fit_posterior_encoder":
+        from .tooling import amortized
+
+        return amortized.fit_posterior_encoder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -232,7 +232,7 @@ class LTMConfig(PreTrainedConfig):
             Width of each coupling layer's conditioner MLP.
         posterior_encoder_size (`int`, *optional*, defaults to 0):
             Width of the amortized posterior encoder (`LTMPosteriorEncoder`: pooled layer-0 hidden states -> MLP ->
-            an initial `(mu, logvar)`); 0 means none. Train it with `modeling_ltm.amortized.fit_posterior_encoder`.
+            an initial `(mu, logvar)`); 0 means none. Train it with `modeling_ltm.tooling.amortized.fit_posterior_encoder`.
         posterior_encoder_fit (`str`, *optional*):
             What the encoder's proposals were fitted to, kept up to date by the code that trains it: `"evaluation"`
             (`fit_posterior_encoder`: amortized VI on the ELBO, decoder frozen, so it proposes `mu` and `logvar` for

@@ -306,7 +306,7 @@ def encoder_proposal(model, batch: FitBatch) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(
             "`warm_start=True` needs an amortized posterior encoder, and this model has none "
             "(config.posterior_encoder_size = 0). Load it with `posterior_encoder_size=N` and train the encoder with "
-            "`modeling_ltm.amortized.fit_posterior_encoder`, or fit from the prior (`warm_start=False`)."
+            "`modeling_ltm.tooling.amortized.fit_posterior_encoder`, or fit from the prior (`warm_start=False`)."
         )
     prefix = batch.prefix
     if prefix is None and is_fsdp_sharded(model):

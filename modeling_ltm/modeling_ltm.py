@@ -422,7 +422,7 @@ class LTMPosteriorEncoder(nn.Module):
     output, which every fit computes anyway), RMSNorm, a SiLU MLP of width `config.posterior_encoder_size`, and
     `(mu, logvar)` of shape `(batch, *config.latent_shape)` in float32. Its output layer starts at zero, so an
     untrained encoder proposes the prior (`mu = 0`, `logvar = 0`). Not part of `forward`: the fast loop calls it
-    (`PosteriorFitSettings(warm_start=True)`), and `modeling_ltm.amortized.fit_posterior_encoder` trains it."""
+    (`PosteriorFitSettings(warm_start=True)`), and `modeling_ltm.tooling.amortized.fit_posterior_encoder` trains it."""
 
     def __init__(self, config: LTMConfig):
         super().__init__()

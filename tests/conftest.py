@@ -56,10 +56,10 @@ def tiny_config(**overrides) -> LTMConfig:
 
 
 def small_tokenizer(num_chars: int, vocab_size: int):
-    """The project's byte-level BPE (`modeling_ltm.data.train_tokenizer`) trained on `corpus_text(num_chars)`."""
+    """The project's byte-level BPE (`modeling_ltm.tooling.data.train_tokenizer`) trained on `corpus_text(num_chars)`."""
     from datasets import Dataset
 
-    from modeling_ltm.data import train_tokenizer
+    from modeling_ltm.tooling.data import train_tokenizer
 
     return train_tokenizer(Dataset.from_dict({"text": [corpus_text(num_chars)]}), vocab_size=vocab_size)
 

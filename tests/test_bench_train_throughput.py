@@ -6,7 +6,7 @@ from conftest import REPO_ROOT, tiny_config
 from transformers import LlamaForCausalLM
 
 from modeling_ltm import LTMForCausalLM
-from modeling_ltm.train_cli import llama_peer_config
+from modeling_ltm.tooling.train_cli import llama_peer_config
 
 
 spec = importlib.util.spec_from_file_location("train_throughput", REPO_ROOT / "bench" / "train_throughput.py")

@@ -6,8 +6,8 @@ import math
 
 from test_train_cli import _train, setup  # noqa: F401  (`setup`: the tiny preset and corpus fixture)
 
-from modeling_ltm.cli import main as ltm_main
-from modeling_ltm.compare_cli import flops_per_token
+from modeling_ltm.tooling.cli import main as ltm_main
+from modeling_ltm.tooling.compare_cli import flops_per_token
 
 
 def test_compare_puts_the_bounds_beside_the_peers_exact_perplexity(setup, capsys):

@@ -172,7 +172,7 @@ def test_an_older_config_json_with_rope_theta_loads():
 def test_the_cli_shows_a_config_error_on_one_line(tmp_path, capsys):
     import json
 
-    from modeling_ltm.cli import main as ltm_main
+    from modeling_ltm.tooling.cli import main as ltm_main
 
     preset = tiny_config().to_dict()
     preset["num_key_value_heads"] = 3

@@ -14,8 +14,8 @@ from conftest import small_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from modeling_ltm import LTMForCausalLM
-from modeling_ltm.cli import main as ltm_main
-from modeling_ltm.convert_original import (
+from modeling_ltm.tooling.cli import main as ltm_main
+from modeling_ltm.tooling.convert_original import (
     PAPER_FAST_LOOP,
     config_from_original,
     permute_rotary,

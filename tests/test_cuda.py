@@ -62,7 +62,7 @@ TRAIN_PRESET = dict(
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """`ltm train` on the device (bf16 mixed precision on CUDA), as `make main` runs it: exit 0, then its folder."""
-    from modeling_ltm.cli import main as ltm_main
+    from modeling_ltm.tooling.cli import main as ltm_main
 
     root = tmp_path_factory.mktemp("cuda-train")
     (root / "preset.json").write_text(json.dumps(TRAIN_PRESET))
@@ -86,7 +86,7 @@ def test_ltm_train_runs_to_its_summary_and_sample(trained):
 
 
 def test_resume_from_checkpoint_on_the_device(trained):
-    from modeling_ltm.cli import main as ltm_main
+    from modeling_ltm.tooling.cli import main as ltm_main
 
     argv = [
         "train", "--config", str(trained), "--dataset", str(trained.parent / "corpus.txt"),
@@ -105,7 +105,7 @@ def test_resume_from_checkpoint_on_the_device(trained):
     ids=["greedy", "beams-sampling", "unconditional"],
 )
 def test_ltm_generate(trained, flags, capsys):
-    from modeling_ltm.generate_cli import main as generate_main
+    from modeling_ltm.tooling.generate_cli import main as generate_main
 
     prompt = [] if "--unconditional" in flags else ["--prompt", "ROMEO:"]
     assert generate_main([str(trained), *prompt, "--max-new-tokens", "8", "--device", DEVICE, *flags]) == 0
@@ -194,7 +194,7 @@ def test_weights_in_reduced_precision(dtype):
 
 
 def test_posterior_encoder_trains_on_the_device():
-    from modeling_ltm.amortized import fit_posterior_encoder
+    from modeling_ltm.tooling.amortized import fit_posterior_encoder
 
     model = make_model(posterior_encoder_size=32)
     history = fit_posterior_encoder(model, ids(8, 12).to(DEVICE), num_steps=4, batch_size=4)

@@ -1,4 +1,4 @@
-"""modeling_ltm.data: hold-out split, tokenizer training, packing, local / load_dataset sources, embedded corpus cache."""
+"""modeling_ltm.tooling.data: hold-out split, tokenizer training, packing, local / load_dataset sources, embedded corpus cache."""
 
 import hashlib
 import io
@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from modeling_ltm import data
+from modeling_ltm.tooling import data
 
 
 @pytest.fixture

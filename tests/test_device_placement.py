@@ -11,7 +11,7 @@ from conftest import REPO_ROOT, tiny_config
 
 import modeling_ltm.generation_ltm as generation_ltm
 from modeling_ltm import LTMForCausalLM
-from modeling_ltm.train_cli import generate_sample
+from modeling_ltm.tooling.train_cli import generate_sample
 
 
 class Stop(Exception):
@@ -62,18 +62,16 @@ def test_end_of_training_sample_builds_its_mask_on_the_model_device(monkeypatch)
 # Tensor factories that land on the CPU without `device=`, and why each site below is meant to be there.
 FACTORIES = {"zeros", "ones", "full", "empty", "randn", "rand", "randint", "arange", "tensor", "eye", "linspace"}
 ON_PURPOSE = {
-    (
-        "modeling_ltm/amortized.py",
-        "randint",
-    ): "row sampling with a CPU generator; the rows index a CPU or device tensor",
-    ("modeling_ltm/data.py", "tensor"): "the data collator builds CPU batches; Trainer moves them",
+    ("modeling_ltm/tooling/amortized.py", "randint"): "row sampling with a CPU generator; the rows index a CPU or "
+    "device tensor",
+    ("modeling_ltm/tooling/data.py", "tensor"): "the data collator builds CPU batches; Trainer moves them",
     ("modeling_ltm/fast_loop.py", "tensor"): "a Python bool for the adaptive loop's host-side check",
     ("modeling_ltm/generation_ltm.py", "randint"): "a seed drawn from the global CPU RNG, read as an int",
     ("modeling_ltm/modeling_ltm.py", "ones"): "parameter creation; the model is moved as a whole",
     ("modeling_ltm/priors.py", "zeros"): "parameter creation; the prior is moved with the model",
     ("modeling_ltm/priors.py", "empty"): "parameter creation; the prior is moved with the model",
     ("modeling_ltm/modeling_ltm.py", "arange"): "the RoPE table at construction; a buffer moved with the model",
-    ("modeling_ltm/train_cli.py", "tensor"): "the sample's prompt; generate() moves it to the model's device",
+    ("modeling_ltm/tooling/train_cli.py", "tensor"): "the sample's prompt; generate() moves it to the model's device",
     ("eval_harness/lm.py", "zeros"): "host-side float64 running sums, moved (as float32 on MPS) only to be gathered",
     ("eval_harness/lm.py", "tensor"): "host-side float64 running sums",
 }
@@ -81,7 +79,7 @@ ON_PURPOSE = {
 
 def test_library_code_makes_no_tensor_on_the_cpu_by_accident():
     found = set()
-    for folder in ("modeling_ltm", "eval_harness", "hub_cards"):
+    for folder in ("modeling_ltm", "modeling_ltm/tooling", "eval_harness", "hub_cards"):
         for path in sorted((REPO_ROOT / folder).glob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 func = getattr(node, "func", None)

@@ -131,7 +131,7 @@ def test_cli_writes_results_json(checkpoint, tmp_path, tiny_shakespeare_path):
 
 
 def test_ltm_eval_dispatches_to_lm_eval_cli(capsys):
-    from modeling_ltm.cli import main
+    from modeling_ltm.tooling.cli import main
 
     assert main(["eval", "run", "--help"]) == 0
     assert "--include_path" in capsys.readouterr().out

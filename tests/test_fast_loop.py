@@ -230,7 +230,7 @@ def test_graph_runner_is_not_used_off_the_gpu():
 def test_training_fit_runs_inside_one_autocast_region(tmp_path, monkeypatch):
     """`LTMTrainer.compute_loss` enters the run's autocast once around the whole fit (prefix included)."""
     from modeling_ltm import LTMTrainer, LTMTrainingArguments
-    from modeling_ltm import trainer as trainer_module
+    from modeling_ltm.tooling import trainer as trainer_module
 
     model = make_model()
     args = LTMTrainingArguments(

@@ -17,11 +17,11 @@ from hub_cards import export_for_hub
 from hub_cards.cli import export_main, push_main
 from hub_cards.push import check_export_folder
 from modeling_ltm import LTMForCausalLM, NonFiniteELBOError
-from modeling_ltm.cli import main as ltm_main
-from modeling_ltm.cli_errors import EXIT_CODE
-from modeling_ltm.generate_cli import main as generate_main
+from modeling_ltm.tooling.cli import main as ltm_main
+from modeling_ltm.tooling.cli_errors import EXIT_CODE
+from modeling_ltm.tooling.generate_cli import main as generate_main
 from modeling_ltm.generation_ltm import NonFiniteWeightsError
-from modeling_ltm.train_cli import (
+from modeling_ltm.tooling.train_cli import (
     TrainCLIError,
     load_preset,
     parse_args,
@@ -541,7 +541,7 @@ def test_a_full_disk_is_reported_as_a_full_disk(saved_model, train_setup, monkey
 def test_a_full_disk_oserror_names_the_file():
     import errno
 
-    from modeling_ltm.cli_errors import message_for
+    from modeling_ltm.tooling.cli_errors import message_for
 
     message = message_for(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/run/tokenizer.json"))
     assert message.startswith("the disk is full writing /data/run/tokenizer.json")

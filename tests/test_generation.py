@@ -11,7 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import modeling_ltm.generation_ltm as generation_ltm
 from modeling_ltm import LTMForCausalLM
-from modeling_ltm.generate_cli import main as generate_main
+from modeling_ltm.tooling.generate_cli import main as generate_main
 from modeling_ltm.generation_ltm import LTMGenerationConfig
 from modeling_ltm.modeling_ltm import LTMCrossAttention
 from modeling_ltm.randomness import content_seed
@@ -597,7 +597,7 @@ def test_cli_unconditional_and_errors(saved_model, capsys):
     argv = [str(saved_model), "--unconditional", "--num-samples", "2", "--do-sample", "--max-new-tokens", "3"]
     assert generate_main(argv) == 0
     assert "=== sample 2 ===" in capsys.readouterr().out
-    # Bad input: one line on stderr naming the problem, exit code 2 (modeling_ltm.cli_errors).
+    # Bad input: one line on stderr naming the problem, exit code 2 (modeling_ltm.tooling.cli_errors).
     for argv, message in (
         ([str(saved_model)], "--prompt"),  # no prompt
         ([str(saved_model), "--prompt", "x", "--max-new-tokens", "64"], "no room for a prompt"),
@@ -612,7 +612,7 @@ def test_cli_unconditional_and_errors(saved_model, capsys):
 
 
 def test_cli_is_dispatched_by_ltm(saved_model, capsys):
-    from modeling_ltm.cli import main as ltm_main
+    from modeling_ltm.tooling.cli import main as ltm_main
 
     assert ltm_main(["generate", str(saved_model), "--prompt", "ROMEO:", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")

@@ -10,7 +10,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from modeling_ltm import LTMConfig, LTMForCausalLM, PosteriorFitSettings, evaluate_posterior
 from modeling_ltm.scoring import sequence_nll
-from modeling_ltm.train_cli import llama_peer_config
+from modeling_ltm.tooling.train_cli import llama_peer_config
 
 
 VOCAB, MULTIPLE = 100, 64  # 100 tokens in 128 rows

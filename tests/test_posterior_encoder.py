@@ -9,7 +9,7 @@ from conftest import tiny_config
 from huggingface_hub.errors import StrictDataclassError
 
 from modeling_ltm import LTMConfig, LTMForCausalLM, PosteriorFitSettings
-from modeling_ltm.amortized import fit_posterior_encoder
+from modeling_ltm.tooling.amortized import fit_posterior_encoder
 from modeling_ltm.inference import fit_posterior, gaussian_kl, next_token_targets, sequence_nll
 
 

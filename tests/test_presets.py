@@ -120,7 +120,7 @@ def test_every_preset_has_a_recipe_matching_its_inference_steps():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.name)
 def test_recipe_parses_as_ltm_training_arguments(path, tmp_path):
-    trainer = pytest.importorskip("modeling_ltm.trainer")
+    trainer = pytest.importorskip("modeling_ltm.tooling.trainer")
     recipe = json.loads(path.read_text())
     recipe["output_dir"] = str(tmp_path)
     if recipe.get("bf16") and not torch.cuda.is_available():
@@ -168,7 +168,7 @@ def test_each_paper_preset_has_a_documented_honest_variant(name, tmp_path):
     assert honest_name in readme_table(), f"{honest_name} has no row in configuration/README.md"
     assert honest_name in (CONFIG_DIR / "README.md").read_text()
 
-    trainer = pytest.importorskip("modeling_ltm.trainer")
+    trainer = pytest.importorskip("modeling_ltm.tooling.trainer")
     recipe = json.loads((CONFIG_DIR / "recipes" / honest_name).read_text())
     recipe.update(output_dir=str(tmp_path), bf16=False)
     (args,) = HfArgumentParser(trainer.LTMTrainingArguments).parse_dict(recipe)
@@ -190,6 +190,6 @@ def test_each_paper_preset_has_a_learned_prior_variant_of_its_honest_one(name):
 
 def test_converted_checkpoints_get_the_presets_fast_loop():
     """`ltm convert-original` writes the same paper fast loop into a converted model's config as the presets hold."""
-    from modeling_ltm.convert_original import PAPER_FAST_LOOP
+    from modeling_ltm.tooling.convert_original import PAPER_FAST_LOOP
 
     assert PAPER_FAST_LOOP == {name: AUTHORS_FAST_LOOP[name] for name in PAPER_FAST_LOOP}

@@ -180,7 +180,7 @@ def test_the_slow_step_trains_the_prior_toward_the_posteriors(tmp_path):
     the decoder still trains; a flow prior gets gradients too."""
     from datasets import Dataset
 
-    from modeling_ltm.trainer import LTMTrainer, LTMTrainingArguments
+    from modeling_ltm.tooling.trainer import LTMTrainer, LTMTrainingArguments
 
     data = Dataset.from_dict({"input_ids": torch.randint(0, 128, (16, 32), generator=torch.Generator()
                                                           .manual_seed(0)).tolist()})  # fmt: skip
@@ -217,7 +217,7 @@ def test_free_bits_need_a_gaussian_prior():
 def test_posterior_encoder_proposes_relative_to_a_learned_prior():
     """An untrained encoder (output 0) proposes the learned prior itself; `fit_posterior_encoder` trains it against
     the learned prior's KL and raises the ELBO; the warm-started evaluation fit starts at its proposal."""
-    from modeling_ltm.amortized import fit_posterior_encoder
+    from modeling_ltm.tooling.amortized import fit_posterior_encoder
     from modeling_ltm.fast_loop import FitBatch, encoder_proposal
 
     model = prior_model("diagonal_gaussian", posterior_encoder_size=16)

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from hub_cards import export_for_hub
 from hub_cards.cli import export_main
 from modeling_ltm import LTMForCausalLM
-from modeling_ltm.budgets import MEMORY_BUDGET_ENV, estimate_bytes, memory_budget_bytes
-from modeling_ltm.cli_errors import EXIT_CODE
-from modeling_ltm.generate_cli import main as generate_main
+from modeling_ltm.tooling.budgets import MEMORY_BUDGET_ENV, estimate_bytes, memory_budget_bytes
+from modeling_ltm.tooling.cli_errors import EXIT_CODE
+from modeling_ltm.tooling.generate_cli import main as generate_main
 
 
 def assert_one_line_error(capsys, command: str, *fragments: str) -> str:
@@ -124,7 +124,7 @@ def test_two_exports_into_one_folder_started_together_one_is_refused(saved_model
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "LTM_TEST_PAUSE_AT": "export-locked"}  # fmt: skip
     processes = [
-        subprocess.Popen([sys.executable, "-m", "modeling_ltm.cli", "export", str(saved_model), str(hub)],
+        subprocess.Popen([sys.executable, "-m", "modeling_ltm.tooling.cli", "export", str(saved_model), str(hub)],
                          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]  # fmt: skip
@@ -182,7 +182,7 @@ def test_generate_names_a_tokenizer_without_special_tokens(saved_model, tmp_path
 
 
 def test_bom_prompts_garbage_generation_config_bad_repo_id_and_weights_mode(saved_model, tmp_path, capsys):
-    from modeling_ltm.generate_cli import build_parser, read_prompts
+    from modeling_ltm.tooling.generate_cli import build_parser, read_prompts
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("\ufeffROMEO:\nJULIET:\n".encode())
@@ -212,7 +212,7 @@ def test_bom_prompts_garbage_generation_config_bad_repo_id_and_weights_mode(save
 
 
 def test_the_run_folders_final_save_gives_weights_the_usual_mode(tmp_path):
-    from modeling_ltm.run_folder import replace_final_files
+    from modeling_ltm.tooling.run_folder import replace_final_files
 
     folder = tmp_path / "run"
     folder.mkdir()
@@ -227,7 +227,7 @@ def test_the_run_folders_final_save_gives_weights_the_usual_mode(tmp_path):
 
     from types import SimpleNamespace
 
-    from modeling_ltm.train_cli import DataRecordCallback
+    from modeling_ltm.tooling.train_cli import DataRecordCallback
 
     checkpoint = folder / "checkpoint-1"  # what Trainer's checkpoint save leaves: the weights 0600
     checkpoint.mkdir()
@@ -261,7 +261,7 @@ def test_the_eval_memory_estimate_counts_importance_samples_and_is_checked_befor
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the budget check")
 
-    monkeypatch.setattr("modeling_ltm.cli_errors.load_checked_model", no_loading)
+    monkeypatch.setattr("modeling_ltm.tooling.cli_errors.load_checked_model", no_loading)
     monkeypatch.setattr("eval_harness.lm.load_checked_model", no_loading)
     monkeypatch.setenv(MEMORY_BUDGET_ENV, "0.01")
     assert eval_main(eval_argv(f"pretrained={saved_model},iw_samples=4096", "--batch_size", "16")) == EXIT_CODE
@@ -309,7 +309,7 @@ def test_a_mistyped_relative_folder_is_no_such_folder_not_a_hub_error(saved_mode
     assert_one_line_error(capsys, "ltm generate", "runs/ltm-tiy", "no such folder", str(tmp_path))
     assert export_main(["runs/ltm-tiy", "hub"]) == EXIT_CODE
     assert_one_line_error(capsys, "ltm export", "runs/ltm-tiy", "no such folder", str(tmp_path))
-    from modeling_ltm.cli_errors import looks_like_a_local_path
+    from modeling_ltm.tooling.cli_errors import looks_like_a_local_path
 
     assert looks_like_a_local_path("runs/ltm-tiy") and looks_like_a_local_path("my model")
     assert not looks_like_a_local_path("gpt2") and not looks_like_a_local_path("some-user/some-model")

@@ -18,9 +18,9 @@ from test_run_safety import REPO_ROOT, subprocess_env, tiny_model_folder
 from test_train_cli import TINY_PRESET
 
 from modeling_ltm import LTMForCausalLM, LTMTrainer, LTMTrainingArguments
-from modeling_ltm.cli import main as ltm_main
-from modeling_ltm.cli_errors import EXIT_CODE
-from modeling_ltm.run_folder import LOCK_NAME
+from modeling_ltm.tooling.cli import main as ltm_main
+from modeling_ltm.tooling.cli_errors import EXIT_CODE
+from modeling_ltm.tooling.run_folder import LOCK_NAME
 
 
 # FAST_FLAGS of test_train_cli without a save strategy (case 5 sets it through a recipe), and fewer steps.
@@ -51,7 +51,7 @@ def argv_of(setup, *extra, save: str | None = "no") -> list[str]:
 def run_train(argv: list[str], cwd: Path, preexec_fn=None) -> subprocess.CompletedProcess:
     """A real `ltm train` process in `cwd`."""
     return subprocess.run(
-        [sys.executable, "-m", "modeling_ltm.cli", *argv],
+        [sys.executable, "-m", "modeling_ltm.tooling.cli", *argv],
         cwd=cwd,
         env=subprocess_env(PYTHONPATH=str(REPO_ROOT)),
         capture_output=True,

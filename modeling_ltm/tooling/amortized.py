@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from .fast_loop import FitBatch, relative_to_prior
-from .randomness import row_generators, standard_normal
-from .weight_checks import bare_ltm, posterior_encoder_of
+from ..fast_loop import FitBatch, relative_to_prior
+from ..randomness import row_generators, standard_normal
+from ..weight_checks import bare_ltm, posterior_encoder_of
 
 
 def fit_posterior_encoder(

@@ -52,10 +52,10 @@ from transformers.data.data_collator import default_data_collator
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
+from ..fast_loop import relative_to_prior
+from ..inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
+from ..weight_checks import bare_ltm, latent_prior_of, posterior_encoder_of
 from .data import check_token_dataset, collate_blocks
-from .fast_loop import relative_to_prior
-from .inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
-from .weight_checks import bare_ltm, latent_prior_of, posterior_encoder_of
 
 
 logger = logging.get_logger(__name__)
@@ -250,7 +250,7 @@ def _unpack(inputs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | N
     if inputs.get("input_ids") is None:
         raise ValueError(
             f"LTMTrainer needs batches with `input_ids` (fit the posterior to token ids), got keys {sorted(inputs)}. "
-            "Tokenize the dataset into an `input_ids` column (e.g. `modeling_ltm.data`)."
+            "Tokenize the dataset into an `input_ids` column (e.g. `modeling_ltm.tooling.data`)."
         )
     return inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
 
@@ -425,7 +425,7 @@ class LTMTrainer(Trainer):
         for the run (`requires_grad=False`, restored afterwards): the optimizer then holds no idle weights, and DDP,
         whose reducer expects a gradient for every trainable weight, does not fail on it. Its proposals age as the
         decoder changes, so `config.posterior_encoder_fit` becomes `None` (evaluation fits start from the prior
-        until it is refitted with `modeling_ltm.amortized.fit_posterior_encoder`); an encoder trained by the run
+        until it is refitted with `modeling_ltm.tooling.amortized.fit_posterior_encoder`); an encoder trained by the run
         (`posterior_warm_start`) is marked `"training"`, which evaluation does not warm-start from either."""
         encoder = posterior_encoder_of(self.model)
         idle = []
@@ -437,11 +437,11 @@ class LTMTrainer(Trainer):
             logger.warning(
                 "The model's posterior encoder is not trained by this run (posterior_warm_start=False) and stays "
                 "frozen; evaluation fits start from the prior until it is refitted to the trained decoder "
-                "(modeling_ltm.amortized.fit_posterior_encoder)."
+                "(modeling_ltm.tooling.amortized.fit_posterior_encoder)."
             )
         for parameter in idle:
             parameter.requires_grad_(False)
-        from .inference import FitDeadlineExceeded
+        from ..inference import FitDeadlineExceeded
 
         try:
             return super().train(*args, **kwargs)

@@ -53,13 +53,14 @@ from transformers import (
 )
 from transformers.trainer_utils import sort_checkpoints
 
+from ..configuration_ltm import LTMConfig
+from ..inference import RECONSTRUCTION_CAVEAT, NonFiniteELBOError
+from ..modeling_ltm import LTMForCausalLM
+from ..priors import PRIOR_DESCRIPTIONS
+from ..weight_checks import NonFiniteWeightsError, check_finite_weights
 from . import data as ltm_data
 from .budgets import check_inference_steps, check_iw_samples, check_memory
 from .cli_errors import check_model_folder, did_you_mean, one_line, run_cli
-from .configuration_ltm import LTMConfig
-from .inference import RECONSTRUCTION_CAVEAT, NonFiniteELBOError
-from .modeling_ltm import LTMForCausalLM
-from .priors import PRIOR_DESCRIPTIONS
 from .run_folder import (
     FINAL_RECORD_NAME,
     LOCK_NAME,
@@ -78,7 +79,6 @@ from .run_folder import (
     write_json_atomically,
 )
 from .trainer import LTMTrainer, LTMTrainingArguments
-from .weight_checks import NonFiniteWeightsError, check_finite_weights
 
 
 BASELINES = ("llama",)
@@ -1175,7 +1175,7 @@ def _check_precision(training_args) -> None:
 
 
 def check_model_budget(config, block_size: int, training_args, device) -> None:
-    """The model config's fast-loop defaults and the batch sizes against `modeling_ltm.budgets`."""
+    """The model config's fast-loop defaults and the batch sizes against `modeling_ltm.tooling.budgets`."""
     check_inference_steps("num_inference_steps of --config", getattr(config, "num_inference_steps", None))
     check_inference_steps("eval_inference_steps of --config", getattr(config, "eval_inference_steps", None))
     half = bool(training_args.bf16 or training_args.fp16)
@@ -1191,7 +1191,7 @@ def final_file_patterns() -> tuple[str, ...]:
     dropped, everything else in the folder is kept."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
-    from . import modeling_ltm as modeling_module
+    from .. import modeling_ltm as modeling_module
 
     remote_code = {
         Path(f).name for f in (modeling_module.__file__, *get_relative_import_files(modeling_module.__file__))

@@ -817,7 +817,7 @@ def check_token_dataset(
     if num_rows == 0:
         raise ValueError(
             f"`{name}` has no rows: there is nothing to train or evaluate on. Pass a dataset of token ids (e.g. "
-            "`modeling_ltm.data.tokenize_and_pack`), with more text or a smaller block_size if packing left none."
+            "`modeling_ltm.tooling.data.tokenize_and_pack`), with more text or a smaller block_size if packing left none."
         )
     if isinstance(dataset, Dataset):
         if "input_ids" not in dataset.column_names:
@@ -883,7 +883,7 @@ def _check_something_to_predict(name: str, longest: int, rows: int) -> None:
         raise ValueError(
             f"`{name}`: no row has more than {longest} token(s) in column `input_ids`, so no token is predicted "
             "(each is predicted from the ones before it): training would run at loss 0 and learn nothing. Give rows "
-            "of 2 tokens or more, e.g. text packed into blocks by `modeling_ltm.data.tokenize_and_pack`."
+            "of 2 tokens or more, e.g. text packed into blocks by `modeling_ltm.tooling.data.tokenize_and_pack`."
         )
 
 
@@ -919,7 +919,7 @@ def _check_row(name, row, length, ids, vocab_size, fixed_length, first_length):
         raise ValueError(
             f"`{name}` row {row} has {length} tokens in column `input_ids` but row 0 has {first_length}: the data "
             "collator stacks fixed-length blocks. Pack the text into blocks of one length "
-            "(`modeling_ltm.data.tokenize_and_pack`), or pass a padding `data_collator` (e.g. "
+            "(`modeling_ltm.tooling.data.tokenize_and_pack`), or pass a padding `data_collator` (e.g. "
             "`DataCollatorWithPadding(tokenizer)`)."
         )
     if vocab_size is not None and length:

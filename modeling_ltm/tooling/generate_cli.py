@@ -132,7 +132,7 @@ def _main(argv: list[str]) -> int:
 
     import modeling_ltm  # noqa: F401  (registers "ltm" with the Auto classes)
 
-    from .weight_checks import check_finite_weights
+    from ..weight_checks import check_finite_weights
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)

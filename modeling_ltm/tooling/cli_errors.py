@@ -485,7 +485,7 @@ def check_finite_safetensors(folder: str | Path, action: str) -> None:
     NaN/inf (tensors read one at a time, without building the model)."""
     from safetensors import safe_open
 
-    from .weight_checks import check_finite_weights
+    from ..weight_checks import check_finite_weights
 
     for weights in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(weights), framework="pt") as tensors:

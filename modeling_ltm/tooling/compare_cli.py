@@ -142,7 +142,7 @@ def comparison(ltm_dir: Path, peer_dir: Path, outside: str, num_blocks: int, bat
     check_same_setup(ltm, peer, ltm_dir, peer_dir)
     from transformers import AutoConfig
 
-    from .fit_settings import PosteriorFitSettings
+    from ..fit_settings import PosteriorFitSettings
 
     config = AutoConfig.from_pretrained(ltm_dir)
     recipe = json.loads((ltm_dir / "training_args.json").read_text()) if (ltm_dir / "training_args.json").is_file() else {}

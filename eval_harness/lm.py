@@ -110,6 +110,35 @@ class _CheckedLoading:
         return getattr(self.auto_class, name)
 
 
+def _check_arguments(pretrained, backend: str, batch_size, kwargs: dict) -> None:
+    """`LTMLM`'s checks of its arguments before loading anything: `pretrained` given (with a tokenizer for an
+    instance), a causal backend, integer batch sizes, and an intact model folder."""
+    if pretrained is None:
+        raise ValueError("model 'ltm' needs `pretrained` (a model folder, Hub id or LTMForCausalLM instance).")
+    if backend != "causal":
+        raise ValueError(f"model 'ltm' is a causal LM; `backend` must be 'causal', got {backend!r}.")
+    if str(batch_size).startswith("auto"):
+        raise ValueError(
+            f"batch_size={batch_size!r} is not supported by model 'ltm' (HFLM sizes batches by a forward pass; "
+            "every posterior fit step also takes a backward pass); pass an integer, e.g. --batch_size 8."
+        )
+    if (
+        not isinstance(pretrained, str)
+        and kwargs.get("tokenizer") is None
+        and not getattr(pretrained, "name_or_path", "")
+    ):
+        raise ValueError("Pass `tokenizer` (a tokenizer or its path) when `pretrained` is a model instance.")
+    if not str(batch_size).startswith("auto"):
+        _as_int("batch_size", batch_size, 1)
+    if kwargs.get("max_batch_size") is not None:
+        _as_int("max_batch_size", kwargs["max_batch_size"], 1)
+    if isinstance(pretrained, str) and (
+        os.path.exists(os.path.expanduser(pretrained)) or looks_like_a_local_path(pretrained)
+    ):
+        # names a damaged config.json or a truncated .safetensors file, and refuses pickled weights, by path
+        check_model_folder(os.path.expanduser(pretrained), "pretrained", model_type="ltm")
+
+
 @_register
 class LTMLM(HFLM):
     """lm-eval model `ltm` for [`LTMForCausalLM`]: lm-eval's `HFLM` with posterior inference of the latents.
@@ -148,30 +177,7 @@ class LTMLM(HFLM):
         batch_size: int | str = 1,
         **kwargs: Any,
     ) -> None:
-        if pretrained is None:
-            raise ValueError("model 'ltm' needs `pretrained` (a model folder, Hub id or LTMForCausalLM instance).")
-        if backend != "causal":
-            raise ValueError(f"model 'ltm' is a causal LM; `backend` must be 'causal', got {backend!r}.")
-        if str(batch_size).startswith("auto"):
-            raise ValueError(
-                f"batch_size={batch_size!r} is not supported by model 'ltm' (HFLM sizes batches by a forward pass; "
-                "every posterior fit step also takes a backward pass); pass an integer, e.g. --batch_size 8."
-            )
-        if (
-            not isinstance(pretrained, str)
-            and kwargs.get("tokenizer") is None
-            and not getattr(pretrained, "name_or_path", "")
-        ):
-            raise ValueError("Pass `tokenizer` (a tokenizer or its path) when `pretrained` is a model instance.")
-        if not str(batch_size).startswith("auto"):
-            _as_int("batch_size", batch_size, 1)
-        if kwargs.get("max_batch_size") is not None:
-            _as_int("max_batch_size", kwargs["max_batch_size"], 1)
-        if isinstance(pretrained, str) and (
-            os.path.exists(os.path.expanduser(pretrained)) or looks_like_a_local_path(pretrained)
-        ):
-            # names a damaged config.json or a truncated .safetensors file, and refuses pickled weights, by path
-            check_model_folder(os.path.expanduser(pretrained), "pretrained", model_type="ltm")
+        _check_arguments(pretrained, backend, batch_size, kwargs)
         self.iw_samples = _as_int("iw_samples", iw_samples, 0)
         check_iw_samples("`iw_samples`", self.iw_samples)
         self.seed = _as_int("seed", seed, 0)
@@ -195,6 +201,24 @@ class LTMLM(HFLM):
                 f"`pretrained` is a {type(self.model).__name__}, not a Latent-Thought LM (no `infer_latents`); use "
                 "lm-eval's `--model hf` for ordinary causal LMs."
             )
+        self._check_tokenizer_and_length()
+        accelerator = getattr(self, "accelerator", None)
+        self._cpu_processes = None
+        if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
+            # lm-eval 0.4.13's HFLM splits the requests between processes only when more than one GPU is visible;
+            # on CPU (gloo) every process would evaluate everything. `rank` / `world_size` below say the truth.
+            self._cpu_processes = (accelerator.process_index, accelerator.num_processes)
+        self._check_processes_and_memory(pretrained, kwargs)
+        self.fit_settings = PosteriorFitSettings.evaluation(self.model.config, num_steps=steps, lr=lr)
+        check_inference_steps(
+            "`num_inference_steps` (the model config's eval_inference_steps)", self.fit_settings.num_steps
+        )
+        self.num_inference_steps, self.inference_lr = self.fit_settings.num_steps, self.fit_settings.lr
+        self.rolling_totals = {"nll": 0.0, "kl": 0.0, "bound": 0.0, "tokens": 0}
+
+    def _check_tokenizer_and_length(self) -> None:
+        """`ValueError` for a tokenizer with ids the model has no embedding for or without EOS, or a `max_length`
+        past the model's context."""
         vocab_size = self.model.config.vocab_size
         if len(self.tokenizer) > vocab_size:
             raise ValueError(
@@ -213,12 +237,9 @@ class LTMLM(HFLM):
                 f"max_length={self.max_length} exceeds the model's max_position_embeddings ({positions}); pass "
                 f"max_length <= {positions}."
             )
-        accelerator = getattr(self, "accelerator", None)
-        self._cpu_processes = None
-        if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
-            # lm-eval 0.4.13's HFLM splits the requests between processes only when more than one GPU is visible;
-            # on CPU (gloo) every process would evaluate everything. `rank` / `world_size` below say the truth.
-            self._cpu_processes = (accelerator.process_index, accelerator.num_processes)
+
+    def _check_processes_and_memory(self, pretrained, kwargs: dict) -> None:
+        """`ValueError` for several launched processes that accelerate sees as one; `check_memory` of a batch."""
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.world_size == 1 and isinstance(pretrained, str) and kwargs.get("tp_plan") is None:
             raise ValueError(
@@ -226,7 +247,6 @@ class LTMLM(HFLM):
                 "evaluate every request. Without GPUs, set ACCELERATE_USE_CPU=1 (as `accelerate launch --cpu` "
                 "does), e.g. `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m eval_harness ...`."
             )
-
         if isinstance(self.batch_size, int):  # the rows of one batch of windows, with a backward pass per fast step
             half = self.model.dtype in (torch.bfloat16, torch.float16) or self.mixed_precision_dtype is not None
             rows, length = self.batch_size, self.max_length
@@ -234,12 +254,6 @@ class LTMLM(HFLM):
                 "batch_size", rows, self.model.config, rows, length, self.device, half_precision=half,
                 iw_samples=self.iw_samples, iw_flag="iw_samples=",
             )  # fmt: skip
-        self.fit_settings = PosteriorFitSettings.evaluation(self.model.config, num_steps=steps, lr=lr)
-        check_inference_steps(
-            "`num_inference_steps` (the model config's eval_inference_steps)", self.fit_settings.num_steps
-        )
-        self.num_inference_steps, self.inference_lr = self.fit_settings.num_steps, self.fit_settings.lr
-        self.rolling_totals = {"nll": 0.0, "kl": 0.0, "bound": 0.0, "tokens": 0}
 
     @property
     def rank(self) -> int:

@@ -187,6 +187,33 @@ def trainer_eval_results(
     return results
 
 
+def _rolling_bound(run: Mapping[str, Any]) -> str | None:
+    """Which bound the rolling log-likelihoods of a run of model "ltm" are, and with which fit (as eval_harness
+    records them in the results' `config`), or None."""
+    bound = run.get("ltm_rolling_bound")
+    if bound and isinstance(run.get("ltm_fit_settings"), str):
+        bound = f"{bound} bound, {run['ltm_fit_settings']}"  # the evaluation fit, e.g. "T=32, lr 0.1 -> ..."
+    elif bound and _finite_number(run.get("ltm_num_inference_steps")):
+        bound = f"{bound} bound, T={int(run['ltm_num_inference_steps'])}"
+    return bound
+
+
+def _kl_result(template: EvalResult, bound: str, kl_per_token: float) -> EvalResult:
+    """The run's KL per token as a result of the task (and dataset) of `template`."""
+    return EvalResult(
+        task_type=template.task_type,
+        task_name=template.task_name,
+        dataset_type=template.dataset_type,
+        dataset_name=template.dataset_name,
+        dataset_config=template.dataset_config,
+        dataset_split=template.dataset_split,
+        dataset_args=template.dataset_args,
+        metric_type="kl",
+        metric_name=f"KL to the prior (nats/token), {bound}",
+        metric_value=kl_per_token,
+    )
+
+
 def lm_eval_results(results_json: Mapping[str, Any]) -> list[EvalResult]:
     """`EvalResult`s from an lm-evaluation-harness results JSON: `results` -> task -> `"metric,filter"` -> value.
 
@@ -203,12 +230,7 @@ def lm_eval_results(results_json: Mapping[str, Any]) -> list[EvalResult]:
     configs = results_json.get("configs") or {}
     n_shot = results_json.get("n-shot") or {}
     run = results_json.get("config") or {}
-    # Model "ltm" of eval_harness records which bound its rolling log-likelihoods are, and with how many fast steps.
-    bound = run.get("ltm_rolling_bound")
-    if bound and isinstance(run.get("ltm_fit_settings"), str):
-        bound = f"{bound} bound, {run['ltm_fit_settings']}"  # the evaluation fit, e.g. "T=32, lr 0.1 -> ..."
-    elif bound and _finite_number(run.get("ltm_num_inference_steps")):
-        bound = f"{bound} bound, T={int(run['ltm_num_inference_steps'])}"
+    bound = _rolling_bound(run)
     out, rolling_tasks = [], []
     for task, metrics in results_json["results"].items():
         if not isinstance(metrics, Mapping):
@@ -245,20 +267,7 @@ def lm_eval_results(results_json: Mapping[str, Any]) -> list[EvalResult]:
     # The KL part of the bound is recorded once per run: attribute it only when one task used rolling windows.
     if len(set(rolling_tasks)) == 1 and _finite_number(run.get("ltm_rolling_kl_per_token")):
         template = next(result for result in out if result.task_name == rolling_tasks[0])
-        out.append(
-            EvalResult(
-                task_type=template.task_type,
-                task_name=template.task_name,
-                dataset_type=template.dataset_type,
-                dataset_name=template.dataset_name,
-                dataset_config=template.dataset_config,
-                dataset_split=template.dataset_split,
-                dataset_args=template.dataset_args,
-                metric_type="kl",
-                metric_name=f"KL to the prior (nats/token), {bound}",
-                metric_value=float(run["ltm_rolling_kl_per_token"]),
-            )
-        )
+        out.append(_kl_result(template, bound, float(run["ltm_rolling_kl_per_token"])))
     return out
 
 

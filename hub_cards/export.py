@@ -408,6 +408,21 @@ def remove_stale_staging(output_dir: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _check_repo_id(repo_id: str) -> None:
+    """`CLIError` unless `repo_id` is a valid Hub repository id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise CLIError(
+            f"--repo-id {repo_id!r} is not a Hub repository id ({str(error).splitlines()[0]}); pass "
+            "'user/name' or 'org/name' (letters, digits, '-', '_', '.'), or leave it out and name the repository "
+            "in `ltm push`."
+        ) from None
+
+
 def export_for_hub(
     checkpoint: str | Path,
     output_dir: str | Path,
@@ -450,17 +465,7 @@ def export_for_hub(
     if not Path(checkpoint).expanduser().exists():
         raise no_such_folder(checkpoint, "checkpoint")
     if repo_id is not None:
-        from huggingface_hub.errors import HFValidationError
-        from huggingface_hub.utils import validate_repo_id
-
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as error:
-            raise CLIError(
-                f"--repo-id {repo_id!r} is not a Hub repository id ({str(error).splitlines()[0]}); pass "
-                "'user/name' or 'org/name' (letters, digits, '-', '_', '.'), or leave it out and name the repository "
-                "in `ltm push`."
-            ) from None
+        _check_repo_id(repo_id)
     checkpoint = Path(checkpoint).expanduser().resolve()
     output_dir = Path(output_dir).expanduser().resolve()
     config_dict = _read_json(checkpoint / "config.json")
@@ -498,6 +503,52 @@ def export_for_hub(
         lock.remove_created_dirs()
 
 
+def _export_card(model, checkpoint: Path, *, lm_eval_results, repo_id, model_name, datasets, eval_dataset_name,
+                 license):  # fmt: skip
+    """The model card of an export: the checkpoint's training data, hyper-parameters and held-out metrics, and the
+    lm-eval results given."""
+    default_name = (repo_id or str(checkpoint.parent if _is_checkpoint_n(checkpoint) else checkpoint)).rstrip("/")
+    default_name = default_name.split("/")[-1]
+    training_data, hub_dataset = read_training_data(checkpoint)
+    if not datasets and hub_dataset is not None:
+        datasets = [hub_dataset]
+    eval_name = eval_dataset_name or (datasets[0] if datasets else "held-out split")
+    eval_metrics = read_trainer_eval_metrics(checkpoint)
+    hyperparameters = read_training_hyperparameters(checkpoint)
+    if "eval_iw_ppl" in eval_metrics and "eval_iw_samples" in hyperparameters:
+        eval_metrics.setdefault("eval_iw_samples", hyperparameters["eval_iw_samples"])  # names K in the card
+    eval_results = trainer_eval_results(eval_metrics, dataset_name=eval_name)
+    eval_results += load_lm_eval_results(lm_eval_results)
+    return build_model_card(
+        model.config,
+        model_name=model_name or default_name,
+        repo_id=repo_id,
+        num_parameters=model.num_parameters(),
+        num_parameters_non_embedding=model.num_parameters(exclude_embeddings=True),
+        eval_results=eval_results,
+        hyperparameters=hyperparameters,
+        datasets=datasets,
+        license=license,
+        training_data=training_data,
+    )
+
+
+def _write_staging(staging: Path, model, tokenizer_object, card) -> None:
+    """Writes the export into `staging`: weights and config, the model package's code, tokenizer and card."""
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export folder gets the usual mode
+    model.save_pretrained(staging)
+    give_weights_the_usual_mode(staging)  # safetensors writes model.safetensors 0600
+    for name in REMOTE_CODE_FILES:  # the model package as it is (save_pretrained copies the same files)
+        shutil.copyfile(MODEL_PACKAGE / name, staging / name)
+    if "auto_map" not in (_read_json(staging / "config.json") or {}):
+        raise RuntimeError(
+            "save_pretrained did not write the remote code (auto_map missing): "
+            "LTMForCausalLM must be registered with register_for_auto_class (done by `import modeling_ltm`)."
+        )
+    tokenizer_object.save_pretrained(staging)
+    card.save(staging / "README.md")
+
+
 def _export_locked(
     checkpoint: Path, output_dir: Path, *, tokenizer, lm_eval_results, repo_id, model_name, datasets,
     eval_dataset_name, license, overwrite,
@@ -520,30 +571,8 @@ def _export_locked(
             f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)."
         )
 
-    default_name = (repo_id or str(checkpoint.parent if _is_checkpoint_n(checkpoint) else checkpoint)).rstrip("/")
-    default_name = default_name.split("/")[-1]
-    training_data, hub_dataset = read_training_data(checkpoint)
-    if not datasets and hub_dataset is not None:
-        datasets = [hub_dataset]
-    eval_name = eval_dataset_name or (datasets[0] if datasets else "held-out split")
-    eval_metrics = read_trainer_eval_metrics(checkpoint)
-    hyperparameters = read_training_hyperparameters(checkpoint)
-    if "eval_iw_ppl" in eval_metrics and "eval_iw_samples" in hyperparameters:
-        eval_metrics.setdefault("eval_iw_samples", hyperparameters["eval_iw_samples"])  # names K in the card
-    eval_results = trainer_eval_results(eval_metrics, dataset_name=eval_name)
-    eval_results += load_lm_eval_results(lm_eval_results)
-    card = build_model_card(
-        model.config,
-        model_name=model_name or default_name,
-        repo_id=repo_id,
-        num_parameters=model.num_parameters(),
-        num_parameters_non_embedding=model.num_parameters(exclude_embeddings=True),
-        eval_results=eval_results,
-        hyperparameters=hyperparameters,
-        datasets=datasets,
-        license=license,
-        training_data=training_data,
-    )
+    card = _export_card(model, checkpoint, lm_eval_results=lm_eval_results, repo_id=repo_id, model_name=model_name,
+                        datasets=datasets, eval_dataset_name=eval_dataset_name, license=license)  # fmt: skip
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output_dir)
@@ -554,18 +583,7 @@ def _export_locked(
             raise _unwritable(output_dir, error) from error
         raise
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export folder gets the usual mode
-        model.save_pretrained(staging)
-        give_weights_the_usual_mode(staging)  # safetensors writes model.safetensors 0600
-        for name in REMOTE_CODE_FILES:  # the model package as it is (save_pretrained copies the same files)
-            shutil.copyfile(MODEL_PACKAGE / name, staging / name)
-        if "auto_map" not in (_read_json(staging / "config.json") or {}):
-            raise RuntimeError(
-                "save_pretrained did not write the remote code (auto_map missing): "
-                "LTMForCausalLM must be registered with register_for_auto_class (done by `import modeling_ltm`)."
-            )
-        tokenizer_object.save_pretrained(staging)
-        card.save(staging / "README.md")
+        _write_staging(staging, model, tokenizer_object, card)
         try:
             if output_dir.exists():
                 _replace_export_files(staging, output_dir)

@@ -146,7 +146,12 @@ def long_functions(limit: int) -> list[str]:
         for path in sorted((REPO_ROOT / package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    length = node.end_lineno - node.lineno + 1  # from `def` to the last line, docstring included
+                    # from `def` to the last line, the docstring aside (an API's documentation is not its length)
+                    length = node.end_lineno - node.lineno + 1
+                    first = node.body[0]
+                    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                            first.value.value, str):  # fmt: skip
+                        length -= first.end_lineno - first.lineno + 1
                     if length > limit:
                         found.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.name} ({length} lines)")
     return found
@@ -154,5 +159,5 @@ def long_functions(limit: int) -> list[str]:
 
 def test_no_function_is_longer_than_the_limit():
     """Every function in our packages (the model package, its tooling, eval_harness, hub_cards) fits in
-    `MAX_FUNCTION_LINES` lines; a longer one is split into named helpers."""
+    `MAX_FUNCTION_LINES` lines besides its docstring; a longer one is split into named helpers."""
     assert long_functions(MAX_FUNCTION_LINES) == []

@@ -339,8 +339,6 @@ def check_model_folder(path: str | Path, flag: str = "model folder", model_type:
     """Raise `CLIError` naming the file unless `path` is a folder whose `config.json` is a JSON object with a
     `model_type` (equal to `model_type` when given) and whose weights are `*.safetensors` files with intact headers (a
     truncated file fails here, by name). Pickled weights (`pytorch_model.bin`, ...) are refused unopened."""
-    from safetensors import safe_open
-
     path = Path(path)
     config_path = path / "config.json"
     if not path.exists():
@@ -368,6 +366,16 @@ def check_model_folder(path: str | Path, flag: str = "model folder", model_type:
             f"{str(path)!r} is not an LTM folder (its weights would not load into this model); pass the folder "
             "written by `ltm train` / save_pretrained of an LTM."
         )
+    check_weight_files(path, flag)
+    check_generation_config(path / "generation_config.json")
+    return path
+
+
+def check_weight_files(path: Path, flag: str) -> None:
+    """`CLIError` unless the weights of the model folder `path` are `*.safetensors` files with intact headers;
+    pickled weights are refused unopened."""
+    from safetensors import safe_open
+
     safetensors = sorted(path.glob("*.safetensors"))
     pickled = sorted({p for pattern in PICKLED_WEIGHTS_PATTERNS for p in path.glob(pattern)})
     if pickled and not safetensors:
@@ -390,7 +398,10 @@ def check_model_folder(path: str | Path, flag: str = "model folder", model_type:
                 f"{weights} is truncated or corrupt ({error}); re-save the model (save_pretrained / `ltm train`) or "
                 "copy the file again."
             ) from error
-    generation_config = path / "generation_config.json"
+
+
+def check_generation_config(generation_config: Path) -> None:
+    """`CLIError` when a model folder's `generation_config.json` is there but not a JSON object."""
     if generation_config.is_file():  # transformers ignores a damaged one silently (the defaults of config.json)
         try:
             parsed = json.loads(generation_config.read_text(encoding="utf-8"))
@@ -403,7 +414,6 @@ def check_model_folder(path: str | Path, flag: str = "model folder", model_type:
                 "silently replaced; restore it (`model.generation_config.save_pretrained(folder)`) or delete it to "
                 "use the defaults of config.json."
             )
-    return path
 
 
 def no_such_folder(path: str | Path, flag: str) -> CLIError:

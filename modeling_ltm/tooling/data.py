@@ -281,6 +281,24 @@ def one_line_text(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _straddling_row(texts: list, lengths: list[int], cut: int) -> tuple[int, str, str]:
+    """`(row, head, tail)`: the row holding character `cut` of the concatenated texts, split at the line break
+    nearest to the cut (at the exact character when it has none)."""
+    seen = 0
+    for row, length in enumerate(lengths):
+        if seen + length >= cut:
+            break
+        seen += length
+    text = texts[row] or ""
+    offset = cut - seen
+    newline = text.rfind("\n", 0, offset)
+    after = text.find("\n", offset)
+    candidates = [i + 1 for i in (newline, after) if i != -1 and 0 < i + 1 < len(text)]
+    if candidates:
+        offset = min(candidates, key=lambda i: abs(i - (cut - seen)))
+    return row, text[:offset], text[offset:]
+
+
 def holdout_split(
     dataset: Dataset, text_column: str = "text", fraction: float = DEFAULT_VALIDATION_FRACTION
 ) -> DatasetDict:
@@ -297,19 +315,7 @@ def holdout_split(
     if total == 0:
         raise ValueError(f"The dataset's column {text_column!r} holds no text.")
     cut = int(round(total * (1.0 - fraction)))
-    seen = 0
-    for row, length in enumerate(lengths):
-        if seen + length >= cut:
-            break
-        seen += length
-    text = texts[row] or ""
-    offset = cut - seen
-    newline = text.rfind("\n", 0, offset)
-    after = text.find("\n", offset)
-    candidates = [i + 1 for i in (newline, after) if i != -1 and 0 < i + 1 < len(text)]
-    if candidates:
-        offset = min(candidates, key=lambda i: abs(i - (cut - seen)))
-    head, tail = text[:offset], text[offset:]
+    row, head, tail = _straddling_row(texts, lengths, cut)
     if (row == 0 and not head) or (row == len(dataset) - 1 and not tail):
         raise ValueError(f"Holding out {fraction:.0%} of the text left an empty split; use a larger corpus.")
 
@@ -490,6 +496,23 @@ def load_text_dataset(
         if path is not None and not Path(path).expanduser().is_file():
             raise ValueError(f"{flag} {str(path)!r} is not an existing file.")
     source = _source_name(dataset, train_file)
+    builder, raw = _load_raw(dataset, dataset_config, data_files, cache_dir, corpus_cache_dir, train_file, streaming,
+                             load_kwargs)  # fmt: skip
+    if builder == "text" and (dataset_config is not None or text_column != "text") and (dataset or train_file):
+        raise ValueError(
+            "--dataset_config and --text_column apply to `load_dataset` sources and structured files (.jsonl, .csv, "
+            f".parquet); text files are read into the column 'text' (got dataset_config={dataset_config!r}, "
+            f"text_column={text_column!r})."
+        )
+    if builder == "text":
+        text_column = "text"
+    return _train_and_validation(raw, source, text_column, validation_fraction, cache_dir, validation_file, split,
+                                 streaming)  # fmt: skip
+
+
+def _load_raw(dataset, dataset_config, data_files, cache_dir, corpus_cache_dir, train_file, streaming, load_kwargs):
+    """`(builder, raw)` of `load_text_dataset`'s source: the builder name when it is known (`"text"` for text files
+    and the embedded corpus), and what `load_dataset` / `load_from_disk` returned."""
     builder = None
     if train_file is not None:
         builder, raw = _load_files([str(Path(train_file).expanduser())], cache_dir, streaming, "--train_file")
@@ -500,60 +523,71 @@ def load_text_dataset(
         )
         builder = "text"
     else:
-        specs = [dataset] if isinstance(dataset, (str, os.PathLike)) else list(dataset)
-        if not specs:
-            raise ValueError("--dataset was given without a value; name text files, a directory or a dataset.")
-        first = Path(str(specs[0])).expanduser()
-        if data_files is None and len(specs) == 1 and is_saved_dataset(first):
-            raw = datasets.load_from_disk(str(first))
-            if streaming:
-                raw = (
-                    raw.to_iterable_dataset()
-                    if isinstance(raw, Dataset)
-                    else datasets.IterableDatasetDict({name: part.to_iterable_dataset() for name, part in raw.items()})
-                )
+        builder, raw = _load_dataset_argument(dataset, dataset_config, data_files, cache_dir, streaming, load_kwargs)
+    return builder, raw
+
+
+def _load_dataset_argument(dataset, dataset_config, data_files, cache_dir, streaming, load_kwargs):
+    """`(builder, raw)` of `--dataset`: a `save_to_disk` folder, local files, or a `load_dataset` name."""
+    builder = None
+    specs = [dataset] if isinstance(dataset, (str, os.PathLike)) else list(dataset)
+    if not specs:
+        raise ValueError("--dataset was given without a value; name text files, a directory or a dataset.")
+    first = Path(str(specs[0])).expanduser()
+    if data_files is None and len(specs) == 1 and is_saved_dataset(first):
+        raw = datasets.load_from_disk(str(first))
+        if streaming:
+            raw = (
+                raw.to_iterable_dataset()
+                if isinstance(raw, Dataset)
+                else datasets.IterableDatasetDict({name: part.to_iterable_dataset() for name, part in raw.items()})
+            )
+    else:
+        local_files = _local_text_files([str(s) for s in specs]) if data_files is None else None
+        if local_files is not None:
+            builder, raw = _load_files(local_files, cache_dir, streaming)
+        elif len(specs) > 1:
+            raise ValueError(
+                f"--dataset got {len(specs)} values but {specs[0]!r} is not an existing local file: several "
+                "values are only accepted as local files or directories."
+            )
         else:
-            local_files = _local_text_files([str(s) for s in specs]) if data_files is None else None
-            if local_files is not None:
-                builder, raw = _load_files(local_files, cache_dir, streaming)
-            elif len(specs) > 1:
-                raise ValueError(
-                    f"--dataset got {len(specs)} values but {specs[0]!r} is not an existing local file: several "
-                    "values are only accepted as local files or directories."
-                )
-            else:
-                try:
-                    raw = datasets.load_dataset(
-                        str(specs[0]),
-                        dataset_config,
-                        data_files=data_files,
-                        cache_dir=cache_dir,
-                        streaming=streaming,
-                        **load_kwargs,
-                    )
-                except (FileNotFoundError, ConnectionError) as error:  # unknown name, or the Hub unreachable
-                    raise ValueError(
-                        f"--dataset {specs[0]!r} is neither an existing local file/directory nor a loadable dataset "
-                        f"({type(error).__name__}: {error}). Pass text files, a directory of .txt files, or a "
-                        "`datasets.load_dataset` name (with network access to the Hub, or already in the datasets "
-                        "cache)."
-                    ) from error
-                except datasets.exceptions.DatasetGenerationError as error:  # a file the builder cannot parse
-                    cause = error.__cause__ or error.__context__ or error
-                    files = data_files if data_files is not None else specs[0]
-                    raise ValueError(
-                        f"--dataset {specs[0]!r} could not read {files} ({type(cause).__name__}: {cause}). Fix the "
-                        "file (for 'json': one JSON object per line, or one JSON array), or pass the builder that "
-                        "matches it."
-                    ) from error
-    if builder == "text" and (dataset_config is not None or text_column != "text") and (dataset or train_file):
-        raise ValueError(
-            "--dataset_config and --text_column apply to `load_dataset` sources and structured files (.jsonl, .csv, "
-            f".parquet); text files are read into the column 'text' (got dataset_config={dataset_config!r}, "
-            f"text_column={text_column!r})."
+            raw = _load_named_dataset(specs[0], dataset_config, data_files, cache_dir, streaming, load_kwargs)
+    return builder, raw
+
+
+def _load_named_dataset(name, dataset_config, data_files, cache_dir, streaming, load_kwargs):
+    """`datasets.load_dataset(name, ...)`; an unknown name or an unparsable file is a `ValueError` naming it."""
+    try:
+        return datasets.load_dataset(
+            str(name),
+            dataset_config,
+            data_files=data_files,
+            cache_dir=cache_dir,
+            streaming=streaming,
+            **load_kwargs,
         )
-    if builder == "text":
-        text_column = "text"
+    except (FileNotFoundError, ConnectionError) as error:  # unknown name, or the Hub unreachable
+        raise ValueError(
+            f"--dataset {name!r} is neither an existing local file/directory nor a loadable dataset "
+            f"({type(error).__name__}: {error}). Pass text files, a directory of .txt files, or a "
+            "`datasets.load_dataset` name (with network access to the Hub, or already in the datasets "
+            "cache)."
+        ) from error
+    except datasets.exceptions.DatasetGenerationError as error:  # a file the builder cannot parse
+        cause = error.__cause__ or error.__context__ or error
+        files = data_files if data_files is not None else name
+        raise ValueError(
+            f"--dataset {name!r} could not read {files} ({type(cause).__name__}: {cause}). Fix the "
+            "file (for 'json': one JSON object per line, or one JSON array), or pass the builder that "
+            "matches it."
+        ) from error
+
+
+
+def _train_and_validation(raw, source, text_column, validation_fraction, cache_dir, validation_file, split, streaming):
+    """`load_text_dataset`'s `train` / `validation` splits of `raw`: the chosen split, and the source's validation
+    split, `validation_file` or a held-out share of the training data."""
     if isinstance(raw, (Dataset, datasets.IterableDataset)):
         raw = {"train": raw}
     split_name = split or "train"
@@ -679,6 +713,29 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(f"{content}|{tokenizer.eos_token_id}".encode()).hexdigest()[:16]
 
 
+def _blocks(stream: list[int], block_size: int) -> list[list[int]]:
+    """`stream` cut into blocks of exactly `block_size` tokens; the last partial block is dropped."""
+    usable = len(stream) - len(stream) % block_size
+    return [stream[i : i + block_size] for i in range(0, usable, block_size)]
+
+
+def _tokenize_and_pack_stream(dataset, tokenizer, block_size, text_column, eos_id, batch_size):
+    """`tokenize_and_pack` of an `IterableDataset`: tokenized and packed on the fly, batch by batch."""
+
+    def tokenize_and_pack_batch(batch):
+        encoded = tokenizer(
+            [t or "" for t in batch[text_column]],
+            add_special_tokens=False,
+            return_attention_mask=False,
+            verbose=False,
+        )
+        return {"input_ids": _blocks([token for ids in encoded["input_ids"] if ids for token in (*ids, eos_id)],
+                                     block_size)}  # fmt: skip
+
+    columns = _column_names(dataset)
+    return dataset.map(tokenize_and_pack_batch, batched=True, batch_size=batch_size, remove_columns=columns)
+
+
 def tokenize_and_pack(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -704,19 +761,7 @@ def tokenize_and_pack(
     if eos_id is None:
         raise ValueError("The tokenizer has no eos token; packing separates documents with it.")
     if isinstance(dataset, datasets.IterableDataset):  # a stream: tokenized and packed on the fly, batch by batch
-
-        def tokenize_and_pack_batch(batch):
-            encoded = tokenizer(
-                [t or "" for t in batch[text_column]],
-                add_special_tokens=False,
-                return_attention_mask=False,
-                verbose=False,
-            )
-            stream = [token for ids in encoded["input_ids"] if ids for token in (*ids, eos_id)]
-            usable = len(stream) - len(stream) % block_size
-            return {"input_ids": [stream[i : i + block_size] for i in range(0, usable, block_size)]}
-
-        return dataset.map(tokenize_and_pack_batch, batched=True, batch_size=batch_size, remove_columns=columns)
+        return _tokenize_and_pack_stream(dataset, tokenizer, block_size, text_column, eos_id, batch_size)
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
 
     def tokenize(batch):
@@ -726,9 +771,7 @@ def tokenize_and_pack(
         return {"input_ids": [ids + [eos_id] for ids in encoded["input_ids"] if ids]}
 
     def pack(batch):
-        stream = [token for ids in batch["input_ids"] for token in ids]
-        usable = len(stream) - len(stream) % block_size
-        return {"input_ids": [stream[i : i + block_size] for i in range(0, usable, block_size)]}
+        return {"input_ids": _blocks([token for ids in batch["input_ids"] for token in ids], block_size)}
 
     tokenized = dataset.map(
         tokenize,

@@ -127,12 +127,38 @@ def _main(argv: list[str]) -> int:
     model_path = check_model_folder(args.model_path, "model_path", model_type="ltm")
     device = resolve_device(args.device)
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
+    from transformers import set_seed
 
     import modeling_ltm  # noqa: F401  (registers "ltm" with the Auto classes)
 
-    from ..weight_checks import check_finite_weights
+    tokenizer, config = load_tokenizer_and_config(model_path)
+    model = load_model(args, model_path, config, prompts, device)
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.seed is not None:
+        set_seed(args.seed)
+    generate_kwargs = build_generate_kwargs(args, tokenizer)
+    inputs = model_inputs(args, prompts, tokenizer, config.max_position_embeddings, device, generate_kwargs)
+
+    batch_size = inputs["input_ids"].shape[0]
+    stream = batch_size == 1 and args.num_beams == 1 and args.num_return_sequences == 1 and not args.no_stream
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+        model.generate(**inputs, streamer=streamer, **generate_kwargs)
+        return 0
+    outputs = model.generate(**inputs, **generate_kwargs)
+    print_texts(tokenizer.batch_decode(outputs, skip_special_tokens=True), batch_size, bool(prompts))
+    return 0
+
+
+def load_tokenizer_and_config(model_path: Path):
+    """The tokenizer and config of `model_path`; a tokenizer that cannot pad or stop, or that has ids the model has
+    no embedding for, is a `CLIError`."""
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -154,6 +180,16 @@ def _main(argv: list[str]) -> int:
             f"{config.vocab_size} ({model_path / 'config.json'}): ids from {config.vocab_size} on have no embedding. "
             "Save the tokenizer the model was trained with next to it."
         )
+    return tokenizer, config
+
+
+def load_model(args: argparse.Namespace, model_path: Path, config, prompts: list[str], device):
+    """The checked model on `device`, in eval mode, once the context, the memory budget, its weights and its default
+    number of inference steps allow the generation asked for."""
+    from transformers import AutoModelForCausalLM
+
+    from ..weight_checks import check_finite_weights
+
     context = config.max_position_embeddings
     if args.max_new_tokens >= context:
         raise CLIError(
@@ -176,15 +212,11 @@ def _main(argv: list[str]) -> int:
             "--num-inference-steps)",
             config.num_inference_steps if default is None else default,
         )
+    return model
 
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if args.seed is not None:
-        set_seed(args.seed)
 
+def build_generate_kwargs(args: argparse.Namespace, tokenizer) -> dict:
+    """`model.generate`'s keyword arguments from the flags (those left unset are left to the generation config)."""
     generate_kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
@@ -208,6 +240,13 @@ def _main(argv: list[str]) -> int:
         generate_kwargs["tokenizer"] = tokenizer
     if args.unconditional:
         generate_kwargs["latents"] = "prior"
+    return generate_kwargs
+
+
+def model_inputs(args, prompts: list[str], tokenizer, context: int, device, generate_kwargs: dict) -> dict:
+    """The prompts, left-padded and cut to their last tokens that leave room for the new ones; without prompts,
+    `--num-samples` rows of the BOS token (set as `generate_kwargs["bos_token_id"]`)."""
+    import torch
 
     if prompts:
         max_prompt_tokens = context - args.max_new_tokens
@@ -219,30 +258,21 @@ def _main(argv: list[str]) -> int:
                 f"{args.max_new_tokens} new) keep their last {max_prompt_tokens} tokens.",
                 file=sys.stderr,
             )
-        inputs = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-    else:
-        if bos_token_id is None:
-            raise CLIError("the tokenizer has no BOS/EOS token to start unconditional generation from; give --prompt.")
-        inputs = {"input_ids": torch.full((args.num_samples, 1), bos_token_id, dtype=torch.long, device=device)}
-        generate_kwargs["bos_token_id"] = bos_token_id
+        return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+    bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos_token_id is None:
+        raise CLIError("the tokenizer has no BOS/EOS token to start unconditional generation from; give --prompt.")
+    generate_kwargs["bos_token_id"] = bos_token_id
+    return {"input_ids": torch.full((args.num_samples, 1), bos_token_id, dtype=torch.long, device=device)}
 
-    batch_size = inputs["input_ids"].shape[0]
-    stream = batch_size == 1 and args.num_beams == 1 and args.num_return_sequences == 1 and not args.no_stream
-    if stream:
-        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
-        model.generate(**inputs, streamer=streamer, **generate_kwargs)
-        return 0
-    outputs = model.generate(**inputs, **generate_kwargs)
 
-    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+def print_texts(texts: list[str], batch_size: int, from_prompts: bool) -> None:
     per_prompt = len(texts) // batch_size
     for i, text in enumerate(texts):
-        label = f"prompt {i // per_prompt + 1}" if prompts else f"sample {i // per_prompt + 1}"
+        label = f"prompt {i // per_prompt + 1}" if from_prompts else f"sample {i // per_prompt + 1}"
         if per_prompt > 1:
             label += f", sequence {i % per_prompt + 1}"
         print(f"=== {label} ===\n{text}\n")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

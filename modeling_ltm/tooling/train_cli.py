@@ -320,6 +320,46 @@ def _flags_on_command_line(argv: list[str], parser: argparse.ArgumentParser) -> 
     return {by_option[a.split("=", 1)[0]] for a in argv if a.startswith("--") and a.split("=", 1)[0] in by_option}
 
 
+def read_recipe(recipe_path: Path, parser: HfArgumentParser) -> dict:
+    """The flag defaults of `--recipe` (or the preset's recipe): a JSON object of known flags with usable values."""
+    if not recipe_path.is_file():
+        raise TrainCLIError(f"--recipe {str(recipe_path)!r} does not exist; pass a JSON file of flag defaults.")
+    try:
+        recipe = json.loads(recipe_path.read_text())
+    except json.JSONDecodeError as error:
+        raise TrainCLIError(f"--recipe {str(recipe_path)!r} is not valid JSON: {error}") from error
+    if not isinstance(recipe, dict):
+        raise TrainCLIError(f"--recipe {str(recipe_path)!r} must hold a JSON object of flag defaults.")
+    known_dests = {field.name for fields_of in parser.dataclass_types for field in dataclasses.fields(fields_of)}
+    unknown = sorted(set(recipe) - known_dests)
+    if unknown:
+        hints = "".join(did_you_mean(name, known_dests) for name in unknown)
+        raise TrainCLIError(
+            f"--recipe {str(recipe_path)!r} sets unknown flags {unknown}{hints}; see `ltm train --help` for the "
+            "names."
+        )
+    check_recipe_values(recipe, recipe_path, parser)
+    print(f"ltm train: flag defaults from recipe {recipe_path}")
+    return recipe
+
+
+def continued_defaults(argv: list[str], parser: HfArgumentParser, config: str | None, recipe: dict) -> dict:
+    """The recorded recipe of the run folder `--config` continues (empty for a preset), announced with what the
+    command line or `recipe` sets instead."""
+    continued, recorded_in = continued_run_recipe(config)
+    if continued:
+        given = _flags_on_command_line(argv, parser)
+        taken = {key: value for key, value in continued.items() if key not in given and key not in recipe}
+        overridden = sorted(set(continued) - set(taken))
+        print(
+            f"ltm train: continuing {config}: from its recorded recipe ({recorded_in.name}"
+            f"{' + ' + DATA_RECORD_NAME if 'block_size' in continued else ''}): "
+            + (", ".join(f"{key}={value}" for key, value in taken.items()) or "nothing")
+            + (f"; set by the command line or --recipe instead: {', '.join(overridden)}" if overridden else "")
+        )
+    return continued
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrainingArguments]:
     """Parse `argv` into the three argument dataclasses, with `--recipe` (or the preset's recipe) as defaults."""
     parser = HfArgumentParser(
@@ -336,39 +376,9 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, LTMTrain
     pre.add_argument("--use_cpu", "--use-cpu", nargs="?", const="true")
     known, _ = pre.parse_known_args(argv)
     recipe_path = Path(known.recipe) if known.recipe else _default_recipe(known.config)
-    if recipe_path is not None:
-        if not recipe_path.is_file():
-            raise TrainCLIError(f"--recipe {str(recipe_path)!r} does not exist; pass a JSON file of flag defaults.")
-        try:
-            recipe = json.loads(recipe_path.read_text())
-        except json.JSONDecodeError as error:
-            raise TrainCLIError(f"--recipe {str(recipe_path)!r} is not valid JSON: {error}") from error
-        if not isinstance(recipe, dict):
-            raise TrainCLIError(f"--recipe {str(recipe_path)!r} must hold a JSON object of flag defaults.")
-        known_dests = {field.name for fields_of in parser.dataclass_types for field in dataclasses.fields(fields_of)}
-        unknown = sorted(set(recipe) - known_dests)
-        if unknown:
-            hints = "".join(did_you_mean(name, known_dests) for name in unknown)
-            raise TrainCLIError(
-                f"--recipe {str(recipe_path)!r} sets unknown flags {unknown}{hints}; see `ltm train --help` for the "
-                "names."
-            )
-        check_recipe_values(recipe, recipe_path, parser)
-        print(f"ltm train: flag defaults from recipe {recipe_path}")
-    else:
-        recipe = {}
+    recipe = read_recipe(recipe_path, parser) if recipe_path is not None else {}
     # Continuing a trained run folder: its recorded recipe, below --recipe and the command line.
-    continued, recorded_in = continued_run_recipe(known.config)
-    if continued:
-        given = _flags_on_command_line(argv, parser)
-        taken = {key: value for key, value in continued.items() if key not in given and key not in recipe}
-        overridden = sorted(set(continued) - set(taken))
-        print(
-            f"ltm train: continuing {known.config}: from its recorded recipe ({recorded_in.name}"
-            f"{' + ' + DATA_RECORD_NAME if 'block_size' in continued else ''}): "
-            + (", ".join(f"{key}={value}" for key, value in taken.items()) or "nothing")
-            + (f"; set by the command line or --recipe instead: {', '.join(overridden)}" if overridden else "")
-        )
+    continued = continued_defaults(argv, parser, known.config, recipe)
     if continued or recipe:
         parser.set_defaults(**{**continued, **recipe})
     if (
@@ -584,6 +594,36 @@ def _load_preset_or_model(config: str | None):
     return model.config, model
 
 
+def resumed_tokenizer(model_args: ModelArguments, resume_from: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of the checkpoint `resume_from` (or of its run folder); a `--tokenizer` or `--vocab_size` that
+    would tokenize differently is refused."""
+    sources = [resume_from, resume_from.parent]
+    source = next((folder for folder in sources if (folder / "tokenizer_config.json").is_file()), None)
+    if source is None:
+        if model_args.tokenizer is None:
+            raise TrainCLIError(
+                f"--resume_from_checkpoint {resume_from} has no tokenizer (nor has its parent folder); pass "
+                "--tokenizer with the tokenizer that run was trained with."
+            )
+        return ltm_data.load_tokenizer(model_args.tokenizer)
+    tokenizer = ltm_data.load_tokenizer(str(source))
+    if model_args.tokenizer is not None:
+        given = ltm_data.load_tokenizer(model_args.tokenizer)
+        if ltm_data.tokenizer_fingerprint(given) != ltm_data.tokenizer_fingerprint(tokenizer):
+            raise TrainCLIError(
+                f"--tokenizer {model_args.tokenizer!r} differs from the tokenizer of {source}, which the "
+                "checkpoint was trained with: resuming with it would change what the model's token ids mean. "
+                "Leave --tokenizer out to reuse the checkpoint's."
+            )
+    if model_args.vocab_size is not None and model_args.vocab_size != len(tokenizer):
+        raise TrainCLIError(
+            f"--vocab_size {model_args.vocab_size} differs from the {len(tokenizer)} tokens of the checkpoint's "
+            f"tokenizer ({source}); leave --vocab_size out when resuming (its tokenizer is reused)."
+        )
+    print(f"ltm train: resuming: reusing the tokenizer of {source}")
+    return tokenizer
+
+
 def build_tokenizer(
     model_args: ModelArguments,
     config: LTMConfig,
@@ -598,31 +638,7 @@ def build_tokenizer(
     When resuming, the checkpoint's tokenizer (the one its token ids mean): a `--tokenizer` or `--vocab_size` that
     would tokenize differently is refused."""
     if resume_from is not None:
-        sources = [resume_from, resume_from.parent]
-        source = next((folder for folder in sources if (folder / "tokenizer_config.json").is_file()), None)
-        if source is None:
-            if model_args.tokenizer is None:
-                raise TrainCLIError(
-                    f"--resume_from_checkpoint {resume_from} has no tokenizer (nor has its parent folder); pass "
-                    "--tokenizer with the tokenizer that run was trained with."
-                )
-            return ltm_data.load_tokenizer(model_args.tokenizer)
-        tokenizer = ltm_data.load_tokenizer(str(source))
-        if model_args.tokenizer is not None:
-            given = ltm_data.load_tokenizer(model_args.tokenizer)
-            if ltm_data.tokenizer_fingerprint(given) != ltm_data.tokenizer_fingerprint(tokenizer):
-                raise TrainCLIError(
-                    f"--tokenizer {model_args.tokenizer!r} differs from the tokenizer of {source}, which the "
-                    "checkpoint was trained with: resuming with it would change what the model's token ids mean. "
-                    "Leave --tokenizer out to reuse the checkpoint's."
-                )
-        if model_args.vocab_size is not None and model_args.vocab_size != len(tokenizer):
-            raise TrainCLIError(
-                f"--vocab_size {model_args.vocab_size} differs from the {len(tokenizer)} tokens of the checkpoint's "
-                f"tokenizer ({source}); leave --vocab_size out when resuming (its tokenizer is reused)."
-            )
-        print(f"ltm train: resuming: reusing the tokenizer of {source}")
-        return tokenizer
+        return resumed_tokenizer(model_args, resume_from)
     if model_args.tokenizer is not None or continued:
         if model_args.tokenizer is not None:
             tokenizer, source = ltm_data.load_tokenizer(model_args.tokenizer), f"--tokenizer {model_args.tokenizer}"
@@ -699,6 +715,46 @@ def _other_run(checkpoint: Path) -> str | None:
     return f"its run id {own_id} is not the run id {folder_id} of {checkpoint.parent} ({RUN_RECORD_NAME})"
 
 
+def newest_checkpoint_of_the_run(value: str, output_dir: str) -> Path:
+    """`--resume_from_checkpoint True / last / latest`: the newest complete checkpoint of the run that owns
+    `output_dir`, warning about the partial ones and those of another run it skips."""
+    if not Path(output_dir).is_dir():
+        raise TrainCLIError(
+            f"--resume_from_checkpoint {value}: --output_dir {output_dir} does not exist, so it holds no "
+            "checkpoint to resume; pass the run's --output_dir or a checkpoint folder."
+        )
+    checkpoints = [Path(c) for c in sort_checkpoints(output_dir)][::-1]  # newest first
+    partial, foreign = [], []
+    for checkpoint in checkpoints:
+        if not is_complete_checkpoint(checkpoint):
+            partial.append(checkpoint)
+        elif _other_run(checkpoint):
+            foreign.append(checkpoint)
+        else:
+            if partial:
+                print(
+                    f"ltm train: warning: skipping partial checkpoint(s) {', '.join(str(p) for p in partial)} "
+                    f"(no trainer_state.json, weights or run record: interrupted while saving); resuming from "
+                    f"{checkpoint}",
+                    file=sys.stderr,
+                )
+            if foreign:
+                print(
+                    f"ltm train: warning: skipping checkpoint(s) {', '.join(str(p) for p in foreign)} of another "
+                    f"run (their {RUN_RECORD_NAME} differs from the folder's); resuming from {checkpoint}",
+                    file=sys.stderr,
+                )
+            return checkpoint
+    found = f" (only partial ones: {', '.join(str(p) for p in partial)})" if partial else ""
+    if foreign:
+        found += f" (checkpoints of another run, not resumed: {', '.join(str(p) for p in foreign)})"
+    raise TrainCLIError(
+        f"--resume_from_checkpoint {value}: no complete checkpoint-N folder of this folder's run in {output_dir}"
+        f"{found}; train without --resume_from_checkpoint (with --overwrite_output_dir to replace that run), or "
+        "pass the folder of a complete checkpoint."
+    )
+
+
 def resolve_resume_checkpoint(value: str | None, output_dir: str) -> Path | None:
     """The checkpoint folder to resume from, or None.
 
@@ -709,41 +765,7 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str) -> Path | None
     if value is None or value.lower() in ("false", "none", ""):
         return None
     if value.lower() in RESUME_LATEST:
-        if not Path(output_dir).is_dir():
-            raise TrainCLIError(
-                f"--resume_from_checkpoint {value}: --output_dir {output_dir} does not exist, so it holds no "
-                "checkpoint to resume; pass the run's --output_dir or a checkpoint folder."
-            )
-        checkpoints = [Path(c) for c in sort_checkpoints(output_dir)][::-1]  # newest first
-        partial, foreign = [], []
-        for checkpoint in checkpoints:
-            if not is_complete_checkpoint(checkpoint):
-                partial.append(checkpoint)
-            elif _other_run(checkpoint):
-                foreign.append(checkpoint)
-            else:
-                if partial:
-                    print(
-                        f"ltm train: warning: skipping partial checkpoint(s) {', '.join(str(p) for p in partial)} "
-                        f"(no trainer_state.json, weights or run record: interrupted while saving); resuming from "
-                        f"{checkpoint}",
-                        file=sys.stderr,
-                    )
-                if foreign:
-                    print(
-                        f"ltm train: warning: skipping checkpoint(s) {', '.join(str(p) for p in foreign)} of another "
-                        f"run (their {RUN_RECORD_NAME} differs from the folder's); resuming from {checkpoint}",
-                        file=sys.stderr,
-                    )
-                return checkpoint
-        found = f" (only partial ones: {', '.join(str(p) for p in partial)})" if partial else ""
-        if foreign:
-            found += f" (checkpoints of another run, not resumed: {', '.join(str(p) for p in foreign)})"
-        raise TrainCLIError(
-            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder of this folder's run in {output_dir}"
-            f"{found}; train without --resume_from_checkpoint (with --overwrite_output_dir to replace that run), or "
-            "pass the folder of a complete checkpoint."
-        )
+        return newest_checkpoint_of_the_run(value, output_dir)
     path = Path(value)
     if not path.is_dir():
         raise TrainCLIError(
@@ -1271,6 +1293,50 @@ def _stream_sample(stream, text_column: str, max_chars: int = STREAM_TOKENIZER_S
     return Dataset.from_dict({text_column: texts})
 
 
+def load_raw_text(data_args: DataArguments):
+    """The corpus the data flags name, as `load_text_dataset`'s `train` and `validation` splits."""
+    return ltm_data.load_text_dataset(
+        data_args.dataset if data_args.dataset is None or len(data_args.dataset) > 1 else data_args.dataset[0],
+        dataset_config=data_args.dataset_config,
+        text_column=data_args.text_column,
+        validation_fraction=data_args.validation_split_percentage / 100.0,
+        data_files=data_args.data_files,
+        cache_dir=data_args.cache_dir,
+        corpus_cache_dir=data_args.corpus_cache_dir,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        split=data_args.dataset_split,
+        streaming=data_args.streaming,
+    )
+
+
+def pack_splits(raw, tokenizer, pretokenized: bool, text_column: str, block_size: int, data_args: DataArguments):
+    """`(train_blocks, eval_blocks)`: both splits packed into blocks of `block_size` tokens (tokenized first unless
+    `pretokenized`); of a stream, the held-out blocks are its first ones (evaluation needs a sized dataset)."""
+    blocks = {
+        split: (
+            ltm_data.pack_token_ids(raw[split], block_size, num_proc=data_args.preprocessing_num_workers)
+            if pretokenized
+            else ltm_data.tokenize_and_pack(
+                raw[split],
+                tokenizer,
+                block_size,
+                text_column=text_column,
+                num_proc=data_args.preprocessing_num_workers,
+            )
+        )
+        for split in ("train", "validation")
+    }
+    train_blocks, eval_blocks = blocks["train"], blocks["validation"]
+    if data_args.streaming:
+        eval_blocks = ltm_data.take_blocks(
+            eval_blocks, data_args.max_eval_blocks or ltm_data.DEFAULT_STREAMING_EVAL_BLOCKS
+        )
+        if len(eval_blocks) > 0 and next(iter(train_blocks), None) is None:
+            eval_blocks = eval_blocks.select([])  # reported as "no training blocks"
+    return train_blocks, eval_blocks
+
+
 def load_blocks(model_args, data_args, training_args, config, continued: bool, block_size: int, resume_from):
     """The tokenizer and the packed training and held-out blocks: `(tokenizer, train_blocks (an IterableDataset with
     --streaming), eval_blocks (at most --max_eval_blocks), number of held-out blocks)`; `config` gets the tokenizer's
@@ -1282,19 +1348,7 @@ def load_blocks(model_args, data_args, training_args, config, continued: bool, b
         # Under DDP the main process downloads, trains the tokenizer and fills datasets' cache first; the other
         # ranks then read the cache instead of tokenizing the corpus again.
         with training_args.main_process_first(desc="loading and tokenizing the corpus"):
-            raw = ltm_data.load_text_dataset(
-                data_args.dataset if data_args.dataset is None or len(data_args.dataset) > 1 else data_args.dataset[0],
-                dataset_config=data_args.dataset_config,
-                text_column=data_args.text_column,
-                validation_fraction=data_args.validation_split_percentage / 100.0,
-                data_files=data_args.data_files,
-                cache_dir=data_args.cache_dir,
-                corpus_cache_dir=data_args.corpus_cache_dir,
-                train_file=data_args.train_file,
-                validation_file=data_args.validation_file,
-                split=data_args.dataset_split,
-                streaming=streaming,
-            )
+            raw = load_raw_text(data_args)
             own_text = data_args.dataset is not None or data_args.train_file is not None
             text_column = data_args.text_column if own_text else "text"
             pretokenized = ltm_data.is_pretokenized(raw["train"], text_column)
@@ -1316,27 +1370,7 @@ def load_blocks(model_args, data_args, training_args, config, continued: bool, b
                 model_args, config, continued, train_text, text_column, block_size, resume_from
             )
             _sync_config_with_tokenizer(config, tokenizer, continued)
-            blocks = {
-                split: (
-                    ltm_data.pack_token_ids(raw[split], block_size, num_proc=data_args.preprocessing_num_workers)
-                    if pretokenized
-                    else ltm_data.tokenize_and_pack(
-                        raw[split],
-                        tokenizer,
-                        block_size,
-                        text_column=text_column,
-                        num_proc=data_args.preprocessing_num_workers,
-                    )
-                )
-                for split in ("train", "validation")
-            }
-            train_blocks, eval_blocks = blocks["train"], blocks["validation"]
-            if streaming:  # evaluation needs a sized dataset: the first held-out blocks of the stream
-                eval_blocks = ltm_data.take_blocks(
-                    eval_blocks, data_args.max_eval_blocks or ltm_data.DEFAULT_STREAMING_EVAL_BLOCKS
-                )
-                if len(eval_blocks) > 0 and next(iter(train_blocks), None) is None:
-                    eval_blocks = eval_blocks.select([])  # reported below as "no training blocks"
+            train_blocks, eval_blocks = pack_splits(raw, tokenizer, pretokenized, text_column, block_size, data_args)
     except ValueError as error:
         raise TrainCLIError(str(error)) from error
     num_train = "a stream of" if streaming and len(eval_blocks) else (0 if streaming else len(train_blocks))
@@ -1386,59 +1420,53 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: LTM
             lock.remove_created_dirs()  # a run that failed before writing anything leaves no folder
 
 
-def _train(model_args, data_args, training_args, resume_from: Path | None, wall_start: float) -> dict:
-    config, model = _load_preset_or_model(model_args.config)
-    continued = model is not None
-    if continued and model_args.baseline is not None:
-        raise TrainCLIError("--baseline trains a fresh peer: pass a preset JSON as --config, not a model folder.")
+def checked_block_size(config, data_args: DataArguments, training_args) -> int:
+    """`--block_size` (default: the context), checked against the context and the memory budget."""
     block_size = config.max_position_embeddings if data_args.block_size is None else data_args.block_size
     if block_size < 2 or block_size > config.max_position_embeddings:
         raise TrainCLIError(
             f"--block_size {block_size} must be in [2, max_position_embeddings = {config.max_position_embeddings}]."
         )
     check_model_budget(config, block_size, training_args, training_args.device)
+    return block_size
 
-    tokenizer, train_blocks, eval_blocks, total_eval_blocks = load_blocks(
-        model_args, data_args, training_args, config, continued, block_size, resume_from
-    )
-    source = data_source(data_args)["corpus"]
 
-    set_seed(training_args.seed)
-    if model_args.baseline == "llama":
-        model = LlamaForCausalLM(llama_peer_config(config))
-        trainer_class = Trainer
-    else:
-        if model is None:
-            model = LTMForCausalLM(config)
-        trainer_class = LTMTrainer
-    num_params = sum(p.numel() for p in model.parameters())
-    num_train = "a stream of" if data_args.streaming else f"{len(train_blocks):,}"
-    print(
-        f"ltm train: {type(model).__name__}, {num_params / 1e6:.2f}M parameters; {num_train} training "
-        f"blocks and {len(eval_blocks):,} of {total_eval_blocks:,} held-out blocks of {block_size} tokens"
+def session_metrics(trainer: Trainer, clock, block_size: int, train_metrics: dict) -> dict:
+    """The training metrics of this session (tokens, speed, steps, seconds) beside `Trainer`'s."""
+    seconds = clock.seconds()
+    return dict(
+        train_runtime=train_metrics.get("train_runtime", round(seconds, 4)),
+        train_tokens=training_tokens(trainer, block_size),
+        train_tokens_per_second=tokens_per_second(
+            training_tokens(trainer, block_size, clock.steps(trainer.state)), seconds
+        ),
+        train_steps_this_session=clock.steps(trainer.state),
+        train_seconds_this_session=round(seconds, 3),
     )
 
-    trainer = trainer_class(
-        model=model,
-        args=training_args,
-        train_dataset=train_blocks,
-        eval_dataset=eval_blocks,
-        data_collator=ltm_data.collate_blocks,
-        processing_class=tokenizer,
-    )
+
+def add_clock_callbacks(trainer: Trainer, max_train_minutes: float | None):
+    """`(time budget or None, clock)`: the callbacks that stop training at `--max_train_minutes` and time it."""
     time_budget = None
-    if data_args.max_train_minutes is not None:
-        time_budget = TimeBudgetCallback(data_args.max_train_minutes, trainer)
+    if max_train_minutes is not None:
+        time_budget = TimeBudgetCallback(max_train_minutes, trainer)
         trainer.add_callback(time_budget)
     clock = TrainingClockCallback()
     trainer.add_callback(clock)
-    run_id = run_id_of(resume_from) if resume_from is not None else new_run_id()
-    record = data_record(data_args, block_size, tokenizer, train_blocks)
-    trainer.add_callback(DataRecordCallback(record, run_id))
-    if resume_from is not None:
-        warn_if_data_changed(resume_from, record)
-    if trainer.is_world_process_zero():
-        prepare_run_folder(Path(training_args.output_dir), run_id, resume_from)
+    return time_budget, clock
+
+
+def build_model(model_args: ModelArguments, config: LTMConfig, model):
+    """`(model, trainer class)`: the Llama peer with `Trainer` for `--baseline llama`, else the continued `model` or
+    a fresh LTM of `config`, with `LTMTrainer`."""
+    if model_args.baseline == "llama":
+        return LlamaForCausalLM(llama_peer_config(config)), Trainer
+    return (LTMForCausalLM(config) if model is None else model), LTMTrainer
+
+
+def train_checked(trainer: Trainer, model, training_args, resume_from: Path | None):
+    """`trainer.train()`; a divergence (non-finite ELBO or weights) or a checkpoint that could not be written is a
+    one-line `TrainCLIError` naming it."""
     try:
         train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except NonFiniteELBOError as error:
@@ -1452,16 +1480,57 @@ def _train(model_args, data_args, training_args, resume_from: Path | None, wall_
         check_finite_weights(model, "saving")
     except NonFiniteWeightsError as error:  # e.g. the Llama peer, or a divergence at the last step
         raise TrainCLIError(diagnose_divergence(model, training_args, trainer.state.global_step, None)) from error
+    return train_result
+
+
+def evaluate_and_save(trainer: Trainer, model_args: ModelArguments, eval_blocks, block_size: int) -> dict:
+    """The held-out metrics (with the peer's perplexity for a baseline), saved as `eval_results.json`."""
+    eval_metrics = trainer.evaluate()
+    if model_args.baseline is not None:
+        eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
+    eval_metrics.update(eval_blocks=len(eval_blocks), eval_tokens=len(eval_blocks) * (block_size - 1))
+    save_metrics(trainer, "eval", eval_metrics)
+    return eval_metrics
+
+
+def _train(model_args, data_args, training_args, resume_from: Path | None, wall_start: float) -> dict:
+    config, model = _load_preset_or_model(model_args.config)
+    continued = model is not None
+    if continued and model_args.baseline is not None:
+        raise TrainCLIError("--baseline trains a fresh peer: pass a preset JSON as --config, not a model folder.")
+    block_size = checked_block_size(config, data_args, training_args)
+    tokenizer, train_blocks, eval_blocks, total_eval_blocks = load_blocks(
+        model_args, data_args, training_args, config, continued, block_size, resume_from
+    )
+    source = data_source(data_args)["corpus"]
+
+    set_seed(training_args.seed)
+    model, trainer_class = build_model(model_args, config, model)
+    num_params = sum(p.numel() for p in model.parameters())
+    num_train = "a stream of" if data_args.streaming else f"{len(train_blocks):,}"
+    print(f"ltm train: {type(model).__name__}, {num_params / 1e6:.2f}M parameters; {num_train} training blocks and "
+          f"{len(eval_blocks):,} of {total_eval_blocks:,} held-out blocks of {block_size} tokens")  # fmt: skip
+
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        data_collator=ltm_data.collate_blocks,
+        processing_class=tokenizer,
+    )
+    time_budget, clock = add_clock_callbacks(trainer, data_args.max_train_minutes)
+    run_id = run_id_of(resume_from) if resume_from is not None else new_run_id()
+    record = data_record(data_args, block_size, tokenizer, train_blocks)
+    trainer.add_callback(DataRecordCallback(record, run_id))
+    if resume_from is not None:
+        warn_if_data_changed(resume_from, record)
+    if trainer.is_world_process_zero():
+        prepare_run_folder(Path(training_args.output_dir), run_id, resume_from)
+    train_result = train_checked(trainer, model, training_args, resume_from)
     train_metrics = dict(train_result.metrics)
-    seconds = clock.seconds()
-    train_metrics.setdefault("train_runtime", round(seconds, 4))
+    train_metrics.update(session_metrics(trainer, clock, block_size, train_metrics))
     train_metrics.update(
-        train_tokens=training_tokens(trainer, block_size),
-        train_tokens_per_second=tokens_per_second(
-            training_tokens(trainer, block_size, clock.steps(trainer.state)), seconds
-        ),
-        train_steps_this_session=clock.steps(trainer.state),
-        train_seconds_this_session=round(seconds, 3),
         train_blocks=None if data_args.streaming else len(train_blocks),
         block_size=block_size,
         num_parameters=num_params,
@@ -1470,12 +1539,7 @@ def _train(model_args, data_args, training_args, resume_from: Path | None, wall_
         ),
     )
     save_final_model(trainer, run_id, train_metrics, record)
-
-    eval_metrics = trainer.evaluate()
-    if model_args.baseline is not None:
-        eval_metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
-    eval_metrics.update(eval_blocks=len(eval_blocks), eval_tokens=len(eval_blocks) * (block_size - 1))
-    save_metrics(trainer, "eval", eval_metrics)
+    eval_metrics = evaluate_and_save(trainer, model_args, eval_blocks, block_size)
 
     sample = None
     if trainer.is_world_process_zero():

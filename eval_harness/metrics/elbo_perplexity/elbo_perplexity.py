@@ -75,6 +75,52 @@ _CITATION = """
 """
 
 
+def _encode(predictions, tokenizer, start: int | None, max_length: int) -> list[list[int]]:
+    """Each text's token ids (after the start token when given), cut to `max_length`; fewer than 2 is an error."""
+    encoded = []
+    for index, text in enumerate(predictions):
+        tokens = ([start] if start is not None else []) + tokenizer.encode(text, add_special_tokens=False)
+        tokens = tokens[:max_length]
+        if len(tokens) < 2:
+            raise ValueError(
+                f"Text {index} ({text[:40]!r}) has fewer than 2 tokens, so no token can be scored; drop it or use "
+                "add_start_token=True."
+            )
+        encoded.append(tokens)
+    return encoded
+
+
+def _load_ltm(model_id, trust_remote_code: bool, device: torch.device):
+    """The LTM `model_id` on `device` in eval mode; another model is a `TypeError`."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    if not callable(getattr(model, "infer_latents", None)):
+        raise TypeError(f"{model_id!r} is a {type(model).__name__}, not an LTM; use the `perplexity` metric.")
+    return model.to(device).eval()
+
+
+def _add_rows(results: dict, result, importance_weighted: bool, reconstruction: bool) -> None:
+    """Appends one batch's per-text numbers (`evaluate_posterior`'s `result`) to the lists in `results`."""
+    bound = result.iw if importance_weighted else result.elbo
+    tokens = result.num_tokens.float()
+    results["perplexities"] += torch.exp(-bound / tokens).tolist()
+    results["nll_per_token"] += (result.nll / tokens).tolist()
+    results["kl_per_token"] += (result.kl / tokens).tolist()
+    results["num_tokens"] += result.num_tokens.tolist()
+    if reconstruction:
+        results["reconstruction_perplexities"] += torch.exp(result.reconstruction_nll / tokens).tolist()
+
+
+def _left_padded(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)` of `batch`, left-padded with `pad_id` (positions come from the mask)."""
+    longest = max(len(t) for t in batch)
+    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(batch):
+        ids[row, longest - len(tokens) :] = torch.tensor(tokens)
+        mask[row, longest - len(tokens) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ElboPerplexity(evaluate.Metric):
     def _info(self):
@@ -103,10 +149,7 @@ class ElboPerplexity(evaluate.Metric):
         reconstruction: bool = True,
     ):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-        if not callable(getattr(model, "infer_latents", None)):
-            raise TypeError(f"{model_id!r} is a {type(model).__name__}, not an LTM; use the `perplexity` metric.")
-        model = model.to(device).eval()
+        model = _load_ltm(model_id, trust_remote_code, device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
         context = model.config.max_position_embeddings
         max_length = context if max_length is None else int(max_length)
@@ -116,16 +159,7 @@ class ElboPerplexity(evaluate.Metric):
         if add_start_token and start is None:
             raise ValueError("`add_start_token=True` needs a BOS or EOS token in the tokenizer.")
 
-        encoded = []
-        for index, text in enumerate(predictions):
-            tokens = ([start] if add_start_token else []) + tokenizer.encode(text, add_special_tokens=False)
-            tokens = tokens[:max_length]
-            if len(tokens) < 2:
-                raise ValueError(
-                    f"Text {index} ({text[:40]!r}) has fewer than 2 tokens, so no token can be scored; drop it or use "
-                    "add_start_token=True."
-                )
-            encoded.append(tokens)
+        encoded = _encode(predictions, tokenizer, start if add_start_token else None, max_length)
 
         settings = PosteriorFitSettings.evaluation(
             model.config,
@@ -137,13 +171,7 @@ class ElboPerplexity(evaluate.Metric):
             results["reconstruction_perplexities"] = []
         for begin in range(0, len(encoded), int(batch_size)):
             batch = encoded[begin : begin + int(batch_size)]
-            longest = max(len(t) for t in batch)
-            ids = torch.full((len(batch), longest), start if start is not None else 0, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, tokens in enumerate(batch):  # left padding; positions come from the mask
-                ids[row, longest - len(tokens) :] = torch.tensor(tokens)
-                mask[row, longest - len(tokens) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = _left_padded(batch, start if start is not None else 0, device)
             seeds = [content_seed(int(seed), tokens, "metric") for tokens in batch]
             result = evaluate_posterior(
                 model,
@@ -154,14 +182,7 @@ class ElboPerplexity(evaluate.Metric):
                 reconstruction=bool(reconstruction),
                 seed=seeds,
             )
-            bound = result.iw if int(iw_samples) > 0 else result.elbo
-            tokens = result.num_tokens.float()
-            results["perplexities"] += torch.exp(-bound / tokens).tolist()
-            results["nll_per_token"] += (result.nll / tokens).tolist()
-            results["kl_per_token"] += (result.kl / tokens).tolist()
-            results["num_tokens"] += result.num_tokens.tolist()
-            if reconstruction:
-                results["reconstruction_perplexities"] += torch.exp(result.reconstruction_nll / tokens).tolist()
+            _add_rows(results, result, int(iw_samples) > 0, reconstruction)
         results["mean_perplexity"] = float(sum(results["perplexities"]) / len(results["perplexities"]))
         results["bound"] = f"importance_weighted(K={int(iw_samples)})" if int(iw_samples) > 0 else "elbo"
         results["fit_settings"] = settings.describe()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from lm_eval.__main__ import cli_evaluate
+from lm_eval._cli.utils import MergeDictAction
 
 import eval_harness  # registers model "ltm"
 from modeling_ltm.tooling.budgets import check_inference_steps, check_iw_samples, check_memory
@@ -32,21 +33,14 @@ from modeling_ltm.tooling.cli_errors import (
 )
 
 
-def _model_args(values: list[str] | None) -> dict[str, str]:
-    """`key=value` pairs of `--model_args` (comma- or space-separated, lm-eval's syntax)."""
-    pairs = {}
-    for value in values or []:
-        for item in value.split(","):
-            key, sep, val = item.partition("=")
-            if sep:
-                pairs[key.strip()] = val.strip()
-    return pairs
-
-
 def _known_arguments(argv: list[str]) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)
+    """The flags checked here, `--model_args` parsed by lm-eval's own `MergeDictAction` (`key=value` pairs, comma- or
+    space-separated, or one JSON object; values typed as lm-eval types them), so the checks see what `LTMLM` will
+    get. (`lm_eval.utils.simple_parse_args_string` is the parser of `LM.create_from_arg_string`, not of lm-eval's
+    command line: it reads no JSON object and splits `key=[a,b]` at its comma.)"""
+    pre = argparse.ArgumentParser(prog="ltm eval", add_help=False)
     pre.add_argument("--model")
-    pre.add_argument("--model_args", "-a", nargs="+")
+    pre.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction, default={})
     pre.add_argument("--device")
     pre.add_argument("--batch_size", "-b")
     pre.add_argument("--output_path", "-o")
@@ -57,10 +51,12 @@ def _known_arguments(argv: list[str]) -> argparse.Namespace:
 
 def _int_arg(flag: str, value: str, check) -> None:
     try:
-        number = int(value)
+        number = float(value)  # lm-eval's parser reads `-1` as -1.0, as `LTMLM` will get it
     except ValueError:
-        raise CLIError(f"{flag} must be an integer, got {value!r}.") from None
-    check(flag, number)
+        number = float("nan")
+    if not number.is_integer():
+        raise CLIError(f"{flag} must be an integer, got {value!r}.")
+    check(flag, int(number))
 
 
 def check_ltm_arguments(argv: list[str]) -> None:
@@ -86,7 +82,7 @@ def check_ltm_arguments(argv: list[str]) -> None:
             raise CLIError(f"--batch_size must be an integer >= 1 (requests per batch), got {known.batch_size}.")
     if known.model != "ltm":
         return
-    model_args = _model_args(known.model_args)
+    model_args = {key: str(value) for key, value in known.model_args.items() if value is not None}
     pretrained = model_args.get("pretrained")
     local = pretrained is not None and (Path(pretrained).expanduser().exists() or looks_like_a_local_path(pretrained))
     if local:  # a folder that does not exist is named here, not sent to the Hub as a repository id

@@ -479,11 +479,11 @@ class LTMPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`; a damaged `.safetensors` file (truncated, corrupt), whose error from
         the safetensors library names no file, is reported as an `OSError` naming the folder and the fix."""
+        from safetensors import SafetensorError  # a dependency of transformers, as torch is
+
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except Exception as error:
-            if type(error).__name__ != "SafetensorError":  # the class lives in safetensors: matched by name
-                raise
+        except SafetensorError as error:
             raise OSError(
                 f"The weights in {pretrained_model_name_or_path} are truncated or corrupt ({error}); re-save the model "
                 "(save_pretrained / `ltm train`) or copy its .safetensors file again."

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 
 EXIT_CODE = 2
 DEBUG_FLAG = "--debug"
@@ -96,7 +98,7 @@ def message_for(error: BaseException) -> str | None:
     network = _hub_timeout_message(error)
     if network is not None:
         return network
-    if name == "SafetensorError":
+    if isinstance(error, SafetensorError):
         return (
             f"a .safetensors weights file is truncated or corrupt ({error}); re-save the model "
             "(`ltm train` / save_pretrained) or copy the file again."
@@ -195,6 +197,12 @@ class HubRequestBound:
     - A request of this thread that got no answer for its whole timeout makes the endpoint unreachable for the rest of
       the command: the next request to it (huggingface_hub retries a timed-out request up to 5 times, file after
       file) raises `HubTimeoutError` at once, naming the endpoint, instead of waiting minutes.
+
+    Hooks rather than huggingface_hub's own bounds: `HF_HUB_ETAG_TIMEOUT` / `HF_HUB_DOWNLOAD_TIMEOUT` cover only
+    `hf_hub_download`'s requests, and a client factory's default timeout (`set_client_factory(lambda:
+    httpx.Client(timeout=60))`) is overridden by the explicit `timeout=None` that `HfApi` methods pass (observed: such
+    a request to a server that never answers was still waiting after 5 s under a 1 s client default), nor does either
+    stop the 5 retries per request.
     """
 
     def __init__(self, seconds: float):
@@ -393,7 +401,7 @@ def check_weight_files(path: Path, flag: str) -> None:
         try:
             with safe_open(str(weights), framework="pt"):
                 pass
-        except Exception as error:  # safetensors' SafetensorError (not importable under a stable name)
+        except SafetensorError as error:
             raise CLIError(
                 f"{weights} is truncated or corrupt ({error}); re-save the model (save_pretrained / `ltm train`) or "
                 "copy the file again."

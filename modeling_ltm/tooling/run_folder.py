@@ -108,7 +108,13 @@ def describe_lock_holder(holder: dict) -> str:
 
 class RunLock:
     """An exclusive lock on a run folder for one `ltm train` (see the module docstring). Use as a context manager, or
-    `acquire()` / `release()`. `created_dirs` lists the folders acquiring created (outermost first)."""
+    `acquire()` / `release()`. `created_dirs` lists the folders acquiring created (outermost first).
+
+    Hand-written over `fcntl.flock` rather than `filelock.FileLock`: on its flock path FileLock records no holder
+    (`FileLock.pid` raises AttributeError outside its soft fallback, observed with filelock 4.3.1), so the refusal and
+    the take-over warning would still read and write our holder record by hand; its flock-less fallback writes its own
+    marker into the lock file (our holder record would need a second file), and huggingface_hub accepts any
+    filelock>=3.10, so which dead-holder check that fallback makes depends on the release installed."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)

@@ -761,7 +761,12 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str) -> Path | None
     `True` / `last` / `latest` pick the newest complete `checkpoint-N` of the run that owns `output_dir` (its
     `ltm_run.json`), in transformers' `get_last_checkpoint` order, skipping partial ones and those of another run with
     a warning that names them; a path must be a complete checkpoint of its folder's run (the error names the newest
-    complete one in its folder)."""
+    complete one in its folder).
+
+    Hand-written over `transformers.trainer_utils.sort_checkpoints`: `get_last_checkpoint` returns the highest
+    `checkpoint-N` folder whatever it holds (an empty `checkpoint-10` beside complete ones comes back as the one to
+    resume) and cannot give the next one, so it can neither skip a checkpoint a kill left partial nor one of an
+    older run (the run-id check)."""
     if value is None or value.lower() in ("false", "none", ""):
         return None
     if value.lower() in RESUME_LATEST:
@@ -1047,7 +1052,11 @@ def diagnose_divergence(model, training_args: LTMTrainingArguments, step: int, e
 
 
 def training_tokens(trainer: Trainer, block_size: int, steps: int | None = None) -> int:
-    """Tokens consumed by `steps` optimizer steps (default: all of the run's): steps x global batch x block size."""
+    """Tokens consumed by `steps` optimizer steps (default: all of the run's): steps x global batch x block size.
+
+    Exact here (every row is one packed block of `block_size` tokens), where transformers' count
+    (`include_num_input_tokens_seen`, `state.num_input_tokens_seen`) gathers across processes and syncs with the host
+    (`.item()`) on every micro-batch."""
     args = trainer.args
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     return (trainer.state.global_step if steps is None else steps) * global_batch * block_size
@@ -1059,7 +1068,12 @@ MIN_SECONDS_FOR_RATE = 0.05
 
 class TrainingClockCallback(TrainerCallback):
     """Wall time and optimizer steps of training in this process: from `on_train_begin` (after a resumed state is
-    loaded) to `on_train_end` (or now), minus the evaluations that ran inside training."""
+    loaded) to `on_train_end` (or now), minus the evaluations that ran inside training.
+
+    transformers 5.24 has no `include_tokens_per_second`; its `train_tokens_per_second` (logged with
+    `include_num_input_tokens_seen`) is `trainer_utils.speed_metrics` on the time since `train()` began, which counts
+    the evaluations inside training, divides by any time above 0 and appears only in the logging steps' entries, not
+    in `train()`'s metrics."""
 
     def __init__(self):
         self.start = self.end = None

@@ -197,6 +197,7 @@ def _training(run: dict, flops: float, fast_steps: int | None) -> dict:
         "num_parameters": run["train"]["num_parameters"],
         "flops_per_token": flops,
         "fast_steps": fast_steps,
+        "stopped_by_time_budget": bool(run["train"].get("stopped_by_time_budget")),
     }
 
 
@@ -213,6 +214,10 @@ def table(result: dict) -> str:
         lines.append(f"{'perplexity':24s}{cell:54s}{row['peer_perplexity']:>13.2f}{ratio:>9s}")
         lines.append(f"  on {row['text']}")
     speed = (ltm["tokens_per_second"] or 0) / (peer["tokens_per_second"] or math.inf)
+    lines.append(f"{'training tokens':24s}{ltm['tokens']:<54,}{peer['tokens']:>13,}")
+    for name, run in (("LTM", ltm), ("Llama peer", peer)):
+        if run["stopped_by_time_budget"]:
+            lines.append(f"  the {name} was stopped by its time budget (--max_train_minutes): not equal tokens")
     lines.append(f"{'training tokens/s':24s}{_rate(ltm):54s}{_rate(peer):>13s}{speed:>8.3f}x")
     flops = f"(4T + 8) N = {ltm['flops_per_token']:.3g} (T = {ltm['fast_steps']})"
     ratio = ltm["flops_per_token"] / peer["flops_per_token"]

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import copy
 import errno
-import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -32,7 +30,18 @@ from transformers.utils import logging
 from modeling_ltm import LTMForCausalLM  # importing the package registers the classes for `auto_map`
 from modeling_ltm.tooling.cli_errors import CLIError, check_model_folder, load_checked_model, no_such_folder
 from modeling_ltm.generation_ltm import LTMGenerationConfig
-from modeling_ltm.tooling.run_folder import RunLock, describe_lock_holder, give_weights_the_usual_mode, process_alive, test_pause
+from modeling_ltm.tooling.run_folder import (
+    MODEL_FILE_PATTERNS,
+    MODEL_PACKAGE,
+    REMOTE_CODE_FILES,
+    RunLock,
+    describe_lock_holder,
+    give_weights_the_usual_mode,
+    move_staged_files,
+    pause_for_fault_injection,
+    process_alive,
+    read_json,
+)
 from modeling_ltm.weight_checks import check_finite_weights
 
 from .card import build_model_card, load_lm_eval_results, trainer_eval_results
@@ -41,19 +50,6 @@ from .card import build_model_card, load_lm_eval_results, trainer_eval_results
 logger = logging.get_logger(__name__)
 
 
-# The model package: its top-level modules are exactly what ships as remote code (the tooling that never ships lives
-# in its `tooling/` subpackage).
-MODEL_PACKAGE = Path(sys.modules[LTMForCausalLM.__module__].__file__).parent
-
-
-def remote_code_files() -> tuple[str, ...]:
-    """The files an export copies next to the weights for `trust_remote_code=True`: every top-level module of the
-    model package but `__init__.py`. tests/test_structure.py checks that this is what `save_pretrained` copies too
-    (transformers' `get_relative_import_files` closure of modeling_ltm.py and configuration_ltm.py)."""
-    return tuple(sorted(path.name for path in MODEL_PACKAGE.glob("*.py") if path.name != "__init__.py"))
-
-
-REMOTE_CODE_FILES = remote_code_files()
 # LTMs take no token type ids; without this, `tokenizer(...)` may return them and `generate(**inputs)` would pass
 # them on to `forward`.
 TOKENIZER_INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -84,35 +80,8 @@ CARD_HYPERPARAMETERS = (
     "eval_iw_samples",
 )
 CHECKPOINT_DIR_PATTERN = re.compile(r"checkpoint-\d+")
-# Names an export may write. `overwrite=True` replaces these in an existing folder (removing stale ones, e.g. the
-# shards of an earlier, sharded export) and leaves every other file there untouched.
-EXPORT_FILE_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model-*-of-*.safetensors",
-    "model.safetensors.index.json",
-    "README.md",
-    *REMOTE_CODE_FILES,
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read {path}: {error}") from error
-    return data if isinstance(data, dict) else None
+# Names an export may write (a saved model's files): replaced in an existing folder, every other file kept.
+EXPORT_FILE_PATTERNS = MODEL_FILE_PATTERNS
 
 
 def _is_checkpoint_n(checkpoint: Path) -> bool:
@@ -129,10 +98,10 @@ def read_trainer_eval_metrics(checkpoint: str | Path) -> dict[str, Any]:
     checkpoint = Path(checkpoint)
     if not _is_checkpoint_n(checkpoint):
         for name in ("eval_results.json", "all_results.json"):
-            results = _read_json(checkpoint / name)
+            results = read_json(checkpoint / name, strict=True)
             if results and any(key.startswith("eval_") for key in results):
                 return {key: value for key, value in results.items() if key.startswith("eval_")}
-    state = _read_json(checkpoint / "trainer_state.json") or {}
+    state = read_json(checkpoint / "trainer_state.json", strict=True) or {}
     evaluations = [entry for entry in state.get("log_history", []) if any(key.startswith("eval_") for key in entry)]
     if not evaluations:
         return {}
@@ -215,7 +184,7 @@ def _load_training_args(checkpoint: Path) -> dict[str, Any]:
     """Training arguments as a dict: `training_args.json` if present, else the Trainer's `training_args.bin` read
     through an allow-list (see `read_pickled_training_args`); `{}` (with a warning) when neither can be read."""
     for folder in (checkpoint, checkpoint.parent) if _is_checkpoint_n(checkpoint) else (checkpoint,):
-        as_json = _read_json(folder / "training_args.json")
+        as_json = read_json(folder / "training_args.json", strict=True)
         if as_json is not None:
             return as_json
         pickled = folder / "training_args.bin"
@@ -246,10 +215,12 @@ def read_training_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
     if "num_inference_steps_end" not in hyperparameters:  # constant T: the ramp's window does not apply
         hyperparameters.pop("num_inference_steps_ramp_start", None)
         hyperparameters.pop("num_inference_steps_ramp_stop", None)
-    state = _read_json(checkpoint / "trainer_state.json") or {}
+    state = read_json(checkpoint / "trainer_state.json", strict=True) or {}
     if state.get("global_step"):
         hyperparameters["trained_steps"] = state["global_step"]
-    train_results = {} if _is_checkpoint_n(checkpoint) else (_read_json(checkpoint / "train_results.json") or {})
+    train_results = {}
+    if not _is_checkpoint_n(checkpoint):
+        train_results = read_json(checkpoint / "train_results.json", strict=True) or {}
     trained_tokens = state.get("num_input_tokens_seen") or train_results.get("train_tokens")  # `ltm train` logs it
     if trained_tokens:
         hyperparameters["trained_tokens"] = trained_tokens
@@ -272,7 +243,7 @@ def read_training_data(checkpoint: str | Path) -> tuple[str | None, str | None]:
     folder, or of a checkpoint-N and then its run folder); `(None, None)` when nothing was recorded."""
     checkpoint = Path(checkpoint)
     for folder in (checkpoint, checkpoint.parent) if _is_checkpoint_n(checkpoint) else (checkpoint,):
-        record = _read_json(folder / DATA_RECORD_NAME)
+        record = read_json(folder / DATA_RECORD_NAME, strict=True)
         if record and isinstance(record.get("corpus"), str):
             hub_dataset = record.get("hub_dataset")
             return record["corpus"], hub_dataset if isinstance(hub_dataset, str) else None
@@ -328,12 +299,7 @@ def hub_generation_config(model):
 def _replace_export_files(staging: Path, output_dir: Path) -> None:
     """Move the files of `staging` into `output_dir`, first removing files there that an export writes
     (`EXPORT_FILE_PATTERNS`) and this one did not; every other file of `output_dir` stays."""
-    written = {path.name for path in staging.iterdir()}
-    for path in output_dir.iterdir():
-        if path.is_file() and path.name not in written and any(path.match(p) for p in EXPORT_FILE_PATTERNS):
-            path.unlink()
-    for name in sorted(written):
-        (staging / name).replace(output_dir / name)
+    written = move_staged_files(staging, output_dir, EXPORT_FILE_PATTERNS)
     kept = sorted(path.name for path in output_dir.iterdir() if path.name not in written)
     if kept:
         logger.warning(
@@ -468,7 +434,7 @@ def export_for_hub(
         _check_repo_id(repo_id)
     checkpoint = Path(checkpoint).expanduser().resolve()
     output_dir = Path(output_dir).expanduser().resolve()
-    config_dict = _read_json(checkpoint / "config.json")
+    config_dict = read_json(checkpoint / "config.json", strict=True)
     if not checkpoint.is_dir() or config_dict is None:
         raise ValueError(
             f"{checkpoint} is not a model checkpoint (no config.json). Pass a Trainer output folder or one of its "
@@ -540,7 +506,7 @@ def _write_staging(staging: Path, model, tokenizer_object, card) -> None:
     give_weights_the_usual_mode(staging)  # safetensors writes model.safetensors 0600
     for name in REMOTE_CODE_FILES:  # the model package as it is (save_pretrained copies the same files)
         shutil.copyfile(MODEL_PACKAGE / name, staging / name)
-    if "auto_map" not in (_read_json(staging / "config.json") or {}):
+    if "auto_map" not in (read_json(staging / "config.json", strict=True) or {}):
         raise RuntimeError(
             "save_pretrained did not write the remote code (auto_map missing): "
             "LTMForCausalLM must be registered with register_for_auto_class (done by `import modeling_ltm`)."
@@ -554,7 +520,7 @@ def _export_locked(
     eval_dataset_name, license, overwrite,
 ) -> Path:  # fmt: skip
     """`export_for_hub` once its arguments are checked and the folder's `ExportLock` is held."""
-    test_pause("export-locked")  # tests hold the lock here
+    pause_for_fault_injection("export-locked")  # crash-safety tests hold the lock here
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(
             f"{output_dir} is not empty; pass --overwrite (overwrite=True) to replace the files an export writes "

@@ -108,7 +108,7 @@ class FitBatch:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     prefix: object
-    prior: object = None  # the model's prior over z (modeling_ltm/priors.py); None: N(0, I)
+    prior: object  # the model's prior over z (modeling_ltm/priors.py), always set: `latent_prior_of(model)`
 
     @classmethod
     def prepare(cls, model, input_ids, attention_mask, labels=None, prefix=None) -> "FitBatch":
@@ -407,11 +407,22 @@ def _begin_step(optimizer, step: int, settings, deadline) -> None:
         group["lr"] = fast_lr_at(step, settings)
 
 
+def _start_fit(forward, batch, mu, logvar, settings):
+    """`(mu, logvar, optimizer, step_fn)`: the fit's leaf latents, their fast optimizer and the `FastStep` on them."""
+    mu, logvar, optimizer = _leaf_optimizer(mu, logvar, settings)
+    return mu, logvar, optimizer, FastStep(forward, batch, mu, logvar, optimizer, settings)
+
+
+def _raise_non_finite_at(model, step: int, settings) -> None:
+    """The fit became non-finite at (0-based) fast step `step`: the error naming the step and the learning rate."""
+    what = f"became non-finite at fast step {step + 1}/{settings.num_steps} (lr={settings.lr})"
+    raise_non_finite(model, what, step + 1)
+
+
 def _run_eager(forward, batch, settings, mu, logvar, noise, noise_stream, trace, finite_steps, deadline, model):
     """The plain loop, step by step; returns the final `(mu, logvar, noise)`."""
     num_steps = settings.num_steps
-    mu, logvar, optimizer = _leaf_optimizer(mu, logvar, settings)
-    step_fn = FastStep(forward, batch, mu, logvar, optimizer, settings)
+    mu, logvar, optimizer, step_fn = _start_fit(forward, batch, mu, logvar, settings)
     with torch.enable_grad():
         for step in range(num_steps):
             _begin_step(optimizer, step, settings, deadline)
@@ -420,8 +431,7 @@ def _run_eager(forward, batch, settings, mu, logvar, noise, noise_stream, trace,
             try:
                 trace[step], finite_steps[step] = step_fn(noise)
             except NonFiniteLatentsError:  # a model forward that checks its latents: the last step sent them to inf
-                what = f"became non-finite at fast step {step + 1}/{num_steps} (lr={settings.lr})"
-                raise_non_finite(model, what, step + 1)
+                _raise_non_finite_at(model, step, settings)
     return mu.detach(), logvar.detach(), noise
 
 
@@ -592,8 +602,7 @@ def run_adaptive_fast_loop(
     active = torch.arange(batch_size, device=device)
     row_generators_left, sub_batch, tokens = generators, batch, None
     forward = LowPrecisionWeights.for_fit(model, device)
-    mu, logvar, optimizer = _leaf_optimizer(mu, logvar, settings)
-    step_fn = FastStep(forward, sub_batch, mu, logvar, optimizer, settings)
+    mu, logvar, optimizer, step_fn = _start_fit(forward, sub_batch, mu, logvar, settings)
     with torch.enable_grad():
         for step in range(num_steps):
             _begin_step(optimizer, step, settings, deadline)
@@ -607,8 +616,7 @@ def run_adaptive_fast_loop(
             except NonFiniteLatentsError:
                 finite = torch.tensor(False)
             if not bool(finite):
-                raise_non_finite(model, f"became non-finite at fast step {step + 1}/{num_steps} (lr={settings.lr})",
-                                 step + 1)  # fmt: skip
+                _raise_non_finite_at(model, step, settings)
             trace[step, active] = elbo
             if tokens is None:
                 tokens = step_fn.num_tokens.clamp(min=1).float()

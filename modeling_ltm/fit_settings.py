@@ -6,10 +6,9 @@ Imports only the standard library and its sibling `configuration_ltm` (copied ne
 """
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from .configuration_ltm import INFERENCE_LOSS_REDUCTIONS, INFERENCE_LR_SCHEDULES
+from .configuration_ltm import INFERENCE_LOSS_REDUCTIONS, INFERENCE_LR_SCHEDULES, check_int, check_number
 
 
 # Adaptive stopping for the evaluation fit is opt-in (`stop_tol`): measured in bench/inference_efficiency.py, it
@@ -92,38 +91,24 @@ class PosteriorFitSettings:
     loss_reduction: str = "per_token"
 
     def __post_init__(self):
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 0:
-            raise ValueError(f"`num_steps` must be an integer >= 0, got {self.num_steps!r}.")
+        check_int("num_steps", self.num_steps)
         for name in ("lr", "lr_min_ratio", "init_logvar", "init_logvar_noise", "init_mu_noise", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-        if not self.lr > 0:
-            raise ValueError(f"`lr` (the fast learning rate) must be > 0, got {self.lr!r}.")
-        if not 0.0 < self.lr_min_ratio <= 1.0:
-            raise ValueError(f"`lr_min_ratio` must be in (0, 1], got {self.lr_min_ratio!r}.")
+            check_number(name, getattr(self, name), finite=True)
+        check_number("lr", self.lr, "> 0", why="the fast learning rate")
+        check_number("lr_min_ratio", self.lr_min_ratio, "in (0, 1]")
         for name in ("init_logvar_noise", "init_mu_noise", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
+            check_number(name, getattr(self, name), ">= 0")
         for name, choices in (("lr_schedule", INFERENCE_LR_SCHEDULES), ("loss_reduction", INFERENCE_LOSS_REDUCTIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}.")
-        if not isinstance(self.fixed_noise, bool):
-            raise ValueError(f"`fixed_noise` must be True or False, got {self.fixed_noise!r}.")
-        if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0):
-            raise ValueError(f"`kl_weight` (beta of the fast loop's KL term) must be >= 0, got {self.kl_weight!r}.")
-        if not (isinstance(self.free_bits, (int, float)) and self.free_bits >= 0):
-            raise ValueError(f"`free_bits` (nats per latent dimension) must be >= 0, got {self.free_bits!r}.")
-        if self.stop_tol is not None and (
-            isinstance(self.stop_tol, bool) or not isinstance(self.stop_tol, (int, float)) or math.isnan(self.stop_tol)
-        ):
-            raise ValueError(f"`stop_tol` must be a number (nats per token per step) or None, got {self.stop_tol!r}.")
-        if not isinstance(self.warm_start, bool):
-            raise ValueError(f"`warm_start` must be True or False, got {self.warm_start!r}.")
+        for name in ("fixed_noise", "warm_start"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        check_number("kl_weight", self.kl_weight, ">= 0", why="beta of the fast loop's KL term")
+        check_number("free_bits", self.free_bits, ">= 0", why="nats per latent dimension")
+        check_number("stop_tol", self.stop_tol, optional=True, why="nats per token per step")
         for name, low in (("stop_window", 1), ("min_steps", 0), ("select_samples", 0), ("score_samples", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+            check_int(name, getattr(self, name), low)
 
     @classmethod
     def training(cls, config, **overrides) -> "PosteriorFitSettings":
@@ -146,7 +131,7 @@ class PosteriorFitSettings:
     def evaluation(cls, config, **overrides) -> "PosteriorFitSettings":
         """The evaluation fit's settings from `config` (its `eval_*` fields; the class defaults for a config saved
         before they existed); `overrides` that are not None replace fields."""
-        default = cls(num_steps=32, lr=0.1, stop_tol=EVAL_STOP_TOL, stop_window=EVAL_STOP_WINDOW)
+        default = cls(num_steps=32, lr=0.1)
         base = cls(
             num_steps=getattr(config, "eval_inference_steps", default.num_steps),
             lr=getattr(config, "eval_inference_lr", default.lr),
@@ -154,8 +139,8 @@ class PosteriorFitSettings:
             init_logvar=getattr(config, "eval_posterior_init_logvar", default.init_logvar),
             init_logvar_noise=getattr(config, "eval_posterior_init_logvar_noise", default.init_logvar_noise),
             fixed_noise=getattr(config, "eval_posterior_fixed_noise", default.fixed_noise),
-            stop_tol=getattr(config, "eval_stop_tol", default.stop_tol),
-            stop_window=getattr(config, "eval_stop_window", default.stop_window),
+            stop_tol=EVAL_STOP_TOL,  # adaptive stopping is no config field: opt in with `stop_tol=...` here
+            stop_window=EVAL_STOP_WINDOW,
             select_samples=getattr(config, "eval_select_samples", 4),
             score_samples=getattr(config, "eval_score_samples", 8),
         )

@@ -7,10 +7,11 @@ transformers' own code:
 
 - `latents` (a `forward` argument) is expanded by transformers for beams and `num_return_sequences` like any other
   tensor kwarg, and forwarded at every step by the default `prepare_inputs_for_generation`;
-- the latents' cross-attention keys/values are projected once, on the first forward pass, into the
-  `cross_attention_cache` of the model's `EncoderDecoderCache` (the values already taken through the
-  cross-attention's output projection, see `LTMCrossAttention`) and reused at every later step; beam search reorders
-  both the self-attention and the cross-attention caches (`EncoderDecoderCache.reorder_cache`).
+- the latents' cross-attention keys (rotated to the latents' positions) and values are projected once, on the first
+  forward pass, into the `cross_attention_cache` of the model's `EncoderDecoderCache`, in the standard layout
+  `(batch, num_key_value_heads, n_latents_per_layer, head_dim)` (see `LTMCrossAttention`, and `latent_cache_like`
+  for a static cache), and reused at every later step; beam search reorders both the self-attention and the
+  cross-attention caches (`EncoderDecoderCache.reorder_cache`).
 
 The defaults of the latents' settings live in `LTMGenerationConfig`, the model's `generation_config_class`, so
 `save_pretrained` / `from_pretrained` keep them in `generation_config.json` like any other generation default.
@@ -25,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, S
 from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.utils import logging
 
+from .configuration_ltm import check_int, check_number
 from .errors import NonFiniteWeightsError
 from .inference import fit_posterior
 from .randomness import row_content_seeds, row_generators, standard_normal
@@ -106,21 +108,10 @@ class LTMGenerationConfig(GenerationConfig):
     def validate(self, *args, **kwargs):
         """`GenerationConfig.validate`, plus: `ValueError` naming the field when an inference field is out of range."""
         super().validate(*args, **kwargs)
-
-        def number(value):
-            return not isinstance(value, bool) and isinstance(value, (int, float))
-
-        steps = self.num_inference_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 0 or None, got {steps!r}.")
-        if self.inference_lr is not None and not (number(self.inference_lr) and self.inference_lr > 0):
-            raise ValueError(f"`inference_lr` must be a number > 0 or None, got {self.inference_lr!r}.")
-        ratio = self.inference_lr_min_ratio
-        if ratio is not None and not (number(ratio) and 0 < ratio <= 1):
-            raise ValueError(f"`inference_lr_min_ratio` must be a number in (0, 1] or None, got {ratio!r}.")
-        temperature = self.latent_temperature
-        if temperature is not None and not (number(temperature) and temperature >= 0):
-            raise ValueError(f"`latent_temperature` must be a number >= 0 or None, got {temperature!r}.")
+        check_int("num_inference_steps", self.num_inference_steps, optional=True)
+        check_number("inference_lr", self.inference_lr, "> 0", optional=True)
+        check_number("inference_lr_min_ratio", self.inference_lr_min_ratio, "in (0, 1]", optional=True)
+        check_number("latent_temperature", self.latent_temperature, ">= 0", optional=True)
 
 
 def latent_cache_like(cache: Cache, config) -> Cache:
@@ -393,8 +384,7 @@ class LTMGenerationMixin(GenerationMixin):
         for the paper's prior), of shape `(batch_size, *config.latent_shape)`, float32, on the model device.
 
         An int `seed` seeds one generator for the batch (each row gets its own draw); a list seeds each row."""
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"`latent_temperature` must be a number >= 0, got {temperature!r}.")
+        check_number("latent_temperature", temperature, ">= 0")
         if generator is None and not isinstance(seed, int):
             seed = self._row_seeds(seed, batch_size)  # names `inference_seed` when the count is wrong
         generators = row_generators(None if generator is not None else seed, generator, batch_size, self.device)

@@ -2,9 +2,14 @@
 `log p(x)` it yields.
 
 For each sequence `x` the variational posterior is `q(z|x) = N(mu, diag(exp(logvar)))` over
-`z` of shape `(num_hidden_layers, n_latents_per_layer, latent_dim)`, with prior `p(z) = N(0, I)`:
+`z` of shape `(num_hidden_layers, n_latents_per_layer, latent_dim)`, with the model's prior `p(z)`
+(`config.prior_type`, modeling_ltm/priors.py: the paper's `N(0, I)`, a learned diagonal Gaussian or a flow):
 
-    ELBO(x) = E_q[log p(x|z)] - KL(q || p),    KL = 1/2 * sum(mu^2 + exp(logvar) - 1 - logvar)
+    ELBO(x) = E_q[log p(x|z)] - KL(q || p)
+
+with the KL in closed form for the Gaussian priors (for `N(0, I)`: `1/2 * sum(mu^2 + exp(logvar) - 1 - logvar)`) and
+estimated at the draw `z ~ q` for a flow. A fit starts relative to the prior (`prior.start()`: its own mean and
+log-variance, the base `N(0, I)` for a flow), see `PosteriorFitSettings`.
 
 The fast loop runs `T` Adam steps on `(mu, logvar)` only, with the decoder frozen: gradients come from
 `torch.autograd.grad(loss, [mu, logvar])`, so no weight gradient is computed and no decoder `.grad` is touched.
@@ -33,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .configuration_ltm import check_int
 from .densities import gaussian_kl, gaussian_log_prob
 from .errors import FitDeadlineExceeded, NonFiniteELBOError, NonFiniteLatentsError
 from .fast_loop import FitBatch, LowPrecisionWeights, cosine_fast_lr, raise_non_finite, run_fast_loop
@@ -155,8 +161,11 @@ def _resolve_settings(config, settings, **overrides) -> PosteriorFitSettings:
 
 
 def _without_inference_mode(function, model, input_ids, attention_mask, labels, *args):
-    """Run `function` outside `torch.inference_mode()`, which forbids autograd even under `enable_grad()`, with
-    copies of the inputs that are ordinary tensors (inference tensors cannot be saved for backward)."""
+    """`function(model, input_ids, attention_mask, labels, *args)`; under `torch.inference_mode()`, which forbids
+    autograd even under `enable_grad()`, run outside it with copies of the inputs that are ordinary tensors
+    (inference tensors cannot be saved for backward)."""
+    if not torch.is_inference_mode_enabled():
+        return function(model, input_ids, attention_mask, labels, *args)
     with torch.inference_mode(False):
         input_ids, attention_mask, labels = (
             None if t is None else t.clone() for t in (input_ids, attention_mask, labels)
@@ -200,7 +209,9 @@ def fit_posterior(
             training fast loop); `.evaluation(config)` is the evaluation fit. The keywords below override its fields:
         num_steps, lr, lr_min_ratio: fast steps `T`, fast learning rate, and the floor of its cosine decay (a
             fraction of `lr`).
-        init_logvar, init_logvar_noise: `logvar` starts at `init_logvar + init_logvar_noise * N(0, 1)`, `mu` at 0.
+        init_logvar, init_logvar_noise: `logvar` starts at the prior's log-variance plus `init_logvar +
+            init_logvar_noise * N(0, 1)`; `mu` at the prior's mean plus `init_mu_noise * N(0, 1)` (the settings'
+            `init_mu_noise`, 0 unless set).
         fixed_noise: one `eps` for all steps (the paper's code) or a new one every step.
         seed: an int seeds one generator for the batch; one int per row seeds each row on its own (a row's result
             then does not depend on its batch). Or `generator`.
@@ -238,11 +249,7 @@ def fit_posterior(
             f"got {tuple(init_mu.shape)}."
         )
     extra = (init_mu, prefix, deadline)
-    if torch.is_inference_mode_enabled():
-        return _without_inference_mode(
-            _fit, model, input_ids, attention_mask, labels, settings, seed, generator, *extra
-        )
-    return _fit(model, input_ids, attention_mask, labels, settings, seed, generator, *extra)
+    return _without_inference_mode(_fit, model, input_ids, attention_mask, labels, settings, seed, generator, *extra)
 
 
 def _fit(
@@ -306,11 +313,9 @@ def reconstruction_nll(
     """
     _check_inputs(model, input_ids, attention_mask)
     settings = _resolve_settings(model.config, settings, fixed_noise=True)
-    if torch.is_inference_mode_enabled():
-        return _without_inference_mode(
-            _reconstruction_nll, model, input_ids, attention_mask, labels, settings, seed, generator
-        )
-    return _reconstruction_nll(model, input_ids, attention_mask, labels, settings, seed, generator)
+    return _without_inference_mode(
+        _reconstruction_nll, model, input_ids, attention_mask, labels, settings, seed, generator
+    )
 
 
 def _reconstruction_nll(model, input_ids, attention_mask, labels, settings, seed, generator):
@@ -351,8 +356,7 @@ def importance_weighted_bound(
     token. The `K` samples of every sequence run as batched forwards of at most `max_rows_per_forward` rows (the
     memory cap; default `max(batch, 16384 // seq_length)`).
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
+    check_int("num_samples", num_samples, 1)
     _check_inputs(model, input_ids, attention_mask)
     if posterior is None:
         posterior = fit_posterior(
@@ -384,8 +388,7 @@ def _importance_sample(
     z = (mu + torch.exp(0.5 * logvar) * noise).flatten(0, 1)  # (K * B, ...), row k * B + b
     rows = torch.arange(batch_size, device=input_ids.device).repeat(num_samples)
     max_rows = default_max_rows(batch_size, seq_length) if max_rows_per_forward is None else max_rows_per_forward
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-        raise ValueError(f"`max_rows_per_forward` must be an integer >= 1, got {max_rows_per_forward!r}.")
+    check_int("max_rows_per_forward", max_rows, 1)
     nlls = []
     for chunk in torch.arange(rows.numel(), device=rows.device).split(max_rows):
         rows_batch = batch.select(rows[chunk])
@@ -419,11 +422,9 @@ def select_start_or_fit(
     if posterior.initial_mu is None:
         raise ValueError("The selection rule needs the fit's start: pass a PosteriorOutput made by `fit_posterior`.")
     if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):
-            return select_start_or_fit(
-                model, *(None if t is None else t.clone() for t in (input_ids, attention_mask, labels)),
-                posterior, num_samples, seed,
-            )  # fmt: skip
+        return _without_inference_mode(
+            select_start_or_fit, model, input_ids, attention_mask, labels, posterior, num_samples, seed
+        )
     batch = FitBatch.prepare(model, input_ids, attention_mask, labels)
     start = (posterior.initial_mu, posterior.initial_logvar)
     keep_fit = fit_beats_start(model, batch, (posterior.mu, posterior.logvar), start, num_samples, seed)
@@ -545,10 +546,7 @@ def evaluate_posterior(
 
     Returns a [`PosteriorEvaluation`] (per-sequence tensors in nats; `.summary()` for per-token figures).
     """
-    if isinstance(iw_samples, bool) or not isinstance(iw_samples, int) or iw_samples < 0:
-        raise ValueError(
-            f"`iw_samples` must be an integer >= 0 (0 = no importance-weighted bound), got {iw_samples!r}."
-        )
+    check_int("iw_samples", iw_samples, why="0 = no importance-weighted bound")
     if settings is None:
         settings = PosteriorFitSettings.evaluation(model.config)
     posterior = fit_posterior(model, input_ids, attention_mask, labels=labels, settings=settings, seed=seed)

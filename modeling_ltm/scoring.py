@@ -4,7 +4,7 @@ loop's objective (the negative ELBO).
 Units: `nll`, `kl` and the ELBO are in nats summed over one sequence's predicted tokens (all tokens but the first real
 one, which is conditioned upon).
 
-Imports only torch and siblings (copied next to the weights for `trust_remote_code=True`).
+Imports only torch, transformers (its logger) and siblings (copied next to the weights for `trust_remote_code=True`).
 """
 
 import os

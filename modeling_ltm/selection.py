@@ -1,9 +1,9 @@
 """The evaluation's selection rule: a reported bound is never looser than the posterior its fit started from.
 
-A fit of `q(z|x)` by a few noisy Adam steps can end *looser* than where it started (issue 22 measured it on a small
-model: every fitted posterior above the trivial `q = p(z)`, whose ELBO is `E_p[log p(x|z)]`). Any `q` gives a valid
-bound, so the evaluation may pick the better of two candidates per sequence, the start and the last iterate, as long
-as the number it reports is computed on draws the choice did not see:
+A fit of `q(z|x)` by a few noisy Adam steps can end *looser* than where it started (bench/evaluation_selection.py
+measures it on a small model: every fitted posterior above the trivial `q = p(z)`, whose ELBO is `E_p[log p(x|z)]`).
+Any `q` gives a valid bound, so the evaluation may pick the better of two candidates per sequence, the start and the
+last iterate, as long as the number it reports is computed on draws the choice did not see:
 
 1. both candidates are scored on the same `num_samples` draws `eps` (a paired comparison: the noise common to the two
    cancels), from a stream of their own (`SELECTION_SEED_OFFSET`);

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config
-from ddp_worker import run_training
+from ddp_worker import run_evaluation, run_training
 
 from modeling_ltm import LTMForCausalLM
 
@@ -97,6 +97,33 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, tiny_shakespeare_
             if key not in single_entry:
                 continue
             assert ddp_entry[key] == pytest.approx(single_entry[key], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_two_process_gloo_evaluate_matches_single_process(tmp_path):
+    """`LTMTrainer.evaluate` on 2 processes (gloo) reports the single-process metrics: `gather_for_metrics` drops the
+    padding of the uneven last batch (7 blocks, 2 x 2 rows per global batch), and each block's evaluation seed depends
+    on its place in the eval set only, not on which process scored it. Float tolerance: a block may sit in a batch of
+    another size (its fit is the same up to batched-matmul rounding); a wrong seed moves the bounds by the Monte Carlo
+    noise of 4 fast steps and 2 importance samples (~1e-2 relative), a dropped or doubled block by ~1/7."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "ddp"),
+               "--per-device-batch", "2", "--evaluate"]  # fmt: skip
+    result = run_two_processes(command, env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [json.loads((tmp_path / "ddp" / f"eval_rank{rank}.json").read_text()) for rank in (0, 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run_evaluation(str(tmp_path / "single"), per_device_batch=2)
+    finally:
+        torch.set_num_threads(threads)
+    bounds = ("eval_loss", "eval_nll_per_token", "eval_kl_per_token", "eval_elbo_ppl", "eval_iw_ppl",
+              "eval_reconstruction_ppl")  # fmt: skip
+    for metrics in ranks:
+        for key in bounds:
+            assert metrics[key] == pytest.approx(single[key], rel=1e-5), key
+    assert ranks[0]["eval_kl_per_token"] > 0 and ranks[0]["eval_iw_ppl"] > 1  # the bounds were computed
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 the parameter counts of configuration/README.md's table; every training recipe parses as LTMTrainingArguments."""
 
 import json
+import math
 import re
 
 import pytest
@@ -71,15 +72,23 @@ def test_preset_round_trips_and_builds_on_meta(path):
 
 
 def test_paper_presets_follow_the_paper():
-    configs = {name: LTMConfig.from_json_file(CONFIG_DIR / name) for name in PAPER_PRESETS}
-    for config in configs.values():
+    """Each paper preset, built, has the paper's setup (GPT-2's vocabulary, a 1024-token context with a 256-token
+    sliding window, the latent slots and fast steps of its size: docs/fidelity.md), and trains with it: its recipe runs
+    the preset's fast steps, the model's latent tensor has that many slots, and the vocabulary is padded only up to
+    the next multiple of 128 rows (as nanoGPT pads it: the LM head's GEMMs then run Hopper's kernels)."""
+    paper = {"ltm-s.json": (24, 16), "ltm-m.json": (24, 16), "ltm-l.json": (96, 64)}  # latent slots, fast steps T
+    for name, (slots, steps) in paper.items():
+        config = LTMConfig.from_json_file(CONFIG_DIR / name)
         assert (config.vocab_size, config.max_position_embeddings, config.sliding_window) == (50257, 1024, 256)
-        # The GPT-2 vocabulary padded as nanoGPT pads it (50304 rows): the LM head's GEMMs run Hopper's kernels.
-        assert config.pad_vocab_size_to_multiple_of == 128 and config.padded_vocab_size == 50304
-    total_latents = {name: c.num_hidden_layers * c.n_latents_per_layer for name, c in configs.items()}
-    assert total_latents == {"ltm-s.json": 24, "ltm-m.json": 24, "ltm-l.json": 96}
-    steps = {name: c.num_inference_steps for name, c in configs.items()}
-    assert steps == {"ltm-s.json": 16, "ltm-m.json": 16, "ltm-l.json": 64}
+        with torch.device("meta"):
+            model = LTMForCausalLM(config)
+        assert math.prod(model.config.latent_shape[:-1]) == slots
+        recipe = json.loads((CONFIG_DIR / "recipes" / name).read_text())
+        assert recipe["num_inference_steps"] == config.num_inference_steps == steps
+        multiple = config.pad_vocab_size_to_multiple_of
+        assert multiple == 128 and model.get_output_embeddings().weight.shape[0] == config.padded_vocab_size
+        padding = config.padded_vocab_size - config.vocab_size
+        assert config.padded_vocab_size % multiple == 0 and 0 <= padding < multiple
 
 
 # What the authors' code does where this library's defaults differ (docs/fidelity.md, section 7).

@@ -42,13 +42,32 @@ FINAL_RECORD_NAME = "ltm_final_save.json"
 STAGING_SUFFIX = ".ltm-final-save"
 OLD_SUFFIX = ".ltm-final-old"
 REMOVING_PREFIX = ".ltm-removing-"
-# Tests pause a real `ltm train` at a named moment of the final save (then kill it) through this variable.
-TEST_PAUSE_ENV = "LTM_TEST_PAUSE_AT"
+# The model package: its top-level modules are exactly what ships as remote code (this tooling never ships).
+MODEL_PACKAGE = Path(__file__).parent.parent
+# What `save_pretrained` copies next to the weights for `trust_remote_code=True` and `ltm export` copies too: every
+# top-level module of the model package but `__init__.py` (tests/test_structure.py checks this equals transformers'
+# `get_relative_import_files` closure of modeling_ltm.py and configuration_ltm.py).
+REMOTE_CODE_FILES = tuple(sorted(path.name for path in MODEL_PACKAGE.glob("*.py") if path.name != "__init__.py"))
+# The files of a saved model: weights, configs, remote code, tokenizer and card. A final save of `ltm train` and
+# `ltm export` replace these in an existing folder (removing stale ones, e.g. the shards of an earlier sharded save)
+# and leave every other file there untouched.
+MODEL_FILE_PATTERNS = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "README.md", *REMOTE_CODE_FILES, "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "chat_template.jinja",
+)  # fmt: skip
+# Fault injection: the crash-safety tests run real `ltm train` / `ltm export` processes (subprocesses: no monkeypatch
+# reaches them) and need one stopped at a named moment, to kill it there (tests/test_run_safety.py,
+# tests/test_reliability3_export.py). Unset in any real run, where the hook is one environment lookup.
+FAULT_INJECTION_PAUSE_ENV = "LTM_TEST_PAUSE_AT"
 
 
-def test_pause(point: str) -> None:
-    """When `$LTM_TEST_PAUSE_AT` names `point`: say so on stderr and sleep (a test kills the process there)."""
-    if os.environ.get(TEST_PAUSE_ENV) == point:
+def pause_for_fault_injection(point: str) -> None:
+    """Fault-injection hook, not a test: when `$LTM_TEST_PAUSE_AT` names `point` (one of "final-save-written",
+    "final-save-staged", "final-save-swapped", "final-save-renamed", "export-locked"), say so on stderr and sleep,
+    so that a crash-safety test can kill the process at exactly that moment. Does nothing otherwise."""
+    if os.environ.get(FAULT_INJECTION_PAUSE_ENV) == point:
         print(f"ltm-test-paused-at {point} pid {os.getpid()}", file=sys.stderr, flush=True)
         time.sleep(600)
 
@@ -232,10 +251,17 @@ def write_json_atomically(path: Path, data: dict, indent: int = 1, sort_keys: bo
         tmp.unlink(missing_ok=True)
 
 
-def read_json(path: Path) -> dict | None:
+def read_json(path: Path, strict: bool = False) -> dict | None:
+    """The JSON object in `path`; None when the file is missing or holds no object. An unreadable or malformed file
+    is None too, or with `strict` a `ValueError` naming it."""
+    path = Path(path)
+    if strict and not path.is_file():
+        return None
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        if strict:
+            raise ValueError(f"Cannot read {path}: {error}") from error
         return None
     return data if isinstance(data, dict) else None
 
@@ -366,7 +392,7 @@ def replace_final_files(
         give_weights_the_usual_mode(staging)
         write_json_atomically(staging / FINAL_RECORD_NAME, record)
         written = {entry.name for entry in staging.iterdir()}
-        test_pause("final-save-written")
+        pause_for_fault_injection("final-save-written")
         try:
             for entry in folder.iterdir():
                 if entry.name not in written and not _is_final(entry.name, patterns):
@@ -375,13 +401,14 @@ def replace_final_files(
             if error.errno == errno.ENOSPC:
                 raise
             _warn(f"cannot hard-link the files of {folder} ({error}); saving file by file, not atomically.")
-            return _move_files(staging, folder, patterns)
-        test_pause("final-save-staged")
+            move_staged_files(staging, folder, patterns)
+            return
+        pause_for_fault_injection("final-save-staged")
         inside = _cwd_inside(folder)
         if not exchange_paths(staging, folder):
             _swap_by_renames(staging, folder)
         _follow_cwd(folder, inside)
-        test_pause("final-save-swapped")
+        pause_for_fault_injection("final-save-swapped")
     finally:
         _remove_tree(staging)
 
@@ -437,7 +464,7 @@ def _swap_by_renames(staging: Path, folder: Path) -> None:
     _remove_tree(old)
     os.rename(folder, old)
     try:
-        test_pause("final-save-renamed")
+        pause_for_fault_injection("final-save-renamed")
         os.rename(staging, folder)
     except BaseException:
         os.rename(old, folder)
@@ -445,13 +472,17 @@ def _swap_by_renames(staging: Path, folder: Path) -> None:
     os.rename(old, staging)
 
 
-def _move_files(staging: Path, folder: Path, patterns: Iterable[str]) -> None:
+def move_staged_files(staging: Path, folder: Path, patterns: Iterable[str]) -> set[str]:
+    """Move the files of `staging` into `folder`, first removing the files there whose names match `patterns` and
+    that `staging` does not hold (every other file of `folder` stays); returns the names moved. Not atomic: each
+    file is replaced on its own."""
     written = {entry.name for entry in staging.iterdir()}
     for entry in folder.iterdir():
         if entry.is_file() and entry.name not in written and _is_final(entry.name, patterns):
             entry.unlink()
     for name in sorted(written):
         os.replace(staging / name, folder / name)
+    return written
 
 
 def _replace_in_place(folder: Path, write: Callable[[Path], None], patterns, record: dict) -> None:
@@ -460,7 +491,7 @@ def _replace_in_place(folder: Path, write: Callable[[Path], None], patterns, rec
     try:
         write(staging)
         write_json_atomically(staging / FINAL_RECORD_NAME, record)
-        _move_files(staging, folder, patterns)
+        move_staged_files(staging, folder, patterns)
     finally:
         _remove_tree(staging)
 
@@ -468,12 +499,16 @@ def _replace_in_place(folder: Path, write: Callable[[Path], None], patterns, rec
 __all__ = [
     "FINAL_RECORD_NAME",
     "LOCK_NAME",
+    "MODEL_FILE_PATTERNS",
+    "MODEL_PACKAGE",
+    "REMOTE_CODE_FILES",
     "RUN_RECORD_NAME",
     "STAGING_SUFFIX",
     "RunLock",
     "current_umask",
     "exchange_paths",
     "give_weights_the_usual_mode",
+    "move_staged_files",
     "new_run_id",
     "process_alive",
     "read_json",

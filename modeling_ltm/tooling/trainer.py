@@ -52,6 +52,7 @@ from transformers.data.data_collator import default_data_collator
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
+from ..configuration_ltm import check_int, check_number
 from ..fast_loop import relative_to_prior
 from ..inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
 from ..weight_checks import bare_ltm, latent_prior_of, posterior_encoder_of
@@ -62,10 +63,11 @@ logger = logging.get_logger(__name__)
 
 # Streams of the per-sequence seeds: training draws and evaluation draws never share a seed.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
-# Columns of the per-sequence statistics tensors: nll, kl, num_tokens, elbo gain (train) / iw log p(x) (eval), and
-# the posterior encoder's squared error (train) / the reconstruction NLL (eval).
-_NLL, _KL, _TOKENS, _EXTRA, _RECONSTRUCTION = range(5)
-_ENCODER = _RECONSTRUCTION
+# Columns of the statistics tensors. Both the training sums (`_record_train_stats`) and the evaluation's per-sequence
+# rows (`prediction_step`) start with the NLL, the KL and the token count; each then has two columns of its own.
+_NLL, _KL, _TOKENS = range(3)
+_TRAIN_ELBO_GAIN, _TRAIN_ENCODER_ERROR = 3, 4  # training: the fast loop's ELBO gain, the encoder's squared error
+_EVAL_IW_LOG_PX, _EVAL_RECONSTRUCTION_NLL = 3, 4  # evaluation: the importance-weighted log p(x), reconstruction NLL
 
 
 @dataclass
@@ -192,9 +194,7 @@ class LTMTrainingArguments(TrainingArguments):
             self.ddp_find_unused_parameters = False
         super().__post_init__()
         for name in ("num_inference_steps", "num_inference_steps_end", "eval_inference_steps"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"`{name}` must be an integer >= 0 or None (use the model config), got {value!r}.")
+            check_int(name, getattr(self, name), optional=True, why="use the model config")
         start, stop = self.num_inference_steps_ramp_start, self.num_inference_steps_ramp_stop
         if not 0.0 <= start <= stop <= 1.0:
             raise ValueError(
@@ -202,22 +202,12 @@ class LTMTrainingArguments(TrainingArguments):
                 f"0 <= start <= stop <= 1, got start={start!r}, stop={stop!r}."
             )
         for name in ("inference_lr", "inference_lr_end", "eval_inference_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"`{name}` (a fast learning rate) must be > 0 or None, got {value!r}.")
+            check_number(name, getattr(self, name), "> 0", optional=True, why="a fast learning rate")
         if self.slow_step_noise not in ("fresh", "fast_loop"):
             raise ValueError(f'`slow_step_noise` must be "fresh" or "fast_loop", got {self.slow_step_noise!r}.')
-        value = self.kl_warmup_steps
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"`kl_warmup_steps` must be an integer >= 0 (0 = no warm-up), got {value!r}.")
-        if not self.free_bits >= 0:
-            raise ValueError(f"`free_bits` must be >= 0 nats per latent dimension (0 = off), got {self.free_bits!r}.")
-        value = self.eval_iw_samples
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(
-                "`eval_iw_samples` must be an integer >= 0 (0 turns the importance-weighted bound off), "
-                f"got {value!r}."
-            )
+        check_int("kl_warmup_steps", self.kl_warmup_steps, why="0 = no warm-up")
+        check_number("free_bits", self.free_bits, ">= 0", why="nats per latent dimension, 0 = off")
+        check_int("eval_iw_samples", self.eval_iw_samples, why="0 turns the importance-weighted bound off")
 
 
 class _CausalLMLabels:
@@ -541,9 +531,9 @@ class LTMTrainer(Trainer):
     def _record_train_stats(self, posterior, lr: float, encoder_error: torch.Tensor | None = None) -> None:
         gain = posterior.elbo_trace[-1] - posterior.elbo_trace[0]
         encoder_sum = gain.new_zeros(()) if encoder_error is None else encoder_error.detach().sum()
-        sums = torch.stack(
-            [posterior.nll.sum(), posterior.kl.sum(), posterior.num_tokens.sum(), gain.sum(), encoder_sum]
-        )
+        columns = {_NLL: posterior.nll.sum(), _KL: posterior.kl.sum(), _TOKENS: posterior.num_tokens.sum()}
+        columns.update({_TRAIN_ELBO_GAIN: gain.sum(), _TRAIN_ENCODER_ERROR: encoder_sum})
+        sums = torch.stack([columns[index] for index in range(len(columns))])
         sums = sums.to(_sum_dtype(sums.device))
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         self._last_inference_lr = lr
@@ -568,9 +558,9 @@ class LTMTrainer(Trainer):
             logs["nll_per_token"] = sums[_NLL] / tokens
             logs["kl_per_token"] = sums[_KL] / tokens
             logs["elbo_ppl"] = float(np.exp((sums[_NLL] + sums[_KL]) / tokens))
-            logs["elbo_gain"] = sums[_EXTRA] / tokens
+            logs["elbo_gain"] = sums[_TRAIN_ELBO_GAIN] / tokens
             if getattr(self.args, "posterior_warm_start", False):
-                logs["posterior_encoder_error"] = sums[_ENCODER] / tokens
+                logs["posterior_encoder_error"] = sums[_TRAIN_ENCODER_ERROR] / tokens
             logs["inference_lr"] = self._last_inference_lr
             logs["inference_steps"] = self._last_inference_steps
         super().log(logs, start_time)
@@ -605,9 +595,8 @@ class LTMTrainer(Trainer):
         `eval_reconstruction_nll_per_token` and the training fit's `eval_reconstruction_inference_steps`,
         `eval_reconstruction_inference_lr`, `eval_reconstruction_init_logvar` when reconstruction is on.
         """
-        for name, value in (("inference_steps", inference_steps), ("iw_samples", iw_samples)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"`{name}` must be an integer >= 0 or None, got {value!r}.")
+        check_int("inference_steps", inference_steps, optional=True)
+        check_int("iw_samples", iw_samples, optional=True)
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if not isinstance(dataset, (dict, str)):  # a dict is evaluated dataset by dataset
             check_token_dataset(dataset, "eval_dataset")
@@ -642,35 +631,34 @@ class LTMTrainer(Trainer):
                 f"The evaluation set ({metric_key_prefix}) gave no batches, so there is no bound to report; pass an "
                 "eval_dataset with at least one row of token ids."
             )
-        if self._eval_stats:
-            stats = torch.cat(self._eval_stats).sum(0).tolist()
-            self._eval_stats = []
-            tokens = max(stats[_TOKENS], 1.0)
-            nll, kl = stats[_NLL] / tokens, stats[_KL] / tokens
-            settings = self.eval_fit_settings
-            metrics = {
-                "loss": nll + kl,
-                "nll_per_token": nll,
-                "kl_per_token": kl,
-                "elbo_ppl": float(np.exp(nll + kl)),
-                "inference_steps": settings.num_steps,
-                "inference_lr": settings.lr,
-                "inference_lr_min_ratio": settings.lr_min_ratio,
-                "posterior_init_logvar": settings.init_logvar,
-                "posterior_fixed_noise": settings.fixed_noise,
-                "posterior_warm_start": settings.warm_start,  # from the posterior encoder: init_logvar unused
-            }
-            if self.eval_iw_samples > 0:
-                metrics["iw_ppl"] = float(np.exp(-stats[_EXTRA] / tokens))
-                metrics["iw_samples"] = self.eval_iw_samples
-            if self.eval_reconstruction:
-                training = self.training_fit_settings(self.state.global_step)
-                metrics["reconstruction_ppl"] = float(np.exp(stats[_RECONSTRUCTION] / tokens))
-                metrics["reconstruction_nll_per_token"] = stats[_RECONSTRUCTION] / tokens
-                metrics["reconstruction_inference_steps"] = training.num_steps
-                metrics["reconstruction_inference_lr"] = training.lr
-                metrics["reconstruction_init_logvar"] = training.init_logvar
-            output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
+        stats = torch.cat(self._eval_stats).sum(0).tolist()
+        self._eval_stats = []
+        tokens = max(stats[_TOKENS], 1.0)
+        nll, kl = stats[_NLL] / tokens, stats[_KL] / tokens
+        settings = self.eval_fit_settings
+        metrics = {
+            "loss": nll + kl,
+            "nll_per_token": nll,
+            "kl_per_token": kl,
+            "elbo_ppl": float(np.exp(nll + kl)),
+            "inference_steps": settings.num_steps,
+            "inference_lr": settings.lr,
+            "inference_lr_min_ratio": settings.lr_min_ratio,
+            "posterior_init_logvar": settings.init_logvar,
+            "posterior_fixed_noise": settings.fixed_noise,
+            "posterior_warm_start": settings.warm_start,  # from the posterior encoder: init_logvar unused
+        }
+        if self.eval_iw_samples > 0:
+            metrics["iw_ppl"] = float(np.exp(-stats[_EVAL_IW_LOG_PX] / tokens))
+            metrics["iw_samples"] = self.eval_iw_samples
+        if self.eval_reconstruction:
+            training = self.training_fit_settings(self.state.global_step)
+            metrics["reconstruction_ppl"] = float(np.exp(stats[_EVAL_RECONSTRUCTION_NLL] / tokens))
+            metrics["reconstruction_nll_per_token"] = stats[_EVAL_RECONSTRUCTION_NLL] / tokens
+            metrics["reconstruction_inference_steps"] = training.num_steps
+            metrics["reconstruction_inference_lr"] = training.lr
+            metrics["reconstruction_init_logvar"] = training.init_logvar
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -698,14 +686,10 @@ class LTMTrainer(Trainer):
                 seed=seeds,
             )
         zeros = torch.zeros_like(result.nll)
-        columns = [
-            result.nll,
-            result.kl,
-            result.num_tokens.to(result.nll.dtype),
-            zeros if result.iw is None else result.iw,
-            zeros if result.reconstruction_nll is None else result.reconstruction_nll,
-        ]
-        stats = torch.stack(columns, -1)
+        columns = {_NLL: result.nll, _KL: result.kl, _TOKENS: result.num_tokens.to(result.nll.dtype)}
+        columns[_EVAL_IW_LOG_PX] = zeros if result.iw is None else result.iw
+        columns[_EVAL_RECONSTRUCTION_NLL] = zeros if result.reconstruction_nll is None else result.reconstruction_nll
+        stats = torch.stack([columns[index] for index in range(len(columns))], -1)
         gathered = self.accelerator.gather_for_metrics(stats.to(_sum_dtype(stats.device)))
         self._eval_stats.append(gathered.cpu().double())
         loss = ((result.nll + result.kl).sum() / result.num_tokens.sum().clamp(min=1)).detach()

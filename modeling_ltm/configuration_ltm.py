@@ -35,6 +35,52 @@ INFERENCE_LOSS_REDUCTIONS = ("per_token", "sum")
 SCALABLE_INIT_PROJECTIONS = ("o_proj", "up_proj", "down_proj")
 
 
+def is_integer(value) -> bool:
+    """An `int` that is not a `bool` (`True` is an `int` in Python, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An `int` or `float` that is not a `bool` and not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _rule_text(rule: str, optional: bool, why: str | None) -> str:
+    return f"{rule}{' or None' if optional else ''}{f' ({why})' if why else ''}"
+
+
+def check_int(name: str, value, minimum: int = 0, *, optional: bool = False, why: str | None = None) -> None:
+    """The one check of a count (a field, argument or flag named `name`): `ValueError` naming it, the rule and
+    `value` unless `value` is an integer (not a bool) >= `minimum`, or None when `optional`. `why` says what the
+    value means, e.g. `"0 = no warm-up"`."""
+    if optional and value is None:
+        return
+    if not (is_integer(value) and value >= minimum):
+        raise ValueError(f"`{name}` must be an integer {_rule_text(f'>= {minimum}', optional, why)}, got {value!r}.")
+
+
+# The rules `check_number` knows, by the words its error states.
+NUMBER_RULES = {
+    "": lambda value: True,
+    ">= 0": lambda value: value >= 0,
+    "> 0": lambda value: value > 0,
+    "in (0, 1]": lambda value: 0 < value <= 1,
+}
+
+
+def check_number(
+    name: str, value, rule: str = "", *, finite: bool = False, optional: bool = False, why: str | None = None
+) -> None:
+    """The one check of a real-valued knob named `name`: `ValueError` naming it, the rule and `value` unless `value`
+    is an int or float (not a bool, not NaN), finite when `finite`, that meets `rule` (a key of `NUMBER_RULES`:
+    `">= 0"`, `"> 0"`, `"in (0, 1]"`, or `""` for any number), or is None when `optional`."""
+    if optional and value is None:
+        return
+    if not (is_number(value) and (not finite or math.isfinite(value)) and NUMBER_RULES[rule](value)):
+        kind = f"a {'finite ' if finite else ''}number{f' {rule}' if rule else ''}"
+        raise ValueError(f"`{name}` must be {_rule_text(kind, optional, why)}, got {value!r}.")
+
+
 def _positive(value):
     if value is not None and not value >= 1:
         raise ValueError(f"must be a positive integer, got {value!r}")
@@ -389,9 +435,8 @@ class LTMConfig(PreTrainedConfig):
         on the input's length."""
         parameters = self.rope_parameters or {}
         theta = parameters.get("rope_theta", self.default_theta)
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
-            raise ValueError(f'rope_parameters["rope_theta"] must be a finite number > 0, got {theta!r}.')
+        check_number('rope_parameters["rope_theta"]', theta, "> 0", finite=True)
         _static_rope_type(parameters)
 
 
-__all__ = ["LTMConfig", "MIN_TRANSFORMERS_VERSION"]
+__all__ = ["LTMConfig", "MIN_TRANSFORMERS_VERSION", "check_int", "check_number", "is_integer", "is_number"]

@@ -64,6 +64,18 @@ def small_tokenizer(num_chars: int, vocab_size: int):
     return train_tokenizer(Dataset.from_dict({"text": [corpus_text(num_chars)]}), vocab_size=vocab_size)
 
 
+def save_tiny_ltm_with_tokenizer(path: Path, vocab_size: int) -> Path:
+    """Saves into `path` a tiny LTM (`tiny_config`, seed 0) and `small_tokenizer(8000, vocab_size)`; returns `path`."""
+    tokenizer = small_tokenizer(num_chars=8000, vocab_size=vocab_size)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = tiny_config(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    LTMForCausalLM(config).eval().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def config() -> LTMConfig:
     return tiny_config()

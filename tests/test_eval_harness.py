@@ -12,7 +12,7 @@ import lm_eval
 import pytest
 import torch
 import transformers
-from conftest import REPO_ROOT, small_tokenizer, tiny_config
+from conftest import REPO_ROOT, save_tiny_ltm_with_tokenizer
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
@@ -37,15 +37,7 @@ WIKITEXT_SAMPLE = """ = Robert Boulter =
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A saved tiny LTM (context 64 tokens) and a byte-level BPE tokenizer trained on 8 KB of Tiny Shakespeare."""
-    path = tmp_path_factory.mktemp("ltm-eval")
-    tokenizer = small_tokenizer(num_chars=8000, vocab_size=320)
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = tiny_config(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    LTMForCausalLM(config).eval().save_pretrained(path)
-    return path
+    return save_tiny_ltm_with_tokenizer(tmp_path_factory.mktemp("ltm-eval"), vocab_size=320)
 
 
 @pytest.fixture(scope="module")

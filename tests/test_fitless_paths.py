@@ -4,7 +4,7 @@ scores) and plain `transformers.Trainer` (which trains at the prior's mean). Our
 
 import pytest
 import torch
-from conftest import small_tokenizer, tiny_config
+from conftest import save_tiny_ltm_with_tokenizer, tiny_config
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.testing_utils import CaptureLogger
@@ -125,15 +125,7 @@ def test_ltm_trainer_does_not_warn(tmp_path):
 
 @pytest.fixture(scope="module")
 def saved_with_tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fitless")
-    tokenizer = small_tokenizer(num_chars=8000, vocab_size=300)
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = tiny_config(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    LTMForCausalLM(config).eval().save_pretrained(path)
-    return path
+    return save_tiny_ltm_with_tokenizer(tmp_path_factory.mktemp("fitless"), vocab_size=300)
 
 
 def requests(kind, *args):

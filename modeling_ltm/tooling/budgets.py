@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 import os
 
+from ..configuration_ltm import is_integer
+
 
 MAX_INFERENCE_STEPS = 10_000
 MAX_IW_SAMPLES = 4_096
@@ -48,27 +50,27 @@ def _gb(size: float) -> str:
     return f"{size / _GIB:,.1f}" if size >= 0.1 * _GIB else f"{size / _GIB:.3f}"
 
 
+def _check_at_most(flag: str, value: int | None, limit: int, why: str) -> None:
+    """`ValueError` naming the flag, the value, the limit and `why`, unless `value` is None or an integer in
+    `[0, limit]`."""
+    if value is not None and not (is_integer(value) and 0 <= value <= limit):
+        raise ValueError(f"{_named(flag, value)} is outside [0, {limit:,}]: {why}")
+
+
 def check_inference_steps(flag: str, value: int | None) -> None:
     """`ValueError` unless `value` is None or an integer in `[0, MAX_INFERENCE_STEPS]`."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INFERENCE_STEPS:
-        raise ValueError(
-            f"{_named(flag, value)} is outside [0, {MAX_INFERENCE_STEPS:,}]: each fast step of a posterior fit costs "
-            f"a forward and a backward pass (the paper uses 16-64); pass at most {MAX_INFERENCE_STEPS:,}."
-        )
+    _check_at_most(
+        flag, value, MAX_INFERENCE_STEPS, "each fast step of a posterior fit costs a forward and a backward pass (the "
+        f"paper uses 16-64); pass at most {MAX_INFERENCE_STEPS:,}."
+    )  # fmt: skip
 
 
 def check_iw_samples(flag: str, value: int | None) -> None:
     """`ValueError` unless `value` is None or an integer in `[0, MAX_IW_SAMPLES]`."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_IW_SAMPLES:
-        raise ValueError(
-            f"{_named(flag, value)} is outside [0, {MAX_IW_SAMPLES:,}]: every sample of the importance-weighted bound "
-            f"costs a forward pass and its draws are held in memory at once; pass at most {MAX_IW_SAMPLES:,} (16-64 "
-            "already tighten the bound)."
-        )
+    _check_at_most(
+        flag, value, MAX_IW_SAMPLES, "every sample of the importance-weighted bound costs a forward pass and its draws "
+        f"are held in memory at once; pass at most {MAX_IW_SAMPLES:,} (16-64 already tighten the bound)."
+    )  # fmt: skip
 
 
 def memory_budget_bytes(device=None) -> tuple[int | float, str]:

@@ -41,6 +41,8 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging
 
+from ..configuration_ltm import check_int
+
 
 logger = logging.get_logger(__name__)
 
@@ -649,11 +651,8 @@ def train_tokenizer(
 
     specials = list(dict.fromkeys(SPECIAL_TOKENS.values()))
     min_size = 256 + len(specials)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_size:
-        raise ValueError(
-            f"--vocab_size must be an integer >= {min_size} (256 byte tokens + {len(specials)} special tokens) for "
-            f"a byte-level BPE, got {vocab_size!r}."
-        )
+    why = f"256 byte tokens + {len(specials)} special tokens for a byte-level BPE"
+    check_int("--vocab_size", vocab_size, min_size, why=why)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -752,8 +751,7 @@ def tokenize_and_pack(
     `datasets.map` calls, cached on disk for datasets backed by files (keyed on the input, the tokenizer's content and
     `block_size`), and run in `num_proc` processes when given.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-        raise ValueError(f"block_size must be an integer >= 2 (tokens per training sequence), got {block_size!r}.")
+    check_int("block_size", block_size, 2, why="tokens per training sequence")
     columns = _column_names(dataset)
     if text_column not in columns:
         raise ValueError(f"text_column {text_column!r} is not a column of the dataset ({columns}).")
@@ -805,8 +803,7 @@ def pack_token_ids(
     `block_size` tokens: rows are concatenated within each `batch_size`-row batch and the remainder dropped, so rows
     that already are `block_size` long stay as they are. Works on a `Dataset` (cached) and on an `IterableDataset`
     (on the fly)."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-        raise ValueError(f"block_size must be an integer >= 2 (tokens per training sequence), got {block_size!r}.")
+    check_int("block_size", block_size, 2, why="tokens per training sequence")
     columns = _column_names(dataset)
     if TOKEN_COLUMN not in columns:
         raise ValueError(f"Pre-tokenized data needs an {TOKEN_COLUMN!r} column; its columns are {columns}.")

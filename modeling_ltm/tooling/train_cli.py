@@ -64,6 +64,7 @@ from .cli_errors import check_model_folder, did_you_mean, one_line, run_cli
 from .run_folder import (
     FINAL_RECORD_NAME,
     LOCK_NAME,
+    MODEL_FILE_PATTERNS,
     RUN_RECORD_NAME,
     STAGING_SUFFIX,
     RunLock,
@@ -1224,20 +1225,11 @@ def check_model_budget(config, block_size: int, training_args, device) -> None:
 
 def final_file_patterns() -> tuple[str, ...]:
     """Files a final save writes into the run folder: an earlier model's files of these names are replaced or
-    dropped, everything else in the folder is kept."""
-    from transformers.dynamic_module_utils import get_relative_import_files
-
-    from .. import modeling_ltm as modeling_module
-
-    remote_code = {
-        Path(f).name for f in (modeling_module.__file__, *get_relative_import_files(modeling_module.__file__))
-    }
+    dropped, everything else in the folder is kept. A saved model's files (`MODEL_FILE_PATTERNS`, as `ltm export`
+    writes) plus Trainer's and this command's records."""
     return (
-        "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-        "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", *sorted(remote_code),
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-        "merges.txt", "tokenizer.model", "chat_template.jinja", "training_args.bin", "training_args.json",
-        "trainer_state.json", "train_results.json", "eval_results.json", "all_results.json", "README.md",
+        *MODEL_FILE_PATTERNS, "pytorch_model*.bin", "pytorch_model.bin.index.json", "training_args.bin",
+        "training_args.json", "trainer_state.json", "train_results.json", "eval_results.json", "all_results.json",
         DATA_RECORD_NAME,
     )  # fmt: skip
 

@@ -10,7 +10,6 @@ next to the weights for `trust_remote_code=True` loading.
 """
 
 import copy
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import add_start_docstrings_to_model_forward, can_return_tuple, logging
+from transformers.utils import auto_docstring, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -102,8 +101,8 @@ class LTMRotaryEmbedding(nn.Module):
     """Rotary position embeddings, shared by the self-attention (token positions) and the cross-attention (token
     positions for queries, latent positions for keys). The inverse frequencies come from `config.rope_parameters` as
     in Llama: the default RoPE, or a static scaling type of transformers' `ROPE_INIT_FUNCTIONS` ("dynamic" is refused:
-    see `LTMConfig.rope_parameters`). Called as Llama's rotary module is, it returns Llama's `(cos, sin)`;
-    [`rope_tables`] turns them into the tables [`apply_rotary_pos_emb`] takes."""
+    see `LTMConfig.rope_parameters`). Called as Llama's rotary module is, it returns Llama's `(cos, sin)`,
+    which [`apply_rotary_pos_emb`] takes."""
 
     def __init__(self, config: LTMConfig):
         super().__init__()
@@ -136,25 +135,21 @@ class LTMRotaryEmbedding(nn.Module):
         return torch.cat((cos, cos), dim=-1).to(dtype=x.dtype), torch.cat((sin, sin), dim=-1).to(dtype=x.dtype)
 
 
-def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[`LTMRotaryEmbedding`]'s `(cos, sin)`, `(batch or 1, seq, head_dim)` → the tables [`apply_rotary_pos_emb`]
-    takes: `cos` and the signed `sin` (its first half negated, the sign of Llama's `rotate_half`), each of shape
-    `(batch or 1, 1, seq, head_dim)`, ready to broadcast over the heads. Computed once per forward and shared by every
-    layer."""
-    half = sin.shape[-1] // 2
-    return cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates half the hidden dims of the input (copied from `transformers.models.llama.modeling_llama`)."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` of shape `(batch, heads, seq, head_dim)` by the tables of [`LTMRotaryEmbedding`] (shape
-    `(batch or 1, 1, seq, head_dim)`).
-
-    The same numbers as Llama's `apply_rotary_pos_emb` (`x * cos + rotate_half(x) * sin`, `rotate_half(x) =
-    cat(-x2, x1)`, to float rounding), not imported: here swapping the halves is a `roll`, the sign sits in
-    `signed_sin` and the product-sum is one `addcmul`, so each call is 3 operators instead of 7. A decoding step applies it 3 times per layer (self-attention queries and keys, the
-    latents' queries) and is a chain of small kernels, where each call's overhead counts (bench/decode_step.py).
-    """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
+    """Rotate `x` of shape `(batch, heads, seq, head_dim)` by [`LTMRotaryEmbedding`]'s `cos`, `sin` of shape
+    `(batch or 1, seq, head_dim)`: Llama's `x * cos + rotate_half(x) * sin`, for one tensor (copied from
+    `transformers.models.gemma3n.modeling_gemma3n`): the cross-attention rotates its queries and keys at different
+    positions (the tokens', the latents')."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (x * cos) + (rotate_half(x) * sin)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -187,8 +182,12 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
-def _attention_interface(config: LTMConfig) -> Callable:
-    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+def _attention_interface(config: LTMConfig, kwargs: dict) -> Callable:
+    """The attention function of `config._attn_implementation`, as Llama's attention looks it up; the eager one when
+    the forward was asked for `output_attentions`, which only the eager attention forms (see
+    `LTMModel._attention_config`)."""
+    implementation = "eager" if kwargs.get("output_attentions") else config._attn_implementation
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
 class LTMMLP(nn.Module):
@@ -230,12 +229,10 @@ class LTMSelfAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        attention_function: Callable | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the output `(batch, seq, hidden_size)` and, from the eager attention only, the attention weights
-        `(batch, num_attention_heads, seq, past_length + seq)` (else `None`). `attention_function`: the attention
-        interface's function, if the caller looked it up already (once per forward, for every layer)."""
+        `(batch, num_attention_heads, seq, past_length + seq)` (else `None`)."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nh, T, hd)
@@ -246,7 +243,8 @@ class LTMSelfAttention(nn.Module):
         key_states = apply_rotary_pos_emb(key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-        attn_output, attn_weights = (attention_function or _attention_interface(self.config))(
+        attention_interface: Callable = _attention_interface(self.config, kwargs)
+        attn_output, attn_weights = attention_interface(
             self,
             query_states,
             key_states,
@@ -308,7 +306,6 @@ class LTMCrossAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         latent_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         cache: EncoderDecoderCache | None = None,
-        attention_function: Callable | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the output `(batch, seq, hidden_size)` and, from the eager attention only, the attention weights
@@ -327,7 +324,8 @@ class LTMCrossAttention(nn.Module):
                 key_states, value_states = cache.cross_attention_cache.update(key_states, value_states, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
 
-        attn_output, attn_weights = (attention_function or _attention_interface(self.config))(
+        attention_interface: Callable = _attention_interface(self.config, kwargs)
+        attn_output, attn_weights = attention_interface(
             self,
             query_states,
             key_states,
@@ -537,8 +535,8 @@ class LTMPrefix:
             self-attention sublayer.
         causal_mask (`torch.Tensor` of shape `(batch or 1, 1, seq, seq)`, or `None`): the self-attention mask every
             layer uses (causal, sliding window, padding), as built by transformers' mask functions.
-        position_embeddings (`tuple` of two `torch.FloatTensor` of shape `(batch or 1, 1, seq, head_dim)`): the
-            tokens' RoPE tables (`cos` and the signed `sin` of [`LTMRotaryEmbedding`]).
+        position_embeddings (`tuple` of two `torch.FloatTensor` of shape `(batch or 1, seq, head_dim)`): the
+            tokens' RoPE `(cos, sin)` from [`LTMRotaryEmbedding`].
     """
 
     hidden_states: torch.Tensor
@@ -577,52 +575,6 @@ class LTMPrefix:
 
     def _tensors(self) -> tuple:
         return (self.hidden_states, self.causal_mask, *self.position_embeddings)
-
-
-# The inputs both forwards take, documented once (`add_start_docstrings_to_model_forward` puts them first in each).
-LTM_INPUTS_DOCSTRING = r"""
-    Args:
-        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-            Token ids. Exactly one of `input_ids` and `inputs_embeds` is given.
-        attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
-            1 for real tokens, 0 for padding (left or right). Positions skip padding, so left padding does not
-            shift a row.
-        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            RoPE positions of the tokens. Defaults to `past_length + arange(sequence_length)`, or to positions
-            counted over the real tokens of `attention_mask` when it has padding.
-        cache (`Cache`, *optional*):
-            An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache), as `generate()`
-            prepares it (dynamic or static) or a previous call returned it. An empty self-attention-only cache
-            (`DynamicCache`, `StaticCache`) gets an empty cross-attention cache of the same kind.
-        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-            Token embeddings, instead of `input_ids`.
-        latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
-            The latent thought vectors `z`, any floating dtype (cast to the weights' dtype). `None` means the
-            prior's mean (`z = 0` for N(0, I); see `config.prior_type`): `forward` never fits a posterior by itself (use `LTMForCausalLM.infer_latents`).
-            `None` logs a warning once (neither a fit nor a bound: what lm-eval's `--model hf` and plain `Trainer`
-            do); `latents=model.prior_mean_latents(batch_size)` is the same numbers, on purpose, without it.
-            Ignored, and not checked, once every layer's cross-attention keys/values are in `cache` (decoding).
-        use_cache (`bool`, *optional*):
-            Return the caches for further decoding. Defaults to `config.use_cache`; off while training with
-            gradient checkpointing.
-        past_key_values (`Cache`, *optional*):
-            The name of `cache` before transformers 5.24; deprecated (a warning), renamed to `cache`.
-        output_hidden_states (`bool`, *optional*):
-            Also return `hidden_states`. Defaults to `config.output_hidden_states`.
-        output_attentions (`bool`, *optional*):
-            Also return `attentions` and `cross_attentions`. Needs the eager attention (the fused kernels do not
-            compute the weights): load with `attn_implementation="eager"` or call
-            `model.set_attn_implementation("eager")`. Defaults to `config.output_attentions`.
-        return_dict (`bool`, *optional*):
-            `False` returns a tuple of the output's non-`None` fields, in order. Defaults to `config.return_dict`.
-        prefix ([`LTMPrefix`], *optional*):
-            The latent-independent start of the forward, from [`LTMModel.compute_prefix`]: it replaces
-            `inputs_embeds`, `attention_mask` and `position_ids` (pass none of them; `input_ids` may be passed
-            along for hooks and logging, the prefix's own tokens, unused) and the work up to layer 0's
-            cross-attention. No cache, and no check that the latents are finite (the fast loop checks its own
-            numbers; the check would read a value back to the host at every fast step). Same numbers as the plain
-            call.
-"""
 
 
 class LTMModel(LTMPreTrainedModel):
@@ -698,7 +650,7 @@ class LTMModel(LTMPreTrainedModel):
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     @merge_with_config_defaults
     @capture_outputs
-    @add_start_docstrings_to_model_forward(LTM_INPUTS_DOCSTRING)
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -712,6 +664,25 @@ class LTMModel(LTMPreTrainedModel):
         **kwargs,
     ) -> LTMModelOutput:
         r"""
+        cache (`Cache`, *optional*):
+            An `EncoderDecoderCache` (self-attention cache + latents' cross-attention cache), as `generate()`
+            prepares it (dynamic or static) or a previous call returned it. An empty self-attention-only cache
+            (`DynamicCache`, `StaticCache`) gets an empty cross-attention cache of the same kind.
+        latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
+            The latent thought vectors `z`, any floating dtype (cast to the weights' dtype). `None` means the
+            prior's mean (`z = 0` for N(0, I); see `config.prior_type`): `forward` never fits a posterior by itself
+            (use `LTMForCausalLM.infer_latents`). `None` logs a warning once (neither a fit nor a bound: what
+            lm-eval's `--model hf` and plain `Trainer` do); `latents=model.prior_mean_latents(batch_size)` is the same
+            numbers, on purpose, without it. Ignored, and not checked, once every layer's cross-attention keys/values
+            are in `cache` (decoding).
+        prefix ([`LTMPrefix`], *optional*):
+            The latent-independent start of the forward, from [`LTMModel.compute_prefix`]: it replaces
+            `inputs_embeds`, `attention_mask` and `position_ids` (pass none of them; `input_ids` may be passed
+            along for hooks and logging, the prefix's own tokens, unused) and the work up to layer 0's
+            cross-attention. No cache, and no check that the latents are finite (the fast loop checks its own
+            numbers; the check would read a value back to the host at every fast step). Same numbers as the plain
+            call.
+
         Returns:
             [`LTMModelOutput`] (transformers' `BaseModelOutputWithPastAndCrossAttentions`) with
 
@@ -727,8 +698,8 @@ class LTMModel(LTMPreTrainedModel):
 
         Raises:
             ValueError: 1-D `input_ids`, 0 rows, both or neither of `input_ids`/`inputs_embeds`, latents of the wrong
-                shape, on another device or with NaN/inf, more than `max_position_embeddings` tokens (cached + new),
-                or `output_attentions` without the eager attention.
+                shape, on another device or with NaN/inf, or more than `max_position_embeddings` tokens (cached +
+                new).
             TypeError: `latents` not a floating-point tensor, or a cache that is not an `EncoderDecoderCache`.
         """
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, prefix, kwargs)
@@ -833,12 +804,9 @@ class LTMModel(LTMPreTrainedModel):
                 latents = self.prior_mean_latents(batch_size, hidden_states.device, hidden_states.dtype)
             else:
                 self.check_latents(latents, batch_size, check_finite=not prefix_given)
-            latent_position_embeddings = rope_tables(
-                *self.rotary_emb(hidden_states, latent_position_ids(self.config, hidden_states.device).unsqueeze(0))
+            latent_position_embeddings = self.rotary_emb(
+                hidden_states, latent_position_ids(self.config, hidden_states.device).unsqueeze(0)
             )
-        # Looked up once per forward, not by each of the 2 x num_hidden_layers attention modules (a decoding step is a
-        # chain of small kernels, where each lookup's overhead counts: a config attribute read costs microseconds).
-        attention_function = _attention_interface(self._attention_config(kwargs))
         for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(
                 hidden_states,
@@ -848,7 +816,6 @@ class LTMModel(LTMPreTrainedModel):
                 attention_mask=causal_mask,
                 cache=cache,
                 skip_self_attention=prefix_given and layer_idx == 0,
-                attention_function=attention_function,
                 **kwargs,
             )
         return self.norm(hidden_states)
@@ -883,7 +850,7 @@ class LTMModel(LTMPreTrainedModel):
         causal_mask = mask_function(mask_config, inputs_embeds, attention_mask, self_cache, position_ids)
 
         hidden_states = self.dropout(inputs_embeds)
-        return hidden_states, causal_mask, rope_tables(*self.rotary_emb(hidden_states, position_ids))
+        return hidden_states, causal_mask, self.rotary_emb(hidden_states, position_ids)
 
     @torch.no_grad()
     def compute_prefix(
@@ -953,7 +920,7 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     @can_return_tuple
-    @add_start_docstrings_to_model_forward(LTM_INPUTS_DOCSTRING)
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -969,12 +936,14 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         **kwargs,
     ) -> LTMCausalLMOutput:
         r"""
-            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Targets, shifted inside the loss as in every transformers causal LM; `-100` is ignored. The loss is
-                the mean NLL in nats per predicted token given `latents`.
-            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
-                An `int` computes logits for the last `logits_to_keep` positions only (0 keeps all); a 1-D tensor
-                lists the sequence positions to keep (transformers' `slice_logits_to_keep`).
+        cache (`Cache`, *optional*):
+            An `EncoderDecoderCache`, or an empty `DynamicCache` / `StaticCache` (see [`LTMModel.forward`]).
+        latents (`torch.Tensor` of shape `(batch_size, num_hidden_layers, n_latents_per_layer, latent_dim)`, *optional*):
+            The latent thought vectors `z` (see [`LTMModel.forward`]); `None` is the prior's mean, with a warning
+            once. The loss given `labels` is the mean NLL in nats per predicted token given `latents`.
+        prefix ([`LTMPrefix`], *optional*):
+            The latent-independent start of the forward, from [`LTMModel.compute_prefix`] (see
+            [`LTMModel.forward`]); keeps no cache.
 
         Returns:
             [`LTMCausalLMOutput`] with `logits` of shape `(batch_size, kept_positions, config.padded_vocab_size)`
@@ -1080,13 +1049,6 @@ class LTMForCausalLM(LTMPreTrainedModel, LTMGenerationMixin):
         (`reconstruction=True`, not a bound); see [`inference.evaluate_posterior`]. `.summary()` gives per-token
         figures (`elbo_ppl`, ...)."""
         return evaluate_posterior(self, input_ids, attention_mask, **kwargs)
-
-
-# For a class registered with `register_for_auto_class` (as the remote-code export does), transformers'
-# `prepare_inputs_for_generation` reads the forward's signature at every decoding step (a check for remote code that
-# expects `cache_position`). Python's own `__signature__` (PEP 362) caches it, so `inspect.signature` does not unwrap
-# the decorators each time: 22 -> 6 us per token on the generation bench's CPU. transformers has no switch for this.
-LTMForCausalLM.forward.__signature__ = inspect.signature(LTMForCausalLM.forward)
 
 
 __all__ = [

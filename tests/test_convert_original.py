@@ -22,7 +22,7 @@ from modeling_ltm.tooling.convert_original import (
     to_original_state_dict,
     unpermute_rotary,
 )
-from modeling_ltm.modeling_ltm import apply_rotary_pos_emb, latent_position_ids, rope_tables
+from modeling_ltm.modeling_ltm import apply_rotary_pos_emb, latent_position_ids
 
 
 def authors_config(**overrides):
@@ -117,8 +117,8 @@ def test_permuted_weights_match_interleaved_rope_in_self_and_cross_attention():
     assert torch.equal(latent_position_ids(config), z_positions)
 
     rotary = model.model.rotary_emb
-    token_tables = rope_tables(*rotary(x, positions[None]))
-    latent_tables = rope_tables(*rotary(z, latent_position_ids(config)[None]))
+    token_tables = rotary(x, positions[None])
+    latent_tables = rotary(z, latent_position_ids(config)[None])
     with torch.no_grad():
         ours_self = scores(
             our_heads(x, layer.self_attn.q_proj, n_heads, token_tables),

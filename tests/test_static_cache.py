@@ -53,7 +53,11 @@ def test_decoding_through_the_attention_interface_equals_the_full_forward(implem
     for t in range(5, 9):
         out = model(input_ids[:, t : t + 1], cache=out.cache, use_cache=True)
         steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # Same numbers up to float32 rounding: the cached steps run the products in other shapes (one query row against
+    # the cached keys), measured at 14-18 `eps x max|logit|` (roll+addcmul RoPE, then Llama's rotate_half); a wrong
+    # position or a missing latent moves the logits by ~1e-1.
+    atol = 32 * torch.finfo(full.dtype).eps * full.abs().max().item()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=atol, rtol=0)
 
 
 def test_forward_uses_the_cache_it_is_given():

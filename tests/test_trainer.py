@@ -363,7 +363,8 @@ def test_default_evaluation_bound_is_within_1_percent_of_the_trivial_posterior(t
     assert metrics["eval_posterior_init_logvar"] == 0.0 and metrics["eval_posterior_fixed_noise"] is False
     assert metrics["eval_reconstruction_inference_steps"] == 16 and metrics["eval_reconstruction_init_logvar"] == -5.0
     assert metrics["eval_reconstruction_ppl"] == pytest.approx(math.exp(metrics["eval_reconstruction_nll_per_token"]))
-    assert metrics["eval_reconstruction_ppl"] < metrics["eval_elbo_ppl"]
+    # Not asserted: reconstruction < ELBO. The two come from different fits (the training loop's start at logvar -5 vs
+    # the evaluation fit from the prior); on this recipe the KL is near 0 and they differ by the draws' noise only.
 
 
 def test_push_to_hub_card_is_the_ltm_card(tmp_path, tiny_shakespeare_path):

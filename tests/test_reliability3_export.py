@@ -3,7 +3,6 @@ exported), one `ltm export` per folder, an export's tokenizer works, every memor
 and the last raw library errors of these commands are one line naming the flag or file and the fix."""
 
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -13,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, small_tokenizer, tiny_config
+from conftest import REPO_ROOT, tiny_config
 from safetensors.torch import load_file, save_file
+from test_faults import assert_one_line_error, copy_model, saved_model  # noqa: F401  (`saved_model`: a fixture)
 
 from hub_cards import export_for_hub
 from hub_cards.cli import export_main
@@ -22,37 +22,6 @@ from modeling_ltm import LTMForCausalLM
 from modeling_ltm.tooling.budgets import MEMORY_BUDGET_ENV, estimate_bytes, memory_budget_bytes
 from modeling_ltm.tooling.cli_errors import EXIT_CODE
 from modeling_ltm.tooling.generate_cli import main as generate_main
-
-
-def assert_one_line_error(capsys, command: str, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if ": error:" in line or "Traceback" in line]
-    assert len(lines) == 1 and lines[0].startswith(f"{command}: error:"), err[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory) -> Path:
-    """A saved tiny LTM (tied embeddings) with its tokenizer (byte-level BPE of 300 tokens)."""
-    folder = tmp_path_factory.mktemp("reliability3") / "model"
-    tokenizer = small_tokenizer(20_000, 300)
-    config = tiny_config(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LTMForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def copy_model(saved_model: Path, dest: Path) -> Path:
-    shutil.copytree(saved_model, dest)
-    return dest
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_config
 from test_faults import assert_one_line_error
 from test_run_safety import REPO_ROOT, subprocess_env, tiny_model_folder
-from test_train_cli import TINY_PRESET
+from test_train_cli import setup  # noqa: F401  (`setup`: the tiny preset and corpus fixture)
 
 from modeling_ltm import LTMForCausalLM, LTMTrainer, LTMTrainingArguments
 from modeling_ltm.tooling.cli import main as ltm_main
@@ -30,15 +30,6 @@ QUICK = [
     "--eval_inference_steps", "2", "--eval_iw_samples", "0", "--max_eval_blocks", "2",
     "--sample_max_new_tokens", "0", "--dataloader_num_workers", "0",
 ]  # fmt: skip
-
-
-@pytest.fixture
-def setup(tmp_path, tiny_shakespeare_path):
-    preset = tmp_path / "ltm-test.json"
-    preset.write_text(json.dumps(TINY_PRESET))
-    corpus = tmp_path / "slice.txt"
-    corpus.write_text(tiny_shakespeare_path.read_text(encoding="utf-8")[:30_000])
-    return preset, corpus, tmp_path
 
 
 def argv_of(setup, *extra, save: str | None = "no") -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from conftest import small_tokenizer, tiny_config
 from safetensors.torch import load_file
 from test_faults import assert_one_line_error, error_lines
-from test_train_cli import FAST_FLAGS, TINY_PRESET
+from test_train_cli import FAST_FLAGS, setup  # noqa: F401  (`setup`: the tiny preset and corpus fixture)
 from transformers import AutoTokenizer
 
 from modeling_ltm import LTMForCausalLM
@@ -33,15 +33,6 @@ from modeling_ltm.tooling.train_cli import TrainingClockCallback, tokens_per_sec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAVE_EVERY_STEP = ["--save_strategy", "steps", "--save_steps", "1", "--sample_max_new_tokens", "0"]
-
-
-@pytest.fixture
-def setup(tmp_path, tiny_shakespeare_path):
-    preset = tmp_path / "ltm-test.json"
-    preset.write_text(json.dumps(TINY_PRESET))
-    corpus = tmp_path / "slice.txt"
-    corpus.write_text(tiny_shakespeare_path.read_text(encoding="utf-8")[:30_000])
-    return preset, corpus, tmp_path
 
 
 def train_argv(setup, *extra) -> list[str]:

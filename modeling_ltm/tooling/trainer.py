@@ -56,13 +56,15 @@ from ..configuration_ltm import check_int, check_number
 from ..fast_loop import relative_to_prior
 from ..inference import PosteriorFitSettings, evaluate_posterior, fit_posterior
 from ..weight_checks import bare_ltm, latent_prior_of, posterior_encoder_of
+from .aggressive import AggressiveInferenceCallback, phase_ended, posterior_mutual_information
 from .data import check_token_dataset, collate_blocks
 
 
 logger = logging.get_logger(__name__)
 
-# Streams of the per-sequence seeds: training draws and evaluation draws never share a seed.
-_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+# Streams of the per-sequence seeds: training draws, evaluation draws and the aggressive phase's held-out checks never
+# share a seed.
+_TRAIN_STREAM, _EVAL_STREAM, _MUTUAL_INFORMATION_STREAM = 0, 1, 2
 # Columns of the statistics tensors. Both the training sums (`_record_train_stats`) and the evaluation's per-sequence
 # rows (`prediction_step`) start with the NLL, the KL and the token count; each then has two columns of its own.
 _NLL, _KL, _TOKENS = range(3)
@@ -141,6 +143,30 @@ class LTMTrainingArguments(TrainingArguments):
             "throughout (the ELBO). Evaluation always fits the ELBO (beta 1)."
         },
     )
+    aggressive_inference_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Training only: aggressive inference early in training (He et al. 2019, against posterior "
+            "collapse): each batch's posterior is fitted with this many fast steps from the first step until the "
+            "held-out mutual information I_q(x; z) stops rising (checked every `aggressive_check_steps` steps on the "
+            "first `aggressive_mi_rows` rows of the eval dataset), then with `num_inference_steps`. Needs an "
+            "eval_dataset. 0 = off."
+        },
+    )
+    aggressive_check_steps: int = field(
+        default=50,
+        metadata={
+            "help": "Optimizer steps between two estimates of the held-out mutual information in the aggressive "
+            "phase; the phase ends at the first estimate not above the best so far."
+        },
+    )
+    aggressive_mi_rows: int = field(
+        default=64,
+        metadata={
+            "help": "Held-out rows (the first of the eval dataset) of the mutual-information estimate; the estimate "
+            "is at most log(rows) nats."
+        },
+    )
     free_bits: float = field(
         default=0.0,
         metadata={
@@ -206,6 +232,9 @@ class LTMTrainingArguments(TrainingArguments):
         if self.slow_step_noise not in ("fresh", "fast_loop"):
             raise ValueError(f'`slow_step_noise` must be "fresh" or "fast_loop", got {self.slow_step_noise!r}.')
         check_int("kl_warmup_steps", self.kl_warmup_steps, why="0 = no warm-up")
+        check_int("aggressive_inference_steps", self.aggressive_inference_steps, why="0 = off")
+        check_int("aggressive_check_steps", self.aggressive_check_steps, 1, why="optimizer steps between checks")
+        check_int("aggressive_mi_rows", self.aggressive_mi_rows, 2, why="held-out rows of the estimate")
         check_number("free_bits", self.free_bits, ">= 0", why="nats per latent dimension, 0 = off")
         check_int("eval_iw_samples", self.eval_iw_samples, why="0 turns the importance-weighted bound off")
 
@@ -291,6 +320,14 @@ class LTMTrainer(Trainer):
                 "`posterior_encoder_size=N` (e.g. N = 4 * hidden_size), or leave `posterior_warm_start` off."
             )
         self.data_collator = _CausalLMLabels(self.data_collator or default_data_collator)
+        if getattr(self.args, "aggressive_inference_steps", 0) > 0:
+            if self._mutual_information_dataset() is None:
+                raise ValueError(
+                    "`aggressive_inference_steps` ends the aggressive phase when the held-out mutual information "
+                    "stops rising, and this trainer has no eval_dataset to estimate it on. Pass eval_dataset=..., or "
+                    "set aggressive_inference_steps=0."
+                )
+            self.add_callback(AggressiveInferenceCallback(self))
         # Empty datasets, blocks of several lengths (for collators that do not pad), token ids outside the vocabulary
         # or not integers, labels of another length, rows with nothing to predict, and (for the default collators)
         # rows that are not dicts fail here, naming the row, instead of deep inside the first step.
@@ -306,6 +343,7 @@ class LTMTrainer(Trainer):
         self._train_sums = None  # (5,) float64: nll, kl, tokens, elbo gain, encoder error since the last log
         self._last_inference_lr = self._last_inference_steps = None
         self._micro_step_of = (-1, 0)  # (global step, micro-steps taken in it)
+        self.training_fast_steps: list[int] = []  # the fast steps of each training micro-batch's fit, in order
         self._eval_overrides = {}
         self._eval_stats = []
         self._eval_batches_seen = 0
@@ -329,8 +367,56 @@ class LTMTrainer(Trainer):
             getattr(self.args, "num_inference_steps_ramp_start", 0.0),
             getattr(self.args, "num_inference_steps_ramp_stop", 1.0),
         )
+        if self.in_aggressive_phase:
+            return self.args.aggressive_inference_steps
         steps = self._linear_in_training(step, self.num_inference_steps, "num_inference_steps_end", window)
         return math.floor(steps + 0.5)
+
+    @property
+    def in_aggressive_phase(self) -> bool:
+        """Whether training is in the aggressive-inference phase (`aggressive_inference_steps > 0` and no held-out
+        check has ended it yet; `modeling_ltm.tooling.aggressive`)."""
+        if getattr(self.args, "aggressive_inference_steps", 0) <= 0:
+            return False
+        return not phase_ended(self.state.log_history)
+
+    def _mutual_information_dataset(self):
+        evals = self.eval_dataset
+        if isinstance(evals, dict):
+            evals = next(iter(evals.values()), None)
+        return evals
+
+    def held_out_mutual_information(self) -> float:
+        """`I_q(x; z)` in nats per sequence (`aggressive.posterior_mutual_information`) of the first
+        `args.aggressive_mi_rows` rows of the eval dataset, their posteriors fitted by the *evaluation* fit (from the
+        prior, `eps` redrawn; `eval_fit_settings`), the model in eval mode; seeded by the step, so every process
+        computes the same value.
+
+        Not the training fit: it starts at `logvar = init_logvar` (-5, tiny variances) and Adam moves every `mu` by
+        about the learning rate per step whatever the gradient, so its posteriors never overlap and the estimate
+        sits at its ceiling `log(rows)`; fitted from the prior, a decoder that ignores `z` leaves every posterior at
+        the prior (estimate 0)."""
+        dataset = self._mutual_information_dataset()
+        rows = [dataset[index] for index in range(min(self.args.aggressive_mi_rows, len(dataset)))]
+        input_ids, attention_mask, labels = _unpack(self._prepare_inputs(self.data_collator(rows)))
+        step = self.state.global_step
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        was_training = model.training
+        model.eval()
+        try:
+            with self.accelerator.autocast():
+                posterior = fit_posterior(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    labels=labels,
+                    settings=self.eval_fit_settings,
+                    seed=_row_seeds(self.args.seed, _MUTUAL_INFORMATION_STREAM, step, 0, input_ids.shape[0]),
+                )
+        finally:
+            model.train(was_training)
+        generator = torch.Generator(device=posterior.mu.device).manual_seed(step)
+        return posterior_mutual_information(posterior.mu, posterior.logvar, generator=generator)
 
     @property
     def eval_fit_settings(self) -> PosteriorFitSettings:
@@ -538,6 +624,7 @@ class LTMTrainer(Trainer):
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         self._last_inference_lr = lr
         self._last_inference_steps = len(posterior.elbo_trace) - 1
+        self.training_fast_steps.append(self._last_inference_steps)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Keep the model card already in `output_dir` (the LTM's card, written from this run by

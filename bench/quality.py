@@ -170,21 +170,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-steps", default="", help="eval inference steps of the sweep (e.g. 0,8,16,32,64)")
     p.add_argument("--curve-points", type=int, default=0, help="evaluations during training (bound vs tokens)")
     p.add_argument("--curve-blocks", type=int, default=16, help="held-out blocks of those evaluations")
-    p.add_argument("--dataset", nargs="+", default=None, metavar="SOURCE",
-                   help="training text, as `ltm train --dataset`: text files, a folder of .txt files or a `datasets` "
-                   "name (default: the embedded corpus, Shakespeare's works, fetched once and cached)")
+    p.add_argument(
+        "--dataset",
+        nargs="+",
+        default=None,
+        metavar="SOURCE",
+        help="training text, as `ltm train --dataset`: text files, a folder of .txt files or a `datasets` "
+        "name (default: the embedded corpus, Shakespeare's works, fetched once and cached)",
+    )
     p.add_argument("--dataset-config", default=None, help="the configuration of a `datasets` name given to --dataset")
-    p.add_argument("--wikitext", default=None, metavar="FILE",
-                   help="zero-shot text file, e.g. WikiText-2's wiki.test.raw (default: WikiText-2's raw test set "
-                   "through `datasets`, which needs the network once)")
+    p.add_argument(
+        "--wikitext",
+        default=None,
+        metavar="FILE",
+        help="zero-shot text file, e.g. WikiText-2's wiki.test.raw (default: WikiText-2's raw test set "
+        "through `datasets`, which needs the network once)",
+    )
     p.add_argument("--no-wikitext", action="store_true", help="skip the zero-shot WikiText-2 evaluation")  # fmt: skip
-    p.add_argument("--outside", default="none", metavar="SOURCE",
-                   help="a second zero-shot corpus: 'auto' (LAMBADA's test passages through `datasets`, else the "
-                   "embedded corpus's poems), 'lambada', 'poems' (Shakespeare's sonnets and narrative poems, which "
-                   "Tiny Shakespeare's play excerpts do not contain), a text FILE, or 'none'")
+    p.add_argument(
+        "--outside",
+        default="none",
+        metavar="SOURCE",
+        help="a second zero-shot corpus: 'auto' (LAMBADA's test passages through `datasets`, else the "
+        "embedded corpus's poems), 'lambada', 'poems' (Shakespeare's sonnets and narrative poems, which "
+        "Tiny Shakespeare's play excerpts do not contain), a text FILE, or 'none'",
+    )
     p.add_argument("--outside-blocks", type=int, default=48, help="blocks of the --outside corpus scored")
-    p.add_argument("--splits", default="validation",
-                   help="--reevaluate: comma-separated splits to score (validation, wikitext, outside)")
+    p.add_argument(
+        "--splits",
+        default="validation",
+        help="--reevaluate: comma-separated splits to score (validation, wikitext, outside)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 20k tokens, 8 eval blocks, few steps")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON", help="only draw figures from result JSONs")
     p.add_argument("--img-dir", default=str(REPO_ROOT / "docs" / "img"))
@@ -279,7 +295,9 @@ def wikitext_text(args) -> str:
     if args.wikitext:
         path = Path(args.wikitext).expanduser()
         if not path.is_file():
-            raise SystemExit(f"bench/quality.py: --wikitext {args.wikitext}: no such file (pass WikiText-2's test text).")
+            raise SystemExit(
+                f"bench/quality.py: --wikitext {args.wikitext}: no such file (pass WikiText-2's test text)."
+            )
         return path.read_text(encoding="utf-8")
     import datasets
 
@@ -435,7 +453,9 @@ def reevaluate(args, names: list[str]) -> list[dict]:
         splits["outside"] = outside_blocks(args, AutoTokenizer.from_pretrained(workdir / "tokenizer"))
     unknown = [split for split in wanted if splits.get(split) is None]
     if unknown:
-        raise SystemExit(f"bench/quality.py: --splits {','.join(unknown)}: not in {workdir / 'data'} (or --outside none).")
+        raise SystemExit(
+            f"bench/quality.py: --splits {','.join(unknown)}: not in {workdir / 'data'} (or --outside none)."
+        )
     device, _ = resolve_device(args.device, args.dtype)
     keys = {"validation": "held_out", "wikitext": "wikitext", "outside": "outside"}
     results = []
@@ -673,7 +693,9 @@ def run_model(args, name: str) -> dict:
             result["wikitext"] = llama_metrics(model, blocks["wikitext"])
     outside = outside_blocks(args, tokenizer)
     if outside is not None:
-        metrics = ltm_metrics(model, outside, args, spec, reconstruction=False) if is_ltm else llama_metrics(model, outside)
+        metrics = (
+            ltm_metrics(model, outside, args, spec, reconstruction=False) if is_ltm else llama_metrics(model, outside)
+        )
         result["outside"] = {"corpus": outside.info.description, **metrics}
     result["eval_seconds"] = time.time() - eval_start
     trainer.save_model(str(workdir / name / "model"))  # for evaluations after the fact (other fit settings)

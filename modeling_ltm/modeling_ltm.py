@@ -205,10 +205,14 @@ class LTMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LTMSelfAttention(nn.Module):
-    """Causal (optionally sliding-window) multi-head self-attention with grouped-query key/value heads."""
+class LTMAttentionProjections(nn.Module):
+    """What self- and cross-attention share: the attributes the attention interface reads (`head_dim`, `scaling`,
+    `num_key_value_groups`, `is_causal`, ...) and the query/key/value/output projections, keys and values projected
+    from `key_value_size` features (the hidden states, or a latent vector)."""
 
-    def __init__(self, config: LTMConfig, layer_idx: int):
+    is_causal = False
+
+    def __init__(self, config: LTMConfig, layer_idx: int, key_value_size: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -216,12 +220,20 @@ class LTMSelfAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.dropout
-        self.sliding_window = config.sliding_window
-        self.is_causal = True
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(key_value_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(key_value_size, config.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+
+class LTMSelfAttention(LTMAttentionProjections):
+    """Causal (optionally sliding-window) multi-head self-attention with grouped-query key/value heads."""
+
+    is_causal = True
+
+    def __init__(self, config: LTMConfig, layer_idx: int):
+        super().__init__(config, layer_idx, key_value_size=config.hidden_size)
+        self.sliding_window = config.sliding_window
 
     def forward(
         self,
@@ -258,7 +270,7 @@ class LTMSelfAttention(nn.Module):
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
-class LTMCrossAttention(nn.Module):
+class LTMCrossAttention(LTMAttentionProjections):
     """Attention from the tokens to this layer's latent vectors `z_l` (no mask: every token sees every latent), through
     the model's attention interface (eager, sdpa, flash or flex), as an encoder-decoder model's cross-attention.
 
@@ -269,18 +281,7 @@ class LTMCrossAttention(nn.Module):
     """
 
     def __init__(self, config: LTMConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.dropout
-        self.is_causal = False
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.latent_dim, config.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.latent_dim, config.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        super().__init__(config, layer_idx, key_value_size=config.latent_dim)
 
     def project_latents(
         self, latents: torch.Tensor, latent_position_embeddings: tuple[torch.Tensor, torch.Tensor]

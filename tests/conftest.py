@@ -55,6 +55,23 @@ def tiny_config(**overrides) -> LTMConfig:
     return LTMConfig(**kwargs)
 
 
+def training_arguments(cls, output_dir, **overrides):
+    """`cls` (TrainingArguments or LTMTrainingArguments) for a quiet CPU test run: no saving, no reporting, no
+    progress bar, a log every step, batches of 4; `overrides` replace or add fields."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
 def small_tokenizer(num_chars: int, vocab_size: int):
     """The project's byte-level BPE (`modeling_ltm.tooling.data.train_tokenizer`) trained on `corpus_text(num_chars)`."""
     from datasets import Dataset

@@ -86,7 +86,11 @@ def test_a_resumed_run_continues_in_the_phase_it_was_in(
     resumed = _scripted_trainer(tmp_path / "run", tiny_shakespeare_path, monkeypatch, MI_BY_STEP, **saving)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{checkpoint}"))
     assert resumed.training_fast_steps == expected
-    ends = [entry["aggressive_inference_ended"] for entry in resumed.state.log_history if "aggressive_inference_ended" in entry]
+    ends = [
+        entry["aggressive_inference_ended"]
+        for entry in resumed.state.log_history
+        if "aggressive_inference_ended" in entry
+    ]
     assert ends == [3]
 
 

@@ -4,7 +4,7 @@ scores) and plain `transformers.Trainer` (which trains at the prior's mean). Our
 
 import pytest
 import torch
-from conftest import save_tiny_ltm_with_tokenizer, tiny_config
+from conftest import save_tiny_ltm_with_tokenizer, tiny_config, training_arguments
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.testing_utils import CaptureLogger
@@ -37,22 +37,6 @@ def make_model(**overrides) -> LTMForCausalLM:
 def blocks(num: int = 8, length: int = 16, vocab: int = 128) -> Dataset:
     ids = torch.randint(1, vocab, (num, length), generator=torch.Generator().manual_seed(0))
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-
-
-def training_arguments(cls, output_dir, **overrides):
-    kwargs = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        logging_steps=1,
-    )
-    kwargs.update(overrides)
-    return cls(**kwargs)
 
 
 @pytest.mark.parametrize("prior_type", ["standard_normal", "diagonal_gaussian"])
@@ -95,7 +79,7 @@ def test_plain_trainer_warns_once_naming_ltm_trainer(tmp_path):
     model = make_model()
     trainer = Trainer(
         model=model,
-        args=training_arguments(TrainingArguments, tmp_path),
+        args=training_arguments(TrainingArguments, tmp_path, max_steps=2),
         train_dataset=blocks(),
         eval_dataset=blocks(4),
     )
@@ -112,7 +96,9 @@ def test_plain_trainer_warns_once_naming_ltm_trainer(tmp_path):
 def test_ltm_trainer_does_not_warn(tmp_path):
     trainer = LTMTrainer(
         model=make_model(),
-        args=training_arguments(LTMTrainingArguments, tmp_path, num_inference_steps=2, eval_inference_steps=2),
+        args=training_arguments(
+            LTMTrainingArguments, tmp_path, max_steps=2, num_inference_steps=2, eval_inference_steps=2
+        ),
         train_dataset=blocks(),
         eval_dataset=blocks(4),
     )

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import corpus_text, tiny_config
+from conftest import corpus_text, tiny_config, training_arguments
 from datasets import Dataset
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
@@ -37,22 +37,10 @@ def byte_model(seed: int = 0, **overrides) -> LTMForCausalLM:
 
 
 def make_args(output_dir, **overrides) -> LTMTrainingArguments:
-    kwargs = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-        learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        seed=0,
-        num_inference_steps=2,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
+    defaults = dict(learning_rate=3e-3, lr_scheduler_type="constant", seed=0, num_inference_steps=2)
+    return training_arguments(
+        LTMTrainingArguments, output_dir, **{"per_device_eval_batch_size": 8, **defaults, **overrides}
     )
-    kwargs.update(overrides)
-    return LTMTrainingArguments(**kwargs)
 
 
 def train_logs(trainer) -> list[dict]:

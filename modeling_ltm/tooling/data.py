@@ -586,7 +586,6 @@ def _load_named_dataset(name, dataset_config, data_files, cache_dir, streaming, 
         ) from error
 
 
-
 def _train_and_validation(raw, source, text_column, validation_fraction, cache_dir, validation_file, split, streaming):
     """`load_text_dataset`'s `train` / `validation` splits of `raw`: the chosen split, and the source's validation
     split, `validation_file` or a held-out share of the training data."""
@@ -771,28 +770,35 @@ def tokenize_and_pack(
     def pack(batch):
         return {"input_ids": _blocks([token for ids in batch["input_ids"] for token in ids], block_size)}
 
-    tokenized = dataset.map(
+    tokenized = _cached_map(
+        dataset,
         tokenize,
-        batched=True,
-        batch_size=batch_size,
-        num_proc=num_proc,
-        remove_columns=dataset.column_names,
-        load_from_cache_file=load_from_cache_file,
-        new_fingerprint=hashlib.sha256(
-            f"{dataset_fingerprint(dataset)}|tok|{tokenizer_hash}|{text_column}".encode()
-        ).hexdigest()[:16],
-        desc="Tokenizing",
+        f"tok|{tokenizer_hash}|{text_column}",
+        "Tokenizing",
+        batch_size,
+        num_proc,
+        load_from_cache_file,
     )
-    return tokenized.map(
-        pack,
+    return _cached_map(
+        tokenized, pack, f"pack|{block_size}", f"Packing blocks of {block_size} tokens", batch_size, num_proc,
+        load_from_cache_file, remove_columns=None,
+    )  # fmt: skip
+
+
+def _cached_map(dataset, function, key: str, desc: str, batch_size, num_proc, load_from_cache_file, **kwargs):
+    """`dataset.map(function, batched=True, ...)` with the result's fingerprint derived from the input's and `key`
+    (what the function depends on: the tokenizer's content, the block size), so the on-disk cache is reused exactly
+    when they are the same. Every input column is removed unless `remove_columns` says otherwise."""
+    kwargs.setdefault("remove_columns", dataset.column_names)
+    return dataset.map(
+        function,
         batched=True,
         batch_size=batch_size,
         num_proc=num_proc,
         load_from_cache_file=load_from_cache_file,
-        new_fingerprint=hashlib.sha256(f"{dataset_fingerprint(tokenized)}|pack|{block_size}".encode()).hexdigest()[
-            :16
-        ],
-        desc=f"Packing blocks of {block_size} tokens",
+        new_fingerprint=hashlib.sha256(f"{dataset_fingerprint(dataset)}|{key}".encode()).hexdigest()[:16],
+        desc=desc,
+        **kwargs,
     )
 
 
@@ -815,18 +821,10 @@ def pack_token_ids(
 
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.map(pack, batched=True, batch_size=batch_size, remove_columns=columns)
-    return dataset.map(
-        pack,
-        batched=True,
-        batch_size=batch_size,
-        num_proc=num_proc,
-        remove_columns=columns,
-        load_from_cache_file=load_from_cache_file,
-        new_fingerprint=hashlib.sha256(f"{dataset_fingerprint(dataset)}|pack-ids|{block_size}".encode()).hexdigest()[
-            :16
-        ],
-        desc=f"Packing token ids into blocks of {block_size}",
-    )
+    return _cached_map(
+        dataset, pack, f"pack-ids|{block_size}", f"Packing token ids into blocks of {block_size}", batch_size,
+        num_proc, load_from_cache_file, remove_columns=columns,
+    )  # fmt: skip
 
 
 def take_blocks(blocks, num_blocks: int) -> Dataset:

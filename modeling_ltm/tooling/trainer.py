@@ -131,7 +131,7 @@ class LTMTrainingArguments(TrainingArguments):
         default="fresh",
         metadata={
             "help": "The z the slow (decoder) step decodes with: `mu + exp(logvar / 2) * eps` with a fresh `eps` "
-            "(\"fresh\") or with the fast loop's own `eps` (\"fast_loop\", the paper's code).",
+            '("fresh") or with the fast loop\'s own `eps` ("fast_loop", the paper\'s code).',
             "choices": ["fresh", "fast_loop"],
         },
     )
@@ -576,7 +576,9 @@ class LTMTrainer(Trainer):
             encoder_error = 0.5 * (encoder_mu - posterior.mu).pow(2).flatten(1).sum(-1)
         self._record_train_stats(posterior, lr, encoder_error)
 
-        latents = posterior.fit_sample if getattr(self.args, "slow_step_noise", "fresh") == "fast_loop" else posterior.z
+        latents = (
+            posterior.fit_sample if getattr(self.args, "slow_step_noise", "fresh") == "fast_loop" else posterior.z
+        )
         inputs = {**inputs, "latents": latents, "use_cache": False}
         loss = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch

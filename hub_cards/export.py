@@ -323,12 +323,10 @@ class ExportLock(RunLock):
         self.output_dir = output_dir
         self.path = output_dir.parent / f".{output_dir.name}.ltm-export.lock"
 
-    def _refuse(self, holder: dict) -> CLIError:
-        return CLIError(
-            f"the export folder {self.output_dir} is being written by another `ltm export` ({describe_lock_holder(holder)}; lock "
-            f"file {self.path}): two exports would mix their files there. Wait for it to finish or choose another "
-            f"folder; if that process is gone, delete {self.path}."
-        )
+    command = "ltm export"
+
+    def _subject(self) -> tuple[str, str]:
+        return f"the export folder {self.output_dir}", "folder"
 
     def _took_over(self, previous: dict) -> None:
         logger.warning(

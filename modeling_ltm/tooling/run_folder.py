@@ -155,11 +155,18 @@ class RunLock:
             return {}
         return data if isinstance(data, dict) else {}
 
+    # What the refusal names: the command that holds the lock, the folder as the user gave it, where else to go.
+    command = "ltm train"
+
+    def _subject(self) -> tuple[str, str]:
+        return f"--output_dir {self.folder}", "--output_dir"
+
     def _refuse(self, holder: dict) -> CLIError:
+        subject, elsewhere = self._subject()
         return CLIError(
-            f"--output_dir {self.folder} is in use by another `ltm train` ({describe_lock_holder(holder)}; lock file "
-            f"{self.path}): two runs would mix their files there. Wait for it to finish or choose another "
-            f"--output_dir; if that process is gone, delete {self.path}."
+            f"{subject} is in use by another `{self.command}` ({describe_lock_holder(holder)}; lock file "
+            f"{self.path}): two of them would mix their files there. Wait for it to finish or choose another "
+            f"{elsewhere}; if that process is gone, delete {self.path}."
         )
 
     def _took_over(self, previous: dict) -> None:

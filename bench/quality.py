@@ -664,6 +664,9 @@ def run_model(args, name: str) -> dict:
             for entry in trainer.state.log_history
             if "posterior_mi" in entry
         ]
+        # The checks' fits (rows x evaluation-fit steps each), for the FLOPs accounting of bench/latent_scaling.py.
+        check_rows = min(training_args.aggressive_mi_rows, len(check["eval_dataset"])) if check else 0
+        result["check_fit_row_steps"] = len(result["mutual_information"]) * check_rows * trainer.eval_inference_steps
     train_seconds = train_metrics["train_runtime"] - curve_seconds[0]
     result.update(
         train_tokens=tokens,

@@ -25,6 +25,9 @@ logging step reports, token-weighted over all processes and over the steps since
 - `inference_lr`: the fast learning rate used at the last step (see `LTMTrainingArguments.inference_lr_end`);
 - `inference_steps`: the fast steps T of the last step (see `LTMTrainingArguments.num_inference_steps_end`).
 
+With `aggressive_inference_steps`, each held-out check of the aggressive phase logs `posterior_mi` (nats per sequence)
+and the one that ends it `aggressive_inference_ended` (`modeling_ltm.tooling.aggressive`).
+
 `trainer.evaluate()` reports, token-weighted over the whole eval set, the numbers of
 `inference.evaluate_posterior` (one definition shared with lm-eval, the `evaluate` metric and model cards):
 `eval_nll_per_token`, `eval_kl_per_token` and `eval_elbo_ppl` (= `exp(-ELBO / tokens)`, an upper bound on perplexity)

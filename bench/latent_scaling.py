@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def flops_per_token(result: dict, block: int) -> float:
     """Training FLOPs per training token of one `bench/quality.py` result (see the module docstring)."""
     parameters = result["parameters"]
-    if result["model"] == "llama":
+    if result["model"].startswith("llama"):  # the peer, or `llama_ff<int>` (another MLP width)
         return 6.0 * parameters
     fast_steps = result.get("mean_fast_steps", result["training_fast_loop"]["T"])
     checks = result.get("check_fit_row_steps", 0) * block * 4.0 * parameters / max(result["train_tokens"], 1)
@@ -47,9 +47,11 @@ def table(results: list[dict], block: int) -> str:
     ]
     for r in results:
         ratio = flops_per_token(r, block) / flops_per_token(llama, block)
-        if r["model"] == "llama":
-            wiki = f"{wiki_peer:.1f} (exact)" if wiki_peer else "-"
-            lines.append(f"| llama | - | 6N (1.0) | {peer:.2f} (exact) | 1.000 | - | {wiki} |")
+        if r["model"].startswith("llama"):
+            w = r.get("wikitext", {}).get("perplexity")
+            wiki = f"{w:.1f} ({w / wiki_peer:.3f}, exact)" if w and wiki_peer else "-"
+            p = r["held_out"]["perplexity"]
+            lines.append(f"| {r['model']} | - | 6N ({ratio:.1f}) | {p:.2f} (exact) | {p / peer:.3f} | - | {wiki} |")
             continue
         h, w = r["held_out"], r.get("wikitext")
         wiki = f"{w['iw_ppl']:.1f} ({w['iw_ppl'] / wiki_peer:.3f})" if w and wiki_peer else "-"
@@ -76,8 +78,9 @@ def plot(results: list[dict], block: int, stem: str, img_dir: Path) -> list[str]
                 continue
             scale = 1.0 if axis == "tokens" else flops_per_token(r, block)
             x = [c["train_tokens"] * scale for c in points]
-            if r["model"] == "llama":
-                ax.plot(x, [c["perplexity"] for c in points], "k-o", label="Llama peer: exact ppl", zorder=3)
+            if r["model"].startswith("llama"):
+                style = "k-o" if r["model"] == "llama" else "k:^"
+                ax.plot(x, [c["perplexity"] for c in points], style, label=f"{r['model']}: exact ppl", zorder=3)
             else:
                 ax.plot(x, [c["iw_ppl"] for c in points], "s-", color=f"C{i}", label=f"{r['model']}: IW bound")
         ax.set_xscale("log" if axis == "flops" else "linear")

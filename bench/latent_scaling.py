@@ -1,9 +1,10 @@
 """The paper's scaling claim under bounds: held-out bound at equal training tokens and at equal training FLOPs, for
 LTMs trained with T fast steps, against the Llama peer of the same run (issue 33).
 
-    python bench/latent_scaling.py bench/results/study33-scaling-s1337.json --img-dir docs/img
+    python bench/latent_scaling.py bench/results/study33-scaling-s1337.json \
+        bench/results/study33-scaling-s1337-matched-llama.json --img-dir docs/img
 
-Reads `bench/quality.py` result JSONs (runs with `--curve-points`), prints a markdown table and writes two figures,
+Reads `bench/quality.py` result JSONs of one workdir (runs with `--curve-points`), prints one markdown table and writes two figures,
 `<stem>-bound-vs-tokens.png` and `<stem>-bound-vs-flops.png`: every LTM's IW bound on the curve's held-out blocks
 (the first `--curve-blocks` of the held-out set, evaluation fit from the prior) and the Llama's exact perplexity on
 the same blocks, against training tokens and against training FLOPs.
@@ -103,17 +104,24 @@ def plot(results: list[dict], block: int, stem: str, img_dir: Path) -> list[str]
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="bench/quality.py result JSONs (each with its Llama peer)")
+    parser.add_argument(
+        "results", nargs="+", help="bench/quality.py result JSONs of one workdir (one has the Llama peer)"
+    )
     parser.add_argument("--img-dir", default=str(REPO_ROOT / "docs" / "img"))
     args = parser.parse_args(argv)
     img_dir = Path(args.img_dir)
     img_dir.mkdir(parents=True, exist_ok=True)
-    for path in args.results:
-        data = json.loads(Path(path).read_text())
-        block = data["meta"]["args"]["block"]
-        print(f"{path}:\n\n{table(data['results'], block)}\n")
-        for written in plot(data["results"], block, Path(path).stem, img_dir):
-            print(written)
+    # Several files are runs on the same workdir (same data, seed and peer), e.g. a peer of another width trained
+    # after the first run: one table and one pair of figures, named after the first file.
+    runs = [json.loads(Path(path).read_text()) for path in args.results]
+    blocks = {run["meta"]["args"]["block"] for run in runs}
+    if len(blocks) != 1:
+        raise SystemExit(f"bench/latent_scaling.py: the files hold runs of different block sizes {sorted(blocks)}.")
+    block = blocks.pop()
+    results = [result for run in runs for result in run["results"]]
+    print(f"{', '.join(args.results)}:\n\n{table(results, block)}\n")
+    for written in plot(results, block, Path(args.results[0]).stem, img_dir):
+        print(written)
     return 0
 
 

@@ -19,10 +19,15 @@ optimizer and schedule:
   importance-weighted bound with `--iw-samples` samples, after `T` fast steps; plus the ELBO bound as a function of
   the eval inference steps (`--eval-steps`).
 
+`llama_ff<int>` is the peer with that MLP width (e.g. `llama_ff248`: the parameter count of a hidden-64 LTM with one
+latent of width 16 per layer, whose cross-attention the same-shape peer lacks).
+
 Zero-shot: the same bounds / perplexity on the first `--wikitext-blocks` blocks of WikiText-2's raw test set
 (tokenized with the training text's tokenizer): the file of `--wikitext` (e.g. `path/to/wiki.test.raw`), else the
 public dataset through `datasets` (`EleutherAI/wikitext_document_level`, `wikitext-2-raw-v1`; downloaded once and
-cached); offline without either the run stops at once, naming `--wikitext` and `--no-wikitext`.
+cached); offline without either the run stops at once, naming `--wikitext` and `--no-wikitext`. `--outside` adds a
+second zero-shot corpus (`auto`: LAMBADA's test passages through `datasets`, else the embedded corpus's poems, which
+Tiny Shakespeare's play excerpts do not contain; or a text file), its first `--outside-blocks` blocks scored the same way.
 
 Models train in parallel processes (`--jobs`, each with `--threads` torch threads); training tokens/s are measured
 per process while the others run, so compare them within one run only.

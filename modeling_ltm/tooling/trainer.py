@@ -365,13 +365,14 @@ class LTMTrainer(Trainer):
     def inference_steps_at(self, step: int) -> int:
         """Fast steps `T` of the training batch at optimizer step `step`: `num_inference_steps` until the ramp's
         start, linear to `num_inference_steps_end` at its stop (fractions of `max_steps - 1`; by default the whole
-        run), rounded half up; constant when `num_inference_steps_end` is None."""
+        run), rounded half up; constant when `num_inference_steps_end` is None;
+        `aggressive_inference_steps` while the aggressive phase lasts."""
+        if self.in_aggressive_phase:
+            return self.args.aggressive_inference_steps
         window = (
             getattr(self.args, "num_inference_steps_ramp_start", 0.0),
             getattr(self.args, "num_inference_steps_ramp_stop", 1.0),
         )
-        if self.in_aggressive_phase:
-            return self.args.aggressive_inference_steps
         steps = self._linear_in_training(step, self.num_inference_steps, "num_inference_steps_end", window)
         return math.floor(steps + 0.5)
 

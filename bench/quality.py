@@ -254,7 +254,8 @@ def prepare_data(args) -> None:
     done, sources = workdir / "data" / "done", data_sources(args)
     if done.exists():
         built_from = done.read_text()
-        if built_from != "ok" and json.loads(built_from) != sources:  # "ok": a workdir of before the data flags
+        # "ok": a workdir of before the data flags; paths recorded before they were made portable compare portably
+        if built_from != "ok" and portable(json.loads(built_from)) != sources:
             raise SystemExit(
                 f"bench/quality.py: --workdir {args.workdir} holds data built from {built_from}, not {sources}; pass "
                 "another --workdir (or delete its data folder)."

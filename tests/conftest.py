@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny LTM (2 layers, hidden 64) built fresh per test, and paths to the shared real text."""
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -150,3 +151,11 @@ def fail_on_logged_deprecations():
     yield
     if _DEPRECATION_LOG.messages:
         pytest.fail("transformers logged a deprecation about our calls:\n" + "\n".join(_DEPRECATION_LOG.messages))
+
+
+def finite_metrics(results, task):
+    """The metrics of `task` in lm-eval's results (`name,filter` keys, no stderr), asserted present and finite."""
+    values = {k: v for k, v in results["results"][task].items() if "," in k and "stderr" not in k}
+    assert values, results["results"][task]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in values.values()), values
+    return values

@@ -12,7 +12,7 @@ import lm_eval
 import pytest
 import torch
 import transformers
-from conftest import REPO_ROOT, save_tiny_ltm_with_tokenizer
+from conftest import REPO_ROOT, finite_metrics, save_tiny_ltm_with_tokenizer
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
@@ -47,13 +47,6 @@ def lm(checkpoint):
 
 def request(kind, *args):
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
-
-
-def finite_metrics(results, task):
-    values = {k: v for k, v in results["results"][task].items() if "," in k and "stderr" not in k}
-    assert values, results["results"][task]
-    assert all(isinstance(v, float) and math.isfinite(v) for v in values.values()), values
-    return values
 
 
 # --------------------------------------------------------------------------------------- lm-eval end to end
